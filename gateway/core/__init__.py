@@ -1,0 +1,1 @@
+"""The shared domain: money, keys, scripts, engine, events, store. Imports no web code."""

@@ -1,0 +1,346 @@
+"""The credit engine: the only code that changes accounts in Redis.
+
+Every method is one Lua script call (one round trip), idempotent by an operation id, and
+appends exactly one event per state change to the account's partition stream. Amounts
+enter and leave as Decimal credits; the `*_units` variants take micro-credits for callers
+that already hold integers (the metering proxy).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Callable
+
+from .errors import raise_for
+from .keys import KeySpace, check_id
+from .money import from_units, to_units
+from .results import (
+    AccountState,
+    AccountView,
+    DebitResult,
+    GrantResult,
+    GrantView,
+    Hold,
+    HoldResolution,
+    HoldView,
+    SweepResult,
+    ms_to_dt,
+)
+from .scripts import ScriptRegistry
+
+DEFAULT_RETENTION_S = 7 * 86400
+SOURCES = frozenset({"payment", "plan", "promo", "admin", "refund"})
+MAX_TTL_S = 7 * 86400
+
+
+def _meta(metadata: dict[str, Any] | None) -> str:
+    return json.dumps(metadata or {}, separators=(",", ":"), default=str)
+
+
+def _resolution(r: dict, replayed: bool) -> HoldResolution:
+    return HoldResolution(
+        hold_id=r["hold_id"],
+        status=r["status"],
+        charged=from_units(r["charged"]),
+        charged_units=int(r["charged"]),
+        held_amount=from_units(r["held_amount"]),
+        returned=from_units(r["returned"]),
+        lapsed=from_units(r["lapsed"]),
+        debt_added=from_units(r.get("debt_added", 0)),
+        state=AccountState.from_wire(r["state"]),
+        replayed=replayed,
+    )
+
+
+class CreditEngine:
+    """Async API over the Lua scripts. `clock` returns seconds (injectable for tests)."""
+
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        keys: KeySpace | None = None,
+        scripts: ScriptRegistry | None = None,
+        clock: Callable[[], float] = time.time,
+        retention_s: int = DEFAULT_RETENTION_S,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys or KeySpace()
+        self.scripts = scripts or ScriptRegistry()
+        self.clock = clock
+        self.retention_s = retention_s
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> tuple[dict, bool]:
+        code, payload = await self.scripts.call_json(self.redis, name, keys, args)
+        if code == "ok":
+            return payload, False
+        if code == "exists":
+            return payload, True
+        raise_for(code, payload)
+        raise AssertionError("unreachable")
+
+    def _base(self, user: str, op_id: str) -> list[Any]:
+        return [self.now_ms(), self.retention_s, user, op_id]
+
+    # -- grants and admin debits -------------------------------------------------------
+
+    async def grant(
+        self,
+        user: str,
+        amount: Decimal | str | int,
+        *,
+        op_id: str,
+        source: str = "admin",
+        expires_at: datetime | None = None,
+        priority: int = 100,
+        metadata: dict[str, Any] | None = None,
+    ) -> GrantResult:
+        """Adds `amount` credits to `user` as a grant (repaying debt first)."""
+        return await self.grant_units(
+            user, to_units(amount), op_id=op_id, source=source, expires_at=expires_at,
+            priority=priority, metadata=metadata,
+        )
+
+    async def grant_units(
+        self,
+        user: str,
+        units: int,
+        *,
+        op_id: str,
+        source: str = "admin",
+        expires_at: datetime | None = None,
+        priority: int = 100,
+        metadata: dict[str, Any] | None = None,
+    ) -> GrantResult:
+        check_id("user_id", user)
+        check_id("op_id", op_id)
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {sorted(SOURCES)}")
+        if not 0 <= priority <= 1000:
+            raise ValueError("priority must be between 0 and 1000")
+        if expires_at is not None and expires_at.tzinfo is None:
+            raise ValueError("expires_at must carry a timezone")
+        exp_ms = int(expires_at.timestamp() * 1000) if expires_at else 0
+        r, replayed = await self._run(
+            "grant",
+            self.keys.account_keys(user, op_id),
+            [*self._base(user, op_id), units, exp_ms, priority, source, _meta(metadata)],
+        )
+        return GrantResult(
+            grant_seq=r["grant_seq"],
+            amount=from_units(r["amount"]),
+            debt_repaid=from_units(r["debt_repaid"]),
+            expires_at=ms_to_dt(r["expires_at"]),
+            state=AccountState.from_wire(r["state"]),
+            replayed=replayed,
+        )
+
+    async def debit(
+        self, user: str, amount: Decimal | str | int, *, op_id: str, metadata: dict[str, Any] | None = None
+    ) -> DebitResult:
+        """Charges `amount` at once (admin); refuses when the free credit is short."""
+        check_id("user_id", user)
+        check_id("op_id", op_id)
+        units = to_units(amount)
+        r, replayed = await self._run(
+            "debit", self.keys.account_keys(user, op_id), [*self._base(user, op_id), units, _meta(metadata)]
+        )
+        return DebitResult(from_units(r["amount"]), AccountState.from_wire(r["state"]), replayed)
+
+    # -- holds -------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        user: str,
+        amount: Decimal | str | int,
+        *,
+        hold_id: str,
+        ttl_seconds: float,
+        op_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Hold:
+        """Holds `amount` credits for at most `ttl_seconds`. The op id defaults to the hold id."""
+        return await self.reserve_units(
+            user, to_units(amount), hold_id=hold_id, ttl_seconds=ttl_seconds, op_id=op_id, metadata=metadata
+        )
+
+    async def reserve_units(
+        self,
+        user: str,
+        units: int,
+        *,
+        hold_id: str,
+        ttl_seconds: float,
+        op_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Hold:
+        check_id("user_id", user)
+        check_id("hold_id", hold_id)
+        op_id = check_id("op_id", op_id) if op_id else hold_id
+        if not 0 < ttl_seconds <= MAX_TTL_S:
+            raise ValueError(f"ttl_seconds must be in (0, {MAX_TTL_S}]")
+        if units <= 0:
+            raise ValueError("a hold must be positive")
+        r, replayed = await self._run(
+            "reserve",
+            self.keys.account_keys(user, op_id, hold_id),
+            [*self._base(user, op_id), hold_id, units, int(ttl_seconds * 1000), _meta(metadata)],
+        )
+        return Hold(
+            hold_id=r["hold_id"],
+            amount=from_units(r["amount"]),
+            amount_units=int(r["amount"]),
+            expires_at=ms_to_dt(r["expires_at"]),
+            state=AccountState.from_wire(r["state"]),
+            replayed=replayed,
+        )
+
+    async def settle(
+        self,
+        user: str,
+        hold_id: str,
+        amount: Decimal | str | int,
+        *,
+        op_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> HoldResolution:
+        """Posts the hold at `amount` (may exceed the hold: see the overage policy)."""
+        return await self.settle_units(
+            user, hold_id, to_units(amount, allow_zero=True), op_id=op_id, metadata=metadata
+        )
+
+    async def settle_units(
+        self,
+        user: str,
+        hold_id: str,
+        units: int,
+        *,
+        op_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> HoldResolution:
+        check_id("user_id", user)
+        check_id("hold_id", hold_id)
+        op_id = check_id("op_id", op_id) if op_id else f"!settle:{hold_id}"
+        if units < 0:
+            raise ValueError("a charge cannot be negative")
+        r, replayed = await self._run(
+            "settle",
+            self.keys.account_keys(user, op_id, hold_id),
+            [*self._base(user, op_id), hold_id, units, _meta(metadata)],
+        )
+        return _resolution(r, replayed)
+
+    async def release(
+        self, user: str, hold_id: str, *, op_id: str | None = None, metadata: dict[str, Any] | None = None
+    ) -> HoldResolution:
+        """Voids the hold: every earmarked credit returns."""
+        check_id("user_id", user)
+        check_id("hold_id", hold_id)
+        op_id = check_id("op_id", op_id) if op_id else f"!release:{hold_id}"
+        r, replayed = await self._run(
+            "release",
+            self.keys.account_keys(user, op_id, hold_id),
+            [*self._base(user, op_id), hold_id, _meta(metadata)],
+        )
+        return _resolution(r, replayed)
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def _read(self, user: str, detail: bool) -> dict:
+        check_id("user_id", user)
+        keys = self.keys.account_keys(user)[:2]
+        _, r = await self.scripts.call_json(self.redis, "account", keys, [self.now_ms(), "1" if detail else "0"])
+        return r
+
+    async def balance(self, user: str) -> AccountState:
+        """The account's totals (an unknown account reads as zeros)."""
+        return AccountState.from_wire(await self._read(user, False))
+
+    async def account(self, user: str) -> AccountView:
+        """Totals, grants in spend order, and open holds."""
+        r = await self._read(user, True)
+        grants = []
+        for g in r.get("grants") or []:
+            meta = json.loads(g["meta"]) if g.get("meta") else {}
+            x = meta.get("x")
+            grants.append(
+                GrantView(
+                    seq=g["seq"],
+                    grant_id=meta.get("id", ""),
+                    source=meta.get("src", ""),
+                    amount=from_units(meta.get("amt", 0)),
+                    free=from_units(g.get("free") or 0),
+                    earmarked=from_units(g.get("earmarked") or 0),
+                    priority=int(meta.get("pri", 0)),
+                    expires_at=ms_to_dt(g.get("expires_at")),
+                    expired=bool(g.get("expired")),
+                    granted_at=ms_to_dt(meta.get("at")),
+                    metadata=x if isinstance(x, dict) else {},
+                )
+            )
+        holds = [
+            HoldView(h["hold_id"], from_units(h["amount"]), ms_to_dt(h["expires_at"]))
+            for h in r.get("holds") or []
+        ]
+        holds.sort(key=lambda h: (h.expires_at, h.hold_id))
+        return AccountView(user, AccountState.from_wire(r), from_units(r.get("debt_total", 0)), grants, holds)
+
+    # -- sweeping and recovery ---------------------------------------------------------
+
+    async def sweep_partition(self, partition: int, *, limit: int = 500) -> SweepResult:
+        """Expires the holds and grants of one partition that are due (at most `limit` each)."""
+        pk = self.keys.partition(partition)
+        now = self.now_ms()
+        holds = await self.redis.zrangebyscore(pk.hold_expiry, "-inf", now, start=0, num=limit)
+        grants = await self.redis.zrangebyscore(pk.grant_expiry, "-inf", now, start=0, num=limit)
+        due: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+        for member, slot in [(m, 0) for m in holds] + [(m, 1) for m in grants]:
+            user, _, ident = (member.decode() if isinstance(member, bytes) else member).rpartition("|")
+            due[user][slot].append(ident)
+        total = SweepResult()
+        for user, (hids, seqs) in due.items():
+            keys = self.keys.account_keys(user) + [self.keys.hold_key(user, h) for h in hids]
+            args = [now, self.retention_s, user, len(hids), *hids, *seqs]
+            code, r = await self.scripts.call_json(self.redis, "expire", keys, args)
+            if code != "ok":
+                raise_for(code, r)
+            total = SweepResult(
+                total.holds + r["holds"], total.grants + r["grants"], total.credits + from_units(r["credits"])
+            )
+        return total
+
+    async def sweep(self, *, limit: int = 500) -> SweepResult:
+        """One sweep over every partition."""
+        total = SweepResult()
+        for p in range(self.keys.partitions):
+            r = await self.sweep_partition(p, limit=limit)
+            total = SweepResult(total.holds + r.holds, total.grants + r.grants, total.credits + r.credits)
+        return total
+
+    async def missing_partitions(self) -> list[int]:
+        """Partitions whose ready marker is gone: Redis lost them and they need rebuilding."""
+        parts = self.keys.all_partitions()
+        flags = [await self.redis.exists(pk.ready) for pk in parts]
+        return [p for p, ok in enumerate(flags) if not ok]
+
+    async def mark_ready(self, partition: int) -> None:
+        await self.redis.set(self.keys.partition(partition).ready, "1")
+
+    async def restore_account(
+        self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]
+    ) -> bool:
+        """Writes an account rebuilt from the store; False when Redis already had it."""
+        hold_ids = [h["id"] for h in state["holds"]]
+        keys = self.keys.account_keys(user) + [
+            self.keys.hold_key(user, h) for h in hold_ids + [h for h in stale_hold_ids if h not in hold_ids]
+        ]
+        args = [self.now_ms(), self.retention_s, user, version, len(hold_ids), json.dumps(state)]
+        code, _ = await self.scripts.call_json(self.redis, "restore", keys, args)
+        return code == "ok"

@@ -1,0 +1,96 @@
+"""Named result codes of the Lua scripts, mapped to exceptions in one place."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from .money import from_units
+
+
+class CreditError(Exception):
+    """An operation the engine refused. `code` is the script's named result."""
+
+    code = "credit_error"
+    http_status = 400
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message or self.code.replace("_", " "))
+        self.details = details
+
+
+class InsufficientCredits(CreditError):
+    code = "insufficient_credits"
+    http_status = 402
+
+    @property
+    def available(self) -> Decimal:
+        return self.details.get("available", Decimal(0))
+
+
+class AccountInDebt(CreditError):
+    code = "in_debt"
+    http_status = 402
+
+
+class HoldNotFound(CreditError):
+    code = "hold_not_found"
+    http_status = 404
+
+
+class HoldExists(CreditError):
+    code = "hold_exists"
+    http_status = 409
+
+
+class HoldAlreadySettled(CreditError):
+    code = "already_settled"
+    http_status = 409
+
+
+class HoldAlreadyReleased(CreditError):
+    code = "already_released"
+    http_status = 409
+
+
+class HoldExpired(CreditError):
+    code = "hold_expired"
+    http_status = 409
+
+
+class OperationConflict(CreditError):
+    """The operation id was used before with other fields."""
+
+    code = "op_conflict"
+    http_status = 422
+
+
+class InvalidExpiry(CreditError):
+    code = "invalid_expiry"
+    http_status = 400
+
+
+class StateLost(CreditError):
+    """Redis lost this partition's data and it has not been rebuilt yet: retry later."""
+
+    code = "state_lost"
+    http_status = 503
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InsufficientCredits, AccountInDebt, HoldNotFound, HoldExists, HoldAlreadySettled,
+        HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, StateLost,
+    )
+}
+_AMOUNT_FIELDS = {"available", "debt"}
+
+
+def raise_for(code: str, payload: dict) -> None:
+    """Raises the exception named by a script's result code."""
+    cls = _BY_CODE.get(code)
+    details = {k: (from_units(v) if k in _AMOUNT_FIELDS else v) for k, v in payload.items()}
+    if cls is None:
+        raise CreditError(f"unexpected script result {code!r}", **details)
+    raise cls(**details)

@@ -1,0 +1,94 @@
+"""Every Redis key name is built here and nowhere else.
+
+All keys one script touches share one hash tag, the account's partition
+(`crc32(user) % partitions`), so the same scripts run on a single Redis and on a Cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+# Ids become parts of key names and event ids: no separators ('|'), no hash-tag braces, no
+# whitespace; '!' is kept for the system's own operation ids (expiry).
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=/~-]{1,128}$")
+
+
+class InvalidId(ValueError):
+    """A user, hold or operation id that cannot be used in a key."""
+
+
+def check_id(kind: str, value: str) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.match(value):
+        raise InvalidId(
+            f"{kind} must be 1-128 characters of letters, digits and _.:@+=/~- (got {value!r:.60})"
+        )
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionKeys:
+    """The keys shared by all accounts of one partition."""
+
+    tag: str
+    events: str
+    ready: str
+    hold_expiry: str
+    grant_expiry: str
+    users: str
+    dead: str
+
+
+class KeySpace:
+    """Key names for one deployment (prefix + fixed partition count)."""
+
+    def __init__(self, prefix: str = "cg", partitions: int = 64) -> None:
+        if partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        self.prefix = prefix
+        self.partitions = partitions
+        self._parts = [self._make_partition(p) for p in range(partitions)]
+
+    def _make_partition(self, p: int) -> PartitionKeys:
+        t = f"{self.prefix}:{{p{p}}}"
+        return PartitionKeys(
+            tag=t,
+            events=f"{t}:events",
+            ready=f"{t}:ready",
+            hold_expiry=f"{t}:hexp",
+            grant_expiry=f"{t}:gexp",
+            users=f"{t}:users",
+            dead=f"{t}:dead",
+        )
+
+    def partition_of(self, user: str) -> int:
+        return zlib.crc32(user.encode()) % self.partitions
+
+    def partition(self, p: int) -> PartitionKeys:
+        return self._parts[p]
+
+    def all_partitions(self) -> list[PartitionKeys]:
+        return list(self._parts)
+
+    def account_keys(self, user: str, op_id: str = "", hold_id: str = "") -> list[str]:
+        """KEYS[1..9] of every account script (see the header of lua/reserve.lua)."""
+        pk = self._parts[self.partition_of(user)]
+        t = pk.tag
+        return [
+            f"{t}:acct:{user}",
+            f"{t}:gord:{user}",
+            pk.events,
+            pk.ready,
+            f"{t}:op:{user}|{op_id}",
+            f"{t}:hold:{user}|{hold_id}",
+            pk.hold_expiry,
+            pk.grant_expiry,
+            pk.users,
+        ]
+
+    def hold_key(self, user: str, hold_id: str) -> str:
+        return f"{self._parts[self.partition_of(user)].tag}:hold:{user}|{hold_id}"
+
+    def op_key(self, user: str, op_id: str) -> str:
+        return f"{self._parts[self.partition_of(user)].tag}:op:{user}|{op_id}"

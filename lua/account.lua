@@ -1,0 +1,31 @@
+-- account: reads an account's state (no change, no event).
+-- KEYS[1] account hash   KEYS[2] account grant order (zset)
+-- ARGV[1] now (ms)   ARGV[2] '1' for the detail (grants and open holds), '0' for totals only
+-- Returns {code, JSON}:
+--   ok  {v, available, held, debt, granted, spent, expired, seq, debt_total,
+--        grants: [{seq, free, earmarked, expires_at, expired, meta}] in spend order,
+--        holds: [{hold_id, amount, expires_at}]}
+--   an account never seen answers ok with zeros.
+--@include lib
+local now = tonumber(ARGV[1])
+local st = acct_state(KEYS[1], KEYS[2], now)
+st.debt_total = fmt(num(redis.call('HGET', KEYS[1], 'debt_total')))
+if ARGV[2] == '1' then
+  local grants, holds = {}, {}
+  for _, seq in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+    local v = redis.call('HMGET', KEYS[1], 'r:' .. seq, 'e:' .. seq, 'x:' .. seq, 'm:' .. seq)
+    grants[#grants + 1] = {seq = seq, free = v[1], earmarked = v[2], expires_at = v[3],
+                           expired = expired_at(num(v[3]), now), meta = v[4]}
+  end
+  local flat = redis.call('HGETALL', KEYS[1])
+  for i = 1, #flat, 2 do
+    local f = flat[i]
+    if string.sub(f, 1, 2) == 'o:' then
+      local amt, exp = string.match(flat[i + 1], '^(%d+):(%d+)$')
+      holds[#holds + 1] = {hold_id = string.sub(f, 3), amount = amt, expires_at = exp}
+    end
+  end
+  st.grants = grants
+  st.holds = holds
+end
+return {'ok', cjson.encode(st)}

@@ -1,0 +1,54 @@
+-- expire: the sweeper's batch for one account: expires its holds past their timeout and
+-- its grants past their expiry date. One event per hold or grant that expires.
+-- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
+-- KEYS[4] partition ready marker   KEYS[5] unused (op slot)        KEYS[6] unused (hold slot)
+-- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
+-- KEYS[10..9+n] the hold hashes named in ARGV[5..4+n]
+-- ARGV[1] now (ms)  ARGV[2] retention of resolved-hold keys (s)  ARGV[3] user id
+-- ARGV[4] n, the number of hold ids that follow  ARGV[5..4+n] hold ids due
+-- ARGV[5+n..] grant sequence numbers due
+-- Entries that are already resolved or gone are dropped from the expiry sets.
+-- Returns {code, JSON}:
+--   ok          {holds, grants, credits}: how many holds and grants expired, and how many
+--               micro-credits of free grant remainder expired with them
+--   state_lost  the partition has not been rebuilt since Redis lost its data
+--@include lib
+if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+local now, user, n = tonumber(ARGV[1]), ARGV[3], tonumber(ARGV[4])
+local acct, gord = KEYS[1], KEYS[2]
+local holds, grants, credits = 0, 0, 0
+
+local K = {}
+for i = 1, 9 do K[i] = KEYS[i] end
+for i = 1, n do
+  local hid = ARGV[4 + i]
+  K[6] = KEYS[9 + i]
+  local hold = redis.call('HMGET', K[6], 'amt', 'exp', 'st', 'ear')
+  if hold[3] == 'open' and now >= tonumber(hold[2]) then
+    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil)
+    holds = holds + 1
+  elseif hold[3] ~= 'open' then
+    redis.call('ZREM', KEYS[7], user .. '|' .. hid)
+  end
+end
+
+for i = 5 + n, #ARGV do
+  local seq = ARGV[i]
+  local v = redis.call('HMGET', acct, 'r:' .. seq, 'e:' .. seq, 'x:' .. seq)
+  if not v[1] then
+    redis.call('ZREM', KEYS[8], user .. '|' .. seq)
+  elseif expired_at(num(v[3]), now) then
+    redis.call('ZREM', KEYS[8], user .. '|' .. seq)
+    local free = num(v[1])
+    if free > 0 then
+      redis.call('HSET', acct, 'r:' .. seq, '0')
+      redis.call('HINCRBY', acct, 'expired', free)
+      local g = settle_grants(acct, gord, KEYS[8], user, {[seq] = true})
+      emit(acct, gord, KEYS[3], now, {id = '!gexpire:' .. seq, t = 'grant_expired', u = user,
+                                       seq = seq, amt = fmt(free), g = g})
+      grants = grants + 1
+      credits = credits + free
+    end
+  end
+end
+return {'ok', cjson.encode({holds = holds, grants = grants, credits = fmt(credits)})}

@@ -1,0 +1,210 @@
+-- Shared helpers, inlined by the script registry wherever a script says `--@include lib`.
+-- Amounts are integer micro-credits held in Lua doubles: every amount stays below 2^53,
+-- and numbers are turned into strings with string.format('%d') (tostring would print
+-- 1.2345678901234e+14 and lose digits).
+--
+-- Account hash fields (KEYS[1]):
+--   v        version, +1 on every state change
+--   seq      last grant sequence number
+--   held     sum of open holds        debt     charges no grant could cover
+--   granted  / spent / expired        running totals, for the conservation check
+--   r:<seq>  grant's free remainder   e:<seq>  grant's earmarked (held) amount
+--   x:<seq>  grant's expiry (ms, 0 = never)   m:<seq>  grant's metadata (JSON)
+--   o:<hid>  open hold "<amount>:<expires_ms>"
+
+local function fmt(n) return string.format('%d', n) end
+local function num(x) return tonumber(x) or 0 end
+
+-- The same operation id seen before: the stored answer when the fields match,
+-- op_conflict when they do not, nil for a new operation.
+local function op_replay(opkey, fp)
+  local prev = redis.call('GET', opkey)
+  if not prev then return nil end
+  local sep = string.find(prev, '\n', 1, true)
+  if string.sub(prev, 1, sep - 1) == fp then
+    return {'exists', string.sub(prev, sep + 1)}
+  end
+  return {'op_conflict', cjson.encode({reason = 'operation id already used with other fields'})}
+end
+
+local function op_record(opkey, fp, res, retention)
+  redis.call('SET', opkey, fp .. '\n' .. res, 'EX', retention)
+end
+
+local function expired_at(x, now) return x > 0 and now >= x end
+
+-- Unexpired grants in spend order (expires first, then priority, then oldest).
+local function live_grants(acct, gord, now)
+  local seqs = redis.call('ZRANGE', gord, 0, -1)
+  local out = {}
+  if #seqs == 0 then return out end
+  local fields = {}
+  for i, s in ipairs(seqs) do
+    fields[2 * i - 1] = 'r:' .. s
+    fields[2 * i] = 'x:' .. s
+  end
+  local vals = redis.call('HMGET', acct, unpack(fields))
+  for i, s in ipairs(seqs) do
+    local free = num(vals[2 * i - 1])
+    if free > 0 and not expired_at(num(vals[2 * i]), now) then
+      out[#out + 1] = {seq = s, free = free}
+    end
+  end
+  return out
+end
+
+-- A grant's place in the spend order: expiry (s; never = 2^33-1), then priority (0..1000,
+-- lower first); equal scores fall back to the member, the zero-padded sequence (oldest first).
+local function spend_score(expires_ms, priority)
+  local exp_s = expires_ms == 0 and 8589934591 or math.floor(expires_ms / 1000)
+  return exp_s * 1024 + priority
+end
+
+local function sum_free(grants)
+  local t = 0
+  for _, g in ipairs(grants) do t = t + g.free end
+  return t
+end
+
+-- Draws `amount` from live grants in order; returns what it could not cover.
+-- `earmark` moves the drawn amounts to e:<seq> (a hold) instead of spending them.
+local function draw(acct, grants, amount, touched, earmark, parts)
+  local left = amount
+  for _, g in ipairs(grants) do
+    if left <= 0 then break end
+    local take = math.min(g.free, left)
+    if take > 0 then
+      redis.call('HINCRBY', acct, 'r:' .. g.seq, -take)
+      if earmark then redis.call('HINCRBY', acct, 'e:' .. g.seq, take) end
+      if parts then parts[#parts + 1] = g.seq .. '=' .. fmt(take) end
+      touched[g.seq] = true
+      left = left - take
+    end
+  end
+  return left
+end
+
+-- A grant with nothing free and nothing earmarked is gone from Redis (the store keeps it).
+-- Returns the touched grants' new state for the event: {seq = {r, e}} or {seq = 'gone'}.
+local function settle_grants(acct, gord, gexp, user, touched)
+  local out = {}
+  for seq, _ in pairs(touched) do
+    local v = redis.call('HMGET', acct, 'r:' .. seq, 'e:' .. seq)
+    local r, e = num(v[1]), num(v[2])
+    if r <= 0 and e <= 0 then
+      redis.call('HDEL', acct, 'r:' .. seq, 'e:' .. seq, 'x:' .. seq, 'm:' .. seq)
+      redis.call('ZREM', gord, seq)
+      redis.call('ZREM', gexp, user .. '|' .. seq)
+      out[seq] = 'gone'
+    else
+      out[seq] = {r = fmt(r), e = fmt(e)}
+    end
+  end
+  return out
+end
+
+-- Returns a hold's earmarks ("seq=amt,...", in spend order): the first `charge` units are
+-- spent, the rest go back to their grants, or to `expired` when the grant has expired.
+-- Returns spent, returned, expired.
+local function resolve_earmarks(acct, ear, charge, now, touched)
+  local spent, back, lapsed = 0, 0, 0
+  for seq, amt in string.gmatch(ear or '', '([^=,]+)=(%d+)') do
+    amt = tonumber(amt)
+    local use = math.min(amt, charge - spent)
+    local rest = amt - use
+    spent = spent + use
+    redis.call('HINCRBY', acct, 'e:' .. seq, -amt)
+    if rest > 0 then
+      if expired_at(num(redis.call('HGET', acct, 'x:' .. seq)), now) then
+        lapsed = lapsed + rest
+      else
+        redis.call('HINCRBY', acct, 'r:' .. seq, rest)
+        back = back + rest
+      end
+    end
+    touched[seq] = true
+  end
+  return spent, back, lapsed
+end
+
+-- The account's state after a change, as carried by every event and answer.
+local function acct_state(acct, gord, now)
+  local h = redis.call('HMGET', acct, 'v', 'held', 'debt', 'granted', 'spent', 'expired', 'seq')
+  return {
+    v = fmt(num(h[1])), available = fmt(sum_free(live_grants(acct, gord, now))),
+    held = fmt(num(h[2])), debt = fmt(num(h[3])), granted = fmt(num(h[4])),
+    spent = fmt(num(h[5])), expired = fmt(num(h[6])), seq = fmt(num(h[7])),
+  }
+end
+
+-- Bumps the version and appends the one event of this change to the partition stream.
+-- `res` (optional) is the operation's answer: the state is added to it, and it travels in
+-- the event too, so a rebuilt Redis can answer a replay the same way.
+local function emit(acct, gord, events, now, ev, res)
+  redis.call('HINCRBY', acct, 'v', 1)
+  local st = acct_state(acct, gord, now)
+  ev.v = st.v
+  ev.a = st
+  ev.ts = fmt(now)
+  local out = nil
+  if res then
+    res.state = st
+    out = cjson.encode(res)
+    ev.res = out
+  end
+  redis.call('XADD', events, '*', 'e', cjson.encode(ev))
+  return st, out
+end
+
+-- Resolves an open hold (settle with `charge`, or release / expire with 0) and emits the
+-- event. Overage (charge above the hold) is drawn from free credit; what is still missing
+-- becomes debt. `hold` is HMGET(hold key, amt, exp, st, ear). Returns the answer (JSON).
+local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, extra)
+  local acct, gord, hkey, hexp, gexp = K[1], K[2], K[6], K[7], K[8]
+  local amt = num(hold[1])
+  local touched = {}
+  local spent, back, lapsed = resolve_earmarks(acct, hold[4], charge, now, touched)
+  local over, debt_added = charge - spent, 0
+  if over > 0 then
+    debt_added = draw(acct, live_grants(acct, gord, now), over, touched, false, nil)
+    if debt_added > 0 then
+      redis.call('HINCRBY', acct, 'debt', debt_added)
+      redis.call('HINCRBY', acct, 'debt_total', debt_added)
+    end
+  end
+  redis.call('HINCRBY', acct, 'held', -amt)
+  if charge - debt_added > 0 then redis.call('HINCRBY', acct, 'spent', charge - debt_added) end
+  if lapsed > 0 then redis.call('HINCRBY', acct, 'expired', lapsed) end
+  redis.call('HDEL', acct, 'o:' .. hid)
+  redis.call('ZREM', hexp, user .. '|' .. hid)
+  redis.call('HSET', hkey, 'st', state, 'fin', fmt(charge), 'res_at', fmt(now))
+  redis.call('EXPIRE', hkey, ARGV[2])  -- every script's ARGV[2] is the retention (s)
+  local g = settle_grants(acct, gord, gexp, user, touched)
+  local ev = {
+    id = op, t = 'hold_' .. state, u = user, hold = hid, amt = fmt(charge),
+    held_amt = fmt(amt), returned = fmt(back), lapsed = fmt(lapsed),
+    debt_added = fmt(debt_added), g = g, fp = fp,
+    h = {id = hid, st = state, amt = fmt(amt), fin = fmt(charge), exp = hold[2]},
+  }
+  if extra then ev.x = extra end
+  local res = nil
+  if fp then
+    res = {hold_id = hid, status = state, charged = fmt(charge), held_amount = fmt(amt),
+           returned = fmt(back), lapsed = fmt(lapsed), debt_added = fmt(debt_added)}
+  end
+  local _, out = emit(acct, gord, K[3], now, ev, res)
+  return out
+end
+
+-- Settle / release of a hold that is not open: a named answer. A hold past its timeout
+-- that the sweeper has not reached yet is expired here, so a late settle never posts.
+local function hold_not_open(K, now, user, hid, hold)
+  if not hold[1] then return {'hold_not_found', '{}'} end
+  local st = hold[3]
+  if st == 'open' then
+    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil)
+    return {'hold_expired', '{}'}
+  end
+  local names = {settled = 'already_settled', released = 'already_released', expired = 'hold_expired'}
+  return {names[st] or 'hold_not_found', cjson.encode({status = st})}
+end

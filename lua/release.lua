@@ -1,0 +1,29 @@
+-- release: voids an open hold; every earmarked unit returns to the grant it came from
+-- (or expires, if that grant expired meanwhile).
+-- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
+-- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
+-- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
+-- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
+-- ARGV[4] operation id
+-- ARGV[5] hold id  ARGV[6] extra metadata (JSON object, carried in the event)
+-- Returns {code, JSON}:
+--   ok                {hold_id, status, charged=0, held_amount, returned, lapsed, state...}
+--   exists            the first answer, for a replay with the same fields
+--   op_conflict       the operation id was used with other fields
+--   hold_not_found    no such hold on this account
+--   already_settled / already_released   the hold was resolved before
+--   hold_expired      the hold passed its timeout (it is expired now if it was not yet)
+--   state_lost        the partition has not been rebuilt since Redis lost its data
+--@include lib
+if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
+local fp = 'release|' .. hid
+local seen = op_replay(KEYS[5], fp)
+if seen then return seen end
+local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear')
+if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
+  return hold_not_open(KEYS, now, user, hid, hold)
+end
+local res = resolve_hold(KEYS, now, user, hid, hold, 0, 'released', op, fp, cjson.decode(ARGV[6]))
+op_record(KEYS[5], fp, res, ARGV[2])
+return {'ok', res}

@@ -1,0 +1,48 @@
+-- reserve: places a hold (a pending charge) on an account's credit, with a timeout.
+-- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
+-- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
+-- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
+-- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
+-- ARGV[4] operation id
+-- ARGV[5] hold id  ARGV[6] amount (micro-credits > 0)  ARGV[7] timeout (ms > 0)
+-- ARGV[8] extra metadata (JSON object, kept on the hold and in the event)
+-- Returns {code, JSON}:
+--   ok                    {hold_id, amount, expires_at, state...}
+--   exists                the first answer, for a replay with the same fields
+--   op_conflict           the operation id was used with other fields
+--   hold_exists           the hold id is already taken (by another operation)
+--   in_debt               the account owes credits and cannot reserve until repaid {debt}
+--   insufficient_credits  {available}; nothing changes
+--   state_lost            the partition has not been rebuilt since Redis lost its data
+--@include lib
+if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
+local amount, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+local fp = 'reserve|' .. hid .. '|' .. ARGV[6] .. '|' .. ARGV[7]
+local seen = op_replay(KEYS[5], fp)
+if seen then return seen end
+if redis.call('EXISTS', KEYS[6]) == 1 then return {'hold_exists', '{}'} end
+
+local acct, gord = KEYS[1], KEYS[2]
+local debt = num(redis.call('HGET', acct, 'debt'))
+if debt > 0 then return {'in_debt', cjson.encode({debt = fmt(debt)})} end
+local grants = live_grants(acct, gord, now)
+local avail = sum_free(grants)
+if avail < amount then return {'insufficient_credits', cjson.encode({available = fmt(avail)})} end
+
+local touched, parts = {}, {}
+draw(acct, grants, amount, touched, true, parts)
+local exp = now + ttl
+local ear = table.concat(parts, ',')
+redis.call('HSET', KEYS[6], 'amt', ARGV[6], 'exp', fmt(exp), 'st', 'open', 'ear', ear,
+           'at', ARGV[1], 'op', op, 'x', ARGV[8])
+redis.call('HINCRBY', acct, 'held', amount)
+redis.call('HSET', acct, 'o:' .. hid, ARGV[6] .. ':' .. fmt(exp))
+redis.call('ZADD', KEYS[7], exp, user .. '|' .. hid)
+local g = settle_grants(acct, gord, KEYS[8], user, touched)
+local ev = {id = op, t = 'hold_open', u = user, hold = hid, amt = ARGV[6], g = g, fp = fp,
+            h = {id = hid, st = 'open', amt = ARGV[6], exp = fmt(exp), ear = ear, at = ARGV[1], op = op},
+            x = cjson.decode(ARGV[8])}
+local _, res = emit(acct, gord, KEYS[3], now, ev, {hold_id = hid, amount = ARGV[6], expires_at = fmt(exp)})
+op_record(KEYS[5], fp, res, ARGV[2])
+return {'ok', res}
