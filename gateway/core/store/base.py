@@ -84,8 +84,8 @@ class Store(ABC):
     async def snapshot(self, user: str) -> AccountSnapshot | None: ...
 
     @abstractmethod
-    def snapshots(self, partition: int | None = None, partitions: int | None = None) -> AsyncIterator[AccountSnapshot]:
-        """Every account (or those of one partition, given the partition count)."""
+    def snapshots(self, partition: int | None = None) -> AsyncIterator[AccountSnapshot]:
+        """Every account, or those of one partition (as carried by their events)."""
 
     @abstractmethod
     def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
