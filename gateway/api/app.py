@@ -1,0 +1,90 @@
+"""`create_app(settings)`: the FastAPI app. Its lifespan opens Redis and the store, rebuilds
+Redis from the store when it lost its state, and in embedded mode runs the worker too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from fastapi import FastAPI
+
+from ..core.connections import describe, make_keys, make_redis, make_store
+from ..core.engine import CreditEngine
+from ..core.recovery import ensure_ready
+from ..core.settings import Settings
+from ..core.store.base import Store
+from .auth import KeyRing
+from .body import BodyLimitMiddleware
+from .errors import install_error_handlers
+from .routes import admin, health, holds
+from .services import Services
+
+log = logging.getLogger("credit.gateway")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    redis: Any = None,
+    store: Store | None = None,
+    clock: Callable[[], float] | None = None,
+    run_worker: bool | None = None,
+) -> FastAPI:
+    """Builds the gateway. `redis` / `store` / `clock` override what settings name (tests);
+    `run_worker` defaults to embedded mode (the worker runs in this process)."""
+
+    in_process_worker = settings.embedded if run_worker is None else run_worker
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        r = redis if redis is not None else make_redis(settings)
+        s = store if store is not None else make_store(settings)
+        await s.open()
+        engine_kw = {"clock": clock} if clock else {}
+        engine = CreditEngine(r, keys=make_keys(settings), retention_s=settings.retention_seconds, **engine_kw)
+        services = Services(
+            settings=settings, redis=r, store=s, engine=engine,
+            admin_keys=KeyRing(settings.admin_key_digests), client_keys=KeyRing(settings.client_key_digests),
+        )
+        app.state.services = services
+        if settings.embedded:
+            log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
+        log.info("credit gateway starting; %s", describe(settings))
+        rebuilt = await ensure_ready(engine, s)
+        if rebuilt:
+            log.info("rebuilt %d accounts from the store", rebuilt.accounts)
+        services.ready = True
+        if in_process_worker:
+            from worker.service import build_worker
+
+            services.worker = build_worker(settings, engine, s)
+            services.background.append(asyncio.create_task(services.worker.run(), name="credit-worker"))
+        try:
+            yield
+        finally:
+            if services.worker is not None:
+                services.worker.stop()
+            for t in services.background:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(t, 30)
+            if services.worker is not None and services.worker.audit:
+                services.worker.audit.close()
+            if store is None:
+                await s.close()
+            if redis is None:
+                await r.aclose()
+
+    app = FastAPI(
+        title="credit-gateway",
+        version="0.1.0",
+        description="Prepaid credits for LLM calls: two-phase holds in Redis, a durable ledger.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=lambda path: settings.max_body_bytes)
+    for module in (health, admin, holds):
+        app.include_router(module.router)
+    return app

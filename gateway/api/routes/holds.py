@@ -1,0 +1,68 @@
+"""Holds for apps that meter their own work: client key + X-User-Id."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from ...core.keys import ID_PATTERN
+from ...core.results import HoldResolution
+from ..deps import ClientCaller, EngineDep, ServicesDep
+from ..body import DecimalRoute
+from ..errors import ApiError
+from ..schemas import Balance, HoldRequest, HoldResponse, ResolutionResponse, SettleRequest
+
+router = APIRouter(prefix="/credits", tags=["holds"], route_class=DecimalRoute)
+
+HoldId = Annotated[str, Path(pattern=ID_PATTERN.pattern)]
+
+
+def _resolution(user: str, r: HoldResolution, response: Response) -> ResolutionResponse:
+    if r.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return ResolutionResponse(
+        **Balance.of(user, r.state).model_dump(), hold_id=r.hold_id, status=r.status, charged=r.charged,
+        returned=r.returned, lapsed=r.lapsed, debt_added=r.debt_added, replayed=r.replayed,
+    )
+
+
+@router.post("/holds", status_code=201, response_model=HoldResponse)
+async def create_hold(body: HoldRequest, caller: ClientCaller, engine: EngineDep, services: ServicesDep, response: Response):
+    """Reserves credits; 402 when the user cannot afford it. Retrying with the same hold_id is safe."""
+    if body.ttl_seconds > services.settings.max_hold_ttl_seconds:
+        raise ApiError(422, "invalid_request", f"ttl_seconds above the limit of {services.settings.max_hold_ttl_seconds}")
+    hold_id = body.hold_id or f"h-{uuid.uuid4().hex}"
+    h = await engine.reserve(
+        caller.user_id, body.amount, hold_id=hold_id, ttl_seconds=body.ttl_seconds,
+        metadata={"description": body.description} if body.description else None,
+    )
+    if h.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return HoldResponse(
+        **Balance.of(caller.user_id, h.state).model_dump(), hold_id=h.hold_id, amount=h.amount,
+        expires_at=h.expires_at, replayed=h.replayed,
+    )
+
+
+@router.post("/holds/{hold_id}/settle", response_model=ResolutionResponse)
+async def settle_hold(hold_id: HoldId, body: SettleRequest, caller: ClientCaller, engine: EngineDep, response: Response):
+    """Charges the real cost; the rest of the hold returns. Above the hold, see the overage policy."""
+    r = await engine.settle(
+        caller.user_id, hold_id, body.amount,
+        metadata={"description": body.description} if body.description else None,
+    )
+    return _resolution(caller.user_id, r, response)
+
+
+@router.post("/holds/{hold_id}/release", response_model=ResolutionResponse)
+async def release_hold(hold_id: HoldId, caller: ClientCaller, engine: EngineDep, response: Response):
+    """Cancels the hold; every held credit returns."""
+    return _resolution(caller.user_id, await engine.release(caller.user_id, hold_id), response)
+
+
+@router.get("/balance", response_model=Balance)
+async def balance(caller: ClientCaller, engine: EngineDep):
+    """The calling user's balance."""
+    return Balance.of(caller.user_id, await engine.balance(caller.user_id))

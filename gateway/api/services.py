@@ -1,0 +1,25 @@
+"""What a running app holds: built by create_app's lifespan, reached through deps."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core.engine import CreditEngine
+from ..core.settings import Settings
+from ..core.store.base import Store
+from .auth import KeyRing
+
+
+@dataclass
+class Services:
+    settings: Settings
+    redis: Any
+    store: Store
+    engine: CreditEngine
+    admin_keys: KeyRing
+    client_keys: KeyRing
+    worker: Any = None
+    background: list[asyncio.Task] = field(default_factory=list)
+    ready: bool = False

@@ -1,0 +1,55 @@
+"""Builds the Redis client and the store a Settings names (embedded mode included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .keys import KeySpace
+from .settings import Settings
+from .store.base import Store
+
+
+def make_redis(settings: Settings) -> Any:
+    """A redis-py asyncio client: plain, cluster, or in-process fakeredis (embedded mode)."""
+    if settings.embedded:
+        import fakeredis
+
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(settings.redis_url)
+    import redis.asyncio as aioredis
+
+    return aioredis.Redis.from_url(settings.redis_url)
+
+
+def make_store(settings: Settings) -> Store:
+    if settings.mongo_uri:
+        from .store.mongo import MongoStore
+
+        return MongoStore(settings.mongo_uri, settings.mongo_db)
+    from .store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.sqlite_path)
+
+
+def make_keys(settings: Settings) -> KeySpace:
+    return KeySpace(settings.key_prefix, settings.partitions)
+
+
+def describe(settings: Settings) -> str:
+    """One line for the start-up log: which Redis and which store (no secrets)."""
+    if settings.embedded:
+        redis = "embedded (in-process fakeredis, state lives in this process only)"
+    else:
+        redis = ("cluster " if settings.redis_cluster else "") + _redact(settings.redis_url or "")
+    store = f"MongoDB {_redact(settings.mongo_uri)}/{settings.mongo_db}" if settings.mongo_uri else f"SQLite {settings.sqlite_path}"
+    return f"redis: {redis}; store: {store}"
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

@@ -1,0 +1,34 @@
+"""The append-only JSONL audit file: one line per event, flushed per batch.
+
+Lines are written before the batch reaches the store, so a crash can repeat lines (each
+carries its stream id and (user, op id) to de-duplicate by) but never lose one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+from gateway.core.events import Event
+
+
+class AuditLog:
+    def __init__(self, path: str, *, fsync: bool = False) -> None:
+        self.path = path
+        self.fsync = fsync
+        self._fh = open(path, "ab", buffering=0)  # O_APPEND: concurrent workers interleave whole writes
+
+    def write(self, events: Iterable[Event]) -> None:
+        lines = [
+            json.dumps({"stream_id": e.stream_id, "partition": e.partition, **e.raw}, separators=(",", ":"))
+            for e in events
+        ]
+        if not lines:
+            return
+        self._fh.write(("\n".join(lines) + "\n").encode())
+        if self.fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()

@@ -1,0 +1,70 @@
+"""Builds a Worker from Settings and runs it until SIGTERM (or drained, with --burst)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from functools import partial
+
+from gateway.core.connections import describe, make_keys, make_redis, make_store
+from gateway.core.engine import CreditEngine
+from gateway.core.recovery import ensure_ready, rehydrate
+from gateway.core.settings import Settings
+
+from .audit import AuditLog
+from .runner import Worker, WorkerStats
+
+log = logging.getLogger("credit.worker")
+
+
+def build_worker(settings: Settings, engine: CreditEngine, store) -> Worker:
+    audit = AuditLog(settings.audit_path) if settings.audit_path else None
+    return Worker(
+        engine,
+        store,
+        audit=audit,
+        consumer=settings.worker_name,
+        batch=settings.worker_batch,
+        idle_seconds=settings.worker_idle_seconds,
+        claim_idle_ms=settings.claim_idle_ms,
+        max_deliveries=settings.max_deliveries,
+        sweep_interval=settings.sweep_interval_seconds,
+        rehydrate=partial(rehydrate, engine, store),
+    )
+
+
+async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
+    if settings.embedded:
+        raise SystemExit(
+            "the worker needs CREDIT_REDIS_URL; in embedded mode `credit-gateway serve` runs it in-process"
+        )
+    redis = make_redis(settings)
+    store = make_store(settings)
+    await store.open()
+    engine = CreditEngine(redis, keys=make_keys(settings), retention_s=settings.retention_seconds)
+    worker = build_worker(settings, engine, store)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    log.info("worker %s starting; %s", worker.consumer, describe(settings))
+    try:
+        await ensure_ready(engine, store)
+        stats = await worker.run(burst=burst)
+    finally:
+        if worker.audit:
+            worker.audit.close()
+        await store.close()
+        await redis.aclose()
+    log.info("worker %s stopped: %s", worker.consumer, stats)
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker", description="Persist credit events to the store.")
+    parser.add_argument("--burst", action="store_true", help="drain every stream, then exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run_worker(Settings(), burst=args.burst))
+    return 0
