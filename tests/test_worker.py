@@ -1,0 +1,263 @@
+"""The worker against a real redis-server: drain, crash, claim, dead-letter, trim, recover."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from gateway.core.events import decode
+from gateway.core.recovery import reconcile, rehydrate
+from gateway.core.store.sqlite import SQLiteStore
+from worker.audit import AuditLog
+from worker.runner import GROUP, Worker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def make_traffic(engine, users=("u1", "u2", "u3", "u4"), rounds=5):
+    """A mix of every operation; returns how many events it appended."""
+    n = 0
+    for u in users:
+        await engine.grant(u, "100", op_id=f"g-{u}")
+        n += 1
+        for i in range(rounds):
+            await engine.reserve(u, "3", hold_id=f"{u}-h{i}", ttl_seconds=60)
+            n += 1
+            if i % 3 == 0:
+                await engine.settle(u, f"{u}-h{i}", "1.5")
+                n += 1
+            elif i % 3 == 1:
+                await engine.release(u, f"{u}-h{i}")
+                n += 1
+        await engine.debit(u, "1", op_id=f"d-{u}")
+        n += 1
+    return n
+
+
+async def stream_len(engine) -> int:
+    return sum([await engine.redis.xlen(pk.events) for pk in engine.keys.all_partitions()])
+
+
+@pytest.fixture
+async def store(tmp_path):
+    s = SQLiteStore(str(tmp_path / "store.db"))
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def ledger_count(store, users) -> int:
+    return sum([len([e async for e in store.ledger_all(u)]) for u in users])
+
+
+async def test_worker_drains_every_event_once_with_audit_lines(engine, store, tmp_path):
+    n = await make_traffic(engine)
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    stats = await Worker(engine, store, audit=audit, batch=7).run(burst=True)
+    audit.close()
+    assert stats.events == n and stats.new_ledger_rows == n
+    assert await ledger_count(store, ["u1", "u2", "u3", "u4"]) == n
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    assert len(lines) == n and {json.loads(x)["u"] for x in lines} == {"u1", "u2", "u3", "u4"}
+    assert await reconcile(engine, store) == []
+
+
+async def test_redelivered_batch_duplicates_nothing(engine, store):
+    n = await make_traffic(engine, users=("a",))
+    w = Worker(engine, store)
+    await w.ensure_groups()
+    entries = await w._read(">")
+    await store.write_events([decode(sid, f, p) for p, sid, f in entries])  # written, never acked
+    w2 = Worker(engine, store, claim_idle_ms=0)
+    stats = await w2.run(burst=True)
+    assert stats.claimed == n and stats.new_ledger_rows == 0
+    assert await ledger_count(store, ["a"]) == n
+    assert await reconcile(engine, store) == []
+
+
+async def test_two_workers_at_once_store_each_event_once(engine, store):
+    n = await make_traffic(engine, users=[f"m{i}" for i in range(12)], rounds=4)
+    workers = [Worker(engine, store, batch=5), Worker(engine, store, batch=5)]
+    stats = await asyncio.gather(*(w.run(burst=True) for w in workers))
+    assert sum(s.events for s in stats) == n and all(s.events > 0 for s in stats)
+    assert await ledger_count(store, [f"m{i}" for i in range(12)]) == n
+    assert await reconcile(engine, store) == []
+
+
+async def test_undecodable_entry_goes_to_dead_letter(engine, store):
+    await engine.grant("z", "1", op_id="g1")
+    p = engine.keys.partition_of("z")
+    await engine.redis.xadd(engine.keys.partition(p).events, {"e": "{not json"})
+    stats = await Worker(engine, store).run(burst=True)
+    assert stats.dead_lettered == 1 and stats.events == 1
+    dead = await engine.redis.xrange(engine.keys.partition(p).dead)
+    assert len(dead) == 1 and b"reason" in dead[0][1]
+
+
+class FailingStore:
+    """A store whose writes always fail (the store is down)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.calls = 0
+
+    async def write_events(self, events):
+        self.calls += 1
+        raise ConnectionError("store down")
+
+
+async def test_entry_failing_more_than_max_deliveries_is_dead_lettered_not_dropped(engine, store):
+    await engine.grant("y", "1", op_id="g1")
+    failing = FailingStore(store)
+    w = Worker(engine, failing, claim_idle_ms=0, max_deliveries=3, sweep_interval=0.0, idle_seconds=0.01)
+    task = asyncio.create_task(w.run())
+    p = engine.keys.partition_of("y")
+    for _ in range(300):
+        if await engine.redis.xlen(engine.keys.partition(p).dead):
+            break
+        await asyncio.sleep(0.02)
+    w.stop()
+    await task
+    dead = await engine.redis.xrange(engine.keys.partition(p).dead)
+    assert len(dead) == 1 and b"delivered" in dead[0][1][b"reason"]
+    assert json.loads(dead[0][1][b"e"])["id"] == "g1"
+    assert failing.calls >= 3
+
+
+async def test_trim_never_drops_pending_or_undelivered_entries(engine, store):
+    await engine.grant("t", "10", op_id="g1")
+    w = Worker(engine, store)
+    await w.ensure_groups()
+    await w._process(await w._read(">"))  # g1 stored and acked
+    await engine.reserve("t", "1", hold_id="h1", ttl_seconds=60)
+    pending = await w._read(">")  # delivered, not acked
+    await engine.reserve("t", "1", hold_id="h2", ttl_seconds=60)  # not delivered yet
+    removed = await w.trim()
+    stream = engine.keys.partition(engine.keys.partition_of("t")).events
+    left = [json.loads(f[b"e"])["id"] for _, f in await engine.redis.xrange(stream)]
+    assert removed == 1 and left == ["h1", "h2"]
+    await w._process(pending)
+    await w.run(burst=True)
+    await w.trim()
+    left = [json.loads(f[b"e"])["id"] for _, f in await engine.redis.xrange(stream)]
+    assert left == ["h2"]  # the newest acked entry stays as the floor
+    assert await ledger_count(store, ["t"]) == 3
+
+
+async def test_flushall_then_rehydrate_restores_every_balance_and_open_hold(engine, store, clock):
+    await make_traffic(engine, rounds=7)
+    in_an_hour = datetime.fromtimestamp(clock() + 3600, timezone.utc)
+    await engine.grant("u1", "5", op_id="exp-grant", expires_at=in_an_hour, priority=7)
+    await Worker(engine, store).run(burst=True)
+    before = {u: await engine.account(u) for u in ("u1", "u2", "u3", "u4")}
+    assert any(v.holds for v in before.values())
+    await engine.redis.flushall()
+    assert len(await engine.missing_partitions()) == engine.keys.partitions
+    report = await rehydrate(engine, store)
+    assert report.accounts == 4
+    after = {u: await engine.account(u) for u in before}
+    assert after == before
+    # A replayed operation answers the same after the rebuild and changes nothing.
+    again = await engine.grant("u1", "100", op_id="g-u1")
+    assert again.replayed and again.state.version == 1 and again.state.granted == 100
+    assert await engine.account("u1") == before["u1"]
+    # Holds restored are real holds: they settle.
+    hid = before["u2"].holds[0].hold_id
+    await engine.settle("u2", hid, "1")
+    await Worker(engine, store).run(burst=True)
+    assert await reconcile(engine, store) == []
+
+
+async def test_writes_wait_for_rebuild_after_state_loss(engine, store):
+    from gateway.core.errors import StateLost
+
+    await engine.grant("w", "5", op_id="g1")
+    await Worker(engine, store).run(burst=True)
+    await engine.redis.flushall()
+    with pytest.raises(StateLost):
+        await engine.grant("w", "1", op_id="g2")  # would rebuild over a stale, empty account
+    await rehydrate(engine, store)
+    assert (await engine.grant("w", "1", op_id="g2")).state.available == 6
+
+
+async def test_reconcile_reports_planted_drift(engine, store):
+    await make_traffic(engine, users=("r1", "r2"))
+    await Worker(engine, store).run(burst=True)
+    assert await reconcile(engine, store) == []
+    acct = engine.keys.account_keys("r1")[0]
+    await engine.redis.hincrby(acct, "spent", 7)
+    drift = await reconcile(engine, store)
+    assert [(d.user, d.what) for d in drift] == [("r1", "spent")]
+
+
+# -- real processes ------------------------------------------------------------------------
+
+
+def worker_env(redis_url, db, **extra):
+    env = {**os.environ, "CREDIT_REDIS_URL": redis_url, "CREDIT_SQLITE_PATH": str(db), "CREDIT_PARTITIONS": "16",
+           "CREDIT_AUDIT_PATH": "", "PYTHONPATH": str(REPO)}
+    env.pop("CREDIT_AUDIT_PATH")
+    env["CREDIT_AUDIT_PATH"] = str(Path(db).with_suffix(".jsonl"))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing(engine, redis_url, tmp_path):
+    users = [f"k{i}" for i in range(40)]
+    n = await make_traffic(engine, users=users, rounds=10)
+    db = tmp_path / "kill.db"
+    env = worker_env(redis_url, db, CREDIT_WORKER_BATCH=3, CREDIT_CLAIM_IDLE_MS=200)
+    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+    store = SQLiteStore(str(db))
+    await store.open()
+    try:
+        # Kill it once it has stored part of the stream (some entries read but not acked).
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            await asyncio.sleep(0.05)
+            if db.exists() and await ledger_count(store, users) > n // 4:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        stored = await ledger_count(store, users)
+        assert 0 < stored < n, "the kill must land mid-drain"
+        done = subprocess.run([sys.executable, "-m", "worker", "--burst"], env=env, cwd=REPO, timeout=120,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert await ledger_count(store, users) == n
+        for u in users:
+            versions = [e.version async for e in store.ledger_all(u)]
+            assert versions == list(range(1, len(versions) + 1))
+        assert await reconcile(engine, store) == []
+    finally:
+        await store.close()
+
+
+def test_worker_stops_cleanly_on_sigterm(redis_url, tmp_path):
+    env = worker_env(redis_url, tmp_path / "term.db")
+    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(20) == 0
+    assert "stopped" in proc.stderr.read()
+
+
+async def test_reconcile_command_exits_zero_when_clean_and_nonzero_on_drift(engine, redis_url, tmp_path):
+    await make_traffic(engine, users=("c1", "c2"))
+    env = worker_env(redis_url, tmp_path / "rc.db")
+    cmd = [sys.executable, "-m", "gateway.cli", "reconcile"]
+    clean = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "0 drift" in clean.stdout
+    await engine.redis.hincrby(engine.keys.account_keys("c2")[0], "held", 5)
+    drifted = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert drifted.returncode == 1 and "DRIFT c2: held" in drifted.stdout
