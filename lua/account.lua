@@ -9,7 +9,6 @@
 --@include lib
 local now = tonumber(ARGV[1])
 local st = acct_state(KEYS[1], KEYS[2], now)
-st.debt_total = fmt(num(redis.call('HGET', KEYS[1], 'debt_total')))
 if ARGV[2] == '1' then
   local grants, holds = {}, {}
   for _, seq in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do

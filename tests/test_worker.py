@@ -86,7 +86,7 @@ async def test_redelivered_batch_duplicates_nothing(engine, store):
 
 async def test_two_workers_at_once_store_each_event_once(engine, store):
     n = await make_traffic(engine, users=[f"m{i}" for i in range(12)], rounds=4)
-    workers = [Worker(engine, store, batch=5), Worker(engine, store, batch=5)]
+    workers = [Worker(engine, store, batch=1), Worker(engine, store, batch=1)]
     stats = await asyncio.gather(*(w.run(burst=True) for w in workers))
     assert sum(s.events for s in stats) == n and all(s.events > 0 for s in stats)
     assert await ledger_count(store, [f"m{i}" for i in range(12)]) == n

@@ -197,6 +197,9 @@ class Worker:
                 cand = _s(g["last-delivered-id"])
                 if int(g.get("pending", 0)):
                     summary = await self.redis.xpending(s, _s(g["name"]))
+                    if summary.get("min") is None:  # acked meanwhile: trim next time
+                        floor = "0-0"
+                        break
                     cand = _s(summary["min"])
                 if floor is None or _id_lt(cand, floor):
                     floor = cand

@@ -22,7 +22,7 @@ HOLD_EXPIRED = "hold_expired"
 GRANT_EXPIRED = "grant_expired"
 TYPES = frozenset({GRANT, DEBIT, HOLD_OPEN, HOLD_SETTLED, HOLD_RELEASED, HOLD_EXPIRED, GRANT_EXPIRED})
 
-STATE_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
+STATE_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq", "debt_total")
 
 
 def _map(x: Any) -> dict:

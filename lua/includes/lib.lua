@@ -129,11 +129,11 @@ end
 
 -- The account's state after a change, as carried by every event and answer.
 local function acct_state(acct, gord, now)
-  local h = redis.call('HMGET', acct, 'v', 'held', 'debt', 'granted', 'spent', 'expired', 'seq')
+  local h = redis.call('HMGET', acct, 'v', 'held', 'debt', 'granted', 'spent', 'expired', 'seq', 'debt_total')
   return {
     v = fmt(num(h[1])), available = fmt(sum_free(live_grants(acct, gord, now))),
     held = fmt(num(h[2])), debt = fmt(num(h[3])), granted = fmt(num(h[4])),
-    spent = fmt(num(h[5])), expired = fmt(num(h[6])), seq = fmt(num(h[7])),
+    spent = fmt(num(h[5])), expired = fmt(num(h[6])), seq = fmt(num(h[7])), debt_total = fmt(num(h[8])),
   }
 end
 
