@@ -79,6 +79,8 @@ class Worker:
         self.stats = WorkerStats()
         self.stop_event = asyncio.Event()
         self._streams = [pk.events for pk in self.keys.all_partitions()]
+        self._min_count = max(1, batch // len(self._streams))
+        self._counts = [self._min_count] * len(self._streams)
 
     # -- setup -------------------------------------------------------------------------
 
@@ -94,18 +96,27 @@ class Worker:
     # -- one round ---------------------------------------------------------------------
 
     async def _read(self, start: str) -> list[tuple[int, str, dict]]:
+        """One pipelined read of every partition. A partition that filled its count gets
+        twice the count next round, one that did not gets half: busy partitions drain
+        fast while a round stays near `batch` entries in all (bounded memory)."""
         pipe = self.redis.pipeline(transaction=False)
-        for s in self._streams:
-            pipe.xreadgroup(GROUP, self.consumer, {s: start}, count=self.batch)
+        counts = self._counts
+        for s, c in zip(self._streams, counts):
+            pipe.xreadgroup(GROUP, self.consumer, {s: start}, count=c)
         replies = await pipe.execute()
         out = []
         for p, reply in enumerate(replies):
+            got = 0
             for _stream, entries in reply or []:
+                got += len(entries)
                 for sid, fields in entries:
-                    if fields is None:  # deleted while pending: nothing to store, only to ack
-                        out.append((p, _s(sid), {}))
-                    else:
-                        out.append((p, _s(sid), fields))
+                    # fields None: deleted while pending; nothing to store, only to ack.
+                    out.append((p, _s(sid), fields or {}))
+            counts[p] = min(self.batch, counts[p] * 2) if got >= counts[p] else max(self._min_count, counts[p] // 2)
+        total = sum(counts)
+        if total > 2 * self.batch:  # many busy partitions: share the round between them
+            for p, c in enumerate(counts):
+                counts[p] = max(self._min_count, c * 2 * self.batch // total)
         return out
 
     async def _process(self, entries: list[tuple[int, str, dict]]) -> int:

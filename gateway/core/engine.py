@@ -38,21 +38,15 @@ MAX_TTL_S = 7 * 86400
 
 
 def _meta(metadata: dict[str, Any] | None) -> str:
-    return json.dumps(metadata or {}, separators=(",", ":"), default=str)
+    if not metadata:
+        return "{}"
+    return json.dumps(metadata, separators=(",", ":"), default=str)
 
 
 def _resolution(r: dict, replayed: bool) -> HoldResolution:
     return HoldResolution(
-        hold_id=r["hold_id"],
-        status=r["status"],
-        charged=from_units(r["charged"]),
-        charged_units=int(r["charged"]),
-        held_amount=from_units(r["held_amount"]),
-        returned=from_units(r["returned"]),
-        lapsed=from_units(r["lapsed"]),
-        debt_added=from_units(r.get("debt_added", 0)),
-        state=AccountState.from_wire(r["state"]),
-        replayed=replayed,
+        r["hold_id"], r["status"], int(r["charged"]), int(r["held_amount"]), int(r["returned"]),
+        int(r["lapsed"]), int(r.get("debt_added") or 0), AccountState.from_wire(r["state"]), replayed,
     )
 
 
@@ -134,12 +128,8 @@ class CreditEngine:
             [*self._base(user, op_id), units, exp_ms, priority, source, _meta(metadata)],
         )
         return GrantResult(
-            grant_seq=r["grant_seq"],
-            amount=from_units(r["amount"]),
-            debt_repaid=from_units(r["debt_repaid"]),
-            expires_at=ms_to_dt(r["expires_at"]),
-            state=AccountState.from_wire(r["state"]),
-            replayed=replayed,
+            r["grant_seq"], int(r["amount"]), int(r["debt_repaid"]), int(r["expires_at"]),
+            AccountState.from_wire(r["state"]), replayed,
         )
 
     async def debit(
@@ -152,7 +142,7 @@ class CreditEngine:
         r, replayed = await self._run(
             "debit", self.keys.account_keys(user, op_id), [*self._base(user, op_id), units, _meta(metadata)]
         )
-        return DebitResult(from_units(r["amount"]), AccountState.from_wire(r["state"]), replayed)
+        return DebitResult(int(r["amount"]), AccountState.from_wire(r["state"]), replayed)
 
     # -- holds -------------------------------------------------------------------------
 
@@ -193,14 +183,7 @@ class CreditEngine:
             self.keys.account_keys(user, op_id, hold_id),
             [*self._base(user, op_id), hold_id, units, int(ttl_seconds * 1000), _meta(metadata)],
         )
-        return Hold(
-            hold_id=r["hold_id"],
-            amount=from_units(r["amount"]),
-            amount_units=int(r["amount"]),
-            expires_at=ms_to_dt(r["expires_at"]),
-            state=AccountState.from_wire(r["state"]),
-            replayed=replayed,
-        )
+        return Hold(r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed)
 
     async def settle(
         self,

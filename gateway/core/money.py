@@ -40,7 +40,7 @@ def to_units(value: Decimal | str | int, *, allow_zero: bool = False) -> int:
 
 def from_units(units: int | str) -> Decimal:
     """Micro-credits -> credits, exact (6 decimal places)."""
-    return (Decimal(int(units)) / SCALE).quantize(Decimal("0.000001"))
+    return Decimal(int(units)).scaleb(-6)
 
 
 def cost_units(credits_per_million_tokens_units: int, tokens: int) -> int:

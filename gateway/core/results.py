@@ -15,49 +15,70 @@ def ms_to_dt(ms: int | str | None) -> datetime | None:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
 
 
+def _credits(name: str) -> property:
+    """A Decimal-credits view of an integer micro-credits field (converted only when read)."""
+    return property(lambda self: from_units(getattr(self, name)))
+
+
 @dataclass(frozen=True, slots=True)
 class AccountState:
-    """An account's totals right after an operation (or at a read)."""
+    """An account's totals right after an operation (or at a read), in micro-credits;
+    the same names without `_units` read them as Decimal credits."""
 
     version: int
-    available: Decimal
-    held: Decimal
-    debt: Decimal
-    granted: Decimal
-    spent: Decimal
-    expired: Decimal
+    available_units: int
+    held_units: int
+    debt_units: int
+    granted_units: int
+    spent_units: int
+    expired_units: int
+
+    available = _credits("available_units")
+    held = _credits("held_units")
+    debt = _credits("debt_units")
+    granted = _credits("granted_units")
+    spent = _credits("spent_units")
+    expired = _credits("expired_units")
 
     @classmethod
     def from_wire(cls, s: dict[str, Any]) -> AccountState:
+        g = s.get
         return cls(
-            version=int(s.get("v", 0)),
-            available=from_units(s.get("available", 0)),
-            held=from_units(s.get("held", 0)),
-            debt=from_units(s.get("debt", 0)),
-            granted=from_units(s.get("granted", 0)),
-            spent=from_units(s.get("spent", 0)),
-            expired=from_units(s.get("expired", 0)),
+            int(g("v", 0)), int(g("available", 0)), int(g("held", 0)), int(g("debt", 0)),
+            int(g("granted", 0)), int(g("spent", 0)), int(g("expired", 0)),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class GrantResult:
     grant_seq: str
-    amount: Decimal
-    debt_repaid: Decimal
-    expires_at: datetime | None
+    amount_units: int
+    debt_repaid_units: int
+    expires_at_ms: int
     state: AccountState
     replayed: bool = False
+
+    amount = _credits("amount_units")
+    debt_repaid = _credits("debt_repaid_units")
+
+    @property
+    def expires_at(self) -> datetime | None:
+        return ms_to_dt(self.expires_at_ms)
 
 
 @dataclass(frozen=True, slots=True)
 class Hold:
     hold_id: str
-    amount: Decimal
     amount_units: int
-    expires_at: datetime
+    expires_at_ms: int
     state: AccountState
     replayed: bool = False
+
+    amount = _credits("amount_units")
+
+    @property
+    def expires_at(self) -> datetime:
+        return ms_to_dt(self.expires_at_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +87,28 @@ class HoldResolution:
 
     hold_id: str
     status: str
-    charged: Decimal
     charged_units: int
-    held_amount: Decimal
-    returned: Decimal
-    lapsed: Decimal
-    debt_added: Decimal
+    held_amount_units: int
+    returned_units: int
+    lapsed_units: int
+    debt_added_units: int
     state: AccountState
     replayed: bool = False
+
+    charged = _credits("charged_units")
+    held_amount = _credits("held_amount_units")
+    returned = _credits("returned_units")
+    lapsed = _credits("lapsed_units")
+    debt_added = _credits("debt_added_units")
 
 
 @dataclass(frozen=True, slots=True)
 class DebitResult:
-    amount: Decimal
+    amount_units: int
     state: AccountState
     replayed: bool = False
+
+    amount = _credits("amount_units")
 
 
 @dataclass(frozen=True, slots=True)
