@@ -1,0 +1,225 @@
+"""The MongoDB store (pymongo's AsyncMongoClient). No multi-document transactions.
+
+Collections: `ledger` (one document per event, unique (user_id, op_id)), `accounts`
+(_id = user), `grants` (_id = "user|seq"), `holds` (_id = "user|hold_id").
+
+Every snapshot write is an upsert guarded by the version: {_id, version: {$lt: v}}. When a
+newer version is already stored the filter misses, the upsert tries to insert a second
+document with the same _id and fails with 11000: that is the expected "older event" outcome
+and is ignored. Fields that only some events carry (grant metadata, a hold's opening
+fields) are written by a separate upsert with its own guard, so a late creation event still
+fills them; each of the two upserts seeds the other's guard field with $setOnInsert so that
+neither finds a document without it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, AsyncIterator
+
+from bson import Int64
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
+from pymongo.errors import BulkWriteError
+
+from ..events import Event
+from .base import AccountSnapshot, LedgerEntry, OperationRecord, Store
+from .sqlite import TOTAL_FIELDS, account_totals, collapse, grant_out, hold_out
+
+DUPLICATE_KEY = 11000
+
+# Versions, times and amounts are stored and compared as BSON int64 whatever their size:
+# mongoeco's index scans compare an int32 bound with int64 values by type, not by value
+# ({ts_ms: {$gte: 0}} finds nothing on an index of millisecond times). Harmless on MongoDB.
+L = Int64
+
+
+def _only_duplicates(exc: BulkWriteError) -> bool:
+    d = exc.details or {}
+    errs = d.get("writeErrors") or []
+    return bool(errs) and all(e.get("code") == DUPLICATE_KEY for e in errs) and not d.get("writeConcernErrors")
+
+
+def _ledger_entry(d: dict) -> LedgerEntry:
+    return LedgerEntry(
+        d["user_id"], d["op_id"], d["type"], int(d["version"]), int(d["ts_ms"]), int(d["amount"]),
+        d.get("hold_id"), json.loads(d["event"]),
+    )
+
+
+class MongoStore(Store):
+    def __init__(self, uri: str, db: str = "credit_management") -> None:
+        self.uri = uri
+        self.db_name = db
+        self._client: AsyncMongoClient | None = None
+
+    @property
+    def db(self):
+        if self._client is None:
+            raise RuntimeError("MongoStore is not open")
+        return self._client[self.db_name]
+
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        self._client = AsyncMongoClient(self.uri)
+        db = self.db
+        await db.ledger.create_index([("user_id", ASCENDING), ("op_id", ASCENDING)], unique=True)
+        await db.ledger.create_index([("user_id", ASCENDING), ("version", ASCENDING)])
+        await db.ledger.create_index([("ts_ms", ASCENDING)])
+        await db.accounts.create_index([("partition", ASCENDING)])
+        await db.grants.create_index([("user_id", ASCENDING), ("seq", ASCENDING)])
+        await db.holds.create_index([("user_id", ASCENDING), ("st", ASCENDING)])
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def ping(self) -> bool:
+        try:
+            r = await self._client.admin.command("ping") if self._client else {}
+            return bool(r.get("ok"))
+        except Exception:  # noqa: BLE001 - a ping answers, it does not raise
+            return False
+
+    # -- writes -----------------------------------------------------------------------------
+
+    @staticmethod
+    async def _bulk(coll, ops: list[UpdateOne]) -> None:
+        if not ops:
+            return
+        try:
+            await coll.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            if not _only_duplicates(exc):
+                raise
+
+    async def write_events(self, events: list[Event]) -> int:
+        if not events:
+            return 0
+        b = collapse(events)
+        db = self.db
+        docs = []
+        for (user, op_id, type_, version, ts_ms, amount, hold_id, partition, stream_id, fp, res,
+             debt_added, event) in b.ledger:
+            doc = {"user_id": user, "op_id": op_id, "type": type_, "version": L(version), "ts_ms": L(ts_ms),
+                   "amount": L(amount), "hold_id": hold_id, "partition": partition, "stream_id": stream_id,
+                   "fp": fp, "res": res, "debt_added": L(debt_added), "event": event}
+            docs.append(doc)
+        try:
+            new = len((await db.ledger.insert_many(docs, ordered=False)).inserted_ids)
+        except BulkWriteError as exc:
+            if not _only_duplicates(exc):
+                raise
+            new = int(exc.details.get("nInserted") or 0)
+
+        accounts = []
+        for user, ev in b.accounts.items():
+            t = account_totals(ev)
+            accounts.append(UpdateOne(
+                {"_id": user, "version": {"$lt": L(ev.version)}},
+                {"$set": {"version": L(ev.version), "partition": ev.partition,
+                          **{k: L(t[k]) for k in TOTAL_FIELDS}, "state_debt_total": L(t["debt_total"])}},
+                upsert=True,
+            ))
+        grants = []
+        for g in b.grants.values():
+            k = f"{g.user}|{g.seq}"
+            if g.version:
+                grants.append(UpdateOne(
+                    {"_id": k, "version": {"$lt": L(g.version)}},
+                    {"$set": {"user_id": g.user, "seq": g.seq, "version": L(g.version),
+                              "r": L(g.r), "e": L(g.e), "gone": g.gone}},
+                    upsert=True,
+                ))
+            if g.meta is not None:
+                grants.append(UpdateOne(
+                    {"_id": k},
+                    {"$set": {"m": g.meta, "x": L(g.x), "pri": g.pri},
+                     "$setOnInsert": {"user_id": g.user, "seq": g.seq, "version": L(0), "gone": False}},
+                    upsert=True,
+                ))
+        holds = []
+        for h in b.holds.values():
+            k = f"{h.user}|{h.hold_id}"
+            if h.version:
+                holds.append(UpdateOne(
+                    {"_id": k, "version": {"$lt": L(h.version)}},
+                    {"$set": {"user_id": h.user, "hold_id": h.hold_id, "version": L(h.version),
+                              "st": h.st, "amt": L(h.amt), "exp": L(h.exp),
+                              "fin": None if h.fin is None else L(h.fin)},
+                     "$setOnInsert": {"open_version": L(0)}},
+                    upsert=True,
+                ))
+            if h.open_version:
+                holds.append(UpdateOne(
+                    {"_id": k, "open_version": {"$lt": L(h.open_version)}},
+                    {"$set": {"open_version": L(h.open_version), "ear": h.ear, "at": L(h.at), "op": h.op,
+                              "x": h.x},
+                     "$setOnInsert": {"user_id": h.user, "hold_id": h.hold_id, "version": L(0)}},
+                    upsert=True,
+                ))
+        await self._bulk(db.accounts, accounts)
+        await self._bulk(db.grants, grants)
+        await self._bulk(db.holds, holds)
+        return new
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def ledger(self, user: str, *, before_version: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+        q: dict[str, Any] = {"user_id": user}
+        if before_version is not None:
+            q["version"] = {"$lt": L(before_version)}
+        cur = self.db.ledger.find(q).sort("version", DESCENDING).limit(limit)
+        return [_ledger_entry(d) async for d in cur]
+
+    async def ledger_all(self, user: str) -> AsyncIterator[LedgerEntry]:
+        async for d in self.db.ledger.find({"user_id": user}).sort("version", ASCENDING):
+            yield _ledger_entry(d)
+
+    async def _debt_totals(self, user: str | None = None) -> dict[str, int]:
+        match: dict[str, Any] = {"debt_added": {"$gt": L(0)}}
+        if user is not None:
+            match["user_id"] = user
+        cur = await self.db.ledger.aggregate([
+            {"$match": match},
+            {"$group": {"_id": "$user_id", "t": {"$sum": "$debt_added"}}},
+        ])
+        return {d["_id"]: int(d["t"]) async for d in cur}
+
+    async def _snapshot_of(self, a: dict, debt_total: int) -> AccountSnapshot:
+        user = a["_id"]
+        totals = {k: int(a.get(k) or 0) for k in TOTAL_FIELDS}
+        totals["debt_total"] = max(int(a.get("state_debt_total") or 0), debt_total)
+        grants = [
+            grant_out(g["seq"], g["r"], g["e"], g.get("x"), g.get("pri"), g.get("m"))
+            async for g in self.db.grants.find({"user_id": user, "gone": False}).sort("seq", ASCENDING)
+            if g.get("r") is not None
+        ]
+        holds = [
+            hold_out(h["hold_id"], h["amt"], h["exp"], h.get("ear"), h.get("at"), h.get("op"), h.get("x"))
+            async for h in self.db.holds.find({"user_id": user, "st": "open"}).sort("hold_id", ASCENDING)
+        ]
+        return AccountSnapshot(user, int(a["version"]), totals, grants, holds)
+
+    async def snapshot(self, user: str) -> AccountSnapshot | None:
+        a = await self.db.accounts.find_one({"_id": user})
+        if a is None:
+            return None
+        return await self._snapshot_of(a, (await self._debt_totals(user)).get(user, 0))
+
+    async def snapshots(self, partition: int | None = None) -> AsyncIterator[AccountSnapshot]:
+        debts = await self._debt_totals()
+        q = {} if partition is None else {"partition": partition}
+        async for a in self.db.accounts.find(q).sort("_id", ASCENDING):
+            yield await self._snapshot_of(a, debts.get(a["_id"], 0))
+
+    async def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
+        cur = self.db.ledger.find(
+            {"ts_ms": {"$gte": L(ts_ms)}, "fp": {"$ne": None}, "res": {"$ne": None}},
+            {"user_id": 1, "op_id": 1, "fp": 1, "res": 1, "ts_ms": 1},
+        ).sort([("ts_ms", ASCENDING), ("user_id", ASCENDING), ("op_id", ASCENDING)])
+        async for d in cur:
+            if d.get("fp") is None or d.get("res") is None:
+                continue
+            yield OperationRecord(d["user_id"], d["op_id"], d["fp"], d["res"], int(d["ts_ms"]))
