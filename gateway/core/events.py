@@ -48,9 +48,14 @@ class Event:
     hold: dict[str, Any] | None = None
     hold_id: str | None = None
     fingerprint: str | None = None
-    result: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
+    raw_json: str = ""  # the entry's JSON as written by Lua (stored as is: no re-encoding)
+
+    @property
+    def result(self) -> str | None:
+        """The operation's answer as the script gave it (JSON), for replays after a rebuild."""
+        return answer_of(self.raw)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -62,6 +67,14 @@ class Event:
         return int(self.raw.get(name) or 0)
 
 
+def answer_of(raw: dict[str, Any]) -> str | None:
+    """The answer a caller operation got: the event's `res` plus the state after it."""
+    res = raw.get("res")
+    if not isinstance(res, dict) or not raw.get("fp"):
+        return None
+    return json.dumps({**res, "state": raw.get("a") or {}}, separators=(",", ":"))
+
+
 class BadEvent(ValueError):
     """A stream entry that cannot be decoded: it goes to the dead-letter stream."""
 
@@ -71,6 +84,8 @@ def decode(stream_id: str | bytes, fields: dict, partition: int) -> Event:
         stream_id = stream_id.decode()
     try:
         body = fields.get(b"e") if b"e" in fields else fields.get("e")
+        if isinstance(body, bytes):
+            body = body.decode()
         raw = json.loads(body)
         t = raw["t"]
         if t not in TYPES:
@@ -94,9 +109,9 @@ def decode(stream_id: str | bytes, fields: dict, partition: int) -> Event:
             hold=raw.get("h") if isinstance(raw.get("h"), dict) else None,
             hold_id=raw.get("hold"),
             fingerprint=raw.get("fp"),
-            result=raw.get("res"),
             extra=_map(raw.get("x")),
             raw=raw,
+            raw_json=body,
         )
     except BadEvent:
         raise

@@ -138,21 +138,22 @@ local function acct_state(acct, gord, now)
 end
 
 -- Bumps the version and appends the one event of this change to the partition stream.
--- `res` (optional) is the operation's answer: the state is added to it, and it travels in
--- the event too, so a rebuilt Redis can answer a replay the same way.
+-- `res` (optional) is the operation's answer. It travels in the event too (without the
+-- state, which is the event's `a`), so a rebuilt Redis can answer a replay the same way.
+-- Returns the state and the answer as JSON (state included).
 local function emit(acct, gord, events, now, ev, res)
   redis.call('HINCRBY', acct, 'v', 1)
   local st = acct_state(acct, gord, now)
   ev.v = st.v
   ev.a = st
   ev.ts = fmt(now)
+  ev.res = res
+  redis.call('XADD', events, '*', 'e', cjson.encode(ev))
   local out = nil
   if res then
     res.state = st
     out = cjson.encode(res)
-    ev.res = out
   end
-  redis.call('XADD', events, '*', 'e', cjson.encode(ev))
   return st, out
 end
 

@@ -21,7 +21,7 @@ from bson import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import BulkWriteError
 
-from ..events import Event
+from ..events import Event, answer_of
 from .base import AccountSnapshot, LedgerEntry, OperationRecord, Store
 from .sqlite import TOTAL_FIELDS, account_totals, collapse, grant_out, hold_out
 
@@ -177,20 +177,10 @@ class MongoStore(Store):
         async for d in self.db.ledger.find({"user_id": user}).sort("version", ASCENDING):
             yield _ledger_entry(d)
 
-    async def _debt_totals(self, user: str | None = None) -> dict[str, int]:
-        match: dict[str, Any] = {"debt_added": {"$gt": L(0)}}
-        if user is not None:
-            match["user_id"] = user
-        cur = await self.db.ledger.aggregate([
-            {"$match": match},
-            {"$group": {"_id": "$user_id", "t": {"$sum": "$debt_added"}}},
-        ])
-        return {d["_id"]: int(d["t"]) async for d in cur}
-
-    async def _snapshot_of(self, a: dict, debt_total: int) -> AccountSnapshot:
+    async def _snapshot_of(self, a: dict) -> AccountSnapshot:
         user = a["_id"]
         totals = {k: int(a.get(k) or 0) for k in TOTAL_FIELDS}
-        totals["debt_total"] = max(int(a.get("state_debt_total") or 0), debt_total)
+        totals["debt_total"] = int(a.get("state_debt_total") or 0)
         grants = [
             grant_out(g["seq"], g["r"], g["e"], g.get("x"), g.get("pri"), g.get("m"))
             async for g in self.db.grants.find({"user_id": user, "gone": False}).sort("seq", ASCENDING)
@@ -206,20 +196,19 @@ class MongoStore(Store):
         a = await self.db.accounts.find_one({"_id": user})
         if a is None:
             return None
-        return await self._snapshot_of(a, (await self._debt_totals(user)).get(user, 0))
+        return await self._snapshot_of(a)
 
     async def snapshots(self, partition: int | None = None) -> AsyncIterator[AccountSnapshot]:
-        debts = await self._debt_totals()
         q = {} if partition is None else {"partition": partition}
         async for a in self.db.accounts.find(q).sort("_id", ASCENDING):
-            yield await self._snapshot_of(a, debts.get(a["_id"], 0))
+            yield await self._snapshot_of(a)
 
     async def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
         cur = self.db.ledger.find(
-            {"ts_ms": {"$gte": L(ts_ms)}, "fp": {"$ne": None}, "res": {"$ne": None}},
-            {"user_id": 1, "op_id": 1, "fp": 1, "res": 1, "ts_ms": 1},
+            {"ts_ms": {"$gte": L(ts_ms)}, "fp": {"$ne": None}},
+            {"user_id": 1, "op_id": 1, "fp": 1, "event": 1, "ts_ms": 1},
         ).sort([("ts_ms", ASCENDING), ("user_id", ASCENDING), ("op_id", ASCENDING)])
         async for d in cur:
-            if d.get("fp") is None or d.get("res") is None:
-                continue
-            yield OperationRecord(d["user_id"], d["op_id"], d["fp"], d["res"], int(d["ts_ms"]))
+            answer = answer_of(json.loads(d["event"])) if d.get("fp") is not None else None
+            if answer is not None:
+                yield OperationRecord(d["user_id"], d["op_id"], d["fp"], answer, int(d["ts_ms"]))

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-from ..events import Event
+from ..events import Event, answer_of
 from .base import AccountSnapshot, LedgerEntry, OperationRecord, Store
 
 T = TypeVar("T")
@@ -98,7 +98,7 @@ def collapse(events: list[Event]) -> Batch:
         user, v, raw = ev.user, ev.version, ev.raw
         ledger.append((
             user, ev.op_id, ev.type, v, ev.ts_ms, ev.amount, ev.hold_id, ev.partition, ev.stream_id,
-            ev.fingerprint, ev.result, _int(raw.get("debt_added")), _dumps(raw),
+            ev.fingerprint, None, _int(raw.get("debt_added")), ev.raw_json or _dumps(raw),
         ))
         cur = accounts.get(user)
         if cur is None or v > cur.version:
@@ -165,9 +165,6 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS ledger_key ON ledger(user, op_id);
 CREATE INDEX IF NOT EXISTS ledger_user_version ON ledger(user, version);
-CREATE INDEX IF NOT EXISTS ledger_ops_ts ON ledger(ts_ms)
-    WHERE fingerprint IS NOT NULL AND result IS NOT NULL;
-CREATE INDEX IF NOT EXISTS ledger_debt ON ledger(user) WHERE debt_added > 0;
 CREATE TABLE IF NOT EXISTS accounts (
     user TEXT PRIMARY KEY, version INTEGER NOT NULL, partition INTEGER NOT NULL,
     available INTEGER NOT NULL, held INTEGER NOT NULL, debt INTEGER NOT NULL,
@@ -394,10 +391,7 @@ class SQLiteStore(Store):
         db = self.db
         user, version, _partition, *vals, debt_total = row
         totals = dict(zip(TOTAL_FIELDS, vals))
-        summed = db.execute(
-            "SELECT coalesce(sum(debt_added), 0) FROM ledger WHERE user = ? AND debt_added > 0", (user,)
-        ).fetchone()[0]
-        totals["debt_total"] = max(debt_total, summed)
+        totals["debt_total"] = debt_total
         grants = [
             grant_out(*r)
             for r in db.execute(
@@ -445,22 +439,24 @@ class SQLiteStore(Store):
                 return
             after = page[-1].user
 
-    def _ops_page(self, ts_ms: int, cursor: tuple[int, str, str]) -> list[OperationRecord]:
+    def _ops_page(self, ts_ms: int, after_id: int) -> tuple[list[OperationRecord], int, bool]:
+        # A scan in insertion order (rehydrate only): no index to keep up on every write.
         rows = self.db.execute(
-            "SELECT user, op_id, fingerprint, result, ts_ms FROM ledger "
-            "WHERE fingerprint IS NOT NULL AND result IS NOT NULL AND ts_ms >= ? "
-            "AND (ts_ms, user, op_id) > (?, ?, ?) ORDER BY ts_ms, user, op_id LIMIT ?",
-            (ts_ms, *cursor, PAGE),
+            "SELECT id, user, op_id, fingerprint, event, ts_ms FROM ledger WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, PAGE),
         ).fetchall()
-        return [OperationRecord(*r) for r in rows]
+        out = []
+        for _id, user, op_id, fp, event, t in rows:
+            if fp is not None and t >= ts_ms:
+                answer = answer_of(json.loads(event))
+                if answer is not None:
+                    out.append(OperationRecord(user, op_id, fp, answer, t))
+        return out, (rows[-1][0] if rows else after_id), len(rows) == PAGE
 
     async def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
-        cursor: tuple[int, str, str] = (ts_ms, "", "")
-        while True:
-            page = await self._call(self._ops_page, ts_ms, cursor)
+        after = 0
+        more = True
+        while more:
+            page, after, more = await self._call(self._ops_page, ts_ms, after)
             for op in page:
                 yield op
-            if len(page) < PAGE:
-                return
-            last = page[-1]
-            cursor = (last.ts_ms, last.user, last.op_id)
