@@ -119,9 +119,8 @@ class Worker:
                 counts[p] = max(self._min_count, c * 2 * self.batch // total)
         return out
 
-    async def _process(self, entries: list[tuple[int, str, dict]]) -> int:
-        if not entries:
-            return 0
+    def _prepare(self, entries: list[tuple[int, str, dict]]) -> tuple[list[Event], list, dict[int, list[str]]]:
+        """Decodes a read: the events, the undecodable entries, and every id to acknowledge."""
         good: list[Event] = []
         dead: list[tuple[int, str, dict, str]] = []
         ack: dict[int, list[str]] = {}
@@ -133,6 +132,10 @@ class Worker:
                 good.append(decode(sid, fields, p))
             except BadEvent as exc:
                 dead.append((p, sid, fields, str(exc)))
+        return good, dead, ack
+
+    async def _commit(self, good: list[Event], dead: list, ack: dict[int, list[str]]) -> None:
+        """Audit lines, then the store, then XACK: an entry is acknowledged only once stored."""
         if self.audit is not None:
             self.audit.write(good)
         new = await self.store.write_events(good)
@@ -145,6 +148,10 @@ class Worker:
         self.stats.events += len(good)
         self.stats.new_ledger_rows += new
         self.stats.batches += 1
+
+    async def _process(self, entries: list[tuple[int, str, dict]]) -> int:
+        if entries:
+            await self._commit(*self._prepare(entries))
         return len(entries)
 
     async def _dead_letter(self, dead: list[tuple[int, str, dict, str]]) -> None:
@@ -241,33 +248,45 @@ class Worker:
         while await self._process(await self._read("0")):
             pass
         last_upkeep = 0.0
-        while not self.stop_event.is_set():
-            now = time.monotonic()
-            if now - last_upkeep >= self.sweep_interval:
-                last_upkeep = now
+        # The store write of one batch runs while the next batch is read and decoded.
+        writing: asyncio.Task | None = None
+        try:
+            while not self.stop_event.is_set():
+                now = time.monotonic()
+                if now - last_upkeep >= self.sweep_interval:
+                    last_upkeep = now
+                    writing = await _finish(writing)
+                    try:
+                        await self.upkeep()
+                    except Exception:  # upkeep failing must not stop the draining
+                        log.exception("worker upkeep failed; carrying on")
                 try:
-                    await self.upkeep()
-                except Exception:  # upkeep failing must not stop the draining
-                    log.exception("worker upkeep failed; carrying on")
-            try:
-                n = await self._process(await self._read(">"))
-            except Exception:
-                # Not acknowledged: the entries stay pending and are claimed again once idle.
-                log.exception("batch failed; its entries stay pending")
-                n = 0
-                await asyncio.sleep(self.idle_seconds)
-            if n == 0:
-                if burst:
-                    if await self._drained():
-                        break
-                    # Entries pending on another (dead) consumer: take them once idle enough.
-                    if not await self.claim_stale():
-                        await asyncio.sleep(self.idle_seconds)
-                    continue
-                try:
-                    await asyncio.wait_for(self.stop_event.wait(), self.idle_seconds)
-                except asyncio.TimeoutError:
-                    pass
+                    entries = await self._read(">")
+                    prepared = self._prepare(entries)
+                    writing = await _finish(writing)
+                    if entries:
+                        writing = asyncio.create_task(self._commit(*prepared))
+                except Exception:
+                    # Not acknowledged: the entries stay pending and are claimed again once idle.
+                    log.exception("batch failed; its entries stay pending")
+                    writing = None
+                    entries = []
+                    await asyncio.sleep(self.idle_seconds)
+                if not entries:
+                    writing = await _finish(writing)
+                    if burst:
+                        if await self._drained():
+                            break
+                        # Entries pending on another (dead) consumer: take them once idle enough.
+                        if not await self.claim_stale():
+                            await asyncio.sleep(self.idle_seconds)
+                        continue
+                    try:
+                        await asyncio.wait_for(self.stop_event.wait(), self.idle_seconds)
+                    except asyncio.TimeoutError:
+                        pass
+        finally:
+            await _finish(writing)
         return self.stats
 
     async def _drained(self) -> bool:
@@ -280,6 +299,17 @@ class Worker:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+async def _finish(task: asyncio.Task | None) -> None:
+    """Waits for a batch's write. A failure is logged: its entries stay pending and are
+    claimed again once idle (and dead-lettered after too many deliveries)."""
+    if task is not None:
+        try:
+            await task
+        except Exception:
+            log.exception("batch failed; its entries stay pending")
+    return None
 
 
 def _id_lt(a: str, b: str) -> bool:
