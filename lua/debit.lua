@@ -10,9 +10,11 @@
 --   exists                the first answer, for a replay with the same fields
 --   op_conflict           the operation id was used with other fields
 --   insufficient_credits  {available}; nothing changes
+--   invalid_amount        the amount is not a whole number of micro-credits in range
 --   state_lost            the partition has not been rebuilt since Redis lost its data
 --@include lib
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(ARGV[5], 1) then return {'invalid_amount', '{}'} end
 local now, user, op, amount = tonumber(ARGV[1]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local fp = 'debit|' .. ARGV[5]
 local seen = op_replay(KEYS[5], fp)

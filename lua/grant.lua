@@ -10,15 +10,17 @@
 --   exists       the first answer, for a replay with the same fields
 --   op_conflict  the operation id was used with other fields
 --   invalid_expiry  expires_at is not in the future
+--   invalid_amount        the amount is not a whole number of micro-credits in range
 --   state_lost   the partition has not been rebuilt since Redis lost its data
 --@include lib
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(ARGV[5], 1) then return {'invalid_amount', '{}'} end
 local now, retention, user, op = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local amount, exp, pri, src = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local fp = 'grant|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. ARGV[7] .. '|' .. src
 local seen = op_replay(KEYS[5], fp)
 if seen then return seen end
-if exp ~= 0 and exp <= now then return {'invalid_expiry', '{}'} end
+if exp ~= 0 and (exp <= now or exp >= NEVER_MS) then return {'invalid_expiry', '{}'} end
 
 local acct, gord = KEYS[1], KEYS[2]
 local seq = string.format('%012d', redis.call('HINCRBY', acct, 'seq', 1))

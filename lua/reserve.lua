@@ -13,11 +13,14 @@
 --   hold_exists           the hold id is already taken (by another operation)
 --   in_debt               the account owes credits and cannot reserve until repaid {debt}
 --   insufficient_credits  {available}; nothing changes
+--   invalid_amount        the amount or timeout is not a whole number in range
 --   state_lost            the partition has not been rebuilt since Redis lost its data
 --@include lib
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(ARGV[6], 1) then return {'invalid_amount', '{}'} end
 local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
 local amount, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
+if not amount_arg(ARGV[7], 1) then return {'invalid_amount', '{}'} end
 local fp = 'reserve|' .. hid .. '|' .. ARGV[6] .. '|' .. ARGV[7]
 local seen = op_replay(KEYS[5], fp)
 if seen then return seen end

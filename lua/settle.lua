@@ -15,9 +15,11 @@
 --   hold_not_found    no such hold on this account
 --   already_settled / already_released   the hold was resolved before
 --   hold_expired      the hold passed its timeout (it is expired now if it was not yet)
+--   invalid_amount        the amount is not a whole number of micro-credits in range
 --   state_lost        the partition has not been rebuilt since Redis lost its data
 --@include lib
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(ARGV[6], 0) then return {'invalid_amount', '{}'} end
 local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
 local fp = 'settle|' .. hid .. '|' .. ARGV[6]
 local seen = op_replay(KEYS[5], fp)

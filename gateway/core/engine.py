@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from .errors import raise_for
 from .keys import KeySpace, check_id
-from .money import from_units, to_units
+from .money import MAX_UNITS, AmountError, from_units, to_units
 from .results import (
     AccountState,
     AccountView,
@@ -35,6 +35,19 @@ from .scripts import ScriptRegistry
 DEFAULT_RETENTION_S = 7 * 86400
 SOURCES = frozenset({"payment", "plan", "promo", "admin", "refund"})
 MAX_TTL_S = 7 * 86400
+
+
+# Lua scores grant expiry in ms below 2^43 (year 2248); later dates are refused.
+MAX_EXPIRY_MS = 2**43 - 2
+
+
+def _units_arg(units: int, *, allow_zero: bool = False) -> int:
+    """Checks a micro-credits argument before it reaches Redis."""
+    if isinstance(units, bool) or not isinstance(units, int):
+        raise AmountError(f"micro-credits must be an int, not {type(units).__name__}")
+    if units < 0 or (units == 0 and not allow_zero) or units > MAX_UNITS:
+        raise AmountError(f"micro-credits out of range: {units}")
+    return units
 
 
 def _meta(metadata: dict[str, Any] | None) -> str:
@@ -121,7 +134,10 @@ class CreditEngine:
             raise ValueError("priority must be between 0 and 1000")
         if expires_at is not None and expires_at.tzinfo is None:
             raise ValueError("expires_at must carry a timezone")
-        exp_ms = int(expires_at.timestamp() * 1000) if expires_at else 0
+        exp_ms = round(expires_at.timestamp() * 1000) if expires_at else 0
+        if exp_ms > MAX_EXPIRY_MS:
+            raise ValueError("expires_at is too far in the future (after 2248)")
+        _units_arg(units)
         r, replayed = await self._run(
             "grant",
             self.keys.account_keys(user, op_id),
@@ -174,14 +190,14 @@ class CreditEngine:
         check_id("user_id", user)
         check_id("hold_id", hold_id)
         op_id = check_id("op_id", op_id) if op_id else hold_id
-        if not 0 < ttl_seconds <= MAX_TTL_S:
+        ttl_ms = round(ttl_seconds * 1000)
+        if not 0 < ttl_ms <= MAX_TTL_S * 1000:
             raise ValueError(f"ttl_seconds must be in (0, {MAX_TTL_S}]")
-        if units <= 0:
-            raise ValueError("a hold must be positive")
+        _units_arg(units)
         r, replayed = await self._run(
             "reserve",
             self.keys.account_keys(user, op_id, hold_id),
-            [*self._base(user, op_id), hold_id, units, int(ttl_seconds * 1000), _meta(metadata)],
+            [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata)],
         )
         return Hold(r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed)
 
@@ -211,8 +227,7 @@ class CreditEngine:
         check_id("user_id", user)
         check_id("hold_id", hold_id)
         op_id = check_id("op_id", op_id) if op_id else f"!settle:{hold_id}"
-        if units < 0:
-            raise ValueError("a charge cannot be negative")
+        _units_arg(units, allow_zero=True)
         r, replayed = await self._run(
             "settle",
             self.keys.account_keys(user, op_id, hold_id),
@@ -287,7 +302,7 @@ class CreditEngine:
         for member, slot in [(m, 0) for m in holds] + [(m, 1) for m in grants]:
             user, _, ident = (member.decode() if isinstance(member, bytes) else member).rpartition("|")
             due[user][slot].append(ident)
-        total = SweepResult()
+        total = SweepResult(due_left=len(holds) == limit or len(grants) == limit)
         for user, (hids, seqs) in due.items():
             keys = self.keys.account_keys(user) + [self.keys.hold_key(user, h) for h in hids]
             args = [now, self.retention_s, user, len(hids), *hids, *seqs]
@@ -295,16 +310,20 @@ class CreditEngine:
             if code != "ok":
                 raise_for(code, r)
             total = SweepResult(
-                total.holds + r["holds"], total.grants + r["grants"], total.credits + from_units(r["credits"])
+                total.holds + r["holds"], total.grants + r["grants"], total.credits + from_units(r["credits"]),
+                total.due_left,
             )
         return total
 
     async def sweep(self, *, limit: int = 500) -> SweepResult:
-        """One sweep over every partition."""
+        """One sweep over every partition, in batches of `limit`, until nothing due is left."""
         total = SweepResult()
         for p in range(self.keys.partitions):
-            r = await self.sweep_partition(p, limit=limit)
-            total = SweepResult(total.holds + r.holds, total.grants + r.grants, total.credits + r.credits)
+            while True:
+                r = await self.sweep_partition(p, limit=limit)
+                total = SweepResult(total.holds + r.holds, total.grants + r.grants, total.credits + r.credits)
+                if not r.due_left:
+                    break
         return total
 
     async def missing_partitions(self) -> list[int]:

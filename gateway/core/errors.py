@@ -70,6 +70,11 @@ class InvalidExpiry(CreditError):
     http_status = 400
 
 
+class InvalidAmount(CreditError):
+    code = "invalid_amount"
+    http_status = 422
+
+
 class StateLost(CreditError):
     """Redis lost this partition's data and it has not been rebuilt yet: retry later."""
 
@@ -81,7 +86,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (
         InsufficientCredits, AccountInDebt, HoldNotFound, HoldExists, HoldAlreadySettled,
-        HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, StateLost,
+        HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, InvalidAmount, StateLost,
     )
 }
 _AMOUNT_FIELDS = {"available", "debt"}

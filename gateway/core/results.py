@@ -147,3 +147,4 @@ class SweepResult:
     holds: int = 0
     grants: int = 0
     credits: Decimal = Decimal(0)
+    due_left: bool = False  # the batch was full: more may be due

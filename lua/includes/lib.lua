@@ -53,11 +53,20 @@ local function live_grants(acct, gord, now)
   return out
 end
 
--- A grant's place in the spend order: expiry (s; never = 2^33-1), then priority (0..1000,
--- lower first); equal scores fall back to the member, the zero-padded sequence (oldest first).
+-- A grant's place in the spend order: expiry (ms; never = 2^43-1, after any expiry the
+-- engine accepts), then priority (0..1000, lower first); equal scores fall back to the
+-- member, the zero-padded sequence (oldest first). The score stays below 2^53.
+local NEVER_MS = 8796093022207
 local function spend_score(expires_ms, priority)
-  local exp_s = expires_ms == 0 and 8589934591 or math.floor(expires_ms / 1000)
-  return exp_s * 1024 + priority
+  return (expires_ms == 0 and NEVER_MS or expires_ms) * 1024 + priority
+end
+
+-- An amount argument: a whole number of micro-credits in [min, 2^53). Checked before any
+-- write, so a bad argument never leaves a half-done change.
+local function amount_arg(x, min)
+  local n = tonumber(x)
+  if not n or n ~= math.floor(n) or n < min or n >= 9007199254740992 then return nil end
+  return n
 end
 
 local function sum_free(grants)

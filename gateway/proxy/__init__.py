@@ -1,0 +1,1 @@
+"""The metering reverse proxy: upstream configuration, usage extraction, forwarding."""

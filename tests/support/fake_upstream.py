@@ -1,0 +1,234 @@
+"""A fake LLM upstream (OpenAI and Anthropic shapes, JSON and SSE) for tests and benchmarks.
+
+Each request may steer it with headers (the gateway forwards them like any other):
+  X-Fake-Status: 500           answer this HTTP status with an error body, before any output
+  X-Fake-Latency-Ms: 50        wait before answering
+  X-Fake-Input-Tokens: 12      usage reported (default: body size / 4)
+  X-Fake-Output-Tokens: 7      tokens generated (default: min(max tokens, 10))
+  X-Fake-Cached-Tokens: 3      part of the input served from cache
+  X-Fake-Chunk-Delay-Ms: 5     pause between streamed chunks
+  X-Fake-Fail-After: 3         streams: drop the connection after this many chunks
+  X-Fake-No-Usage: 1           never report usage
+GET /_requests lists what it received (method, path, headers, body); DELETE /_requests clears.
+
+    python -m tests.support.fake_upstream --port 9100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+
+def _max_tokens(body: dict) -> int | None:
+    for k in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+        if isinstance(body.get(k), int):
+            return body[k]
+    return None
+
+
+class FakeUpstream:
+    def __init__(self, record: bool = True) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.record = record
+        self.app = web.Application(client_max_size=16 * 1024 * 1024)
+        r = self.app.router
+        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"):
+            r.add_post(path, self.llm)
+        r.add_get("/v1/models", self.models)
+        r.add_get("/v1/redirect", self.redirect)
+        r.add_post("/v1/redirect", self.redirect)
+        r.add_get("/_requests", self.list_requests)
+        r.add_delete("/_requests", self.clear_requests)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        self.runner = web.AppRunner(self.app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self.runner:
+            await self.runner.cleanup()
+
+    # -- endpoints --------------------------------------------------------------------
+
+    async def list_requests(self, request: web.Request) -> web.Response:
+        return web.json_response(self.requests)
+
+    async def clear_requests(self, request: web.Request) -> web.Response:
+        self.requests.clear()
+        return web.json_response({"cleared": True})
+
+    async def models(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        self._record(request, b"")
+        raise web.HTTPFound("http://127.0.0.1:9/elsewhere")
+
+    def _record(self, request: web.Request, raw: bytes) -> None:
+        if self.record:
+            self.requests.append({"method": request.method, "path": request.path_qs,
+                                  "headers": dict(request.headers), "body": raw.decode(errors="replace")})
+
+    async def llm(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self._record(request, raw)
+        h = request.headers
+        if h.get("X-Fake-Latency-Ms"):
+            await asyncio.sleep(int(h["X-Fake-Latency-Ms"]) / 1000)
+        anthropic = request.path == "/v1/messages"
+        status = int(h.get("X-Fake-Status", "200"))
+        if status >= 400:
+            if anthropic:
+                err = {"type": "error", "error": {"type": "api_error", "message": "fake upstream failure"}}
+            else:
+                err = {"error": {"message": "fake upstream failure", "type": "server_error", "code": None}}
+            return web.json_response(err, status=status)
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            return web.json_response({"error": {"message": "bad json"}}, status=400)
+        n_in = int(h.get("X-Fake-Input-Tokens", max(1, len(raw) // 4)))
+        cached = int(h.get("X-Fake-Cached-Tokens", 0))
+        cap = _max_tokens(body)
+        n_out = int(h.get("X-Fake-Output-Tokens", min(cap if cap is not None else 10, 10)))
+        if cap is not None:
+            n_out = min(n_out, cap)
+        if request.path == "/v1/embeddings":
+            n_out = 0
+        usage_on = h.get("X-Fake-No-Usage") != "1"
+        model = body.get("model", "fake-model")
+        if body.get("stream"):
+            return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on)
+        return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on))
+
+    def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool) -> dict:
+        text = "tok " * n_out
+        if path == "/v1/messages":
+            out = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
+            if usage_on:
+                out["usage"] = {"input_tokens": n_in - cached, "output_tokens": n_out,
+                                "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+            return out
+        if path == "/v1/responses":
+            out = {"id": "resp_fake", "object": "response", "model": model, "status": "completed",
+                   "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+            if usage_on:
+                out["usage"] = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
+                                "input_tokens_details": {"cached_tokens": cached}}
+            return out
+        if path == "/v1/embeddings":
+            out = {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1]}]}
+            if usage_on:
+                out["usage"] = {"prompt_tokens": n_in, "total_tokens": n_in}
+            return out
+        choice = {"index": 0, "finish_reason": "stop"}
+        if path == "/v1/completions":
+            choice["text"] = text
+        else:
+            choice["message"] = {"role": "assistant", "content": text}
+        out = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+               "choices": [choice]}
+        if usage_on:
+            out["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+                            "prompt_tokens_details": {"cached_tokens": cached}}
+        return out
+
+    async def _stream(self, request, body, anthropic, model, n_in, n_out, cached, usage_on) -> web.StreamResponse:
+        h = request.headers
+        delay = int(h.get("X-Fake-Chunk-Delay-Ms", 0)) / 1000
+        fail_after = int(h["X-Fake-Fail-After"]) if h.get("X-Fake-Fail-After") else None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        sent = 0
+
+        async def send(event: str | None, data: Any) -> None:
+            nonlocal sent
+            if fail_after is not None and sent >= fail_after:
+                raise _Drop()
+            prefix = f"event: {event}\n" if event else ""
+            payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+            await resp.write(f"{prefix}data: {payload}\n\n".encode())
+            sent += 1
+            if delay:
+                await asyncio.sleep(delay)
+
+        try:
+            if anthropic:
+                start_usage = {"input_tokens": n_in - cached, "output_tokens": 1, "cache_read_input_tokens": cached,
+                               "cache_creation_input_tokens": 0}
+                await send("message_start", {"type": "message_start", "message": {
+                    "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
+                    **({"usage": start_usage} if usage_on else {})}})
+                await send("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {"type": "text", "text": ""}})
+                for _ in range(n_out):
+                    await send("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                       "delta": {"type": "text_delta", "text": "tok "}})
+                await send("content_block_stop", {"type": "content_block_stop", "index": 0})
+                delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
+                if usage_on:
+                    delta["usage"] = {"output_tokens": n_out}
+                await send("message_delta", delta)
+                await send("message_stop", {"type": "message_stop"})
+            elif request.path == "/v1/responses":
+                for _ in range(n_out):
+                    await send("response.output_text.delta", {"type": "response.output_text.delta", "delta": "tok "})
+                done = {"id": "resp_fake", "object": "response", "model": model, "status": "completed"}
+                if usage_on:
+                    done["usage"] = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
+                                     "input_tokens_details": {"cached_tokens": cached}}
+                await send("response.completed", {"type": "response.completed", "response": done})
+            else:
+                base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+                for i in range(n_out):
+                    if request.path == "/v1/completions":
+                        ch = {"index": 0, "text": "tok ", "finish_reason": None}
+                    else:
+                        ch = {"index": 0, "delta": {"content": "tok "}, "finish_reason": None}
+                    await send(None, {**base, "choices": [ch]})
+                await send(None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                opts = body.get("stream_options") or {}
+                if usage_on and opts.get("include_usage"):
+                    await send(None, {**base, "choices": [], "usage": {
+                        "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+                        "prompt_tokens_details": {"cached_tokens": cached}}})
+                await send(None, "[DONE]")
+            await resp.write_eof()
+        except _Drop:
+            # Mid-stream failure: cut the connection without finishing the chunked body.
+            if request.transport is not None:
+                request.transport.close()
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        return resp
+
+
+class _Drop(Exception):
+    pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="fake LLM upstream")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
+    args = parser.parse_args()
+    fake = FakeUpstream(record=not args.no_record)
+    web.run_app(fake.app, host="127.0.0.1", port=args.port, access_log=None, print=lambda *_: None)
+
+
+if __name__ == "__main__":
+    main()
