@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+
+import orjson
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq
 PAGE = 500
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # compact, C-accelerated
+def _dumps(obj: Any) -> str:
+    return orjson.dumps(obj).decode()  # compact; several times faster than json
 
 
 def _int(x: Any) -> int:
