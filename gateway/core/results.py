@@ -20,18 +20,27 @@ def _credits(name: str) -> property:
     return property(lambda self: from_units(getattr(self, name)))
 
 
-@dataclass(frozen=True, slots=True)
-class AccountState:
-    """An account's totals right after an operation (or at a read), in micro-credits;
-    the same names without `_units` read them as Decimal credits."""
+def _wire_int(field: str) -> property:
+    return property(lambda self: int(self._w.get(field) or 0))
 
-    version: int
-    available_units: int
-    held_units: int
-    debt_units: int
-    granted_units: int
-    spent_units: int
-    expired_units: int
+
+class AccountState:
+    """An account's totals right after an operation (or at a read). The `*_units` names are
+    micro-credits; the same names without `_units` are Decimal credits. Parsed from the
+    script's answer only when read (the metering hot path reads one or two of them)."""
+
+    __slots__ = ("_w",)
+
+    def __init__(self, wire: dict[str, Any]) -> None:
+        self._w = wire
+
+    version = _wire_int("v")
+    available_units = _wire_int("available")
+    held_units = _wire_int("held")
+    debt_units = _wire_int("debt")
+    granted_units = _wire_int("granted")
+    spent_units = _wire_int("spent")
+    expired_units = _wire_int("expired")
 
     available = _credits("available_units")
     held = _credits("held_units")
@@ -42,11 +51,21 @@ class AccountState:
 
     @classmethod
     def from_wire(cls, s: dict[str, Any]) -> AccountState:
-        g = s.get
-        return cls(
-            int(g("v", 0)), int(g("available", 0)), int(g("held", 0)), int(g("debt", 0)),
-            int(g("granted", 0)), int(g("spent", 0)), int(g("expired", 0)),
-        )
+        return cls(s)
+
+    def _key(self) -> tuple[int, ...]:
+        return (self.version, self.available_units, self.held_units, self.debt_units,
+                self.granted_units, self.spent_units, self.expired_units)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AccountState) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"AccountState(version={self.version}, available={self.available}, held={self.held}, "
+                f"debt={self.debt}, granted={self.granted}, spent={self.spent}, expired={self.expired})")
 
 
 @dataclass(frozen=True, slots=True)

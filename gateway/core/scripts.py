@@ -8,12 +8,12 @@ new cluster node) gets one EVAL, which also caches it there.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+import orjson
 from redis.exceptions import NoScriptError
 
 _INCLUDE = re.compile(r"^--@include (\w+)\s*$", re.MULTILINE)
@@ -68,6 +68,6 @@ class ScriptRegistry:
 def decode_reply(code: Any, payload: Any) -> tuple[str, dict]:
     if isinstance(code, bytes):
         code = code.decode()
-    data = json.loads(payload) if payload else {}
+    data = orjson.loads(payload) if payload else {}
     # Lua's cjson writes an empty table as [] (fakeredis) or {} (Redis): treat both as {}.
     return code, (data if isinstance(data, dict) else {})
