@@ -143,7 +143,8 @@ def mongo_uri(tmp_path_factory):
 @pytest_asyncio.fixture
 async def redis(redis_url):
     """A client on the test server, emptied before each test."""
-    client = aioredis.Redis.from_url(redis_url)
+    pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=256, timeout=10)
+    client = aioredis.Redis(connection_pool=pool)
     await client.flushall()
     yield client
     await client.aclose()

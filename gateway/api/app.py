@@ -19,7 +19,7 @@ from ..core.store.base import Store
 from .auth import KeyRing
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
-from .routes import admin, health, holds
+from .routes import admin, health, holds, pricing
 from .services import Services
 
 log = logging.getLogger("credit.gateway")
@@ -37,6 +37,11 @@ def create_app(
     `run_worker` defaults to embedded mode (the worker runs in this process)."""
 
     in_process_worker = settings.embedded if run_worker is None else run_worker
+    proxy_config = None
+    if settings.gateway_config:
+        from ..proxy.config import load_config
+
+        proxy_config = load_config(settings.gateway_config)  # fails at build time on a bad file
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,6 +62,22 @@ def create_app(
         if rebuilt:
             log.info("rebuilt %d accounts from the store", rebuilt.accounts)
         services.ready = True
+        session = None
+        if proxy_config is not None:
+            import aiohttp
+
+            from ..proxy.forward import MeteringProxy
+            from ..proxy.identity import Identity
+            from ..proxy.pricing_cache import PricingCache
+
+            services.pricing = PricingCache(r, settings.key_prefix, proxy_config.pricing)
+            await services.pricing.start()
+            # One pooled upstream client per process (aiohttp: measured several times httpx's rate).
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+                auto_decompress=False, skip_auto_headers=("User-Agent",),
+            )
+            services.proxy = MeteringProxy(engine, proxy_config, services.pricing, Identity(services.client_keys), session)
         if in_process_worker:
             from worker.service import build_worker
 
@@ -65,6 +86,11 @@ def create_app(
         try:
             yield
         finally:
+            if services.proxy is not None:
+                await services.proxy.drain()
+                await services.pricing.stop()
+            if session is not None:
+                await session.close()
             if services.worker is not None:
                 services.worker.stop()
             for t in services.background:
@@ -84,7 +110,20 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=lambda path: settings.max_body_bytes)
-    for module in (health, admin, holds):
+    llm_cap = proxy_config.max_body_bytes if proxy_config else settings.max_body_bytes
+    app.add_middleware(
+        BodyLimitMiddleware, limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes
+    )
+    for module in (health, admin, holds, pricing):
         app.include_router(module.router)
+    if proxy_config is not None:
+        from ..proxy.config import ANTHROPIC_ROUTES, OPENAI_ROUTES
+
+        async def proxied(request):
+            return await request.app.state.services.proxy.handle(request)
+
+        for path in OPENAI_ROUTES + ANTHROPIC_ROUTES:
+            app.add_route(path, proxied, methods=["POST"], include_in_schema=False)
+        for route in proxy_config.routes:
+            app.add_route(route.path, proxied, methods=list(route.methods), include_in_schema=False)
     return app

@@ -21,5 +21,7 @@ class Services:
     admin_keys: KeyRing
     client_keys: KeyRing
     worker: Any = None
+    proxy: Any = None  # gateway.proxy.forward.MeteringProxy when upstreams are configured
+    pricing: Any = None  # gateway.proxy.pricing_cache.PricingCache
     background: list[asyncio.Task] = field(default_factory=list)
     ready: bool = False

@@ -18,10 +18,14 @@ def make_redis(settings: Settings) -> Any:
     if settings.redis_cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(settings.redis_url)
+        return RedisCluster.from_url(settings.redis_url, max_connections=settings.redis_max_connections)
     import redis.asyncio as aioredis
 
-    return aioredis.Redis.from_url(settings.redis_url)
+    # A burst of requests waits for a connection instead of failing ("Too many connections").
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url, max_connections=settings.redis_max_connections, timeout=10
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def make_store(settings: Settings) -> Store:

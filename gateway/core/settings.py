@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     # Redis: unset = embedded mode (in-process fakeredis + SQLite, worker in the same process).
     redis_url: str | None = None
     redis_cluster: bool = False
+    redis_max_connections: int = Field(256, ge=1)
     key_prefix: str = "cg"
     partitions: int = Field(64, ge=1, le=16384, description="fixed for the life of a deployment")
 
@@ -66,6 +67,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1)
     sweep_interval_seconds: float = Field(1.0, gt=0)
     worker_name: str | None = None
+
+    # Metering proxy: the TOML/YAML file of upstreams, pricing and limits (gateway/proxy/config.py).
+    gateway_config: str | None = None
 
     # HTTP server.
     host: str = "127.0.0.1"

@@ -54,6 +54,7 @@ class StreamMeter:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.usage: Usage | None = None
+        self.final = False  # the upstream's own final usage arrived
         self.text_chars = 0
         self._anthropic_input: dict[str, Any] = {}
         self._anthropic_output = 0
@@ -82,9 +83,11 @@ class StreamMeter:
             resp = obj.get("response")
             if isinstance(resp, dict) and resp.get("usage"):
                 self.usage = from_openai_usage(resp["usage"])
+                self.final = True
             return
         if obj.get("usage"):
             self.usage = from_openai_usage(obj["usage"])
+            self.final = True
         for ch in obj.get("choices") or ():
             if not isinstance(ch, dict):
                 continue
@@ -112,6 +115,7 @@ class StreamMeter:
             merged = {**self._anthropic_input, **{k: v for k, v in u.items() if v is not None}}
             merged["output_tokens"] = self._anthropic_output
             self.usage = from_anthropic_usage(merged)
+            self.final = "output_tokens" in u
         if t == "message_start":
             merged = {**self._anthropic_input, "output_tokens": self._anthropic_output}
             self.usage = from_anthropic_usage(merged)

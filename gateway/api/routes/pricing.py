@@ -1,0 +1,60 @@
+"""Admin: read and replace the model pricing table (applies to new requests at once, on
+every gateway process)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...core.pricing import PricingTable
+from ..body import DecimalRoute
+from ..deps import AdminCaller, ServicesDep
+from ..errors import ApiError
+
+router = APIRouter(prefix="/admin/pricing", tags=["pricing"], route_class=DecimalRoute)
+
+class PriceIn(BaseModel):
+    """Credits per million tokens, and per request; decimal strings are safest."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str | int
+    output: str | int
+    cached_input: str | int | None = None
+    request: str | int | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+
+
+class PricingIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, PriceIn] = Field(default_factory=dict)
+    default: PriceIn | None = None
+
+
+def _require(services) -> Any:
+    if services.pricing is None:
+        raise ApiError(404, "proxy_not_configured", "no CREDIT_GATEWAY_CONFIG: the metering proxy is off")
+    return services.pricing
+
+
+@router.get("")
+async def get_pricing(caller: AdminCaller, services: ServicesDep) -> dict:
+    """The pricing table in force: credits per million tokens (input, cached input, output)
+    and a per-request fee, per model."""
+    table = _require(services).table
+    return {"version": table.version, **table.to_json()}
+
+
+@router.put("")
+async def put_pricing(body: PricingIn, caller: AdminCaller, services: ServicesDep) -> dict:
+    """Replaces the whole table."""
+    cache = _require(services)
+    try:
+        table = PricingTable.from_json(body.model_dump(exclude_none=True))
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, "invalid_pricing", str(exc)) from exc
+    if services.proxy is not None and services.proxy.config.unknown_model == "default" and table.default is None:
+        raise ApiError(422, "invalid_pricing", "unknown_model = 'default' needs a default price")
+    table = await cache.replace(table)
+    return {"version": table.version, **table.to_json()}

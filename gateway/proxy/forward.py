@@ -1,0 +1,430 @@
+"""The metering proxy: reserve, forward (streaming too), settle at the real cost.
+
+One request: identify the user -> price the model -> reserve the worst case (clamping the
+requested output to what the user can afford) -> forward to the configured upstream with
+the gateway's credential -> settle from the usage the upstream reports (or counted from
+what was streamed) -> answer with X-Request-Id / X-Credits-Charged / X-Credits-Remaining.
+Failures before any output release the hold; a client that goes away mid-stream pays for
+what was produced. Nothing here leaks a hold: every path settles or releases, and a
+crashed process's holds expire (their timeout covers the upstream timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from ..core.engine import CreditEngine
+from ..core.errors import AccountInDebt, CreditError, InsufficientCredits, StateLost
+from ..core.money import from_units
+from ..core.pricing import ModelPrice, Usage
+from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
+from .errors import proxy_error
+from .identity import Identity, IdentityError
+from .pricing_cache import PricingCache
+from .usage import ANTHROPIC, OPENAI, StreamMeter, from_json_body
+
+log = logging.getLogger("credit.proxy")
+
+# Never forwarded upstream: hop-by-hop headers, the client's credentials and cookies, the
+# gateway's own headers, and what the HTTP client sets itself.
+DROP_REQUEST_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "cookie", "x-api-key",
+    "x-user-id", "accept-encoding", "expect",
+})
+# Never passed back to the client from the upstream.
+DROP_RESPONSE_HEADERS = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
+})
+OUTPUT_FIELDS = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
+    "/v1/embeddings": (),
+}
+DEFAULT_MAX_OUTPUT = 4096
+
+
+def forwardable_headers(request: Request) -> dict[str, str]:
+    named_by_connection = {
+        t.strip().lower() for t in request.headers.get("connection", "").split(",") if t.strip()
+    }
+    out = {}
+    for k, v in request.headers.items():
+        lk = k.lower()
+        if lk in DROP_REQUEST_HEADERS or lk in named_by_connection or lk.startswith(("x-credit", "proxy-")):
+            continue
+        out[k] = v
+    return out
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class Call:
+    """One metered call on its way through."""
+
+    request_id: str
+    user: str
+    kind: str
+    path: str
+    model: str | None
+    price: ModelPrice
+    upstream: Upstream
+    body: dict[str, Any]
+    est_input: int
+    max_output: int
+    hold_units: int = 0
+    stream: bool = False
+    strip_usage_chunk: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class MeteringProxy:
+    def __init__(self, engine: CreditEngine, config: ProxyConfig, pricing: PricingCache, identity: Identity,
+                 session: aiohttp.ClientSession) -> None:
+        self.engine = engine
+        self.config = config
+        self.pricing = pricing
+        self.identity = identity
+        self.session = session
+        self._pending: set[asyncio.Task] = set()
+
+    # -- entry -------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        path = request.url.path
+        kind = ANTHROPIC if path in ANTHROPIC_ROUTES else OPENAI
+        request_id = f"req_{uuid.uuid4().hex}"
+        rid = {"X-Request-Id": request_id}
+        try:
+            user = await self.identity.user_of(request)
+        except IdentityError as exc:
+            return proxy_error(kind, 401, "unauthorized", str(exc), rid)
+        if path not in OPENAI_ROUTES + ANTHROPIC_ROUTES:
+            return await self._flat(request, user, kind, request_id)
+        raw = await self._body(request)
+        if raw is None:
+            return proxy_error(kind, 413, "body_too_large", f"request body above {self.config.max_body_bytes} bytes", rid)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return proxy_error(kind, 400, "malformed_json", "the request body is not valid JSON", rid)
+        if not isinstance(body, dict):
+            return proxy_error(kind, 400, "invalid_request", "the request body must be a JSON object", rid)
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        upstream = self.config.upstream_for(kind, model)
+        if upstream is None:
+            return proxy_error(kind, 404, "model_not_served", f"no upstream serves model {model!r} on {path}", rid)
+        table = self.pricing.table
+        price = table.models.get(model or "")
+        if price is None and self.config.unknown_model == "default":
+            price = table.default
+        if price is None:
+            return proxy_error(kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid)
+        call = self._plan(request_id, user, kind, path, model, price, upstream, body, len(raw))
+        refusal = await self._reserve(call)
+        if refusal is not None:
+            return refusal
+        return await self._forward(request, call)
+
+    async def _body(self, request: Request) -> bytes | None:
+        cap = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- planning and reserving --------------------------------------------------------
+
+    def _plan(self, request_id: str, user: str, kind: str, path: str, model: str | None, price: ModelPrice,
+              upstream: Upstream, body: dict[str, Any], body_len: int) -> Call:
+        fields = OUTPUT_FIELDS[path]
+        requested = next((body[f] for f in fields if isinstance(body.get(f), int) and body[f] > 0), None)
+        if not fields:
+            max_out = 0
+        else:
+            max_out = requested if requested is not None else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
+        call = Call(request_id, user, kind, path, model, price, upstream, body,
+                    est_input=_ceil_div(body_len, self.config.chars_per_token), max_output=max_out)
+        call.stream = bool(body.get("stream"))
+        if call.stream and kind == OPENAI and path in ("/v1/chat/completions", "/v1/completions"):
+            opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+            if not opts.get("include_usage"):
+                # Ask for the usage chunk, and keep it from a client that did not ask for it.
+                body["stream_options"] = {**opts, "include_usage": True}
+                call.strip_usage_chunk = True
+        call.meta = {"request_id": request_id, "model": model, "path": path, "upstream": upstream.name}
+        return call
+
+    def _set_output_cap(self, call: Call, tokens: int) -> None:
+        fields = OUTPUT_FIELDS[call.path]
+        name = next((f for f in fields if f in call.body), fields[0] if fields else None)
+        if name:
+            call.body[name] = tokens
+        call.max_output = tokens
+
+    async def _reserve(self, call: Call) -> Response | None:
+        worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
+        ttl = call.upstream.timeout_seconds + self.config.hold_margin_seconds
+        rid = {"X-Request-Id": call.request_id}
+        for attempt in range(2):
+            try:
+                await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
+                                                metadata=call.meta)
+                call.hold_units = worst
+                return None
+            except InsufficientCredits as exc:
+                available = int(exc.details.get("available", 0) * 1_000_000)
+                affordable = min(call.price.output_tokens_affordable(available, call.est_input), call.max_output)
+                if attempt == 0 and call.max_output and affordable >= self.config.min_output_tokens:
+                    self._set_output_cap(call, affordable)  # answer shorter rather than not at all
+                    worst = call.price.cost(Usage(input=call.est_input, output=affordable))
+                    continue
+                return proxy_error(call.kind, 402, "insufficient_credits",
+                                   "not enough credits for this request", rid, available=str(from_units(available)))
+            except AccountInDebt:
+                return proxy_error(call.kind, 402, "in_debt", "the account owes credits; top up to continue", rid)
+            except StateLost:
+                return proxy_error(call.kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
+        return proxy_error(call.kind, 402, "insufficient_credits", "not enough credits for this request", rid)
+
+    # -- forwarding --------------------------------------------------------------------
+
+    def _upstream_headers(self, request: Request, call_upstream: Upstream) -> dict[str, str]:
+        headers = forwardable_headers(request)
+        for k, v in call_upstream.headers.items():
+            headers.setdefault(k, v)
+        headers["Accept-Encoding"] = "identity"
+        if call_upstream.api_key:
+            if call_upstream.kind == ANTHROPIC:
+                headers["x-api-key"] = call_upstream.api_key
+            else:
+                headers["Authorization"] = f"Bearer {call_upstream.api_key}"
+        return headers
+
+    async def _forward(self, request: Request, call: Call) -> Response:
+        url = call.upstream.base_url + call.path
+        headers = self._upstream_headers(request, call.upstream)
+        headers["Content-Type"] = "application/json"
+        timeout = aiohttp.ClientTimeout(total=call.upstream.timeout_seconds)
+        rid = {"X-Request-Id": call.request_id}
+        try:
+            resp = await self.session.post(url, data=orjson.dumps(call.body), headers=headers,
+                                           allow_redirects=False, timeout=timeout)
+        except asyncio.TimeoutError:
+            await self._release(call, "upstream_timeout")
+            return proxy_error(call.kind, 504, "upstream_timeout", "the upstream did not answer in time", rid)
+        except aiohttp.ClientError as exc:
+            await self._release(call, "upstream_unreachable")
+            log.warning("upstream %s unreachable: %s", call.upstream.name, exc)
+            return proxy_error(call.kind, 502, "upstream_unreachable", "the upstream could not be reached", rid)
+        if resp.status >= 300:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            await self._release(call, f"upstream_status_{resp.status}")
+            return Response(raw, status_code=resp.status, headers={**self._pass_headers(resp), **rid,
+                                                                    "X-Credits-Charged": "0"})
+        if call.stream and resp.content_type == "text/event-stream":
+            return StreamingResponse(self._stream(call, resp), status_code=resp.status,
+                                     headers={**self._pass_headers(resp), **rid}, media_type="text/event-stream")
+        return await self._whole(call, resp)
+
+    @staticmethod
+    def _pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+        return {k: v for k, v in resp.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+
+    async def _whole(self, call: Call, resp: aiohttp.ClientResponse) -> Response:
+        rid = {"X-Request-Id": call.request_id}
+        try:
+            raw = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            resp.release()
+            await self._release(call, "upstream_failed")
+            return proxy_error(call.kind, 502, "upstream_failed", "the upstream answer broke off", rid)
+        headers = self._pass_headers(resp)
+        resp.release()
+        usage = None
+        try:
+            usage = from_json_body(call.kind, orjson.loads(raw))
+        except orjson.JSONDecodeError:
+            pass
+        if usage is None:  # no usage reported: count the answer's size as output
+            usage = Usage(input=call.est_input, output=_ceil_div(len(raw), self.config.chars_per_token))
+        charged, remaining = await self._settle(call, usage, partial=False)
+        headers.update(rid)
+        headers["X-Credits-Charged"] = str(from_units(charged))
+        if remaining is not None:
+            headers["X-Credits-Remaining"] = str(from_units(remaining))
+        return Response(raw, status_code=resp.status, headers=headers)
+
+    async def _stream(self, call: Call, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        meter = StreamMeter(call.kind)
+        done = False
+        try:
+            buf = b""
+            async for chunk in resp.content.iter_any():
+                buf += chunk
+                while True:
+                    cut, sep = _event_end(buf)
+                    if cut < 0:
+                        break
+                    event, buf = buf[: cut + sep], buf[cut + sep:]
+                    obj = meter.feed(_sse_data(event))
+                    if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
+                        continue  # the usage chunk we asked for on the client's behalf
+                    yield event
+                    if self.config.hard_cap and self._cost_so_far(call, meter) >= call.hold_units:
+                        raise _HardCap()
+            if buf:
+                yield buf
+            done = True
+            usage = self._usage_of(call, meter)
+            charged, remaining = await self._settle(call, usage, partial=False)
+            tail = f": credits charged={from_units(charged)}"
+            if remaining is not None:
+                tail += f" remaining={from_units(remaining)}"
+            yield (tail + f" request_id={call.request_id}\n\n").encode()
+        except _HardCap:
+            done = True
+            resp.close()
+            charged, remaining = await self._settle(call, self._usage_of(call, meter), partial=True)
+            yield f": stopped at the credit cap; credits charged={from_units(charged)}\n\n".encode()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            # The upstream broke off mid-stream: pay for what was produced, tell the client.
+            done = True
+            resp.close()
+            charged, _ = await self._settle(call, self._usage_of(call, meter), partial=True)
+            yield f": upstream stream broke off; credits charged={from_units(charged)}\n\n".encode()
+        finally:
+            resp.release()
+            if not done:
+                # The client went away (or we were cancelled): close the upstream and settle
+                # what was produced, in a task of its own so the cancellation cannot stop it.
+                resp.close()
+                self._spawn(self._settle(call, self._usage_of(call, meter), partial=True))
+
+    def _usage_of(self, call: Call, meter: StreamMeter) -> Usage:
+        u = meter.usage
+        counted = _ceil_div(meter.text_chars, self.config.chars_per_token)
+        if u is None:
+            return Usage(input=call.est_input, output=counted)
+        if not meter.final:
+            # Usage known so far (Anthropic's message_start): output from what was streamed.
+            return Usage(input=u.input, output=max(u.output, counted), cached_input=u.cached_input,
+                         cache_write=u.cache_write)
+        return u
+
+    def _cost_so_far(self, call: Call, meter: StreamMeter) -> int:
+        return call.price.cost(self._usage_of(call, meter))
+
+    # -- settling ----------------------------------------------------------------------
+
+    async def _settle(self, call: Call, usage: Usage, *, partial: bool) -> tuple[int, int | None]:
+        cost = call.price.cost(usage)
+        meta = {**call.meta, "usage": {"input": usage.input, "output": usage.output,
+                                       "cached_input": usage.cached_input}, "partial": partial}
+        try:
+            r = await self.engine.settle_units(call.user, call.request_id, cost, metadata=meta)
+            return r.charged_units, r.state.available_units
+        except CreditError as exc:
+            log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
+            return 0, None
+
+    async def _release(self, call: Call, reason: str) -> None:
+        try:
+            await self.engine.release(call.user, call.request_id, metadata={**call.meta, "reason": reason})
+        except CreditError as exc:
+            log.error("release of %s for %s failed: %s", call.request_id, call.user, exc.code)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def drain(self) -> None:
+        """Waits for settlements still running (at shutdown)."""
+        if self._pending:
+            await asyncio.gather(*list(self._pending), return_exceptions=True)
+
+    # -- other configured paths: a flat price, or refused --------------------------------
+
+    async def _flat(self, request: Request, user: str, kind: str, request_id: str) -> Response:
+        rid = {"X-Request-Id": request_id}
+        route = self.config.route_for(request.url.path)
+        if route is None or route.price_units is None or request.method not in route.methods:
+            return proxy_error(kind, 404, "route_not_served", f"{request.method} {request.url.path} is not served", rid)
+        upstream = self.config.upstream(route.upstream)
+        raw = await self._body(request)
+        if raw is None:
+            return proxy_error(kind, 413, "body_too_large", "request body too large", rid)
+        meta = {"request_id": request_id, "path": route.path, "upstream": upstream.name}
+        if route.price_units:
+            try:
+                await self.engine.reserve_units(user, route.price_units, hold_id=request_id,
+                                                ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds,
+                                                metadata=meta)
+            except (InsufficientCredits, AccountInDebt):
+                return proxy_error(kind, 402, "insufficient_credits", "not enough credits for this request", rid)
+        headers = self._upstream_headers(request, upstream)
+        timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
+        try:
+            async with self.session.request(request.method, upstream.base_url + route.path, data=raw or None,
+                                            headers=headers, params=request.query_params,
+                                            allow_redirects=False, timeout=timeout) as resp:
+                body = await resp.read()
+                status, passed = resp.status, self._pass_headers(resp)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            if route.price_units:
+                await self.engine.release(user, request_id)
+            return proxy_error(kind, 502, "upstream_unreachable", "the upstream could not be reached", rid)
+        charged = 0
+        if route.price_units:
+            if status < 300:
+                r = await self.engine.settle_units(user, request_id, route.price_units, metadata=meta)
+                charged = r.charged_units
+            else:
+                await self.engine.release(user, request_id)
+        return Response(body, status_code=status,
+                        headers={**passed, **rid, "X-Credits-Charged": str(from_units(charged))})
+
+
+class _HardCap(Exception):
+    pass
+
+
+def _event_end(buf: bytes) -> tuple[int, int]:
+    """Where the first complete SSE event ends: (index, separator length), or (-1, 0)."""
+    i = buf.find(b"\n\n")
+    j = buf.find(b"\r\n\r\n")
+    if j >= 0 and (i < 0 or j < i):
+        return j, 4
+    return (i, 2) if i >= 0 else (-1, 0)
+
+
+def _sse_data(event: bytes) -> str:
+    lines = [ln[5:].lstrip() for ln in event.decode("utf-8", "replace").splitlines() if ln.startswith("data:")]
+    return "\n".join(lines)

@@ -1,0 +1,372 @@
+"""The metering proxy end to end: a real gateway (uvicorn) in front of the fake upstream,
+on a real redis-server, with a SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from pathlib import Path
+from decimal import Decimal
+
+import aiohttp
+import pytest
+import uvicorn
+from multidict import CIMultiDict
+
+from gateway.api.app import create_app
+from gateway.core.settings import Settings
+from tests.support.fake_upstream import FakeUpstream
+from worker.runner import Worker
+
+REPO = Path(__file__).resolve().parents[1]
+ADMIN = "admin-" + "p" * 40
+CLIENT = "client-" + "q" * 40
+# 1 credit per million input tokens = 1 micro-credit per token; output 2 per token.
+CONFIG = """
+[gateway]
+min_output_tokens = 4
+chars_per_token = 4
+hold_margin_seconds = 5
+
+[[upstreams]]
+name = "openai"
+kind = "openai"
+base_url = "{url}"
+api_key = "sk-upstream-secret"
+timeout_seconds = {timeout}
+models = ["gpt-test", "embed-test"]
+
+[[upstreams]]
+name = "anthropic"
+kind = "anthropic"
+base_url = "{url}"
+api_key = "ant-upstream-secret"
+timeout_seconds = {timeout}
+models = ["claude-test"]
+
+[[routes]]
+path = "/v1/models"
+upstream = "openai"
+methods = ["GET"]
+price = "0.5"
+
+[[routes]]
+path = "/v1/redirect"
+upstream = "openai"
+methods = ["GET"]
+price = "0"
+
+[pricing.models."gpt-test"]
+input = "1"
+cached_input = "0.5"
+output = "2"
+max_output_tokens = 100
+
+[pricing.models."claude-test"]
+input = "1"
+output = "2"
+max_output_tokens = 100
+
+[pricing.models."embed-test"]
+input = "1"
+output = "0"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Gateway:
+    def __init__(self, base: str, app, fake: FakeUpstream) -> None:
+        self.base, self.app, self.fake = base, app, fake
+
+    @property
+    def services(self):
+        return self.app.state.services
+
+    def headers(self, user: str, **extra) -> dict:
+        return {"Authorization": f"Bearer {CLIENT}", "X-User-Id": user, **extra}
+
+    async def grant(self, user: str, amount: str) -> None:
+        await self.services.engine.grant(user, amount, op_id=f"g-{user}-{amount}")
+
+    async def balance(self, user: str):
+        return await self.services.engine.balance(user)
+
+
+@pytest.fixture
+async def gw(redis, redis_url, tmp_path):
+    fake = FakeUpstream()
+    url = await fake.start()
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(CONFIG.format(url=url, timeout=2))
+    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
+                        sqlite_path=str(tmp_path / "p.db"), audit_path=None, gateway_config=str(cfg))
+    app = create_app(settings, run_worker=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.02)
+    yield Gateway(f"http://127.0.0.1:{port}", app, fake)
+    server.should_exit = True
+    await task
+    await fake.stop()
+
+
+async def post(gw, path, body, user="alice", **headers):
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + path, json=body, headers=gw.headers(user, **headers)) as r:
+            return r.status, CIMultiDict(r.headers), await r.read()
+
+
+def charged(headers) -> Decimal:
+    assert "X-Credits-Charged" in headers, list(headers.items())
+    return Decimal(headers["X-Credits-Charged"])
+
+
+async def test_exact_charge_for_known_usage_openai_chat(gw):
+    await gw.grant("alice", "1")
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, **{"X-Fake-Input-Tokens": "100",
+                                                                     "X-Fake-Output-Tokens": "30",
+                                                                     "X-Fake-Cached-Tokens": "20"})
+    assert status == 200, raw
+    # 80 uncached x 1 + 20 cached x 0.5 + 30 out x 2 = 150 micro-credits
+    assert charged(h) == Decimal("0.000150")
+    assert Decimal(h["X-Credits-Remaining"]) == Decimal("0.999850")
+    assert h["X-Request-Id"].startswith("req_")
+    b = await gw.balance("alice")
+    assert b.available == Decimal("0.999850") and b.held == 0
+
+
+@pytest.mark.parametrize("path, model, body, expect", [
+    ("/v1/messages", "claude-test", {"max_tokens": 40, "messages": [{"role": "user", "content": "x"}]}, 12 + 2 * 7),
+    ("/v1/embeddings", "embed-test", {"input": "x"}, 12),
+    ("/v1/responses", "gpt-test", {"input": "x", "max_output_tokens": 40}, 12 + 2 * 7),
+    ("/v1/completions", "gpt-test", {"prompt": "x", "max_tokens": 40}, 12 + 2 * 7),
+])
+async def test_exact_charge_on_every_metered_route(gw, path, model, body, expect):
+    await gw.grant("bob", "1")
+    status, h, raw = await post(gw, path, {"model": model, **body}, user="bob",
+                                **{"X-Fake-Input-Tokens": "12", "X-Fake-Output-Tokens": "7"})
+    assert status == 200, raw
+    assert charged(h) == Decimal(expect) / 1_000_000
+
+
+async def test_streaming_settles_the_final_usage_and_strips_the_injected_chunk(gw):
+    await gw.grant("carol", "1")
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="carol",
+                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    assert status == 200
+    text = raw.decode()
+    assert '"usage"' not in text  # the client did not ask for the usage chunk
+    assert "data: [DONE]" in text
+    assert ": credits charged=0.000020" in text  # 10 x 1 + 5 x 2
+    forwarded = gw.fake.requests[-1]["body"]
+    assert '"include_usage":true' in forwarded.replace(" ", "")
+    assert (await gw.balance("carol")).available == Decimal("0.999980")
+
+
+async def test_streaming_keeps_the_usage_chunk_when_the_client_asked(gw):
+    await gw.grant("dan", "1")
+    body = {"model": "gpt-test", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="dan",
+                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    assert '"usage"' in raw.decode() and ": credits charged=0.000020" in raw.decode()
+
+
+async def test_anthropic_stream_settles_message_delta_usage(gw):
+    await gw.grant("erin", "1")
+    body = {"model": "claude-test", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/messages", body, user="erin",
+                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "6"})
+    assert status == 200 and "message_stop" in raw.decode()
+    assert ": credits charged=0.000022" in raw.decode()
+
+
+@pytest.mark.parametrize("headers", [{"X-Fake-Status": "500"}, {"X-Fake-Latency-Ms": "3000"}])
+async def test_upstream_error_or_timeout_charges_nothing(gw, headers):
+    await gw.grant("fay", "1")
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="fay", **headers)
+    assert status in (500, 504)
+    b = await gw.balance("fay")
+    assert b.available == Decimal("1") and b.held == 0
+
+
+async def test_unreachable_upstream_charges_nothing(gw, tmp_path):
+    await gw.fake.stop()
+    await gw.grant("gus", "1")
+    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="gus")
+    assert status == 502 and b'"upstream_unreachable"' in raw
+    assert (await gw.balance("gus")).held == 0
+
+
+async def test_client_disconnect_mid_stream_charges_only_what_was_produced(gw):
+    await gw.grant("hal", "1")
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+    headers = gw.headers("hal", **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "100",
+                                   "X-Fake-Chunk-Delay-Ms": "20"})
+    got = 0
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/v1/chat/completions", json=body, headers=headers) as r:
+            async for chunk in r.content.iter_any():
+                got += chunk.count(b"tok ")
+                if got >= 5:
+                    break  # the client goes away
+    for _ in range(100):
+        b = await gw.balance("hal")
+        if b.held == 0:
+            break
+        await asyncio.sleep(0.05)
+    b = await gw.balance("hal")
+    assert b.held == 0
+    spent_units = 1_000_000 - b.available_units
+    # input (estimated from the body) + only the few output tokens produced, far from 100
+    assert 10 <= spent_units < 150 + 2 * 25, spent_units
+
+
+async def test_mid_stream_upstream_failure_settles_what_was_streamed(gw):
+    await gw.grant("ian", "1")
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="ian",
+                                **{"X-Fake-Output-Tokens": "50", "X-Fake-Fail-After": "4"})
+    b = await gw.balance("ian")
+    assert b.held == 0 and 0 < 1_000_000 - b.available_units < 100 + 2 * 10
+
+
+async def test_unaffordable_request_is_clamped_or_refused_with_402_in_upstream_format(gw):
+    await gw.grant("jo", "0.000100")  # 100 micro-credits
+    body = {"model": "gpt-test", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="jo", **{"X-Fake-Output-Tokens": "1000"})
+    assert status == 200, raw  # clamped: max_tokens lowered to what 100 micro-credits pay for
+    import json as _json
+    sent = _json.loads(gw.fake.requests[-1]["body"])
+    assert 4 <= sent["max_tokens"] < 50
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="nobody")
+    assert status == 402 and _json.loads(raw)["error"]["code"] == "insufficient_credits"
+    status, h, raw = await post(gw, "/v1/messages", {"model": "claude-test", "max_tokens": 10, "messages": []}, user="nobody")
+    assert status == 402 and _json.loads(raw)["type"] == "error"
+
+
+async def test_500_concurrent_requests_never_overdraw_and_ledger_matches_headers(redis, redis_url, tmp_path):
+    # Funded for 100 calls at most (10,000 micro-credits; a call costs >= 100): 500 at once.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.support.proxy_burst", redis_url, str(tmp_path), "kim", "0.010000", "500",
+        cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    ok = [Decimal(c) for c in report["charged"]]
+    assert set(report["statuses"]) <= {200, 402}
+    assert 0 < len(ok) <= 100
+    assert Decimal(report["held"]) == 0 and Decimal(report["debt"]) == 0 and Decimal(report["available"]) >= 0
+    assert sum(ok) + Decimal(report["available"]) == Decimal("0.01")
+    # After the worker drains, the ledger's charges equal the headers' sum.
+    from gateway.core.engine import CreditEngine
+    from gateway.core.keys import KeySpace
+    from gateway.core.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(str(tmp_path / "burst.db"))
+    await store.open()
+    try:
+        await Worker(CreditEngine(redis, keys=KeySpace(partitions=16)), store).run(burst=True)
+        total = 0
+        async for e in store.ledger_all("kim"):
+            if e.type == "hold_settled":
+                total += e.amount
+        assert Decimal(total) / 1_000_000 == sum(ok)
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer not-a-key-" + "x" * 30, f"Bearer {ADMIN}"])
+async def test_forged_or_missing_keys_are_refused(gw, auth):
+    headers = {"X-User-Id": "lee"}
+    if auth:
+        headers["Authorization"] = auth
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/v1/chat/completions", json={"model": "gpt-test"}, headers=headers) as r:
+            assert r.status == 401
+    assert gw.fake.requests == []
+
+
+async def test_client_credentials_never_reach_the_upstream_and_the_gateway_injects_its_own(gw):
+    await gw.grant("max", "1")
+    await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="max",
+               Cookie="session=abc", Connection="keep-alive, X-Secret-Hop", **{"X-Secret-Hop": "1"})
+    sent = {k.lower(): v for k, v in gw.fake.requests[-1]["headers"].items()}
+    assert sent["authorization"] == "Bearer sk-upstream-secret"
+    assert CLIENT not in str(sent) and "cookie" not in sent and "x-user-id" not in sent
+    assert "x-secret-hop" not in sent
+    await post(gw, "/v1/messages", {"model": "claude-test", "max_tokens": 5, "messages": []}, user="max")
+    sent = {k.lower(): v for k, v in gw.fake.requests[-1]["headers"].items()}
+    assert sent["x-api-key"] == "ant-upstream-secret" and "authorization" not in sent
+
+
+async def test_a_request_naming_an_upstream_url_cannot_reach_it(gw):
+    await gw.grant("ned", "1")
+    other = FakeUpstream()
+    other_url = await other.start()
+    try:
+        body = {"model": "gpt-test", "messages": [], "base_url": other_url, "url": other_url}
+        await post(gw, "/v1/chat/completions", body, user="ned", Host=other_url.split("//")[1],
+                   **{"X-Forwarded-Host": other_url.split("//")[1], "X-Upstream": other_url})
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.base + f"/{other_url}/v1/models", headers=gw.headers("ned")) as r:
+                assert r.status == 404
+        assert other.requests == [] and len(gw.fake.requests) == 1
+        # A redirect from the upstream is not followed.
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.base + "/v1/redirect", headers=gw.headers("ned"), allow_redirects=False) as r:
+                assert r.status == 302
+    finally:
+        await other.stop()
+
+
+async def test_flat_priced_route_charges_its_price(gw):
+    await gw.grant("olga", "1")
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.base + "/v1/models", headers=gw.headers("olga")) as r:
+            assert r.status == 200 and r.headers["X-Credits-Charged"] == "0.500000"
+    assert (await gw.balance("olga")).available == Decimal("0.5")
+
+
+async def test_pricing_change_applies_at_once_on_every_process(gw, redis_url, tmp_path):
+    # A second gateway process (app) on the same Redis sees the change.
+    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
+                        sqlite_path=str(tmp_path / "p2.db"), audit_path=None,
+                        gateway_config=gw.services.settings.gateway_config)
+    other = create_app(settings, run_worker=False)
+    async with other.router.lifespan_context(other):
+        async with aiohttp.ClientSession() as s:
+            adm = {"Authorization": f"Bearer {ADMIN}"}
+            async with s.get(gw.base + "/admin/pricing", headers=adm) as r:
+                table = await r.json()
+            table.pop("version")
+            table["models"]["gpt-test"]["output"] = "3"
+            async with s.put(gw.base + "/admin/pricing", json=table, headers=adm) as r:
+                assert r.status == 200, await r.text()
+        for _ in range(100):
+            if other.state.services.pricing.table.models["gpt-test"].output == 3_000_000:
+                break
+            await asyncio.sleep(0.02)
+        assert other.state.services.pricing.table.models["gpt-test"].output == 3_000_000
+    await gw.grant("pia", "1")
+    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="pia",
+                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    assert charged(h) == Decimal("0.000025")
+
+
+async def test_unknown_model_is_refused(gw):
+    await gw.grant("quinn", "1")
+    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-unpriced", "messages": []}, user="quinn")
+    assert status == 404 and (await gw.balance("quinn")).held == 0
