@@ -160,6 +160,17 @@ async def cluster(cluster_nodes):
     await client.aclose()
 
 
+@pytest_asyncio.fixture
+async def store(tmp_path):
+    """A SQLite store in the test's temp dir, opened."""
+    from gateway.core.store.sqlite import SQLiteStore
+
+    s = SQLiteStore(str(tmp_path / "store.db"))
+    await s.open()
+    yield s
+    await s.close()
+
+
 @pytest.fixture
 def clock():
     return ManualClock()

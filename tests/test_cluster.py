@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from gateway.core.recovery import reconcile, rehydrate
-from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ready_engine
 from tests.test_worker import ledger_count, make_traffic
 from worker.runner import Worker
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture
 async def cengine(cluster, clock):
     return await ready_engine(cluster, clock)
-
-
-@pytest.fixture
-async def store(tmp_path):
-    s = SQLiteStore(str(tmp_path / "c.db"))
-    await s.open()
-    yield s
-    await s.close()
 
 
 async def test_accounts_spread_over_every_node(cengine, cluster):

@@ -47,14 +47,6 @@ async def stream_len(engine) -> int:
     return sum([await engine.redis.xlen(pk.events) for pk in engine.keys.all_partitions()])
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = SQLiteStore(str(tmp_path / "store.db"))
-    await s.open()
-    yield s
-    await s.close()
-
-
 async def ledger_count(store, users) -> int:
     return sum([len([e async for e in store.ledger_all(u)]) for u in users])
 
