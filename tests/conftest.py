@@ -16,6 +16,11 @@ import sys
 import time
 from pathlib import Path
 
+# Imported now, while the interpreter is fresh: hypothesis' pytest plugin imports this at
+# the end of the session otherwise, and pytest's assertion rewriting then runs ast.parse,
+# which CPython 3.11.7 can fail with "AST constructor recursion depth mismatch" late in a
+# long async session.
+import hypothesis.internal.observability  # noqa: F401
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
