@@ -59,6 +59,13 @@ class PricingCache:
         return self.table
 
     async def _listen(self) -> None:
+        if not hasattr(self.redis, "pubsub"):  # a client without pub/sub: re-read on a timer
+            while True:
+                await asyncio.sleep(self.refresh_seconds)
+                try:
+                    await self.reload()
+                except Exception:
+                    log.exception("pricing reload failed; retrying")
         while True:
             pubsub = self.redis.pubsub()
             try:
