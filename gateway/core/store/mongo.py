@@ -100,11 +100,9 @@ class MongoStore(Store):
         b = collapse(events)
         db = self.db
         docs = []
-        for (user, op_id, type_, version, ts_ms, amount, hold_id, partition, stream_id, fp, res,
-             debt_added, event) in b.ledger:
+        for user, op_id, type_, version, ts_ms, amount, hold_id, fp, event in b.ledger:
             doc = {"user_id": user, "op_id": op_id, "type": type_, "version": L(version), "ts_ms": L(ts_ms),
-                   "amount": L(amount), "hold_id": hold_id, "partition": partition, "stream_id": stream_id,
-                   "fp": fp, "res": res, "debt_added": L(debt_added), "event": event}
+                   "amount": L(amount), "hold_id": hold_id, "fp": fp, "event": event}
             docs.append(doc)
         try:
             new = len((await db.ledger.insert_many(docs, ordered=False)).inserted_ids)

@@ -83,25 +83,22 @@ class Batch:
 
 def account_totals(ev: Event) -> dict[str, int]:
     """The event's account state, plus debt_total when the event carries it (0 otherwise)."""
-    t = dict(ev.state)
-    a = ev.raw.get("a")
-    t["debt_total"] = _int(a.get("debt_total")) if isinstance(a, dict) else 0
-    return t
+    return ev.state  # STATE_FIELDS include debt_total (0 when an event lacks it)
 
 
 def collapse(events: list[Event]) -> Batch:
     """Ledger rows for every event; the newest state of each account, grant and hold.
 
-    Ledger row: (user, op_id, type, version, ts_ms, amount, hold_id, partition, stream_id,
-    fingerprint, result, debt_added, event JSON).
+    Ledger row: (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, event JSON);
+    everything else an event says stays in its JSON.
     """
     b = Batch()
     ledger, accounts, grants, holds = b.ledger, b.accounts, b.grants, b.holds
     for ev in events:
         user, v, raw = ev.user, ev.version, ev.raw
         ledger.append((
-            user, ev.op_id, ev.type, v, ev.ts_ms, ev.amount, ev.hold_id, ev.partition, ev.stream_id,
-            ev.fingerprint, None, _int(raw.get("debt_added")), ev.raw_json or _dumps(raw),
+            user, ev.op_id, ev.type, v, ev.ts_ms, ev.amount, ev.hold_id, ev.fingerprint,
+            ev.raw_json or _dumps(raw),
         ))
         cur = accounts.get(user)
         if cur is None or v > cur.version:
@@ -162,8 +159,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
     id INTEGER PRIMARY KEY,
     user TEXT NOT NULL, op_id TEXT NOT NULL, type TEXT NOT NULL, version INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL, amount INTEGER NOT NULL, hold_id TEXT, partition INTEGER NOT NULL,
-    stream_id TEXT, fingerprint TEXT, result TEXT, debt_added INTEGER NOT NULL DEFAULT 0,
+    ts_ms INTEGER NOT NULL, amount INTEGER NOT NULL, hold_id TEXT, fingerprint TEXT,
     event TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS ledger_key ON ledger(user, op_id);
@@ -192,9 +188,8 @@ CREATE INDEX IF NOT EXISTS holds_open ON holds(user, hold_id) WHERE st = 'open';
 """
 
 INSERT_LEDGER = """
-INSERT OR IGNORE INTO ledger (user, op_id, type, version, ts_ms, amount, hold_id, partition,
-    stream_id, fingerprint, result, debt_added, event)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+INSERT OR IGNORE INTO ledger (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, event)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 
 UPSERT_ACCOUNT = """
@@ -325,7 +320,7 @@ class SQLiteStore(Store):
             db.executemany(INSERT_LEDGER, b.ledger)
             new = db.total_changes - before
             db.executemany(UPSERT_ACCOUNT, [
-                (u, ev.version, ev.partition, *(ev.state[k] for k in TOTAL_FIELDS), t["debt_total"])
+                (u, ev.version, ev.partition, *(t[k] for k in TOTAL_FIELDS), t["debt_total"])
                 for u, ev in b.accounts.items()
                 for t in (account_totals(ev),)
             ])
