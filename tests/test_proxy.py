@@ -370,3 +370,21 @@ async def test_unknown_model_is_refused(gw):
     await gw.grant("quinn", "1")
     status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-unpriced", "messages": []}, user="quinn")
     assert status == 404 and (await gw.balance("quinn")).held == 0
+
+
+async def test_hard_cap_stops_a_stream_when_its_cost_reaches_the_hold(gw):
+    from dataclasses import replace
+
+    proxy = gw.services.proxy
+    proxy.config = replace(proxy.config, hard_cap=True)
+    await gw.grant("rex", "1")
+    # The upstream reports far more input than the body suggests: the cost passes the hold
+    # (reserved for ~12 input + 30 output tokens) as soon as message_start arrives.
+    body = {"model": "claude-test", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "x"}]}
+    status, h, raw = await post(gw, "/v1/messages", body, user="rex",
+                                **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"})
+    text = raw.decode()
+    assert "stopped at the credit cap" in text
+    assert text.count("text_delta") < 30 and "message_stop" not in text
+    b = await gw.balance("rex")
+    assert b.held == 0 and b.available < 1
