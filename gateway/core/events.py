@@ -87,15 +87,6 @@ class Event:
         """The operation's answer as the script gave it (JSON), for replays after a rebuild."""
         return answer_of(self.raw)
 
-    @property
-    def key(self) -> tuple[str, str]:
-        """The event's identity in the store: (user, operation id)."""
-        return (self.user, self.op_id)
-
-    def num(self, name: str) -> int:
-        """An amount field of the raw event (returned, lapsed, debt_added, ...), 0 if absent."""
-        return int(self.raw.get(name) or 0)
-
     def __repr__(self) -> str:
         return f"Event({self.type} {self.user}/{self.op_id} v{self.version} @{self.stream_id})"
 

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from decimal import ROUND_CEILING, Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation
 
 UNITS_PER_CREDIT = 1_000_000
 SCALE = Decimal(UNITS_PER_CREDIT)
@@ -41,13 +41,3 @@ def to_units(value: Decimal | str | int, *, allow_zero: bool = False) -> int:
 def from_units(units: int | str) -> Decimal:
     """Micro-credits -> credits, exact (6 decimal places)."""
     return Decimal(int(units)).scaleb(-6)
-
-
-def cost_units(credits_per_million_tokens_units: int, tokens: int) -> int:
-    """Cost of `tokens` at a price in micro-credits per million tokens, rounded up to the unit."""
-    return -((-credits_per_million_tokens_units * tokens) // 1_000_000)
-
-
-def ceil_units(value: Decimal) -> int:
-    """A Decimal number of micro-credits, rounded up to a whole unit."""
-    return int(value.to_integral_value(rounding=ROUND_CEILING))

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import CreditEngine
+from .money import to_units
 from .events import (
     DEBIT, GRANT, GRANT_EXPIRED, HOLD_EXPIRED, HOLD_OPEN, HOLD_RELEASED, HOLD_SETTLED,
 )
 from .store.base import AccountSnapshot, LedgerEntry, Store
 
 log = logging.getLogger("credit.recovery")
-
-TOTALS = ("available", "held", "debt", "granted", "spent", "expired")
 
 
 @dataclass
@@ -143,20 +142,16 @@ async def reconcile(engine: CreditEngine, store: Store) -> list[Drift]:
             continue
         if view.state.version != snap.version:
             drift.append(Drift(user, "version", view.state.version, snap.version))
-        redis_totals = await engine.scripts.call_json(
-            engine.redis, "account", engine.keys.account_keys(user)[:2], [engine.now_ms(), "0"]
-        )
-        rt = redis_totals[1]
-        for k in TOTALS:
-            if k == "available":
-                continue  # depends on the clock (unswept expiries); grants are compared below
-            if int(rt.get(k, 0)) != int(snap.totals.get(k, 0)):
-                drift.append(Drift(user, k, int(rt.get(k, 0)), int(snap.totals.get(k, 0))))
-        rg = {g.seq: (int(g.free * 1_000_000), int(g.earmarked * 1_000_000)) for g in view.grants}
+        # `available` depends on the clock (unswept expiries); the grants are compared below.
+        for k in ("held", "debt", "granted", "spent", "expired"):
+            have, want = getattr(view.state, f"{k}_units"), int(snap.totals.get(k, 0))
+            if have != want:
+                drift.append(Drift(user, k, have, want))
+        rg = {g.seq: (to_units(g.free, allow_zero=True), to_units(g.earmarked, allow_zero=True)) for g in view.grants}
         sg = {g["seq"]: (int(g["r"]), int(g["e"])) for g in snap.grants}
         if rg != sg:
             drift.append(Drift(user, "grants", rg, sg))
-        rh = {h.hold_id: int(h.amount * 1_000_000) for h in view.holds}
+        rh = {h.hold_id: to_units(h.amount) for h in view.holds}
         sh = {h["id"]: int(h["amt"]) for h in snap.holds}
         if rh != sh:
             drift.append(Drift(user, "open holds", rh, sh))

@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 
 from ..core.engine import CreditEngine
 from ..core.errors import AccountInDebt, CreditError, InsufficientCredits, StateLost
-from ..core.money import from_units
+from ..core.money import from_units, to_units
 from ..core.pricing import ModelPrice, Usage
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
 from .errors import proxy_error
@@ -194,7 +194,7 @@ class MeteringProxy:
                 call.hold_units = worst
                 return None
             except InsufficientCredits as exc:
-                available = int(exc.details.get("available", 0) * 1_000_000)
+                available = to_units(exc.details.get("available", 0), allow_zero=True)
                 affordable = min(call.price.output_tokens_affordable(available, call.est_input), call.max_output)
                 if attempt == 0 and call.max_output and affordable >= self.config.min_output_tokens:
                     self._set_output_cap(call, affordable)  # answer shorter rather than not at all

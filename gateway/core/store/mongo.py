@@ -23,7 +23,7 @@ from pymongo.errors import BulkWriteError
 
 from ..events import Event, answer_of
 from .base import AccountSnapshot, LedgerEntry, OperationRecord, Store
-from .sqlite import TOTAL_FIELDS, account_totals, collapse, grant_out, hold_out
+from .sqlite import TOTAL_FIELDS, collapse, grant_out, hold_out
 
 DUPLICATE_KEY = 11000
 
@@ -113,7 +113,7 @@ class MongoStore(Store):
 
         accounts = []
         for user, ev in b.accounts.items():
-            t = account_totals(ev)
+            t = ev.state
             accounts.append(UpdateOne(
                 {"_id": user, "version": {"$lt": L(ev.version)}},
                 {"$set": {"version": L(ev.version), "partition": ev.partition,

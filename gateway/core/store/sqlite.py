@@ -81,11 +81,6 @@ class Batch:
     holds: dict[tuple[str, str], HoldRow] = field(default_factory=dict)
 
 
-def account_totals(ev: Event) -> dict[str, int]:
-    """The event's account state, plus debt_total when the event carries it (0 otherwise)."""
-    return ev.state  # STATE_FIELDS include debt_total (0 when an event lacks it)
-
-
 def collapse(events: list[Event]) -> Batch:
     """Ledger rows for every event; the newest state of each account, grant and hold.
 
@@ -322,7 +317,7 @@ class SQLiteStore(Store):
             db.executemany(UPSERT_ACCOUNT, [
                 (u, ev.version, ev.partition, *(t[k] for k in TOTAL_FIELDS), t["debt_total"])
                 for u, ev in b.accounts.items()
-                for t in (account_totals(ev),)
+                for t in (ev.state,)
             ])
             db.executemany(UPSERT_GRANT, [
                 (g.user, g.seq, g.version, g.r, g.e, int(g.gone), g.meta, g.x, g.pri)
