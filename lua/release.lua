@@ -3,6 +3,7 @@
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
 -- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
+-- KEYS[10] unused (rate-limit overrides)   KEYS[11] account rate state (optional)
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
 -- ARGV[5] hold id  ARGV[6] extra metadata (JSON object, carried in the event)
@@ -20,10 +21,12 @@ local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
 local fp = 'release|' .. hid
 local seen = op_replay(KEYS[5], fp)
 if seen then return seen end
-local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear')
+local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear', 'tk', 'tki')
 if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
   return hold_not_open(KEYS, now, user, hid, hold)
 end
 local res = resolve_hold(KEYS, now, user, hid, hold, 0, 'released', op, fp, cjson.decode(ARGV[6]))
+-- Nothing was produced: the tokens the reserve counted come back (the request still counts).
+if hold[5] then rate_adjust(KEYS[11], now, -tonumber(hold[5]), tonumber(hold[6])) end
 op_record(KEYS[5], fp, res, ARGV[2])
 return {'ok', res}

@@ -2,10 +2,13 @@
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
 -- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
+-- KEYS[10] account rate-limit overrides (hash rpm, tpm)   KEYS[11] account rate state (hash)
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
 -- ARGV[5] hold id  ARGV[6] amount (micro-credits > 0)  ARGV[7] timeout (ms > 0)
 -- ARGV[8] extra metadata (JSON object, kept on the hold and in the event)
+-- ARGV[9] default requests per minute  ARGV[10] default tokens per minute (0 = no limit;
+--         the account's overrides win)  ARGV[11] tokens this call may use ('' = not rate limited)
 -- Returns {code, JSON}:
 --   ok                    {hold_id, amount, expires_at, state...}
 --   exists                the first answer, for a replay with the same fields
@@ -13,6 +16,8 @@
 --   hold_exists           the hold id is already taken (by another operation)
 --   in_debt               the account owes credits and cannot reserve until repaid {debt}
 --   insufficient_credits  {available}; nothing changes
+--   rate_limited          {limit, value, retry_after_ms}; retry_after_ms -1: the call's tokens
+--                         exceed the limit itself and it can never pass; nothing changes
 --   invalid_amount        the amount or timeout is not a whole number in range
 --   state_lost            the partition has not been rebuilt since Redis lost its data
 --@include lib
@@ -29,9 +34,39 @@ if redis.call('EXISTS', KEYS[6]) == 1 then return {'hold_exists', '{}'} end
 local acct, gord = KEYS[1], KEYS[2]
 local debt = num(redis.call('HGET', acct, 'debt'))
 if debt > 0 then return {'in_debt', cjson.encode({debt = fmt(debt)})} end
+
+-- Rate limits are checked before credit, and take effect only with the hold.
+local rq, tk, tokens, tk_interval = nil, nil, 0, 0
+if ARGV[11] and ARGV[11] ~= '' then
+  tokens = tonumber(ARGV[11]) or 0
+  local lim = redis.call('HMGET', KEYS[10], 'rpm', 'tpm')
+  local rpm, tpm = tonumber(lim[1]) or num(ARGV[9]), tonumber(lim[2]) or num(ARGV[10])
+  local tat = redis.call('HMGET', KEYS[11], 'rq', 'tk')
+  local wait
+  if rpm > 0 then
+    rq, wait = gcra(num(tat[1]), now, 1, rpm)
+    if wait > 0 then
+      return {'rate_limited', cjson.encode({limit = 'requests_per_minute', value = fmt(rpm),
+                                            retry_after_ms = fmt(math.ceil(wait))})}
+    end
+  end
+  if tpm > 0 and tokens > 0 then
+    if tokens > tpm then
+      return {'rate_limited', cjson.encode({limit = 'tokens_per_minute', value = fmt(tpm), retry_after_ms = '-1'})}
+    end
+    tk, wait = gcra(num(tat[2]), now, tokens, tpm)
+    if wait > 0 then
+      return {'rate_limited', cjson.encode({limit = 'tokens_per_minute', value = fmt(tpm),
+                                            retry_after_ms = fmt(math.ceil(wait))})}
+    end
+    tk_interval = RATE_WINDOW_MS / tpm
+  end
+end
+
 local grants = live_grants(acct, gord, now)
 local avail = sum_free(grants)
 if avail < amount then return {'insufficient_credits', cjson.encode({available = fmt(avail)})} end
+if rq or tk then rate_store(KEYS[11], now, rq, tk) end
 
 local touched, parts = {}, {}
 draw(acct, grants, amount, touched, true, parts)
@@ -39,6 +74,7 @@ local exp = now + ttl
 local ear = table.concat(parts, ',')
 redis.call('HSET', KEYS[6], 'amt', ARGV[6], 'exp', fmt(exp), 'st', 'open', 'ear', ear,
            'at', ARGV[1], 'op', op, 'x', ARGV[8])
+if tk then redis.call('HSET', KEYS[6], 'tk', fmt(tokens), 'tki', string.format('%.6f', tk_interval)) end
 redis.call('HINCRBY', acct, 'held', amount)
 redis.call('HSET', acct, 'o:' .. hid, ARGV[6] .. ':' .. fmt(exp))
 redis.call('ZADD', KEYS[7], exp, user .. '|' .. hid)

@@ -4,10 +4,13 @@
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
 -- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
+-- KEYS[10] unused (rate-limit overrides)   KEYS[11] account rate state (optional)
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
 -- ARGV[5] hold id  ARGV[6] amount to charge (micro-credits >= 0)
 -- ARGV[7] extra metadata (JSON object, carried in the event: request id, usage...)
+-- ARGV[8] tokens the call really used ('' = unknown): corrects the tokens-per-minute
+--         count the reserve charged with its worst case
 -- Returns {code, JSON}:
 --   ok                {hold_id, status, charged, held_amount, returned, lapsed, debt_added, state...}
 --   exists            the first answer, for a replay with the same fields
@@ -24,11 +27,14 @@ local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
 local fp = 'settle|' .. hid .. '|' .. ARGV[6]
 local seen = op_replay(KEYS[5], fp)
 if seen then return seen end
-local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear')
+local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear', 'tk', 'tki')
 if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
   return hold_not_open(KEYS, now, user, hid, hold)
 end
 local res = resolve_hold(KEYS, now, user, hid, hold, tonumber(ARGV[6]), 'settled', op, fp,
                          cjson.decode(ARGV[7]))
+if hold[5] and ARGV[8] and ARGV[8] ~= '' then
+  rate_adjust(KEYS[11], now, (tonumber(ARGV[8]) or 0) - tonumber(hold[5]), tonumber(hold[6]))
+end
 op_record(KEYS[5], fp, res, ARGV[2])
 return {'ok', res}

@@ -56,3 +56,24 @@ async def test_cluster_sweep_and_rebuild_after_flush(cengine, cluster, store, cl
     assert swept.holds == sum(len(v.holds) for v in before.values()) > 0
     await Worker(cengine, store).run(burst=True)
     assert await reconcile(cengine, store) == []
+
+
+async def test_api_keys_and_rate_limits_on_the_cluster(cengine, cluster, store, clock):
+    from gateway.core.apikeys import ApiKeys
+    from gateway.core.engine import RateCharge
+    from gateway.core.errors import RateLimited
+    from gateway.core.ratelimits import set_rate_limits
+    from gateway.core.store.base import RateLimitOverride
+
+    keys = ApiKeys(cluster, cengine.keys, store)
+    issued = [await keys.issue(f"ck{i}") for i in range(12)]  # spread over the nodes' slots
+    for k in issued:
+        assert (await keys.owner(k.token)).user == k.record.user
+    await keys.revoke("ck0", issued[0].record.key_id)
+    assert await keys.owner(issued[0].token) is None
+    await cengine.grant("ck1", "10", op_id="g")
+    await set_rate_limits(cluster, cengine.keys, store, RateLimitOverride("ck1", 1, None))
+    await cengine.reserve("ck1", "1", hold_id="h1", ttl_seconds=60, rate=RateCharge(10, 100, 1000))
+    with pytest.raises(RateLimited):
+        await cengine.reserve("ck1", "1", hold_id="h2", ttl_seconds=60, rate=RateCharge(10, 100, 1000))
+    await cengine.settle("ck1", "h1", "0.5", tokens=3)

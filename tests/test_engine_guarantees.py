@@ -466,3 +466,19 @@ async def test_far_future_expiry_is_spent_before_never_and_beyond_2248_refused(e
     assert [(g.grant_id, g.free) for g in grants] == [("never", D("1"))]
     with pytest.raises(ValueError):
         await engine.grant("zed", "1", op_id="too-far", expires_at=datetime(2300, 1, 1, tzinfo=timezone.utc))
+
+
+async def test_earmarks_on_a_grant_that_expired_meanwhile_lapse_at_release_and_settle(engine, clock):
+    for u in ("lap1", "lap2"):
+        await engine.grant(u, "5", op_id="soon", expires_at=at(clock, 20), priority=0)
+        await engine.grant(u, "5", op_id="never")
+        await engine.reserve(u, "4", hold_id="h", ttl_seconds=60)  # all from "soon" (expires first)
+    clock.advance(25)  # "soon" expired while the hold was open
+    r = await engine.release("lap1", "h")
+    assert (r.returned, r.lapsed, r.charged) == (D(0), D(4), D(0))
+    s = await engine.settle("lap2", "h", "1")
+    assert (s.charged, s.returned, s.lapsed) == (D(1), D(0), D(3))
+    for u, spent in (("lap1", D(0)), ("lap2", D(1))):
+        bal = await engine.balance(u)
+        assert (bal.held, bal.spent, bal.available) == (D(0), spent, D(5))
+        await assert_conserved(engine, u, spent)

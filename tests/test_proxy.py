@@ -4,6 +4,7 @@ on a real redis-server, with a SQLite store."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sys
@@ -99,24 +100,36 @@ class Gateway:
         return await self.services.engine.balance(user)
 
 
-@pytest.fixture
-async def gw(redis, redis_url, tmp_path):
-    fake = FakeUpstream()
-    url = await fake.start()
-    cfg = tmp_path / "gateway.toml"
-    cfg.write_text(CONFIG.format(url=url, timeout=2))
+@contextlib.asynccontextmanager
+async def running_gateway(redis_url, tmp_path, extra_config: str = "", fake: FakeUpstream | None = None,
+                          db: str = "p.db"):
+    """A gateway (uvicorn, in this process) in front of a fake upstream (its own unless given)."""
+    own_fake = fake is None
+    fake = fake or FakeUpstream()
+    url = await fake.start() if own_fake else f"http://127.0.0.1:{fake.port}"
+    cfg = tmp_path / f"gateway-{free_port()}.toml"
+    cfg.write_text(CONFIG.format(url=url, timeout=2) + extra_config)
     settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
-                        sqlite_path=str(tmp_path / "p.db"), audit_path=None, gateway_config=str(cfg))
+                        sqlite_path=str(tmp_path / db), audit_path=None, gateway_config=str(cfg))
     app = create_app(settings, run_worker=False)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
-    yield Gateway(f"http://127.0.0.1:{port}", app, fake)
-    server.should_exit = True
-    await task
-    await fake.stop()
+    try:
+        yield Gateway(f"http://127.0.0.1:{port}", app, fake)
+    finally:
+        server.should_exit = True
+        await task
+        if own_fake:
+            await fake.stop()
+
+
+@pytest.fixture
+async def gw(redis, redis_url, tmp_path):
+    async with running_gateway(redis_url, tmp_path) as g:
+        yield g
 
 
 async def post(gw, path, body, user="alice", **headers):

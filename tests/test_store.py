@@ -396,3 +396,42 @@ async def test_restore_rebuilds_redis(engine, redis, clock, events, store):
     await store.write_events(await stream_events(engine))
     for u in USERS:
         assert store_view(await store.snapshot(u)) == await redis_view(engine, u), u
+
+
+# -- admin-plane records: API keys and rate-limit overrides ---------------------------------
+
+
+async def test_api_keys_are_kept_hashed_revocable_and_listed(store):
+    from gateway.core.store.base import ApiKeyRecord
+
+    a = ApiKeyRecord("key_0000000000000001", "alice", "d1" * 32, "cgk_abcdef", "app", 1000)
+    b = ApiKeyRecord("key_0000000000000002", "alice", "d2" * 32, "cgk_ghijkl", "", 2000)
+    c = ApiKeyRecord("key_0000000000000003", "bob", "d3" * 32, "cgk_mnopqr", "", 1500)
+    for k in (a, b, c):
+        await store.add_api_key(k)
+    assert [k.key_id for k in await store.api_keys("alice")] == [a.key_id, b.key_id]
+    first = await store.revoke_api_key("alice", a.key_id, 5000)
+    assert first.revoked_ms == 5000
+    again = await store.revoke_api_key("alice", a.key_id, 9000)
+    assert again.revoked_ms == 5000  # the first revocation time stays
+    assert await store.revoke_api_key("bob", a.key_id, 9000) is None  # not bob's key
+    assert await store.revoke_api_key("alice", "key_ffffffffffffffff", 9000) is None
+    active = [k.key_id async for k in store.active_api_keys()]
+    assert sorted(active) == [b.key_id, c.key_id]
+    listed = await store.api_keys("alice")
+    assert listed[0].revoked_ms == 5000 and listed[1].revoked_ms is None and listed[0].name == "app"
+    with pytest.raises(Exception):  # the digest is unique
+        await store.add_api_key(ApiKeyRecord("key_0000000000000009", "carol", "d1" * 32, "x", "", 1))
+
+
+async def test_rate_limit_overrides_are_replaced_and_removed(store):
+    from gateway.core.store.base import RateLimitOverride
+
+    await store.set_rate_limits(RateLimitOverride("alice", 10, None))
+    await store.set_rate_limits(RateLimitOverride("bob", None, 500))
+    await store.set_rate_limits(RateLimitOverride("alice", 20, 0))
+    assert await store.rate_limits("alice") == RateLimitOverride("alice", 20, 0)
+    assert await store.rate_limits("carol") is None
+    await store.set_rate_limits(RateLimitOverride("bob", None, None))
+    assert await store.rate_limits("bob") is None
+    assert [o async for o in store.all_rate_limits()] == [RateLimitOverride("alice", 20, 0)]

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from fastapi import FastAPI
 
+from ..core.apikeys import ApiKeys
 from ..core.connections import describe, make_keys, make_redis, make_store
 from ..core.engine import CreditEngine
 from ..core.recovery import ensure_ready
@@ -19,7 +20,7 @@ from ..core.store.base import Store
 from .auth import KeyRing
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
-from .routes import admin, health, holds, pricing
+from .routes import access, admin, health, holds, pricing
 from .services import Services
 
 log = logging.getLogger("credit.gateway")
@@ -54,6 +55,7 @@ def create_app(
             settings=settings, redis=r, store=s, engine=engine,
             admin_keys=KeyRing(settings.admin_key_digests), client_keys=KeyRing(settings.client_key_digests),
         )
+        services.api_keys = ApiKeys(r, engine.keys, s, cache_seconds=settings.api_key_cache_seconds)
         app.state.services = services
         if settings.embedded:
             log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
@@ -61,6 +63,7 @@ def create_app(
         rebuilt = await ensure_ready(engine, s)
         if rebuilt:
             log.info("rebuilt %d accounts from the store", rebuilt.accounts)
+        await services.api_keys.start()
         services.ready = True
         session = None
         if proxy_config is not None:
@@ -77,7 +80,9 @@ def create_app(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
                 auto_decompress=False, skip_auto_headers=("User-Agent",),
             )
-            services.proxy = MeteringProxy(engine, proxy_config, services.pricing, Identity(services.client_keys), session)
+            services.proxy = MeteringProxy(
+                engine, proxy_config, services.pricing, Identity(services.client_keys, services.api_keys), session
+            )
         if in_process_worker:
             from worker.service import build_worker
 
@@ -91,6 +96,7 @@ def create_app(
                 await services.pricing.stop()
             if session is not None:
                 await session.close()
+            await services.api_keys.stop()
             if services.worker is not None:
                 services.worker.stop()
             for t in services.background:
@@ -114,7 +120,7 @@ def create_app(
     app.add_middleware(
         BodyLimitMiddleware, limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes
     )
-    for module in (health, admin, holds, pricing):
+    for module in (health, admin, access, holds, pricing):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.config import ANTHROPIC_ROUTES, OPENAI_ROUTES

@@ -20,6 +20,7 @@ class Services:
     engine: CreditEngine
     admin_keys: KeyRing
     client_keys: KeyRing
+    api_keys: Any = None  # gateway.core.apikeys.ApiKeys
     worker: Any = None
     proxy: Any = None  # gateway.proxy.forward.MeteringProxy when upstreams are configured
     pricing: Any = None  # gateway.proxy.pricing_cache.PricingCache

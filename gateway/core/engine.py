@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Callable
@@ -39,6 +40,17 @@ MAX_TTL_S = 7 * 86400
 
 # Lua scores grant expiry in ms below 2^43 (year 2248); later dates are refused.
 MAX_EXPIRY_MS = 2**43 - 2
+
+
+@dataclass(frozen=True, slots=True)
+class RateCharge:
+    """What a reserve counts against the account's per-minute limits: one request and
+    `tokens` (the call's worst case; settle corrects it to the real count). The limits are
+    defaults (0 = none); an account's overrides (`set_rate_limits`) win."""
+
+    tokens: int = 0
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
 
 
 def _units_arg(units: int, *, allow_zero: bool = False) -> int:
@@ -171,10 +183,13 @@ class CreditEngine:
         ttl_seconds: float,
         op_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        rate: RateCharge | None = None,
     ) -> Hold:
-        """Holds `amount` credits for at most `ttl_seconds`. The op id defaults to the hold id."""
+        """Holds `amount` credits for at most `ttl_seconds`. The op id defaults to the hold id.
+        With `rate`, the call also counts against the per-minute limits (RateLimited)."""
         return await self.reserve_units(
-            user, to_units(amount), hold_id=hold_id, ttl_seconds=ttl_seconds, op_id=op_id, metadata=metadata
+            user, to_units(amount), hold_id=hold_id, ttl_seconds=ttl_seconds, op_id=op_id, metadata=metadata,
+            rate=rate,
         )
 
     async def reserve_units(
@@ -186,6 +201,7 @@ class CreditEngine:
         ttl_seconds: float,
         op_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        rate: RateCharge | None = None,
     ) -> Hold:
         check_id("user_id", user)
         check_id("hold_id", hold_id)
@@ -194,10 +210,16 @@ class CreditEngine:
         if not 0 < ttl_ms <= MAX_TTL_S * 1000:
             raise ValueError(f"ttl_seconds must be in (0, {MAX_TTL_S}]")
         _units_arg(units)
+        if rate is not None and not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            for n in (rate.tokens, rate.requests_per_minute, rate.tokens_per_minute)
+        ):
+            raise ValueError("rate limits and tokens must be non-negative ints")
+        limits = (rate.requests_per_minute, rate.tokens_per_minute, rate.tokens) if rate else (0, 0, "")
         r, replayed = await self._run(
             "reserve",
-            self.keys.account_keys(user, op_id, hold_id),
-            [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata)],
+            self.keys.account_keys(user, op_id, hold_id) + self.keys.rate_keys(user),
+            [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits],
         )
         return Hold(r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed)
 
@@ -209,10 +231,13 @@ class CreditEngine:
         *,
         op_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        tokens: int | None = None,
     ) -> HoldResolution:
-        """Posts the hold at `amount` (may exceed the hold: see the overage policy)."""
+        """Posts the hold at `amount` (may exceed the hold: see the overage policy).
+        `tokens`: what the call really used, replacing the reserve's worst case in the
+        tokens-per-minute count."""
         return await self.settle_units(
-            user, hold_id, to_units(amount, allow_zero=True), op_id=op_id, metadata=metadata
+            user, hold_id, to_units(amount, allow_zero=True), op_id=op_id, metadata=metadata, tokens=tokens
         )
 
     async def settle_units(
@@ -223,15 +248,18 @@ class CreditEngine:
         *,
         op_id: str | None = None,
         metadata: dict[str, Any] | None = None,
+        tokens: int | None = None,
     ) -> HoldResolution:
         check_id("user_id", user)
         check_id("hold_id", hold_id)
         op_id = check_id("op_id", op_id) if op_id else f"!settle:{hold_id}"
         _units_arg(units, allow_zero=True)
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0):
+            raise ValueError("tokens must be a non-negative int")
         r, replayed = await self._run(
             "settle",
-            self.keys.account_keys(user, op_id, hold_id),
-            [*self._base(user, op_id), hold_id, units, _meta(metadata)],
+            self.keys.account_keys(user, op_id, hold_id) + self.keys.rate_keys(user),
+            [*self._base(user, op_id), hold_id, units, _meta(metadata), "" if tokens is None else tokens],
         )
         return _resolution(r, replayed)
 
@@ -244,7 +272,7 @@ class CreditEngine:
         op_id = check_id("op_id", op_id) if op_id else f"!release:{hold_id}"
         r, replayed = await self._run(
             "release",
-            self.keys.account_keys(user, op_id, hold_id),
+            self.keys.account_keys(user, op_id, hold_id) + self.keys.rate_keys(user),
             [*self._base(user, op_id), hold_id, _meta(metadata)],
         )
         return _resolution(r, replayed)

@@ -75,6 +75,18 @@ class InvalidAmount(CreditError):
     http_status = 422
 
 
+class RateLimited(CreditError):
+    """Over a requests- or tokens-per-minute limit. details: limit, value, retry_after_ms
+    (-1: this call alone exceeds the limit and can never pass)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    @property
+    def retry_after_ms(self) -> int:
+        return int(self.details.get("retry_after_ms", 0))
+
+
 class StateLost(CreditError):
     """Redis lost this partition's data and it has not been rebuilt yet: retry later."""
 
@@ -86,7 +98,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (
         InsufficientCredits, AccountInDebt, HoldNotFound, HoldExists, HoldAlreadySettled,
-        HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, InvalidAmount, StateLost,
+        HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, InvalidAmount, RateLimited, StateLost,
     )
 }
 _AMOUNT_FIELDS = {"available", "debt"}

@@ -87,6 +87,19 @@ class KeySpace:
             pk.users,
         ]
 
+    def rate_keys(self, user: str) -> list[str]:
+        """KEYS[10..11] of reserve / settle / release: the account's rate-limit overrides
+        (durable: the store keeps them too) and its rate state (ephemeral, expires)."""
+        t = self._parts[self.partition_of(user)].tag
+        return [f"{t}:lim:{user}", f"{t}:rl:{user}"]
+
+    def api_key_partition(self, digest: str) -> int:
+        """API keys are spread over the partitions by their digest (found without a user)."""
+        return zlib.crc32(digest.encode()) % self.partitions
+
+    def api_key(self, digest: str) -> str:
+        return f"{self._parts[self.api_key_partition(digest)].tag}:apikey:{digest}"
+
     def hold_key(self, user: str, hold_id: str) -> str:
         return f"{self._parts[self.partition_of(user)].tag}:hold:{user}|{hold_id}"
 

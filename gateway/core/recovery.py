@@ -7,7 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .apikeys import restore_api_keys
 from .engine import CreditEngine
+from .ratelimits import restore_rate_limits
 from .money import to_units
 from .events import (
     DEBIT, GRANT, GRANT_EXPIRED, HOLD_EXPIRED, HOLD_OPEN, HOLD_RELEASED, HOLD_SETTLED,
@@ -23,6 +25,8 @@ class RehydrateReport:
     skipped: int = 0
     operations: int = 0
     partitions: int = 0
+    api_keys: int = 0
+    rate_limits: int = 0
 
 
 def _restore_state(snap: AccountSnapshot) -> dict[str, Any]:
@@ -42,7 +46,8 @@ def _restore_state(snap: AccountSnapshot) -> dict[str, Any]:
 
 
 async def rehydrate(engine: CreditEngine, store: Store, partitions: list[int] | None = None) -> RehydrateReport:
-    """Rebuilds accounts, grants, open holds and recent operation ids from the store.
+    """Rebuilds accounts, grants, open holds, recent operation ids, API keys and rate-limit
+    overrides from the store.
 
     Only accounts Redis does not already hold at the same or a newer version are written;
     the partitions' ready markers are set at the end, which re-opens them to writes.
@@ -70,6 +75,9 @@ async def rehydrate(engine: CreditEngine, store: Store, partitions: list[int] | 
                 engine.keys.op_key(op.user, op.op_id), f"{op.fingerprint}\n{op.result}", ex=ttl, nx=True
             )
             report.operations += 1
+    # The admin records that live on these partitions: API keys and rate-limit overrides.
+    report.api_keys = await restore_api_keys(engine.redis, engine.keys, store, wanted)
+    report.rate_limits = await restore_rate_limits(engine.redis, engine.keys, store, wanted)
     for p in sorted(wanted):
         await engine.mark_ready(p)
     report.partitions = len(wanted)

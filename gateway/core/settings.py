@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     retention_seconds: int = Field(7 * 86400, ge=3600, description="op-id and resolved-hold memory in Redis")
     max_hold_ttl_seconds: int = Field(86400, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
+    api_key_cache_seconds: float = Field(
+        10.0, ge=0, description="how long a process trusts a cached per-user key lookup (revocations also arrive by pub/sub)"
+    )
 
     # Worker.
     audit_path: str | None = "credit-audit.jsonl"

@@ -48,6 +48,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..core.money import AmountError, to_units
+from ..core.ratelimits import check_limit
 from ..core.pricing import PricingTable
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -111,6 +112,16 @@ class ProxyConfig:
 
     def route_for(self, path: str) -> ExtraRoute | None:
         return next((r for r in self.routes if r.path == path), None)
+
+
+def _rate_limits(rl: Any) -> RateLimits:
+    if not isinstance(rl, dict) or set(rl) - {"requests_per_minute", "tokens_per_minute"}:
+        raise ConfigError("rate_limits takes requests_per_minute and tokens_per_minute")
+    try:
+        return RateLimits(check_limit("requests_per_minute", rl.get("requests_per_minute", 0)),
+                          check_limit("tokens_per_minute", rl.get("tokens_per_minute", 0)))
+    except ValueError as exc:
+        raise ConfigError(f"rate_limits: {exc}") from exc
 
 
 def _read(path: str) -> dict[str, Any]:
@@ -220,5 +231,5 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyCon
         hard_cap=bool(gw.get("hard_cap", False)),
         hold_margin_seconds=float(gw.get("hold_margin_seconds", 30)),
         max_body_bytes=int(gw.get("max_body_bytes", 4 * 1024 * 1024)),
-        rate_limits=RateLimits(int(rl.get("requests_per_minute", 0)), int(rl.get("tokens_per_minute", 0))),
+        rate_limits=_rate_limits(rl),
     )

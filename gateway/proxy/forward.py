@@ -22,8 +22,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from ..core.engine import CreditEngine
-from ..core.errors import AccountInDebt, CreditError, InsufficientCredits, StateLost
+from ..core.engine import CreditEngine, RateCharge
+from ..core.errors import AccountInDebt, CreditError, InsufficientCredits, RateLimited, StateLost
 from ..core.money import from_units, to_units
 from ..core.pricing import ModelPrice, Usage
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
@@ -113,7 +113,10 @@ class MeteringProxy:
         try:
             user = await self.identity.user_of(request)
         except IdentityError as exc:
-            return proxy_error(kind, 401, "unauthorized", str(exc), rid)
+            code = "unauthorized" if exc.status == 401 else "forbidden"
+            return proxy_error(kind, exc.status, code, str(exc), rid)
+        except StateLost:
+            return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
         if path not in OPENAI_ROUTES + ANTHROPIC_ROUTES:
             return await self._flat(request, user, kind, request_id)
         raw = await self._body(request)
@@ -187,12 +190,17 @@ class MeteringProxy:
         worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
         ttl = call.upstream.timeout_seconds + self.config.hold_margin_seconds
         rid = {"X-Request-Id": call.request_id}
+        limits = self.config.rate_limits
         for attempt in range(2):
+            # The tokens-per-minute count takes the worst case too; settle corrects it.
+            rate = RateCharge(call.est_input + call.max_output, limits.requests_per_minute, limits.tokens_per_minute)
             try:
                 await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
-                                                metadata=call.meta)
+                                                metadata=call.meta, rate=rate)
                 call.hold_units = worst
                 return None
+            except RateLimited as exc:
+                return _rate_limited(call.kind, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
                 affordable = min(call.price.output_tokens_affordable(available, call.est_input), call.max_output)
@@ -348,7 +356,8 @@ class MeteringProxy:
         meta = {**call.meta, "usage": {"input": usage.input, "output": usage.output,
                                        "cached_input": usage.cached_input}, "partial": partial}
         try:
-            r = await self.engine.settle_units(call.user, call.request_id, cost, metadata=meta)
+            r = await self.engine.settle_units(call.user, call.request_id, cost, metadata=meta,
+                                               tokens=usage.input + usage.cache_write + usage.output)
             return r.charged_units, r.state.available_units
         except CreditError as exc:
             log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
@@ -383,12 +392,18 @@ class MeteringProxy:
             return proxy_error(kind, 413, "body_too_large", "request body too large", rid)
         meta = {"request_id": request_id, "path": route.path, "upstream": upstream.name}
         if route.price_units:
+            limits = self.config.rate_limits
             try:
                 await self.engine.reserve_units(user, route.price_units, hold_id=request_id,
                                                 ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds,
-                                                metadata=meta)
+                                                metadata=meta,
+                                                rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute))
             except (InsufficientCredits, AccountInDebt):
                 return proxy_error(kind, 402, "insufficient_credits", "not enough credits for this request", rid)
+            except RateLimited as exc:
+                return _rate_limited(kind, exc, rid)
+            except StateLost:
+                return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
         headers = self._upstream_headers(request, upstream)
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
         try:
@@ -410,6 +425,16 @@ class MeteringProxy:
                 await self.engine.release(user, request_id)
         return Response(body, status_code=status,
                         headers={**passed, **rid, "X-Credits-Charged": str(from_units(charged))})
+
+
+def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
+    limit, value, wait_ms = exc.details.get("limit"), exc.details.get("value"), exc.retry_after_ms
+    if wait_ms < 0:  # this call alone is over the limit: waiting will not help
+        return proxy_error(kind, 429, "request_too_large",
+                           f"this request's tokens exceed the {limit} limit ({value})", rid, limit=limit)
+    retry_after = str(max(1, _ceil_div(wait_ms, 1000)))
+    return proxy_error(kind, 429, "rate_limited", f"{limit} limit ({value}) reached; retry after {retry_after} s",
+                       {**rid, "Retry-After": retry_after}, limit=limit)
 
 
 class _HardCap(Exception):

@@ -7,13 +7,12 @@ message was missed. The hot path reads only the process-local copy.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import Any
 
 import orjson
 
+from ..core.channel import Subscription
 from ..core.pricing import PricingTable
 
 log = logging.getLogger("credit.pricing")
@@ -27,19 +26,17 @@ class PricingCache:
         self.table = initial
         self._initial = initial
         self.refresh_seconds = refresh_seconds
-        self._task: asyncio.Task | None = None
+        self._sub = Subscription(redis, self.channel, on_message=lambda _: self.reload(),
+                                 on_subscribe=self.reload, on_idle=self.reload, idle_seconds=refresh_seconds)
 
     async def start(self) -> None:
         """Seeds Redis with the configured table when it has none, loads it, and listens."""
         await self.redis.set(self.key, orjson.dumps({"version": 1, "table": self._initial.to_json()}), nx=True)
         await self.reload()
-        self._task = asyncio.create_task(self._listen(), name="pricing-listener")
+        await self._sub.start()
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await self._sub.stop()
 
     async def reload(self) -> None:
         raw = await self.redis.get(self.key)
@@ -57,29 +54,3 @@ class PricingCache:
         await self.redis.publish(self.channel, str(version))
         await self.reload()
         return self.table
-
-    async def _listen(self) -> None:
-        if not hasattr(self.redis, "pubsub"):  # a client without pub/sub: re-read on a timer
-            while True:
-                await asyncio.sleep(self.refresh_seconds)
-                try:
-                    await self.reload()
-                except Exception:
-                    log.exception("pricing reload failed; retrying")
-        while True:
-            pubsub = self.redis.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                await self.reload()  # anything changed before the subscription took
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=self.refresh_seconds)
-                    await self.reload()
-                    del msg
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("pricing listener failed; retrying")
-                await asyncio.sleep(1.0)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()

@@ -218,3 +218,36 @@ local function hold_not_open(K, now, user, hid, hold)
   local names = {settled = 'already_settled', released = 'already_released', expired = 'hold_expired'}
   return {names[st] or 'hold_not_found', cjson.encode({status = st})}
 end
+
+-- Rate limits: GCRA (the generic cell rate algorithm) over one minute. The rate hash keeps
+-- one "theoretical arrival time" (ms) per limit: rq for requests, tk for tokens. A limit of
+-- L per minute lets a minute's worth through at once, then one unit every 60000/L ms.
+-- Returns the new time, and how long (ms) the caller must wait when it is > 0.
+local RATE_WINDOW_MS = 60000
+local function gcra(tat, now, cost, per_min)
+  local new = math.max(tat, now) + cost * RATE_WINDOW_MS / per_min
+  return new, new - now - RATE_WINDOW_MS
+end
+
+-- Writes rate times and keeps the hash only as long as one of them is in the future.
+local function rate_store(rkey, now, rq, tk)
+  if rq then redis.call('HSET', rkey, 'rq', string.format('%.3f', rq)) end
+  if tk then redis.call('HSET', rkey, 'tk', string.format('%.3f', tk)) end
+  local t = redis.call('HMGET', rkey, 'rq', 'tk')
+  local last = math.max(num(t[1]), num(t[2]))
+  redis.call('PEXPIRE', rkey, math.max(math.ceil(last - now), 0) + 1000)
+end
+
+-- Moves the tokens time by `delta` tokens of `interval` ms each: a settle replaces the
+-- reserved worst case with the real count, a release gives all of it back.
+local function rate_adjust(rkey, now, delta, interval)
+  if not rkey or delta == 0 or not interval or interval <= 0 then return end
+  local tat = num(redis.call('HGET', rkey, 'tk'))
+  if delta > 0 then
+    tat = math.max(tat, now) + delta * interval
+  else
+    if tat <= now then return end  -- already refilled: nothing to give back
+    tat = math.max(tat + delta * interval, now)
+  end
+  rate_store(rkey, now, nil, tat)
+end

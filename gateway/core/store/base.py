@@ -54,6 +54,28 @@ class OperationRecord:
     ts_ms: int
 
 
+@dataclass(slots=True)
+class ApiKeyRecord:
+    """A per-user API key as stored: never the key, only its SHA-256 digest (hex)."""
+
+    key_id: str
+    user: str
+    digest: str
+    prefix: str  # the key's first characters, to recognise it in a listing
+    name: str
+    created_ms: int
+    revoked_ms: int | None = None
+
+
+@dataclass(slots=True)
+class RateLimitOverride:
+    """An account's own per-minute limits; None keeps the gateway's default, 0 means none."""
+
+    user: str
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+
+
 class Store(ABC):
     """One durable store. Implementations: SQLiteStore (embedded), MongoStore."""
 
@@ -90,3 +112,29 @@ class Store(ABC):
     @abstractmethod
     def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
         """Caller operations (with fingerprint and answer) recorded at or after ts_ms."""
+
+    # -- admin-plane records: written here first, then to Redis; rehydrate restores them --
+
+    @abstractmethod
+    async def add_api_key(self, key: ApiKeyRecord) -> None: ...
+
+    @abstractmethod
+    async def revoke_api_key(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
+        """Marks the key revoked (keeping the first revocation time); None if no such key."""
+
+    @abstractmethod
+    async def api_keys(self, user: str) -> list[ApiKeyRecord]:
+        """The user's keys, revoked ones included, oldest first."""
+
+    @abstractmethod
+    def active_api_keys(self) -> AsyncIterator[ApiKeyRecord]: ...
+
+    @abstractmethod
+    async def set_rate_limits(self, override: RateLimitOverride) -> None:
+        """Stores the override; one with both limits None removes it."""
+
+    @abstractmethod
+    async def rate_limits(self, user: str) -> RateLimitOverride | None: ...
+
+    @abstractmethod
+    def all_rate_limits(self) -> AsyncIterator[RateLimitOverride]: ...

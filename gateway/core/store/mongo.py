@@ -22,7 +22,7 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import BulkWriteError
 
 from ..events import Event, answer_of
-from .base import AccountSnapshot, LedgerEntry, OperationRecord, Store
+from .base import AccountSnapshot, ApiKeyRecord, LedgerEntry, OperationRecord, RateLimitOverride, Store
 from .sqlite import TOTAL_FIELDS, collapse, grant_out, hold_out
 
 DUPLICATE_KEY = 11000
@@ -69,6 +69,8 @@ class MongoStore(Store):
         await db.accounts.create_index([("partition", ASCENDING)])
         await db.grants.create_index([("user_id", ASCENDING), ("seq", ASCENDING)])
         await db.holds.create_index([("user_id", ASCENDING), ("st", ASCENDING)])
+        await db.api_keys.create_index([("digest", ASCENDING)], unique=True)
+        await db.api_keys.create_index([("user_id", ASCENDING), ("created_ms", ASCENDING)])
 
     async def close(self) -> None:
         if self._client is not None:
@@ -210,3 +212,55 @@ class MongoStore(Store):
             answer = answer_of(json.loads(d["event"])) if d.get("fp") is not None else None
             if answer is not None:
                 yield OperationRecord(d["user_id"], d["op_id"], d["fp"], answer, int(d["ts_ms"]))
+
+    # -- API keys and rate-limit overrides -------------------------------------------------
+
+    @staticmethod
+    def _key_of(d: dict) -> ApiKeyRecord:
+        revoked = d.get("revoked_ms")
+        return ApiKeyRecord(d["_id"], d["user_id"], d["digest"], d["prefix"], d["name"], int(d["created_ms"]),
+                            None if revoked is None else int(revoked))
+
+    async def add_api_key(self, key: ApiKeyRecord) -> None:
+        await self.db.api_keys.insert_one({
+            "_id": key.key_id, "user_id": key.user, "digest": key.digest, "prefix": key.prefix,
+            "name": key.name, "created_ms": L(key.created_ms), "revoked_ms": None,
+        })
+
+    async def revoke_api_key(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
+        # Only the first revocation sets the time: the filter needs revoked_ms still null.
+        await self.db.api_keys.update_one(
+            {"_id": key_id, "user_id": user, "revoked_ms": None}, {"$set": {"revoked_ms": L(at_ms)}}
+        )
+        d = await self.db.api_keys.find_one({"_id": key_id, "user_id": user})
+        return None if d is None else self._key_of(d)
+
+    async def api_keys(self, user: str) -> list[ApiKeyRecord]:
+        cur = self.db.api_keys.find({"user_id": user}).sort([("created_ms", ASCENDING), ("_id", ASCENDING)])
+        return [self._key_of(d) async for d in cur]
+
+    async def active_api_keys(self) -> AsyncIterator[ApiKeyRecord]:
+        async for d in self.db.api_keys.find({"revoked_ms": None}).sort("_id", ASCENDING):
+            yield self._key_of(d)
+
+    async def set_rate_limits(self, override: RateLimitOverride) -> None:
+        o = override
+        if o.requests_per_minute is None and o.tokens_per_minute is None:
+            await self.db.rate_limits.delete_one({"_id": o.user})
+            return
+        await self.db.rate_limits.replace_one(
+            {"_id": o.user}, {"_id": o.user, "rpm": o.requests_per_minute, "tpm": o.tokens_per_minute}, upsert=True
+        )
+
+    @staticmethod
+    def _limits_of(d: dict) -> RateLimitOverride:
+        rpm, tpm = d.get("rpm"), d.get("tpm")
+        return RateLimitOverride(d["_id"], None if rpm is None else int(rpm), None if tpm is None else int(tpm))
+
+    async def rate_limits(self, user: str) -> RateLimitOverride | None:
+        d = await self.db.rate_limits.find_one({"_id": user})
+        return None if d is None else self._limits_of(d)
+
+    async def all_rate_limits(self) -> AsyncIterator[RateLimitOverride]:
+        async for d in self.db.rate_limits.find({}).sort("_id", ASCENDING):
+            yield self._limits_of(d)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from ..events import Event, answer_of
-from .base import AccountSnapshot, LedgerEntry, OperationRecord, Store
+from .base import AccountSnapshot, ApiKeyRecord, LedgerEntry, OperationRecord, RateLimitOverride, Store
 
 T = TypeVar("T")
 
@@ -180,6 +180,14 @@ CREATE TABLE IF NOT EXISTS holds (
     PRIMARY KEY (user, hold_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS holds_open ON holds(user, hold_id) WHERE st = 'open';
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
+    name TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user, created_ms);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    user TEXT PRIMARY KEY, rpm INTEGER, tpm INTEGER
+) WITHOUT ROWID;
 """
 
 INSERT_LEDGER = """
@@ -453,3 +461,71 @@ class SQLiteStore(Store):
             page, after, more = await self._call(self._ops_page, ts_ms, after)
             for op in page:
                 yield op
+
+    # -- API keys and rate-limit overrides -------------------------------------------------
+
+    _KEY_COLS = "key_id, user, digest, prefix, name, created_ms, revoked_ms"
+
+    async def add_api_key(self, key: ApiKeyRecord) -> None:
+        await self._call(
+            lambda: self.db.execute(
+                f"INSERT INTO api_keys ({self._KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (key.key_id, key.user, key.digest, key.prefix, key.name, key.created_ms, key.revoked_ms),
+            )
+        )
+
+    def _revoke(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
+        self.db.execute(
+            "UPDATE api_keys SET revoked_ms = coalesce(revoked_ms, ?) WHERE user = ? AND key_id = ?",
+            (at_ms, user, key_id),
+        )
+        row = self.db.execute(
+            f"SELECT {self._KEY_COLS} FROM api_keys WHERE user = ? AND key_id = ?", (user, key_id)
+        ).fetchone()
+        return ApiKeyRecord(*row) if row else None
+
+    async def revoke_api_key(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
+        return await self._call(self._revoke, user, key_id, at_ms)
+
+    async def api_keys(self, user: str) -> list[ApiKeyRecord]:
+        rows = await self._call(
+            lambda: self.db.execute(
+                f"SELECT {self._KEY_COLS} FROM api_keys WHERE user = ? ORDER BY created_ms, key_id", (user,)
+            ).fetchall()
+        )
+        return [ApiKeyRecord(*r) for r in rows]
+
+    async def active_api_keys(self) -> AsyncIterator[ApiKeyRecord]:
+        rows = await self._call(
+            lambda: self.db.execute(
+                f"SELECT {self._KEY_COLS} FROM api_keys WHERE revoked_ms IS NULL ORDER BY key_id"
+            ).fetchall()
+        )
+        for r in rows:
+            yield ApiKeyRecord(*r)
+
+    async def set_rate_limits(self, override: RateLimitOverride) -> None:
+        o = override
+        if o.requests_per_minute is None and o.tokens_per_minute is None:
+            await self._call(lambda: self.db.execute("DELETE FROM rate_limits WHERE user = ?", (o.user,)))
+            return
+        await self._call(
+            lambda: self.db.execute(
+                "INSERT INTO rate_limits (user, rpm, tpm) VALUES (?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm",
+                (o.user, o.requests_per_minute, o.tokens_per_minute),
+            )
+        )
+
+    async def rate_limits(self, user: str) -> RateLimitOverride | None:
+        row = await self._call(
+            lambda: self.db.execute("SELECT user, rpm, tpm FROM rate_limits WHERE user = ?", (user,)).fetchone()
+        )
+        return RateLimitOverride(*row) if row else None
+
+    async def all_rate_limits(self) -> AsyncIterator[RateLimitOverride]:
+        rows = await self._call(
+            lambda: self.db.execute("SELECT user, rpm, tpm FROM rate_limits ORDER BY user").fetchall()
+        )
+        for r in rows:
+            yield RateLimitOverride(*r)

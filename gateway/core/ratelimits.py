@@ -1,0 +1,54 @@
+"""Per-account rate-limit overrides (requests and tokens per minute).
+
+The gateway's defaults come from its configuration; an account's override replaces either
+limit (0 = no limit). Overrides are admin records: the store first, then the account's
+`lim` hash in Redis, which lua/reserve.lua reads on the account's own partition. A
+partition rebuilt from the store gets its overrides back (`restore_rate_limits`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .keys import KeySpace
+from .store.base import RateLimitOverride, Store
+
+MAX_LIMIT = 10**12
+
+
+def check_limit(name: str, value: int | None) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
+        raise ValueError(f"{name} must be a whole number from 0 (no limit) to {MAX_LIMIT}, or null (the default)")
+    return value
+
+
+async def _write(redis: Any, keys: KeySpace, o: RateLimitOverride) -> None:
+    key = keys.rate_keys(o.user)[0]
+    values = {"rpm": o.requests_per_minute, "tpm": o.tokens_per_minute}
+    if all(v is None for v in values.values()):
+        await redis.delete(key)
+        return
+    unset = [k for k, v in values.items() if v is None]
+    if unset:
+        await redis.hdel(key, *unset)
+    await redis.hset(key, mapping={k: v for k, v in values.items() if v is not None})
+
+
+async def set_rate_limits(redis: Any, keys: KeySpace, store: Store, override: RateLimitOverride) -> RateLimitOverride:
+    """Stores an account's override (both None: back to the defaults) and applies it."""
+    check_limit("requests_per_minute", override.requests_per_minute)
+    check_limit("tokens_per_minute", override.tokens_per_minute)
+    await store.set_rate_limits(override)
+    await _write(redis, keys, override)
+    return override
+
+
+async def restore_rate_limits(redis: Any, keys: KeySpace, store: Store, partitions: set[int]) -> int:
+    n = 0
+    async for o in store.all_rate_limits():
+        if keys.partition_of(o.user) in partitions:
+            await _write(redis, keys, o)
+            n += 1
+    return n
