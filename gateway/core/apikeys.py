@@ -82,6 +82,7 @@ class ApiKeys:
             # Never shown, so never usable; keep the store from restoring it later.
             await asyncio.shield(self.store.revoke_api_key(user, rec.key_id, rec.created_ms))
             raise
+        log.info("API key %s issued for user %s", rec.key_id, user)  # never the key itself
         return IssuedKey(rec, token)
 
     async def revoke(self, user: str, key_id: str) -> ApiKeyRecord | None:
@@ -93,6 +94,7 @@ class ApiKeys:
         await self.redis.delete(self.keys.api_key(rec.digest))
         self._forget(rec.digest)
         await self.redis.publish(self.channel, rec.digest)
+        log.info("API key %s of user %s revoked", key_id, user)
         return rec
 
     async def list(self, user: str) -> list[ApiKeyRecord]:

@@ -414,17 +414,26 @@ class MeteringProxy:
                 status, passed = resp.status, self._pass_headers(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             if route.price_units:
-                await self.engine.release(user, request_id)
+                await self._resolve(user, request_id, None, meta)
             return proxy_error(kind, 502, "upstream_unreachable", "the upstream could not be reached", rid)
         charged = 0
         if route.price_units:
-            if status < 300:
-                r = await self.engine.settle_units(user, request_id, route.price_units, metadata=meta)
-                charged = r.charged_units
-            else:
-                await self.engine.release(user, request_id)
+            charged = await self._resolve(user, request_id, route.price_units if status < 300 else None, meta)
         return Response(body, status_code=status,
                         headers={**passed, **rid, "X-Credits-Charged": str(from_units(charged))})
+
+
+    async def _resolve(self, user: str, hold_id: str, units: int | None, meta: dict[str, Any]) -> int:
+        """Settles a flat-priced call's hold at `units`, or releases it (None); the charge.
+        A refusal here (the hold expired meanwhile, say) is logged, never a 500."""
+        try:
+            if units is None:
+                await self.engine.release(user, hold_id, metadata=meta)
+                return 0
+            return (await self.engine.settle_units(user, hold_id, units, metadata=meta)).charged_units
+        except CreditError as exc:
+            log.error("resolving %s for %s failed: %s %s", hold_id, user, exc.code, exc.details)
+            return 0
 
 
 def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
