@@ -288,6 +288,9 @@ class MeteringProxy:
             buf = b""
             async for chunk in resp.content.iter_any():
                 buf += chunk
+                # The complete events of one upstream read go out as one write: a send per
+                # event through Starlette and uvicorn was the largest cost of a stream.
+                out = []
                 while True:
                     cut, sep = _event_end(buf)
                     if cut < 0:
@@ -296,9 +299,12 @@ class MeteringProxy:
                     obj = meter.feed(_sse_data(event))
                     if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
                         continue  # the usage chunk we asked for on the client's behalf
-                    yield event
+                    out.append(event)
                     if self.config.hard_cap and self._cost_so_far(call, meter) >= call.hold_units:
+                        yield b"".join(out)  # up to and including the event that reached the cap
                         raise _HardCap()
+                if out:
+                    yield b"".join(out)
             if buf:
                 yield buf
             done = True
