@@ -54,6 +54,7 @@ OUTPUT_FIELDS = {
     "/v1/embeddings": (),
 }
 DEFAULT_MAX_OUTPUT = 4096
+_METERED_ROUTES = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)
 
 
 def forwardable_headers(request: Request) -> dict[str, str]:
@@ -106,7 +107,10 @@ class MeteringProxy:
     # -- entry -------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        path = request.url.path
+        # The raw ASGI path: request.url builds a whole URL object per request. For the
+        # metered routes it equals request.url.path; any other path goes to _flat, which
+        # uses request.url as before.
+        path = request.scope["path"]
         kind = ANTHROPIC if path in ANTHROPIC_ROUTES else OPENAI
         request_id = f"req_{uuid.uuid4().hex}"
         rid = {"X-Request-Id": request_id}
@@ -114,7 +118,7 @@ class MeteringProxy:
             user = await self.identity.user_of(request)
         except IdentityError as exc:
             return proxy_error(kind, 401, "unauthorized", str(exc), rid)
-        if path not in OPENAI_ROUTES + ANTHROPIC_ROUTES:
+        if path not in _METERED_ROUTES:
             return await self._flat(request, user, kind, request_id)
         raw = await self._body(request)
         if raw is None:
