@@ -16,6 +16,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Callable
 
+import orjson
+
 from .errors import raise_for
 from .keys import KeySpace, check_id
 from .money import MAX_UNITS, AmountError, from_units, to_units
@@ -62,10 +64,19 @@ def _units_arg(units: int, *, allow_zero: bool = False) -> int:
     return units
 
 
-def _meta(metadata: dict[str, Any] | None) -> str:
+_META_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def _meta(metadata: dict[str, Any] | None) -> str | bytes:
     if not metadata:
         return "{}"
-    return json.dumps(metadata, separators=(",", ":"), default=str)
+    try:
+        # Two per proxied request: orjson is several times faster than json.dumps here.
+        # Datetimes and dataclasses still go through str(), as with json.dumps; non-ASCII goes
+        # out as UTF-8 rather than \u escapes (the same JSON to a reader).
+        return orjson.dumps(metadata, default=str, option=_META_OPTS)
+    except TypeError:  # what orjson refuses (non-str keys, ints above 64 bits): as before
+        return json.dumps(metadata, separators=(",", ":"), default=str)
 
 
 def _resolution(r: dict, replayed: bool) -> HoldResolution:

@@ -54,6 +54,7 @@ OUTPUT_FIELDS = {
     "/v1/embeddings": (),
 }
 DEFAULT_MAX_OUTPUT = 4096
+_METERED_ROUTES = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)
 
 
 def forwardable_headers(request: Request) -> dict[str, str]:
@@ -106,7 +107,10 @@ class MeteringProxy:
     # -- entry -------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        path = request.url.path
+        # The raw ASGI path: request.url builds a whole URL object per request. For the
+        # metered routes it equals request.url.path; any other path goes to _flat, which
+        # uses request.url as before.
+        path = request.scope["path"]
         kind = ANTHROPIC if path in ANTHROPIC_ROUTES else OPENAI
         request_id = f"req_{uuid.uuid4().hex}"
         rid = {"X-Request-Id": request_id}
@@ -117,7 +121,7 @@ class MeteringProxy:
             return proxy_error(kind, exc.status, code, str(exc), rid)
         except StateLost:
             return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
-        if path not in OPENAI_ROUTES + ANTHROPIC_ROUTES:
+        if path not in _METERED_ROUTES:
             return await self._flat(request, user, kind, request_id)
         raw = await self._body(request)
         if raw is None:
@@ -296,6 +300,9 @@ class MeteringProxy:
             buf = b""
             async for chunk in resp.content.iter_any():
                 buf += chunk
+                # The complete events of one upstream read go out as one write: a send per
+                # event through Starlette and uvicorn was the largest cost of a stream.
+                out = []
                 while True:
                     cut, sep = _event_end(buf)
                     if cut < 0:
@@ -304,9 +311,12 @@ class MeteringProxy:
                     obj = meter.feed(_sse_data(event))
                     if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
                         continue  # the usage chunk we asked for on the client's behalf
-                    yield event
+                    out.append(event)
                     if self.config.hard_cap and self._cost_so_far(call, meter) >= call.hold_units:
+                        yield b"".join(out)  # up to and including the event that reached the cap
                         raise _HardCap()
+                if out:
+                    yield b"".join(out)
             if buf:
                 yield buf
             done = True

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from ..core.pricing import Usage
 
 OPENAI = "openai"
@@ -64,9 +66,12 @@ class StreamMeter:
         if not data or data == "[DONE]":
             return None
         try:
-            obj = json.loads(data)
-        except ValueError:
-            return None
+            obj = orjson.loads(data)  # every event is parsed: orjson is several times faster
+        except orjson.JSONDecodeError:
+            try:  # what orjson refuses and json takes (NaN, huge ints, lone surrogates)
+                obj = json.loads(data)
+            except ValueError:
+                return None
         if not isinstance(obj, dict):
             return None
         if self.kind == ANTHROPIC:
