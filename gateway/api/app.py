@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.apikeys import ApiKeys
-from ..core.connections import describe, make_keys, make_redis, make_store
+from ..core.connections import describe, make_keys, make_redis, make_script_client, make_store
 from ..core.engine import CreditEngine
 from ..core.recovery import ensure_ready
 from ..core.settings import Settings
@@ -106,7 +106,11 @@ def create_app(
         s = store if store is not None else make_store(settings)
         await s.open()
         engine_kw = {"clock": clock} if clock else {}
-        engine = CreditEngine(r, keys=make_keys(settings), retention_s=settings.retention_seconds, **engine_kw)
+        # The hot path's script calls go multiplexed (when Redis is a single server named by
+        # the settings; a client handed in by a caller is used for everything).
+        mux = make_script_client(settings) if redis is None else None
+        engine = CreditEngine(r, keys=make_keys(settings), retention_s=settings.retention_seconds,
+                              script_redis=mux, **engine_kw)
         services = Services(
             settings=settings, redis=r, store=s, engine=engine,
             admin_keys=KeyRing(settings.admin_key_digests), client_keys=KeyRing(settings.client_key_digests),
@@ -162,6 +166,8 @@ def create_app(
                 services.worker.audit.close()
             if store is None:
                 await s.close()
+            if mux is not None:
+                await mux.aclose()
             if redis is None:
                 await r.aclose()
 

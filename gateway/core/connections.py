@@ -28,6 +28,18 @@ def make_redis(settings: Settings) -> Any:
     return aioredis.Redis(connection_pool=pool)
 
 
+def make_script_client(settings: Settings) -> Any | None:
+    """The multiplexed client for script calls, when it applies (a single plain Redis)."""
+    if settings.embedded or settings.redis_cluster or not settings.redis_multiplex:
+        return None
+    if not (settings.redis_url or "").startswith(("redis://", "unix://")):
+        return None  # TLS and other schemes stay on redis-py
+    from .multiplex import MultiplexedRedis
+
+    return MultiplexedRedis(settings.redis_url, connections=settings.redis_multiplex_connections,
+                            timeout=settings.redis_timeout_seconds)
+
+
 def make_store(settings: Settings) -> Store:
     if settings.mongo_uri:
         from .store.mongo import MongoStore

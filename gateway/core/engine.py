@@ -97,8 +97,12 @@ class CreditEngine:
         scripts: ScriptRegistry | None = None,
         clock: Callable[[], float] = time.time,
         retention_s: int = DEFAULT_RETENTION_S,
+        script_redis: Any = None,
     ) -> None:
         self.redis = redis
+        # Script calls may go over another client with the same evalsha/eval methods (the
+        # multiplexed one, gateway/core/multiplex.py); everything else uses `redis`.
+        self.script_redis = script_redis if script_redis is not None else redis
         self.keys = keys or KeySpace()
         self.scripts = scripts or ScriptRegistry()
         self.clock = clock
@@ -108,7 +112,7 @@ class CreditEngine:
         return int(self.clock() * 1000)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> tuple[dict, bool]:
-        code, payload = await self.scripts.call_json(self.redis, name, keys, args)
+        code, payload = await self.scripts.call_json(self.script_redis, name, keys, args)
         if code == "ok":
             return payload, False
         if code == "exists":
@@ -293,7 +297,7 @@ class CreditEngine:
     async def _read(self, user: str, detail: bool) -> dict:
         check_id("user_id", user)
         keys = self.keys.account_keys(user)[:2]
-        _, r = await self.scripts.call_json(self.redis, "account", keys, [self.now_ms(), "1" if detail else "0"])
+        _, r = await self.scripts.call_json(self.script_redis, "account", keys, [self.now_ms(), "1" if detail else "0"])
         return r
 
     async def balance(self, user: str) -> AccountState:
@@ -345,7 +349,7 @@ class CreditEngine:
         for user, (hids, seqs) in due.items():
             keys = self.keys.account_keys(user) + [self.keys.hold_key(user, h) for h in hids]
             args = [now, self.retention_s, user, len(hids), *hids, *seqs]
-            code, r = await self.scripts.call_json(self.redis, "expire", keys, args)
+            code, r = await self.scripts.call_json(self.script_redis, "expire", keys, args)
             if code != "ok":
                 raise_for(code, r)
             total = SweepResult(
@@ -383,5 +387,5 @@ class CreditEngine:
             self.keys.hold_key(user, h) for h in hold_ids + [h for h in stale_hold_ids if h not in hold_ids]
         ]
         args = [self.now_ms(), self.retention_s, user, version, len(hold_ids), json.dumps(state)]
-        code, _ = await self.scripts.call_json(self.redis, "restore", keys, args)
+        code, _ = await self.scripts.call_json(self.script_redis, "restore", keys, args)
         return code == "ok"

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_cluster: bool = False
     redis_max_connections: int = Field(256, ge=1)
+    # The script calls of the hot path go over a few shared, multiplexed connections
+    # (gateway/core/multiplex.py): several times less client CPU per call than redis-py.
+    redis_multiplex: bool = True
+    redis_multiplex_connections: int = Field(2, ge=1, le=64)
+    redis_timeout_seconds: float = Field(5.0, gt=0, description="a script call without an answer by then fails")
     key_prefix: str = "cg"
     partitions: int = Field(64, ge=1, le=16384, description="fixed for the life of a deployment")
 
