@@ -53,6 +53,7 @@ import redis.asyncio as aioredis
 import redis.utils
 
 from gateway.core.engine import CreditEngine
+from gateway.core.multiplex import MultiplexedRedis
 from gateway.core.events import decode
 from gateway.core.keys import KeySpace
 from gateway.core.store.sqlite import SQLiteStore
@@ -163,10 +164,14 @@ async def bounded_gather(n: int, coros: list[Awaitable[Any]]) -> None:
 Cycle = Callable[[str, str], Awaitable[None]]
 
 
-def make_cycles(engine: CreditEngine, r: aioredis.Redis) -> dict[str, Cycle]:
+def make_cycles(engine: CreditEngine, r: aioredis.Redis, mux_engine: CreditEngine | None = None) -> dict[str, Cycle]:
     async def engine_units(user: str, hid: str) -> None:
         await engine.reserve_units(user, UNITS, hold_id=hid, ttl_seconds=60)
         await engine.settle_units(user, hid, UNITS)
+
+    async def engine_mux(user: str, hid: str) -> None:
+        await mux_engine.reserve_units(user, UNITS, hold_id=hid, ttl_seconds=60)
+        await mux_engine.settle_units(user, hid, UNITS)
 
     async def engine_decimal(user: str, hid: str) -> None:
         await engine.reserve(user, UNITS_DEC, hold_id=hid, ttl_seconds=60)
@@ -181,18 +186,21 @@ def make_cycles(engine: CreditEngine, r: aioredis.Redis) -> dict[str, Cycle]:
     async def bare(user: str, hid: str) -> None:
         # Exactly the KEYS / ARGV of engine.reserve_units / settle_units (op id defaults).
         now = int(time.time() * 1000)
-        code, _ = await evalsha(rsha, 9, *ks.account_keys(user, hid, hid),
-                                now, retention, user, hid, hid, UNITS, 60_000, "{}")
+        code, _ = await evalsha(rsha, 11, *ks.account_keys(user, hid, hid), *ks.rate_keys(user),
+                                now, retention, user, hid, hid, UNITS, 60_000, "{}", 0, 0, "")
         if code != b"ok":
             raise RuntimeError(f"reserve answered {code!r}")
         op = "!settle:" + hid
         now = int(time.time() * 1000)
-        code, _ = await evalsha(ssha, 9, *ks.account_keys(user, op, hid),
-                                now, retention, user, op, hid, UNITS, "{}")
+        code, _ = await evalsha(ssha, 11, *ks.account_keys(user, op, hid), *ks.rate_keys(user),
+                                now, retention, user, op, hid, UNITS, "{}", "")
         if code != b"ok":
             raise RuntimeError(f"settle answered {code!r}")
 
-    return {"engine": engine_units, "decimal": engine_decimal, "bare": bare}
+    cycles = {"engine": engine_units, "decimal": engine_decimal, "bare": bare}
+    if mux_engine is not None:  # the engine as the gateway runs it: scripts over the multiplexed client
+        cycles["multiplexed"] = engine_mux
+    return cycles
 
 
 async def run_round(cycle: Cycle, users: list[str], conc: int, seconds: float, tag: str) -> tuple[int, float]:
@@ -287,7 +295,8 @@ async def bench_cycles(url: str, redis_pid: int, cfg: argparse.Namespace, out: d
         for name in ("reserve", "settle"):
             sha = await r.script_load(engine.scripts[name].source)
             assert sha == engine.scripts[name].sha, "registry sha differs from SCRIPT LOAD"
-        cycles = make_cycles(engine, r)
+        mux = MultiplexedRedis(url, connections=2)
+        cycles = make_cycles(engine, r, CreditEngine(r, keys=engine.keys, script_redis=mux))
         names = list(cycles)
         # Sanity: one cycle of each variant moves exactly UNITS.
         before = await engine.balance(users[0])
@@ -327,7 +336,9 @@ async def bench_cycles(url: str, redis_pid: int, cfg: argparse.Namespace, out: d
             "ratio_decimal_bare": med["decimal"] / med["bare"],
             "ratio_engine_bare_paired_median": statistics.median(paired),
             "ratio_decimal_bare_paired_median": statistics.median(paired_dec),
+            "ratio_multiplexed_bare": med["multiplexed"] / med["bare"],
         }
+        await mux.aclose()
         if cfg.profile:
             await profile_cycles(cycles, users, cfg)
     finally:
@@ -710,6 +721,11 @@ def summary_rows(out: dict) -> list[dict]:
         row("engine reserve+settle (units API)", m["engine"], "cycles/s")
         row("engine reserve+settle (Decimal API)", m["decimal"], "cycles/s")
         row("bare EVALSHA reserve+settle", m["bare"], "cycles/s")
+        if "multiplexed" in m:
+            row("engine reserve+settle, multiplexed client (as the gateway runs)", m["multiplexed"], "cycles/s")
+            row("  multiplexed: client CPU per cycle (live, median)",
+                c["per_cycle_medians"]["multiplexed"]["py_cpu_us_per_cycle"], "us")
+            row("ratio multiplexed engine / bare redis-py", c["ratio_multiplexed_bare"], "x")
         pc = c["per_cycle_medians"]
         for v in ("engine", "decimal", "bare"):
             row(f"  {v}: client CPU per cycle (live, median)", pc[v]["py_cpu_us_per_cycle"], "us")
