@@ -401,3 +401,54 @@ async def test_hard_cap_stops_a_stream_when_its_cost_reaches_the_hold(gw):
     assert text.count("text_delta") < 30 and "message_stop" not in text
     b = await gw.balance("rex")
     assert b.held == 0 and b.available < 1
+
+
+async def test_redis_faults_on_the_hot_path_never_charge_twice_or_strand_a_hold(gw, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    engine = gw.services.engine
+    await gw.grant("fay", "1")
+    body = {"model": "gpt-test", "messages": [], "max_tokens": 10}
+    fake = {"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"}  # 10 + 5 x 2 = 20 micro-credits
+
+    # A settle whose answer is lost is retried under the same operation id: charged once.
+    real_settle = engine.settle_units
+    lost = []
+
+    async def settle_answer_lost_once(*a, **kw):
+        r = await real_settle(*a, **kw)
+        if not lost:
+            lost.append(1)
+            raise RedisTimeoutError("answer lost")
+        return r
+
+    monkeypatch.setattr(engine, "settle_units", settle_answer_lost_once)
+    status, h, _ = await post(gw, "/v1/chat/completions", body, user="fay", **fake)
+    assert status == 200 and charged(h) == Decimal("0.00002") and lost == [1]
+    bal = await gw.balance("fay")
+    assert (bal.spent, bal.held) == (Decimal("0.00002"), 0)
+
+    # A reserve applied in Redis whose answer is lost: 503, and the hold is given back.
+    monkeypatch.setattr(engine, "settle_units", real_settle)
+    real_reserve = engine.reserve_units
+
+    async def reserve_answer_lost(*a, **kw):
+        await real_reserve(*a, **kw)
+        raise RedisTimeoutError("answer lost")
+
+    monkeypatch.setattr(engine, "reserve_units", reserve_answer_lost)
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="fay", **fake)
+    assert status == 503 and json.loads(raw)["error"]["code"] == "credit_store_unavailable" and h["Retry-After"]
+    await gw.services.proxy.drain()
+    assert (await gw.balance("fay")).held == 0
+
+    # A settle Redis never confirms: no figure in the header rather than a wrong one.
+    monkeypatch.setattr(engine, "reserve_units", real_reserve)
+
+    async def settle_down(*a, **kw):
+        raise RedisConnectionError("down")
+
+    monkeypatch.setattr(engine, "settle_units", settle_down)
+    status, h, _ = await post(gw, "/v1/chat/completions", body, user="fay", **fake)
+    assert status == 200 and "X-Credits-Charged" not in h

@@ -19,6 +19,9 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -121,6 +124,9 @@ class MeteringProxy:
             return proxy_error(kind, exc.status, code, str(exc), rid)
         except StateLost:
             return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
+        except RedisError as exc:
+            log.error("API key lookup failed: %s", exc)
+            return _unavailable(kind, rid)
         if path not in _METERED_ROUTES:
             return await self._flat(request, user, kind, request_id)
         raw = await self._body(request)
@@ -216,6 +222,12 @@ class MeteringProxy:
                                    "not enough credits for this request", rid, available=str(from_units(available)))
             except AccountInDebt:
                 return proxy_error(call.kind, 402, "in_debt", "the account owes credits; top up to continue", rid)
+            except RedisError as exc:
+                # The hold may or may not exist: give it back when Redis answers again (it
+                # would expire by itself anyway), and tell the client to retry.
+                log.error("reserve of %s for %s failed: %s", call.request_id, call.user, exc)
+                self._spawn(self._release(call, "reserve_unconfirmed"))
+                return _unavailable(call.kind, rid)
             except StateLost:
                 return proxy_error(call.kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
         return proxy_error(call.kind, 402, "insufficient_credits", "not enough credits for this request", rid)
@@ -288,7 +300,8 @@ class MeteringProxy:
             usage = Usage(input=call.est_input, output=_ceil_div(len(raw), self.config.chars_per_token))
         charged, remaining = await self._settle(call, usage, partial=False)
         headers.update(rid)
-        headers["X-Credits-Charged"] = str(from_units(charged))
+        if charged is not None:  # unconfirmed: no figure rather than a wrong one
+            headers["X-Credits-Charged"] = str(from_units(charged))
         if remaining is not None:
             headers["X-Credits-Remaining"] = str(from_units(remaining))
         return Response(raw, status_code=resp.status, headers=headers)
@@ -322,7 +335,7 @@ class MeteringProxy:
             done = True
             usage = self._usage_of(call, meter)
             charged, remaining = await self._settle(call, usage, partial=False)
-            tail = f": credits charged={from_units(charged)}"
+            tail = f": credits charged={_credits(charged)}"
             if remaining is not None:
                 tail += f" remaining={from_units(remaining)}"
             yield (tail + f" request_id={call.request_id}\n\n").encode()
@@ -330,13 +343,13 @@ class MeteringProxy:
             done = True
             resp.close()
             charged, remaining = await self._settle(call, self._usage_of(call, meter), partial=True)
-            yield f": stopped at the credit cap; credits charged={from_units(charged)}\n\n".encode()
+            yield f": stopped at the credit cap; credits charged={_credits(charged)}\n\n".encode()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             # The upstream broke off mid-stream: pay for what was produced, tell the client.
             done = True
             resp.close()
             charged, _ = await self._settle(call, self._usage_of(call, meter), partial=True)
-            yield f": upstream stream broke off; credits charged={from_units(charged)}\n\n".encode()
+            yield f": upstream stream broke off; credits charged={_credits(charged)}\n\n".encode()
         finally:
             resp.release()
             if not done:
@@ -361,23 +374,33 @@ class MeteringProxy:
 
     # -- settling ----------------------------------------------------------------------
 
-    async def _settle(self, call: Call, usage: Usage, *, partial: bool) -> tuple[int, int | None]:
+    async def _settle(self, call: Call, usage: Usage, *, partial: bool) -> tuple[int | None, int | None]:
+        """(charged, remaining) in micro-credits; charged is None when Redis could not
+        confirm the settle (it is logged; the hold then expires uncharged)."""
         cost = call.price.cost(usage)
         meta = {**call.meta, "usage": {"input": usage.input, "output": usage.output,
                                        "cached_input": usage.cached_input}, "partial": partial}
+        tokens = usage.input + usage.cache_write + usage.output
         try:
-            r = await self.engine.settle_units(call.user, call.request_id, cost, metadata=meta,
-                                               tokens=usage.input + usage.cache_write + usage.output)
+            r = await _retrying(lambda: self.engine.settle_units(call.user, call.request_id, cost, metadata=meta,
+                                                                 tokens=tokens))
             return r.charged_units, r.state.available_units
         except CreditError as exc:
             log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
             return 0, None
+        except RedisError as exc:
+            log.error("settle of %s for %s at %d micro-credits not confirmed by Redis: %s",
+                      call.request_id, call.user, cost, exc)
+            return None, None
 
     async def _release(self, call: Call, reason: str) -> None:
         try:
-            await self.engine.release(call.user, call.request_id, metadata={**call.meta, "reason": reason})
+            await _retrying(lambda: self.engine.release(call.user, call.request_id,
+                                                        metadata={**call.meta, "reason": reason}))
         except CreditError as exc:
             log.error("release of %s for %s failed: %s", call.request_id, call.user, exc.code)
+        except RedisError as exc:  # the hold expires by itself
+            log.error("release of %s for %s not confirmed by Redis: %s", call.request_id, call.user, exc)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -414,6 +437,10 @@ class MeteringProxy:
                 return _rate_limited(kind, exc, rid)
             except StateLost:
                 return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
+            except RedisError as exc:
+                log.error("reserve of %s for %s failed: %s", request_id, user, exc)
+                self._spawn(self._resolve(user, request_id, None, meta))
+                return _unavailable(kind, rid)
         headers = self._upstream_headers(request, upstream)
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
         try:
@@ -438,11 +465,11 @@ class MeteringProxy:
         A refusal here (the hold expired meanwhile, say) is logged, never a 500."""
         try:
             if units is None:
-                await self.engine.release(user, hold_id, metadata=meta)
+                await _retrying(lambda: self.engine.release(user, hold_id, metadata=meta))
                 return 0
-            return (await self.engine.settle_units(user, hold_id, units, metadata=meta)).charged_units
-        except CreditError as exc:
-            log.error("resolving %s for %s failed: %s %s", hold_id, user, exc.code, exc.details)
+            return (await _retrying(lambda: self.engine.settle_units(user, hold_id, units, metadata=meta))).charged_units
+        except (CreditError, RedisError) as exc:
+            log.error("resolving %s for %s failed: %r", hold_id, user, exc)
             return 0
 
 
@@ -454,6 +481,27 @@ def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
     retry_after = str(max(1, _ceil_div(wait_ms, 1000)))
     return proxy_error(kind, 429, "rate_limited", f"{limit} limit ({value}) reached; retry after {retry_after} s",
                        {**rid, "Retry-After": retry_after}, limit=limit)
+
+
+async def _retrying(op, attempts: int = 3):
+    """Runs an engine call, again on a Redis connection error or timeout: settle and release
+    are idempotent by their operation id, so a retry never applies twice."""
+    for attempt in range(attempts):
+        try:
+            return await op()
+        except (RedisConnectionError, RedisTimeoutError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.05 * (attempt + 1))
+
+
+def _unavailable(kind: str, rid: dict[str, str]) -> Response:
+    return proxy_error(kind, 503, "credit_store_unavailable", "the credit store did not answer; retry shortly",
+                       {**rid, "Retry-After": "1"})
+
+
+def _credits(units: int | None) -> str:
+    return "unconfirmed" if units is None else str(from_units(units))
 
 
 class _HardCap(Exception):
