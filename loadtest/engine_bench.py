@@ -258,8 +258,10 @@ async def client_overhead(engine: CreditEngine, r: aioredis.Redis, user: str, re
     hid, op = "stub-capture", "!settle:stub-capture"
     now = engine.now_ms()
     replies = {
-        rsha: await r.evalsha(rsha, 9, *ks.account_keys(user, hid, hid), now, ret, user, hid, hid, UNITS, 60_000, "{}"),
-        ssha: await r.evalsha(ssha, 9, *ks.account_keys(user, op, hid), now, ret, user, op, hid, UNITS, "{}"),
+        rsha: await r.evalsha(rsha, 11, *ks.account_keys(user, hid, hid), *ks.rate_keys(user), now, ret, user, hid,
+                              hid, UNITS, 60_000, "{}", 0, 0, ""),
+        ssha: await r.evalsha(ssha, 11, *ks.account_keys(user, op, hid), *ks.rate_keys(user), now, ret, user, op,
+                              hid, UNITS, "{}", ""),
     }
 
     class Stub:

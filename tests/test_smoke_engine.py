@@ -26,3 +26,11 @@ async def test_cluster_runs_the_same_scripts(cluster, clock):
     swept = await engine.sweep()
     assert swept.holds == 1
     assert (await engine.balance("bob")).available == Decimal("5")
+
+
+def test_hold_keys_are_account_keys_then_rate_keys():
+    from gateway.core.keys import KeySpace
+
+    ks = KeySpace(partitions=64)
+    for user in ("a", "user-17", "z@example.com"):
+        assert ks.hold_keys(user, "op", "h") == ks.account_keys(user, "op", "h") + ks.rate_keys(user)

@@ -233,7 +233,7 @@ class CreditEngine:
         limits = (rate.requests_per_minute, rate.tokens_per_minute, rate.tokens) if rate else (0, 0, "")
         r, replayed = await self._run(
             "reserve",
-            self.keys.account_keys(user, op_id, hold_id) + self.keys.rate_keys(user),
+            self.keys.hold_keys(user, op_id, hold_id),
             [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits],
         )
         return Hold(r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed)
@@ -273,7 +273,7 @@ class CreditEngine:
             raise ValueError("tokens must be a non-negative int")
         r, replayed = await self._run(
             "settle",
-            self.keys.account_keys(user, op_id, hold_id) + self.keys.rate_keys(user),
+            self.keys.hold_keys(user, op_id, hold_id),
             [*self._base(user, op_id), hold_id, units, _meta(metadata), "" if tokens is None else tokens],
         )
         return _resolution(r, replayed)
@@ -287,7 +287,7 @@ class CreditEngine:
         op_id = check_id("op_id", op_id) if op_id else f"!release:{hold_id}"
         r, replayed = await self._run(
             "release",
-            self.keys.account_keys(user, op_id, hold_id) + self.keys.rate_keys(user),
+            self.keys.hold_keys(user, op_id, hold_id),
             [*self._base(user, op_id), hold_id, _meta(metadata)],
         )
         return _resolution(r, replayed)

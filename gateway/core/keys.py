@@ -87,6 +87,16 @@ class KeySpace:
             pk.users,
         ]
 
+    def hold_keys(self, user: str, op_id: str, hold_id: str) -> list[str]:
+        """KEYS[1..11] of reserve / settle / release: account_keys + rate_keys, built at once."""
+        pk = self._parts[self.partition_of(user)]
+        t = pk.tag
+        return [
+            f"{t}:acct:{user}", f"{t}:gord:{user}", pk.events, pk.ready, f"{t}:op:{user}|{op_id}",
+            f"{t}:hold:{user}|{hold_id}", pk.hold_expiry, pk.grant_expiry, pk.users,
+            f"{t}:lim:{user}", f"{t}:rl:{user}",
+        ]
+
     def rate_keys(self, user: str) -> list[str]:
         """KEYS[10..11] of reserve / settle / release: the account's rate-limit overrides
         (durable: the store keeps them too) and its rate state (ephemeral, expires)."""
