@@ -7,6 +7,9 @@
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
 -- ARGV[5] hold id  ARGV[6] extra metadata (JSON object, carried in the event)
+-- ARGV[7] '1': the hold may not exist yet (the give-back of a reserve whose answer was
+--         lost); if it does not, leave a void marker so that reserve, should it still
+--         arrive, finds the hold id taken and does nothing
 -- Returns {code, JSON}:
 --   ok                {hold_id, status, charged=0, held_amount, returned, lapsed, state...}
 --   exists            the first answer, for a replay with the same fields
@@ -22,6 +25,11 @@ local fp = 'release|' .. hid
 local seen = op_replay(KEYS[5], fp)
 if seen then return seen end
 local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear', 'tk', 'tki')
+if not hold[1] and not hold[3] and ARGV[7] == '1' then
+  redis.call('HSET', KEYS[6], 'st', 'void', 'at', ARGV[1])
+  redis.call('EXPIRE', KEYS[6], ARGV[2])
+  return {'hold_not_found', '{}'}
+end
 if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
   return hold_not_open(KEYS, now, user, hid, hold)
 end

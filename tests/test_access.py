@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 from decimal import Decimal
 
 import aiohttp
@@ -170,8 +171,15 @@ async def test_tokens_per_minute_counts_real_usage_not_the_worst_case(gw):
     for i in range(8):  # counted at the worst case, the 3rd call would be refused
         status, _, body = await call(gw, "POST", "/v1/chat/completions", gw.headers("ivan", **fake), CHAT)
         assert status == 200, (i, body)
-    # A request that alone exceeds the limit can never pass: 429 without Retry-After.
-    big = {**CHAT, "max_tokens": 500}
+    # A request asking for more output than the limit holds is answered shorter...
+    await call(gw, "PUT", "/admin/accounts/ivy/limits", ADM, {"tokens_per_minute": 100})
+    await gw.grant("ivy", "10")
+    status, _, body = await call(gw, "POST", "/v1/chat/completions", gw.headers("ivy"), {**CHAT, "max_tokens": 500})
+    assert status == 200, body
+    sent = json.loads(gw.fake.requests[-1]["body"])
+    assert 4 <= sent["max_tokens"] <= 100 - 20
+    # ...and one whose prompt alone exceeds it can never pass: 429 without Retry-After.
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 1000}]}
     status, h, body = await call(gw, "POST", "/v1/chat/completions", gw.headers("ivan"), big)
     assert status == 429 and body["error"]["code"] == "request_too_large" and "Retry-After" not in h
 
@@ -187,3 +195,42 @@ async def test_default_limits_come_from_the_configuration(redis, redis_url, tmp_
         # The flat-priced route counts as a request too.
         status, _, _ = await call(g, "GET", "/v1/models", g.headers("jill"))
         assert status == 429
+
+
+async def test_a_revocation_racing_a_rebuild_stays_revoked(gw, redis, monkeypatch):
+    from gateway.core.apikeys import restore_api_keys
+
+    api, store = gw.services.api_keys, gw.services.store
+    k = await issue(gw, "gus")
+    await redis.flushall()
+    real = store.active_api_keys
+
+    async def read_then_revoked():
+        records = [r async for r in real()]  # the rebuild has read the key as live...
+        await api.revoke("gus", k["key_id"])  # ...then the revocation lands
+        for r in records:
+            yield r
+
+    monkeypatch.setattr(store, "active_api_keys", read_then_revoked)
+    await restore_api_keys(redis, gw.services.engine.keys, store, set(range(16)))
+    for p in range(16):
+        await gw.services.engine.mark_ready(p)
+    assert await api.owner(k["key"]) is None
+
+
+async def test_a_lookup_answered_before_a_revocation_is_not_cached(gw, monkeypatch):
+    from gateway.core.apikeys import digest_of
+
+    api = gw.services.api_keys
+    k = await issue(gw, "hal")
+    digest = digest_of(k["key"])
+    real_mget = api.redis.mget
+
+    async def revoked_meanwhile(*keys):
+        values = await real_mget(*keys)
+        api._forget(digest)  # the pub/sub message arrives while Redis was answering
+        return values
+
+    monkeypatch.setattr(api.redis, "mget", revoked_meanwhile)
+    assert (await api.owner(k["key"])).user == "hal"
+    assert digest not in api._cache  # so the next lookup asks Redis again

@@ -482,3 +482,20 @@ async def test_earmarks_on_a_grant_that_expired_meanwhile_lapse_at_release_and_s
         bal = await engine.balance(u)
         assert (bal.held, bal.spent, bal.available) == (D(0), spent, D(5))
         await assert_conserved(engine, u, spent)
+
+
+async def test_a_give_back_that_overtakes_its_reserve_makes_the_reserve_do_nothing(engine):
+    await engine.grant("gb", "5", op_id="g")
+    # The release arrives first (the reserve's answer was lost and it is still in flight).
+    with pytest.raises(errors.HoldNotFound):
+        await engine.release("gb", "h", void_if_unknown=True)
+    with pytest.raises(errors.HoldExists):
+        await engine.reserve("gb", "5", hold_id="h", ttl_seconds=60)
+    with pytest.raises(errors.HoldNotFound):
+        await engine.settle("gb", "h", "1")
+    bal = await engine.balance("gb")
+    assert (bal.available, bal.held) == (D(5), D(0))
+    # A plain release of an unknown hold leaves nothing behind.
+    with pytest.raises(errors.HoldNotFound):
+        await engine.release("gb", "h2")
+    await engine.reserve("gb", "1", hold_id="h2", ttl_seconds=60)

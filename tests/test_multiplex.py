@@ -75,8 +75,8 @@ async def test_a_call_without_an_answer_times_out_and_later_replies_stay_paired(
     try:
         with pytest.raises(RedisTimeoutError):
             await m.execute("BLPOP", "nothing-here", 0.5)
-        # The late reply of the timed-out call (nil, at 0.5 s) is dropped; the next call,
-        # queued behind it on the one connection, gets its own.
+        # The timed-out call's connection is closed; the next call gets a new one and its
+        # own reply.
         m.timeout = 5
         assert await m.eval("return 'mine'", 0) == b"mine"
     finally:
@@ -104,3 +104,48 @@ def test_only_a_single_plain_server_gets_the_multiplexed_client(redis_url):
     assert make_script_client(Settings(redis_url=redis_url, redis_cluster=True)) is None
     assert make_script_client(Settings(redis_url="rediss://example:6380/0")) is None
     assert make_script_client(Settings()) is None  # embedded
+
+
+async def test_a_silent_server_gets_its_connection_replaced_not_queued_behind():
+    accepted = []
+
+    async def silent(reader, writer):  # reads everything, answers nothing
+        accepted.append(writer)
+        while await reader.read(65536):
+            pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    m = MultiplexedRedis(f"redis://127.0.0.1:{port}/0", connections=1, timeout=0.2)
+    try:
+        for _ in range(3):
+            with pytest.raises(RedisTimeoutError):
+                await m.eval("return 1", 0)
+        assert len(accepted) == 3  # a new connection after each timeout
+        assert all(c is None or c.lost for c in m._slots)
+    finally:
+        await m.aclose()
+        for w in accepted:
+            w.close()
+        server.close()
+
+
+async def test_failed_connection_setup_leaks_no_socket(redis_url):
+    import os
+
+    base = redis_url.rsplit("/", 1)[0].replace("redis://", "redis://:wrong-password@")
+    m = MultiplexedRedis(base + "/0", connections=1)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(RedisConnectionError):  # AUTH refused: no password is set
+            await m.eval("return 1", 0)
+    await asyncio.sleep(0.05)
+    assert len(os.listdir("/proc/self/fd")) <= fds + 1
+    await m.aclose()
+
+
+async def test_a_closed_client_refuses_calls(mux):
+    assert await mux.eval("return 1", 0) == 1
+    await mux.aclose()
+    with pytest.raises(RedisConnectionError):
+        await mux.eval("return 1", 0)

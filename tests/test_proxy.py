@@ -452,3 +452,8 @@ async def test_redis_faults_on_the_hot_path_never_charge_twice_or_strand_a_hold(
     monkeypatch.setattr(engine, "settle_units", settle_down)
     status, h, _ = await post(gw, "/v1/chat/completions", body, user="fay", **fake)
     assert status == 200 and "X-Credits-Charged" not in h
+    # Redis comes back before the hold expires: the background retry charges it, once.
+    monkeypatch.setattr(engine, "settle_units", real_settle)
+    await gw.services.proxy.drain()
+    bal = await gw.balance("fay")
+    assert (bal.spent, bal.held) == (Decimal("0.00004"), 0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.core.engine import RateCharge
-from gateway.core.errors import InsufficientCredits, RateLimited
+from gateway.core.errors import InsufficientCredits, RateLimited, StateLost
 from gateway.core.ratelimits import restore_rate_limits, set_rate_limits
 from gateway.core.store.base import RateLimitOverride
 
@@ -89,6 +89,9 @@ async def test_account_overrides_win_over_the_defaults_and_survive_redis_loss(en
     part = engine.keys.partition_of("alice")
     assert await restore_rate_limits(engine.redis, engine.keys, store, {part}) == 1
     assert await engine.redis.hget(engine.keys.rate_keys("alice")[0], "rpm") == b"2"
+    with pytest.raises(StateLost):  # no changes while the partition is not rebuilt yet
+        await set_rate_limits(engine.redis, engine.keys, store, RateLimitOverride("alice", 5, None))
+    await engine.mark_ready(part)
     # Back to the defaults.
     await set_rate_limits(engine.redis, engine.keys, store, RateLimitOverride("alice", None, None))
     assert await engine.redis.exists(engine.keys.rate_keys("alice")[0]) == 0

@@ -3,7 +3,8 @@
 The store holds the durable record (written first); Redis holds what the gateway looks keys
 up by, `<partition>:apikey:<sha256 hex>` -> "user\\nkey_id", on the partition of the
 digest (a key is found without knowing its user), so a partition rebuilt from the store
-gets its keys back with its accounts (`restore_api_keys`). Each gateway process caches hits
+gets its keys back with its accounts (`restore_api_keys`). A revoked key stays in Redis as
+a tombstone, which a rebuild racing with the revocation cannot overwrite. Each gateway process caches hits
 for `cache_seconds`; a revocation drops the key from every process's cache at once through
 a pub/sub message, and the cache's lifetime bounds the staleness should a message be lost.
 """
@@ -26,6 +27,7 @@ from .store.base import ApiKeyRecord, Store
 log = logging.getLogger("credit.apikeys")
 
 TOKEN_PREFIX = "cgk_"
+REVOKED = "revoked"  # the Redis value of a revoked key (a tombstone)
 MAX_NAME = 100
 _CACHE_LIMIT = 100_000
 
@@ -56,7 +58,8 @@ class ApiKeys:
         self.clock = clock
         self.channel = f"{keys.prefix}:apikeys:revoked"
         self._cache: dict[str, tuple[KeyOwner, float]] = {}
-        self._sub = Subscription(redis, self.channel, on_message=self._forget, on_subscribe=self._cache.clear)
+        self._generation = 0  # bumped by every invalidation
+        self._sub = Subscription(redis, self.channel, on_message=self._forget, on_subscribe=self._clear)
 
     async def start(self) -> None:
         await self._sub.start()
@@ -91,7 +94,10 @@ class ApiKeys:
         rec = await self.store.revoke_api_key(user, key_id, int(self.clock() * 1000))
         if rec is None:
             return None
-        await self.redis.delete(self.keys.api_key(rec.digest))
+        # A tombstone, not a delete: a rebuild of the partition running at the same time
+        # (it read the key as live from the store a moment ago) writes only where nothing
+        # is, so it cannot bring the key back.
+        await self.redis.set(self.keys.api_key(rec.digest), REVOKED)
         self._forget(rec.digest)
         await self.redis.publish(self.channel, rec.digest)
         log.info("API key %s of user %s revoked", key_id, user)
@@ -109,22 +115,30 @@ class ApiKeys:
         now = time.monotonic()
         if hit is not None and hit[1] > now:
             return hit[0]
+        generation = self._generation
         part = self.keys.partition(self.keys.api_key_partition(digest))
         value, ready = await self.redis.mget(self.keys.api_key(digest), part.ready)
         if ready is None:
             raise StateLost("the partition holding this key is being rebuilt")
-        if value is None:
+        if value is None or value in (REVOKED, REVOKED.encode()):
             self._cache.pop(digest, None)
             return None
         user, _, key_id = (value.decode() if isinstance(value, bytes) else value).partition("\n")
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
         owner = KeyOwner(user, key_id)
-        self._cache[digest] = (owner, now + self.cache_seconds)
+        # Cache only if no revocation arrived while Redis was being asked (it could be this key's).
+        if generation == self._generation:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[digest] = (owner, now + self.cache_seconds)
         return owner
 
     def _forget(self, digest: Any) -> None:
+        self._generation += 1
         self._cache.pop(digest.decode() if isinstance(digest, bytes) else str(digest), None)
+
+    def _clear(self) -> None:
+        self._generation += 1
+        self._cache.clear()
 
 
 async def restore_api_keys(redis: Any, keys: KeySpace, store: Store, partitions: set[int]) -> int:
@@ -132,6 +146,7 @@ async def restore_api_keys(redis: Any, keys: KeySpace, store: Store, partitions:
     n = 0
     async for rec in store.active_api_keys():
         if keys.api_key_partition(rec.digest) in partitions:
-            await redis.set(keys.api_key(rec.digest), f"{rec.user}\n{rec.key_id}")
+            # NX: never over a revocation's tombstone written since the store was read.
+            await redis.set(keys.api_key(rec.digest), f"{rec.user}\n{rec.key_id}", nx=True)
             n += 1
     return n

@@ -279,16 +279,19 @@ class CreditEngine:
         return _resolution(r, replayed)
 
     async def release(
-        self, user: str, hold_id: str, *, op_id: str | None = None, metadata: dict[str, Any] | None = None
+        self, user: str, hold_id: str, *, op_id: str | None = None, metadata: dict[str, Any] | None = None,
+        void_if_unknown: bool = False,
     ) -> HoldResolution:
-        """Voids the hold: every earmarked credit returns."""
+        """Voids the hold: every earmarked credit returns. `void_if_unknown`: for giving back
+        a reserve whose answer was lost; if the hold does not exist (yet), that reserve is
+        made to do nothing should it still arrive (HoldNotFound is raised either way)."""
         check_id("user_id", user)
         check_id("hold_id", hold_id)
         op_id = check_id("op_id", op_id) if op_id else f"!release:{hold_id}"
         r, replayed = await self._run(
             "release",
             self.keys.hold_keys(user, op_id, hold_id),
-            [*self._base(user, op_id), hold_id, _meta(metadata)],
+            [*self._base(user, op_id), hold_id, _meta(metadata), "1" if void_if_unknown else ""],
         )
         return _resolution(r, replayed)
 

@@ -11,10 +11,11 @@ Only plain `redis://` (or `unix://`) servers; a cluster and the embedded fakered
 redis-py. Everything else (reads, streams, pub/sub) stays on redis-py as well.
 
 Failure behaviour: a call that gets no answer within `timeout` seconds raises
-redis.exceptions.TimeoutError (its late reply is dropped when it comes); a lost connection
-fails every call in flight on it with redis.exceptions.ConnectionError, and the next call
-reconnects. An error reply raises redis.exceptions.ResponseError (NoScriptError for
-NOSCRIPT), as redis-py would, so callers handle both clients alike.
+redis.exceptions.TimeoutError and closes its connection (a server that stopped answering
+on it, a half-open socket), which fails every other call in flight there with
+redis.exceptions.ConnectionError; a lost connection does the same, and the next call
+reconnects. Error replies raise what redis-py raises for them (NoScriptError,
+BusyLoadingError...), so callers handle both clients alike. Sockets keep TCP keepalive on.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import socket
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -31,9 +33,15 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
-def _error(reply: hiredis.ReplyError) -> ResponseError:
-    msg = str(reply)
-    return NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg)
+try:  # redis-py's own mapping of error replies (LOADING -> BusyLoadingError, a ConnectionError...)
+    from redis._parsers.base import BaseParser
+
+    def _error(reply: hiredis.ReplyError) -> Exception:
+        return BaseParser.parse_error(str(reply))
+except ImportError:  # pragma: no cover - an older/newer redis-py layout
+    def _error(reply: hiredis.ReplyError) -> Exception:
+        msg = str(reply)
+        return NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg)
 
 
 class _Connection(asyncio.Protocol):
@@ -48,6 +56,19 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            except OSError:
+                pass
+
+    def close(self, exc: Exception) -> None:
+        """Fails what is in flight and drops the connection (a later call reconnects)."""
+        self.lost = True
+        self._fail(exc)
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -56,16 +77,12 @@ class _Connection(asyncio.Protocol):
             try:
                 reply = self.reader.gets()
             except hiredis.ProtocolError as exc:
-                self._fail(RedisConnectionError(f"protocol error from Redis: {exc}"))
-                if self.transport:
-                    self.transport.close()
+                self.close(RedisConnectionError(f"protocol error from Redis: {exc}"))
                 return
             if reply is False:
                 return
             if not waiting:  # a reply nobody asked for: the stream is out of step, drop it
-                self._fail(RedisConnectionError("unexpected reply from Redis"))
-                if self.transport:
-                    self.transport.close()
+                self.close(RedisConnectionError("unexpected reply from Redis"))
                 return
             fut = waiting.popleft()
             if fut.done():  # its caller timed out or was cancelled
@@ -120,6 +137,7 @@ class MultiplexedRedis:
         if not db.isdigit() and db:
             raise ValueError(f"bad database number in the Redis URL: {db!r}")
         self._db = int(db) if db else 0
+        self._closed = False
         self._slots: list[_Connection | None] = [None] * max(1, connections)
         self._connecting: list[asyncio.Task | None] = [None] * len(self._slots)
         self._next = itertools.cycle(range(len(self._slots)))
@@ -138,9 +156,14 @@ class MultiplexedRedis:
             async with asyncio.timeout(self.timeout):
                 return await fut
         except TimeoutError as exc:
+            # Nothing came back in time on this connection: replace it rather than keep
+            # queueing behind a server or socket that stopped answering.
+            conn.close(RedisConnectionError("the connection stopped answering and was closed"))
             raise RedisTimeoutError(f"no answer from Redis within {self.timeout} s") from exc
 
     async def _connection(self, i: int) -> _Connection:
+        if self._closed:
+            raise RedisConnectionError("the multiplexed Redis client is closed")
         conn = self._slots[i]
         if conn is not None and not conn.lost:
             return conn
@@ -151,6 +174,8 @@ class MultiplexedRedis:
 
     async def _connect(self, i: int) -> _Connection:
         loop = asyncio.get_running_loop()
+        where = self.url.split("@")[-1]
+        conn: _Connection | None = None
         try:
             async with asyncio.timeout(self.timeout):
                 if self._unix:
@@ -166,13 +191,26 @@ class MultiplexedRedis:
                     fut = loop.create_future()
                     conn.send(hiredis.pack_command(cmd), fut)
                     await fut
-        except (OSError, TimeoutError) as exc:
-            raise RedisConnectionError(f"cannot connect to Redis at {self.url.split('@')[-1]}: {exc}") from exc
+        except BaseException as exc:
+            if conn is not None:  # never leave a half-set-up socket behind
+                conn.close(RedisConnectionError("connection setup failed"))
+            if isinstance(exc, RedisConnectionError):
+                raise  # an AuthenticationError, say
+            if isinstance(exc, (OSError, TimeoutError, ResponseError)):
+                raise RedisConnectionError(f"cannot connect to Redis at {where}: {exc}") from exc
+            raise
+        if self._closed:  # closed while connecting
+            conn.close(RedisConnectionError("the multiplexed Redis client is closed"))
+            raise RedisConnectionError("the multiplexed Redis client is closed")
         self._slots[i] = conn
         return conn
 
     async def aclose(self) -> None:
+        self._closed = True
+        for task in self._connecting:
+            if task is not None and not task.done():
+                task.cancel()
         for i, conn in enumerate(self._slots):
-            if conn is not None and conn.transport is not None:
-                conn.transport.close()
+            if conn is not None:
+                conn.close(RedisConnectionError("the multiplexed Redis client is closed"))
             self._slots[i] = None

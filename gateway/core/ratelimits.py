@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import StateLost
 from .keys import KeySpace
 from .store.base import RateLimitOverride, Store
 
@@ -40,6 +41,10 @@ async def set_rate_limits(redis: Any, keys: KeySpace, store: Store, override: Ra
     """Stores an account's override (both None: back to the defaults) and applies it."""
     check_limit("requests_per_minute", override.requests_per_minute)
     check_limit("tokens_per_minute", override.tokens_per_minute)
+    # Not while the partition is being rebuilt: the rebuild could write back what it read
+    # from the store just before this change.
+    if not await redis.exists(keys.partition(keys.partition_of(override.user)).ready):
+        raise StateLost("the account's partition is being rebuilt; retry shortly")
     await store.set_rate_limits(override)
     await _write(redis, keys, override)
     return override

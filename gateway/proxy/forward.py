@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..core.engine import CreditEngine, RateCharge
-from ..core.errors import AccountInDebt, CreditError, InsufficientCredits, RateLimited, StateLost
+from ..core.errors import AccountInDebt, CreditError, HoldNotFound, InsufficientCredits, RateLimited, StateLost
 from ..core.money import from_units, to_units
 from ..core.pricing import ModelPrice, Usage
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
@@ -92,6 +92,7 @@ class Call:
     est_input: int
     max_output: int
     hold_units: int = 0
+    hold_expires_ms: int = 0
     stream: bool = False
     strip_usage_chunk: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
@@ -123,7 +124,7 @@ class MeteringProxy:
             code = "unauthorized" if exc.status == 401 else "forbidden"
             return proxy_error(kind, exc.status, code, str(exc), rid)
         except StateLost:
-            return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
+            return _not_ready(kind, rid)
         except RedisError as exc:
             log.error("API key lookup failed: %s", exc)
             return _unavailable(kind, rid)
@@ -196,27 +197,42 @@ class MeteringProxy:
             call.body[name] = tokens
         call.max_output = tokens
 
+    def _clamp(self, call: Call, tokens: int, why: str, clamped: set[str]) -> bool:
+        """Lowers the requested output to `tokens` (answer shorter rather than not at all),
+        once per reason, and never below the configured minimum. False: not possible."""
+        tokens = min(tokens, call.max_output)
+        if why in clamped or not call.max_output or tokens < self.config.min_output_tokens:
+            return False
+        clamped.add(why)
+        self._set_output_cap(call, tokens)
+        return True
+
     async def _reserve(self, call: Call) -> Response | None:
         worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
         ttl = call.upstream.timeout_seconds + self.config.hold_margin_seconds
         rid = {"X-Request-Id": call.request_id}
         limits = self.config.rate_limits
-        for attempt in range(2):
+        clamped: set[str] = set()  # each limit may lower the requested output once
+        for _ in range(3):
             # The tokens-per-minute count takes the worst case too; settle corrects it.
             rate = RateCharge(call.est_input + call.max_output, limits.requests_per_minute, limits.tokens_per_minute)
             try:
-                await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
-                                                metadata=call.meta, rate=rate)
-                call.hold_units = worst
+                hold = await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
+                                                       metadata=call.meta, rate=rate)
+                call.hold_units, call.hold_expires_ms = worst, hold.expires_at_ms
                 return None
             except RateLimited as exc:
+                # Alone over the tokens limit: answer shorter when the prompt leaves room.
+                if exc.retry_after_ms < 0 and exc.details.get("limit") == "tokens_per_minute":
+                    fit = int(exc.details.get("value", 0)) - call.est_input
+                    if self._clamp(call, fit, "tpm", clamped):
+                        worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
+                        continue
                 return _rate_limited(call.kind, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
-                affordable = min(call.price.output_tokens_affordable(available, call.est_input), call.max_output)
-                if attempt == 0 and call.max_output and affordable >= self.config.min_output_tokens:
-                    self._set_output_cap(call, affordable)  # answer shorter rather than not at all
-                    worst = call.price.cost(Usage(input=call.est_input, output=affordable))
+                if self._clamp(call, call.price.output_tokens_affordable(available, call.est_input), "credit", clamped):
+                    worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
                     continue
                 return proxy_error(call.kind, 402, "insufficient_credits",
                                    "not enough credits for this request", rid, available=str(from_units(available)))
@@ -226,10 +242,10 @@ class MeteringProxy:
                 # The hold may or may not exist: give it back when Redis answers again (it
                 # would expire by itself anyway), and tell the client to retry.
                 log.error("reserve of %s for %s failed: %s", call.request_id, call.user, exc)
-                self._spawn(self._release(call, "reserve_unconfirmed"))
+                self._spawn(self._release(call, "reserve_unconfirmed", void_if_unknown=True))
                 return _unavailable(call.kind, rid)
             except StateLost:
-                return proxy_error(call.kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
+                return _not_ready(call.kind, rid)
         return proxy_error(call.kind, 402, "insufficient_credits", "not enough credits for this request", rid)
 
     # -- forwarding --------------------------------------------------------------------
@@ -389,14 +405,36 @@ class MeteringProxy:
             log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
             return 0, None
         except RedisError as exc:
-            log.error("settle of %s for %s at %d micro-credits not confirmed by Redis: %s",
-                      call.request_id, call.user, cost, exc)
+            log.warning("settle of %s for %s at %d micro-credits not confirmed by Redis (%s); retrying in the "
+                        "background until the hold expires", call.request_id, call.user, cost, exc)
+            self._spawn(self._settle_later(call, cost, meta, tokens))
             return None, None
 
-    async def _release(self, call: Call, reason: str) -> None:
+    async def _settle_later(self, call: Call, cost: int, meta: dict[str, Any], tokens: int) -> None:
+        """Keeps trying a settle Redis did not confirm (same op id: it applies once) until
+        shortly before the hold would expire uncharged."""
+        while self.engine.now_ms() < call.hold_expires_ms - 1000:
+            await asyncio.sleep(1.0)
+            try:
+                await self.engine.settle_units(call.user, call.request_id, cost, metadata=meta, tokens=tokens)
+                log.info("settle of %s for %s confirmed on a later try", call.request_id, call.user)
+                return
+            except CreditError as exc:
+                log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
+                return
+            except RedisError:
+                continue
+        log.error("settle of %s for %s at %d micro-credits never confirmed; the hold expires uncharged",
+                  call.request_id, call.user, cost)
+
+    async def _release(self, call: Call, reason: str, *, void_if_unknown: bool = False) -> None:
         try:
             await _retrying(lambda: self.engine.release(call.user, call.request_id,
-                                                        metadata={**call.meta, "reason": reason}))
+                                                        metadata={**call.meta, "reason": reason},
+                                                        void_if_unknown=void_if_unknown))
+        except HoldNotFound:
+            if not void_if_unknown:
+                log.error("release of %s for %s: no such hold", call.request_id, call.user)
         except CreditError as exc:
             log.error("release of %s for %s failed: %s", call.request_id, call.user, exc.code)
         except RedisError as exc:  # the hold expires by itself
@@ -436,10 +474,10 @@ class MeteringProxy:
             except RateLimited as exc:
                 return _rate_limited(kind, exc, rid)
             except StateLost:
-                return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry", rid)
+                return _not_ready(kind, rid)
             except RedisError as exc:
                 log.error("reserve of %s for %s failed: %s", request_id, user, exc)
-                self._spawn(self._resolve(user, request_id, None, meta))
+                self._spawn(self._resolve(user, request_id, None, meta, void_if_unknown=True))
                 return _unavailable(kind, rid)
         headers = self._upstream_headers(request, upstream)
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
@@ -460,12 +498,14 @@ class MeteringProxy:
                         headers={**passed, **rid, "X-Credits-Charged": str(from_units(charged))})
 
 
-    async def _resolve(self, user: str, hold_id: str, units: int | None, meta: dict[str, Any]) -> int:
+    async def _resolve(self, user: str, hold_id: str, units: int | None, meta: dict[str, Any],
+                       void_if_unknown: bool = False) -> int:
         """Settles a flat-priced call's hold at `units`, or releases it (None); the charge.
         A refusal here (the hold expired meanwhile, say) is logged, never a 500."""
         try:
             if units is None:
-                await _retrying(lambda: self.engine.release(user, hold_id, metadata=meta))
+                await _retrying(lambda: self.engine.release(user, hold_id, metadata=meta,
+                                                            void_if_unknown=void_if_unknown))
                 return 0
             return (await _retrying(lambda: self.engine.settle_units(user, hold_id, units, metadata=meta))).charged_units
         except (CreditError, RedisError) as exc:
@@ -493,6 +533,11 @@ async def _retrying(op, attempts: int = 3):
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+def _not_ready(kind: str, rid: dict[str, str]) -> Response:
+    return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry",
+                       {**rid, "Retry-After": "1"})
 
 
 def _unavailable(kind: str, rid: dict[str, str]) -> Response:

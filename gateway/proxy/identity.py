@@ -33,11 +33,11 @@ class Identity:
         claimed = headers.get("x-user-id")
         if token.startswith(TOKEN_PREFIX) and self.api_keys is not None:
             owner = await self.api_keys.owner(token)
-            if owner is None:
-                raise IdentityError("the API key is not valid")
-            if claimed and claimed != owner.user:
-                raise IdentityError("X-User-Id names another user than the API key's", 403)
-            return owner.user
+            if owner is not None:
+                if claimed and claimed != owner.user:
+                    raise IdentityError("X-User-Id names another user than the API key's", 403)
+                return owner.user
+            # Not a user key: it may still be a client key that happens to look like one.
         if self.client_keys.match(token) is None:
             raise IdentityError("the API key is not valid")
         if not claimed:
