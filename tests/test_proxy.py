@@ -457,3 +457,22 @@ async def test_redis_faults_on_the_hot_path_never_charge_twice_or_strand_a_hold(
     await gw.services.proxy.drain()
     bal = await gw.balance("fay")
     assert (bal.spent, bal.held) == (Decimal("0.00004"), 0)
+
+
+async def test_the_ledger_traces_a_charge_to_its_request_and_the_hold_outlives_the_upstream_timeout(gw):
+    await gw.grant("tia", "1")
+    body = {"model": "gpt-test", "messages": [], "max_tokens": 10}
+    status, h, _ = await post(gw, "/v1/chat/completions", body, user="tia",
+                              **{"X-Fake-Input-Tokens": "7", "X-Fake-Output-Tokens": "3"})
+    assert status == 200
+    rid = h["X-Request-Id"]
+    await Worker(gw.services.engine, gw.services.store).run(burst=True)
+    entries = {e.type: e for e in await gw.services.store.ledger("tia", limit=10)}
+    opened, settled = entries["hold_open"], entries["hold_settled"]
+    assert opened.hold_id == settled.hold_id == rid
+    # The hold's timeout covers the upstream timeout (2 s here) plus the margin (5 s).
+    hold = opened.event["h"]
+    assert int(hold["exp"]) - int(hold["at"]) == (2 + 5) * 1000
+    x = settled.event["x"]
+    assert x["request_id"] == rid and x["model"] == "gpt-test" and x["usage"]["output"] == 3
+    assert Decimal(settled.amount) / 1_000_000 == charged(h)

@@ -169,7 +169,10 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
         key = env.get(str(raw["api_key_env"]))
     if key is None:
         key = raw.get("api_key")
-    timeout = float(env.get(f"{prefix}_TIMEOUT") or raw.get("timeout_seconds", 120))
+    try:
+        timeout = float(env.get(f"{prefix}_TIMEOUT") or raw.get("timeout_seconds", 120))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"upstream {name}: timeout_seconds must be a number of seconds") from exc
     if not 0 < timeout <= 3600:
         raise ConfigError(f"upstream {name}: timeout_seconds must be in (0, 3600]")
     models = raw.get("models", ["*"])
