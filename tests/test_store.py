@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import asyncio
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -435,3 +436,25 @@ async def test_rate_limit_overrides_are_replaced_and_removed(store):
     await store.set_rate_limits(RateLimitOverride("bob", None, None))
     assert await store.rate_limits("bob") is None
     assert [o async for o in store.all_rate_limits()] == [RateLimitOverride("alice", 20, 0)]
+
+
+async def test_an_op_id_reused_after_redis_forgot_it_keeps_the_ledger_complete(redis, store, clock):
+    from gateway.core.keys import KeySpace
+    from gateway.core.recovery import reconcile
+    from worker.runner import Worker
+    from tests.conftest import ready_engine
+
+    engine = await ready_engine(redis, clock)
+    engine.retention_s = 1  # Redis forgets operation ids after 1 s
+    await engine.grant("reuse", "10", op_id="webhook-1")
+    await engine.debit("reuse", "1", op_id="d-1")
+    await asyncio.sleep(1.2)
+    again = await engine.grant("reuse", "10", op_id="webhook-1")  # applied again: a new grant
+    assert not again.replayed and again.state.granted == 20
+    worker = Worker(engine, store)
+    await worker.run(burst=True)
+    rows = [(e.op_id, e.version) for e in await store.ledger("reuse", limit=10)]
+    assert sorted(rows) == [("d-1", 2), ("webhook-1", 1), ("webhook-1#v3", 3)]
+    assert await reconcile(engine, store) == []  # the ledger still replays to the balances
+    # A redelivery of the same events adds nothing.
+    assert await store.write_events(await stream_events(engine)) == 0

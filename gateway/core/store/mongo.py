@@ -23,7 +23,7 @@ from pymongo.errors import BulkWriteError
 
 from ..events import Event, answer_of
 from .base import AccountSnapshot, ApiKeyRecord, LedgerEntry, OperationRecord, RateLimitOverride, Store
-from .sqlite import TOTAL_FIELDS, collapse, grant_out, hold_out
+from .sqlite import TOTAL_FIELDS, collapse, grant_out, hold_out, reissued
 
 DUPLICATE_KEY = 11000
 
@@ -96,6 +96,15 @@ class MongoStore(Store):
             if not _only_duplicates(exc):
                 raise
 
+    async def _insert_ledger(self, docs: list[dict]) -> int:
+        """Inserts ledger documents; those already there (unique user + op id) are skipped."""
+        try:
+            return len((await self.db.ledger.insert_many(docs, ordered=False)).inserted_ids)
+        except BulkWriteError as exc:
+            if not _only_duplicates(exc):
+                raise
+            return int(exc.details.get("nInserted") or 0)
+
     async def write_events(self, events: list[Event]) -> int:
         if not events:
             return 0
@@ -106,12 +115,19 @@ class MongoStore(Store):
             doc = {"user_id": user, "op_id": op_id, "type": type_, "version": L(version), "ts_ms": L(ts_ms),
                    "amount": L(amount), "hold_id": hold_id, "fp": fp, "event": event}
             docs.append(doc)
-        try:
-            new = len((await db.ledger.insert_many(docs, ordered=False)).inserted_ids)
-        except BulkWriteError as exc:
-            if not _only_duplicates(exc):
-                raise
-            new = int(exc.details.get("nInserted") or 0)
+        new = await self._insert_ledger(docs)
+        if new < len(docs):  # some rows were there already: redeliveries, or reused op ids
+            stored = {}
+            for d in docs:
+                found = await db.ledger.find_one({"user_id": d["user_id"], "op_id": d["op_id"]}, {"version": 1})
+                stored[(d["user_id"], d["op_id"])] = int(found["version"])
+            again = reissued(b.ledger, stored)
+            if again:
+                new += await self._insert_ledger([
+                    {"user_id": u, "op_id": o, "type": t, "version": L(v), "ts_ms": L(ts), "amount": L(a),
+                     "hold_id": h, "fp": fp, "event": e}
+                    for u, o, t, v, ts, a, h, fp, e in again
+                ])
 
         accounts = []
         for user, ev in b.accounts.items():

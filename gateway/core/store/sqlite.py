@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import orjson
 import sqlite3
@@ -26,6 +27,7 @@ from ..events import Event, answer_of
 from .base import AccountSnapshot, ApiKeyRecord, LedgerEntry, OperationRecord, RateLimitOverride, Store
 
 T = TypeVar("T")
+log = logging.getLogger("credit.store")
 
 TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
 PAGE = 500
@@ -137,6 +139,25 @@ def collapse(events: list[Event]) -> Batch:
                 row.op = h.get("op") or ev.op_id
                 row.x = _dumps(ev.extra)
     return b
+
+
+def reissued(rows: list[tuple], stored: dict[tuple[str, str], int]) -> list[tuple]:
+    """Ledger rows whose (user, op id) the ledger already holds at another version.
+
+    That happens when a caller reuses an operation id after Redis forgot it (past the
+    retention): Redis applied the operation again, and its event is a real change that the
+    ledger must keep, or the ledger would no longer replay to the balances. Such a row is
+    kept under `<op id>#v<version>` ('#' never occurs in an id the engine accepts) and
+    logged. A redelivered event has the stored version and is not one of these.
+    """
+    out = []
+    for row in rows:
+        v = stored.get((row[0], row[1]))
+        if v is not None and v != row[3]:
+            log.warning("operation id %s of %s was applied again after Redis forgot it (retention); "
+                        "its event (version %d) is kept as %s#v%d", row[1], row[0], row[3], row[1], row[3])
+            out.append((row[0], f"{row[1]}#v{row[3]}", *row[2:]))
+    return out
 
 
 def grant_out(seq: str, r: int, e: int, x: int | None, pri: int | None, meta: str | None) -> dict[str, Any]:
@@ -322,6 +343,16 @@ class SQLiteStore(Store):
             before = db.total_changes
             db.executemany(INSERT_LEDGER, b.ledger)
             new = db.total_changes - before
+            if new < len(b.ledger):  # some rows were there already: redeliveries, or reused op ids
+                stored = {}
+                for user, op_id, *_ in b.ledger:
+                    row = db.execute("SELECT version FROM ledger WHERE user = ? AND op_id = ?", (user, op_id)).fetchone()
+                    stored[(user, op_id)] = row[0]
+                again = reissued(b.ledger, stored)
+                if again:
+                    before = db.total_changes
+                    db.executemany(INSERT_LEDGER, again)
+                    new += db.total_changes - before
             db.executemany(UPSERT_ACCOUNT, [
                 (u, ev.version, ev.partition, *(t[k] for k in TOTAL_FIELDS), t["debt_total"])
                 for u, ev in b.accounts.items()
