@@ -7,12 +7,10 @@ CREDIT_REDIS_URL points the Redis suite at an existing server instead of startin
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 

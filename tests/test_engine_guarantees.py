@@ -17,8 +17,7 @@ import redis.asyncio as aioredis
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
 from gateway.core.events import decode
-from gateway.core.keys import KeySpace
-from gateway.core.money import AmountError, from_units
+from gateway.core.money import from_units
 from gateway.core.results import Hold
 from tests.conftest import ready_engine
 

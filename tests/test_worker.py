@@ -18,7 +18,7 @@ from gateway.core.events import decode
 from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.store.sqlite import SQLiteStore
 from worker.audit import AuditLog
-from worker.runner import GROUP, Worker
+from worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 
