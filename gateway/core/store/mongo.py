@@ -96,8 +96,14 @@ class MongoStore(Store):
             if not _only_duplicates(exc):
                 raise
 
-    async def _insert_ledger(self, docs: list[dict]) -> int:
-        """Inserts ledger documents; those already there (unique user + op id) are skipped."""
+    async def _insert_ledger(self, rows: list[tuple]) -> int:
+        """Inserts ledger rows (as `collapse` makes them); those already there (unique user +
+        op id) are skipped. Returns how many were new."""
+        docs = [
+            {"user_id": u, "op_id": o, "type": t, "version": L(v), "ts_ms": L(ts), "amount": L(a),
+             "hold_id": h, "fp": fp, "event": e}
+            for u, o, t, v, ts, a, h, fp, e in rows
+        ]
         try:
             return len((await self.db.ledger.insert_many(docs, ordered=False)).inserted_ids)
         except BulkWriteError as exc:
@@ -110,24 +116,15 @@ class MongoStore(Store):
             return 0
         b = collapse(events)
         db = self.db
-        docs = []
-        for user, op_id, type_, version, ts_ms, amount, hold_id, fp, event in b.ledger:
-            doc = {"user_id": user, "op_id": op_id, "type": type_, "version": L(version), "ts_ms": L(ts_ms),
-                   "amount": L(amount), "hold_id": hold_id, "fp": fp, "event": event}
-            docs.append(doc)
-        new = await self._insert_ledger(docs)
-        if new < len(docs):  # some rows were there already: redeliveries, or reused op ids
+        new = await self._insert_ledger(b.ledger)
+        if new < len(b.ledger):  # some rows were there already: redeliveries, or reused op ids
             stored = {}
-            for d in docs:
-                found = await db.ledger.find_one({"user_id": d["user_id"], "op_id": d["op_id"]}, {"version": 1})
-                stored[(d["user_id"], d["op_id"])] = int(found["version"])
+            for user, op_id, *_ in b.ledger:
+                found = await db.ledger.find_one({"user_id": user, "op_id": op_id}, {"version": 1})
+                stored[(user, op_id)] = int(found["version"])
             again = reissued(b.ledger, stored)
             if again:
-                new += await self._insert_ledger([
-                    {"user_id": u, "op_id": o, "type": t, "version": L(v), "ts_ms": L(ts), "amount": L(a),
-                     "hold_id": h, "fp": fp, "event": e}
-                    for u, o, t, v, ts, a, h, fp, e in again
-                ])
+                new += await self._insert_ledger(again)
 
         accounts = []
         for user, ev in b.accounts.items():
