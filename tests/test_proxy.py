@@ -38,6 +38,7 @@ base_url = "{url}"
 api_key = "sk-upstream-secret"
 timeout_seconds = {timeout}
 models = ["gpt-test", "embed-test"]
+forward_headers = ["x-fake-*"]
 
 [[upstreams]]
 name = "anthropic"
@@ -46,6 +47,7 @@ base_url = "{url}"
 api_key = "ant-upstream-secret"
 timeout_seconds = {timeout}
 models = ["claude-test"]
+forward_headers = ["x-fake-*"]
 
 [[routes]]
 path = "/v1/models"
@@ -385,14 +387,11 @@ async def test_unknown_model_is_refused(gw):
     assert status == 404 and (await gw.balance("quinn")).held == 0
 
 
-async def test_hard_cap_stops_a_stream_when_its_cost_reaches_the_hold(gw):
-    from dataclasses import replace
-
-    proxy = gw.services.proxy
-    proxy.config = replace(proxy.config, hard_cap=True)
-    await gw.grant("rex", "1")
-    # The upstream reports far more input than the body suggests: the cost passes the hold
-    # (reserved for ~12 input + 30 output tokens) as soon as message_start arrives.
+async def test_hard_cap_stops_a_stream_before_it_puts_the_user_into_debt(gw):
+    assert gw.services.proxy.config.hard_cap  # on by default
+    await gw.grant("rex", "0.000100")  # 100 micro-credits: the hold (~70) and little beside it
+    # The upstream reports far more input than the body suggests: the cost passes what the
+    # user holds in all as soon as message_start arrives.
     body = {"model": "claude-test", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "x"}]}
     status, h, raw = await post(gw, "/v1/messages", body, user="rex",
                                 **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"})
@@ -400,7 +399,13 @@ async def test_hard_cap_stops_a_stream_when_its_cost_reaches_the_hold(gw):
     assert "stopped at the credit cap" in text
     assert text.count("text_delta") < 30 and "message_stop" not in text
     b = await gw.balance("rex")
-    assert b.held == 0 and b.available < 1
+    assert b.held == 0 and b.available == 0
+    # A user with credit to spare is never cut: the overage is drawn from it.
+    await gw.grant("rex-rich", "1")
+    status, h, raw = await post(gw, "/v1/messages", body, user="rex-rich",
+                                **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"})
+    assert "message_stop" in raw.decode() and ": credits charged=0.000560" in raw.decode()
+    assert (await gw.balance("rex-rich")).debt == 0
 
 
 async def test_redis_faults_on_the_hot_path_never_charge_twice_or_strand_a_hold(gw, monkeypatch):

@@ -195,4 +195,11 @@ def create_app(
         app.proxy_paths = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)  # POSTs there skip FastAPI's stack
         for route in proxy_config.routes:
             app.add_route(route.path, proxied, methods=list(route.methods), include_in_schema=False)
+
+        async def not_served(request):
+            return request.app.state.services.proxy.not_served(request)
+
+        # Last: every other /v1/ path or method is refused in the upstream's error format.
+        app.add_route("/v1/{rest:path}", not_served, include_in_schema=False,
+                      methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
     return app

@@ -8,7 +8,7 @@ and CREDIT_UPSTREAM_<NAME>_BASE_URL / _API_KEY / _TIMEOUT override per upstream.
     unknown_model = "refuse"        # or "default": price it with [pricing.default]
     min_output_tokens = 16          # clamp max tokens down to what the user can afford, not below this
     chars_per_token = 4             # prompt size estimate, and output counted from streamed text
-    hard_cap = false                # stop a stream when its cost reaches the hold
+    hard_cap = true                 # stop a stream before it would put the user into debt
     hold_margin_seconds = 30        # hold timeout = upstream timeout + this
     max_body_bytes = 4194304
 
@@ -19,6 +19,11 @@ and CREDIT_UPSTREAM_<NAME>_BASE_URL / _API_KEY / _TIMEOUT override per upstream.
     api_key_env = "OPENAI_API_KEY"
     timeout_seconds = 120
     models = ["gpt-4o", "gpt-4o-mini"]   # which models it serves ("*" = any)
+    chat_cap_field = "max_completion_tokens"  # or "max_tokens": the output cap the upstream obeys on
+                                    # chat requests that name none (OpenAI: max_completion_tokens)
+    forward_headers = []            # client headers passed on beyond the kind's own (accept,
+                                    # content-type, openai-beta); "x-foo-*" matches a prefix
+    headers = {}                    # headers the gateway sends (they win over the client's)
 
     [[routes]]                      # other paths: a flat price per request, or refused
     path = "/v1/models"
@@ -50,6 +55,7 @@ from urllib.parse import urlsplit
 from ..core.money import AmountError, to_units
 from ..core.ratelimits import check_limit
 from ..core.pricing import PricingTable
+from .worst_case import CHAT_CAP_FIELDS
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 ANTHROPIC_ROUTES = ("/v1/messages",)
@@ -69,6 +75,8 @@ class Upstream:
     timeout_seconds: float
     models: tuple[str, ...]
     headers: dict[str, str] = field(default_factory=dict)
+    chat_cap_field: str = "max_completion_tokens"
+    forward_headers: tuple[str, ...] = ()  # lower-case names; "x-foo-*" matches a prefix
 
     def serves(self, model: str | None) -> bool:
         return "*" in self.models or (model is not None and model in self.models)
@@ -96,7 +104,7 @@ class ProxyConfig:
     unknown_model: str = "refuse"
     min_output_tokens: int = 16
     chars_per_token: int = 4
-    hard_cap: bool = False
+    hard_cap: bool = True
     hold_margin_seconds: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
     rate_limits: RateLimits = field(default_factory=RateLimits)
@@ -179,10 +187,26 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
     if isinstance(models, str):
         models = [models]
     headers = raw.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ConfigError(f"upstream {name}: headers must be a table of name = value")
     if kind == "anthropic":
         headers = {"anthropic-version": "2023-06-01", **headers}
+    cap_field = raw.get("chat_cap_field", "max_completion_tokens")
+    if cap_field not in CHAT_CAP_FIELDS:
+        raise ConfigError(f"upstream {name}: chat_cap_field must be one of {CHAT_CAP_FIELDS}")
+    fwd = raw.get("forward_headers") or []
+    if not isinstance(fwd, list) or not all(isinstance(h, str) and h.strip() for h in fwd):
+        raise ConfigError(f"upstream {name}: forward_headers must be a list of header names")
     return Upstream(name, kind, base_url.rstrip("/"), key, timeout, tuple(str(m) for m in models),
-                    {str(k): str(v) for k, v in headers.items()})
+                    {str(k): str(v) for k, v in headers.items()}, cap_field,
+                    tuple(h.strip().lower() for h in fwd))
+
+
+def _flag(section: dict[str, Any], name: str, default: bool) -> bool:
+    v = section.get(name, default)
+    if not isinstance(v, bool):
+        raise ConfigError(f"gateway.{name} must be true or false")
+    return v
 
 
 def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyConfig:
@@ -231,7 +255,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyCon
         unknown_model=unknown_model,
         min_output_tokens=int(gw.get("min_output_tokens", 16)),
         chars_per_token=max(1, int(gw.get("chars_per_token", 4))),
-        hard_cap=bool(gw.get("hard_cap", False)),
+        hard_cap=_flag(gw, "hard_cap", True),
         hold_margin_seconds=float(gw.get("hold_margin_seconds", 30)),
         max_body_bytes=int(gw.get("max_body_bytes", 4 * 1024 * 1024)),
         rate_limits=_rate_limits(rl),

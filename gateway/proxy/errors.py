@@ -11,10 +11,12 @@ from .usage import ANTHROPIC
 
 # Anthropic's error types by HTTP status (their documented set).
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
+                    413: "request_too_large",
                     429: "rate_limit_error", 502: "api_error", 503: "overloaded_error", 504: "api_error"}
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 402: "insufficient_quota",
-                 403: "permission_error", 404: "invalid_request_error", 413: "invalid_request_error",
+                 403: "permission_error", 404: "invalid_request_error", 405: "invalid_request_error",
+                 413: "invalid_request_error",
                  429: "rate_limit_exceeded", 502: "server_error", 503: "server_error", 504: "server_error"}
 
 

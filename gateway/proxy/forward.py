@@ -27,49 +27,55 @@ from starlette.responses import Response, StreamingResponse
 
 from ..core.engine import CreditEngine, RateCharge
 from ..core.errors import AccountInDebt, CreditError, HoldNotFound, InsufficientCredits, RateLimited, StateLost
-from ..core.money import from_units, to_units
+from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import ModelPrice, Usage
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
 from .errors import proxy_error
 from .identity import Identity, IdentityError
 from .pricing_cache import PricingCache
 from .usage import ANTHROPIC, OPENAI, StreamMeter, from_json_body
+from .worst_case import EMBEDDINGS, BadRequest, OutputPlan, embedding_input_tokens, output_plan, set_output_cap
 
 log = logging.getLogger("credit.proxy")
 
-# Never forwarded upstream: hop-by-hop headers, the client's credentials and cookies, the
-# gateway's own headers, and what the HTTP client sets itself.
-DROP_REQUEST_HEADERS = frozenset({
+# The client headers an upstream kind gets: an allow-list. Anything else could change who
+# is billed upstream (openai-organization, openai-project), what is billed (anthropic-beta
+# features priced at other rates) or tell the upstream about the client (user-agent,
+# x-forwarded-for). An upstream's `forward_headers` adds to it; its `headers` win.
+FORWARDED_HEADERS = {
+    OPENAI: frozenset({"accept", "openai-beta"}),
+    ANTHROPIC: frozenset({"accept"}),
+}
+# Never forwarded, whatever the configuration allows: credentials, cookies, hop-by-hop
+# headers, the gateway's own, and what the HTTP client sets itself.
+NEVER_FORWARDED = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length", "authorization", "cookie", "x-api-key",
-    "x-user-id", "accept-encoding", "expect",
+    "x-user-id", "accept-encoding", "expect", "content-type",
 })
 # Never passed back to the client from the upstream.
 DROP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
 })
-OUTPUT_FIELDS = {
-    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
-    "/v1/completions": ("max_tokens",),
-    "/v1/responses": ("max_output_tokens",),
-    "/v1/messages": ("max_tokens",),
-    "/v1/embeddings": (),
-}
 DEFAULT_MAX_OUTPUT = 4096
 _METERED_ROUTES = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)
 
 
-def forwardable_headers(request: Request) -> dict[str, str]:
+def forwarded_headers(request: Request, upstream: Upstream) -> dict[str, str]:
+    """The client's headers that `upstream` may see (its configured headers not included)."""
+    allowed = FORWARDED_HEADERS[upstream.kind]
+    prefixes = tuple(h[:-1] for h in upstream.forward_headers if h.endswith("*"))
     named_by_connection = {
         t.strip().lower() for t in request.headers.get("connection", "").split(",") if t.strip()
     }
     out = {}
     for k, v in request.headers.items():
         lk = k.lower()
-        if lk in DROP_REQUEST_HEADERS or lk in named_by_connection or lk.startswith(("x-credit", "proxy-")):
+        if lk in NEVER_FORWARDED or lk in named_by_connection or lk.startswith(("x-credit", "proxy-")):
             continue
-        out[k] = v
+        if lk in allowed or lk in upstream.forward_headers or (prefixes and lk.startswith(prefixes)):
+            out[lk] = v
     return out
 
 
@@ -90,9 +96,11 @@ class Call:
     upstream: Upstream
     body: dict[str, Any]
     est_input: int
-    max_output: int
+    plan: OutputPlan
+    max_output: int  # the output cap per choice that the hold pays for (and the upstream gets)
     hold_units: int = 0
     hold_expires_ms: int = 0
+    budget_units: int = 0  # the hold plus the free credit left beside it: the stream's hard cap
     stream: bool = False
     strip_usage_chunk: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
@@ -139,7 +147,9 @@ class MeteringProxy:
             return proxy_error(kind, 400, "malformed_json", "the request body is not valid JSON", rid)
         if not isinstance(body, dict):
             return proxy_error(kind, 400, "invalid_request", "the request body must be a JSON object", rid)
-        model = body.get("model") if isinstance(body.get("model"), str) else None
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return proxy_error(kind, 400, "invalid_request", "the request names no model (field \"model\")", rid)
         upstream = self.config.upstream_for(kind, model)
         if upstream is None:
             return proxy_error(kind, 404, "model_not_served", f"no upstream serves model {model!r} on {path}", rid)
@@ -149,7 +159,10 @@ class MeteringProxy:
             price = table.default
         if price is None:
             return proxy_error(kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid)
-        call = self._plan(request_id, user, kind, path, model, price, upstream, body, len(raw))
+        try:
+            call = self._plan(request_id, user, kind, path, model, price, upstream, body, len(raw))
+        except BadRequest as exc:
+            return proxy_error(kind, 400, "invalid_request", str(exc), rid)
         refusal = await self._reserve(call)
         if refusal is not None:
             return refusal
@@ -170,16 +183,20 @@ class MeteringProxy:
 
     # -- planning and reserving --------------------------------------------------------
 
-    def _plan(self, request_id: str, user: str, kind: str, path: str, model: str | None, price: ModelPrice,
+    def _plan(self, request_id: str, user: str, kind: str, path: str, model: str, price: ModelPrice,
               upstream: Upstream, body: dict[str, Any], body_len: int) -> Call:
-        fields = OUTPUT_FIELDS[path]
-        requested = next((body[f] for f in fields if isinstance(body.get(f), int) and body[f] > 0), None)
-        if not fields:
-            max_out = 0
-        else:
-            max_out = requested if requested is not None else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
-        call = Call(request_id, user, kind, path, model, price, upstream, body,
-                    est_input=_ceil_div(body_len, self.config.chars_per_token), max_output=max_out)
+        cpt = self.config.chars_per_token
+        plan = output_plan(path, body, cpt)
+        est_input = max(_ceil_div(body_len, cpt), embedding_input_tokens(body) if path == EMBEDDINGS else 0)
+        max_out = 0
+        if path != EMBEDDINGS:
+            max_out = plan.requested if plan.requested is not None else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
+            # A cap whose worst case is beyond any one operation's amount is lowered to what
+            # fits (then to what the user can afford): a clamp, not a refusal.
+            max_out = min(max_out, plan.per_choice(price.output_tokens_affordable(MAX_UNITS, est_input)))
+        call = Call(request_id, user, kind, path, model, price, upstream, body, est_input, plan, max_out)
+        if path != EMBEDDINGS:
+            set_output_cap(path, body, max_out, upstream.chat_cap_field)
         call.stream = bool(body.get("stream"))
         if call.stream and kind == OPENAI and path in ("/v1/chat/completions", "/v1/completions"):
             opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
@@ -190,54 +207,55 @@ class MeteringProxy:
         call.meta = {"request_id": request_id, "model": model, "path": path, "upstream": upstream.name}
         return call
 
-    def _set_output_cap(self, call: Call, tokens: int) -> None:
-        fields = OUTPUT_FIELDS[call.path]
-        name = next((f for f in fields if f in call.body), fields[0] if fields else None)
-        if name:
-            call.body[name] = tokens
-        call.max_output = tokens
+    def _worst(self, call: Call) -> int:
+        """The hold: the estimated input plus every output token the request may produce."""
+        return call.price.cost(Usage(input=call.est_input, output=call.plan.total(call.max_output)))
 
-    def _clamp(self, call: Call, tokens: int, why: str, clamped: set[str]) -> bool:
-        """Lowers the requested output to `tokens` (answer shorter rather than not at all),
-        once per reason, and never below the configured minimum. False: not possible."""
-        tokens = min(tokens, call.max_output)
+    def _clamp(self, call: Call, total_tokens: int, why: str, clamped: set[str]) -> bool:
+        """Lowers the output cap so that all choices together fit `total_tokens` (an answer
+        shorter rather than none), once per reason, and never below the configured minimum
+        per choice. False: not possible."""
+        tokens = min(call.plan.per_choice(total_tokens), call.max_output)
         if why in clamped or not call.max_output or tokens < self.config.min_output_tokens:
             return False
         clamped.add(why)
-        self._set_output_cap(call, tokens)
+        call.max_output = tokens
+        set_output_cap(call.path, call.body, tokens, call.upstream.chat_cap_field)
         return True
 
     async def _reserve(self, call: Call) -> Response | None:
-        worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
+        worst = self._worst(call)
         ttl = call.upstream.timeout_seconds + self.config.hold_margin_seconds
         rid = {"X-Request-Id": call.request_id}
         limits = self.config.rate_limits
         clamped: set[str] = set()  # each limit may lower the requested output once
         for _ in range(3):
             # The tokens-per-minute count takes the worst case too; settle corrects it.
-            rate = RateCharge(call.est_input + call.max_output, limits.requests_per_minute, limits.tokens_per_minute)
+            tokens = call.est_input + call.plan.total(call.max_output)
+            rate = RateCharge(tokens, limits.requests_per_minute, limits.tokens_per_minute)
             try:
                 hold = await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
                                                        metadata=call.meta, rate=rate)
                 call.hold_units, call.hold_expires_ms = worst, hold.expires_at_ms
+                call.budget_units = worst + hold.state.available_units
                 return None
             except RateLimited as exc:
                 # Alone over the tokens limit: answer shorter when the prompt leaves room.
                 if exc.retry_after_ms < 0 and exc.details.get("limit") == "tokens_per_minute":
                     fit = int(exc.details.get("value", 0)) - call.est_input
                     if self._clamp(call, fit, "tpm", clamped):
-                        worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
+                        worst = self._worst(call)
                         continue
                 return _rate_limited(call.kind, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
                 if self._clamp(call, call.price.output_tokens_affordable(available, call.est_input), "credit", clamped):
-                    worst = call.price.cost(Usage(input=call.est_input, output=call.max_output))
+                    worst = self._worst(call)
                     continue
                 return proxy_error(call.kind, 402, "insufficient_credits",
                                    "not enough credits for this request", rid, available=str(from_units(available)))
             except AccountInDebt:
-                return proxy_error(call.kind, 402, "in_debt", "the account owes credits; top up to continue", rid)
+                return _in_debt(call.kind, rid)
             except RedisError as exc:
                 # The hold may or may not exist: give it back when Redis answers again (it
                 # would expire by itself anyway), and tell the client to retry.
@@ -250,34 +268,35 @@ class MeteringProxy:
 
     # -- forwarding --------------------------------------------------------------------
 
-    def _upstream_headers(self, request: Request, call_upstream: Upstream) -> dict[str, str]:
-        headers = forwardable_headers(request)
-        for k, v in call_upstream.headers.items():
-            headers.setdefault(k, v)
-        headers["Accept-Encoding"] = "identity"
-        if call_upstream.api_key:
-            if call_upstream.kind == ANTHROPIC:
-                headers["x-api-key"] = call_upstream.api_key
+    def _upstream_headers(self, request: Request, upstream: Upstream) -> dict[str, str]:
+        headers = forwarded_headers(request, upstream)
+        for k, v in upstream.headers.items():
+            headers[k.lower()] = v  # the configured value wins over the client's
+        headers["accept-encoding"] = "identity"
+        if upstream.api_key:
+            if upstream.kind == ANTHROPIC:
+                headers["x-api-key"] = upstream.api_key
             else:
-                headers["Authorization"] = f"Bearer {call_upstream.api_key}"
+                headers["authorization"] = f"Bearer {upstream.api_key}"
         return headers
 
     async def _forward(self, request: Request, call: Call) -> Response:
         url = call.upstream.base_url + call.path
         headers = self._upstream_headers(request, call.upstream)
-        headers["Content-Type"] = "application/json"
+        headers["content-type"] = "application/json"
         timeout = aiohttp.ClientTimeout(total=call.upstream.timeout_seconds)
         rid = {"X-Request-Id": call.request_id}
+        uncharged = {**rid, "X-Credits-Charged": "0"}  # the hold is given back: nothing charged
         try:
             resp = await self.session.post(url, data=orjson.dumps(call.body), headers=headers,
                                            allow_redirects=False, timeout=timeout)
         except asyncio.TimeoutError:
             await self._release(call, "upstream_timeout")
-            return proxy_error(call.kind, 504, "upstream_timeout", "the upstream did not answer in time", rid)
+            return proxy_error(call.kind, 504, "upstream_timeout", "the upstream did not answer in time", uncharged)
         except aiohttp.ClientError as exc:
             await self._release(call, "upstream_unreachable")
             log.warning("upstream %s unreachable: %s", call.upstream.name, exc)
-            return proxy_error(call.kind, 502, "upstream_unreachable", "the upstream could not be reached", rid)
+            return proxy_error(call.kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged)
         if resp.status >= 300:
             try:
                 raw = await resp.read()
@@ -286,8 +305,7 @@ class MeteringProxy:
             finally:
                 resp.release()
             await self._release(call, f"upstream_status_{resp.status}")
-            return Response(raw, status_code=resp.status, headers={**self._pass_headers(resp), **rid,
-                                                                    "X-Credits-Charged": "0"})
+            return Response(raw, status_code=resp.status, headers={**self._pass_headers(resp), **uncharged})
         if call.stream and resp.content_type == "text/event-stream":
             return StreamingResponse(self._stream(call, resp), status_code=resp.status,
                                      headers={**self._pass_headers(resp), **rid}, media_type="text/event-stream")
@@ -304,7 +322,8 @@ class MeteringProxy:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             resp.release()
             await self._release(call, "upstream_failed")
-            return proxy_error(call.kind, 502, "upstream_failed", "the upstream answer broke off", rid)
+            return proxy_error(call.kind, 502, "upstream_failed", "the upstream answer broke off",
+                               {**rid, "X-Credits-Charged": "0"})
         headers = self._pass_headers(resp)
         resp.release()
         usage = None
@@ -341,7 +360,7 @@ class MeteringProxy:
                     if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
                         continue  # the usage chunk we asked for on the client's behalf
                     out.append(event)
-                    if self.config.hard_cap and self._cost_so_far(call, meter) >= call.hold_units:
+                    if self.config.hard_cap and self._cost_so_far(call, meter) > call.budget_units:
                         yield b"".join(out)  # up to and including the event that reached the cap
                         raise _HardCap()
                 if out:
@@ -394,6 +413,12 @@ class MeteringProxy:
         """(charged, remaining) in micro-credits; charged is None when Redis could not
         confirm the settle (it is logged; the hold then expires uncharged)."""
         cost = call.price.cost(usage)
+        if cost > MAX_UNITS:
+            # Beyond what one operation may carry (a billion credits): absurd usage is still
+            # charged, as much of it as an operation can hold, and never dropped.
+            log.error("usage of %s for %s costs %d micro-credits, above the per-operation limit; charging %d",
+                      call.request_id, call.user, cost, MAX_UNITS)
+            cost = MAX_UNITS
         meta = {**call.meta, "usage": {"input": usage.input, "output": usage.output,
                                        "cached_input": usage.cached_input}, "partial": partial}
         tokens = usage.input + usage.cache_write + usage.output
@@ -450,6 +475,16 @@ class MeteringProxy:
         if self._pending:
             await asyncio.gather(*list(self._pending), return_exceptions=True)
 
+    def not_served(self, request: Request) -> Response:
+        """Any other /v1/ path or method: refused in the upstream's error format (the caller
+        is an LLM client, whose SDK reads that format)."""
+        path = request.scope["path"]
+        kind = ANTHROPIC if path.startswith("/v1/messages") else OPENAI
+        rid = {"X-Request-Id": f"req_{uuid.uuid4().hex}"}
+        if path in _METERED_ROUTES or self.config.route_for(path) is not None:
+            return proxy_error(kind, 405, "method_not_allowed", f"{request.method} is not served on {path}", rid)
+        return proxy_error(kind, 404, "route_not_served", f"{request.method} {path} is not served", rid)
+
     # -- other configured paths: a flat price, or refused --------------------------------
 
     async def _flat(self, request: Request, user: str, kind: str, request_id: str) -> Response:
@@ -469,8 +504,11 @@ class MeteringProxy:
                                                 ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds,
                                                 metadata=meta,
                                                 rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute))
-            except (InsufficientCredits, AccountInDebt):
-                return proxy_error(kind, 402, "insufficient_credits", "not enough credits for this request", rid)
+            except InsufficientCredits as exc:
+                return proxy_error(kind, 402, "insufficient_credits", "not enough credits for this request", rid,
+                                   available=str(exc.available))
+            except AccountInDebt:
+                return _in_debt(kind, rid)
             except RateLimited as exc:
                 return _rate_limited(kind, exc, rid)
             except StateLost:
@@ -480,6 +518,8 @@ class MeteringProxy:
                 self._spawn(self._resolve(user, request_id, None, meta, void_if_unknown=True))
                 return _unavailable(kind, rid)
         headers = self._upstream_headers(request, upstream)
+        if raw and request.headers.get("content-type"):
+            headers["content-type"] = request.headers["content-type"]
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
         try:
             async with self.session.request(request.method, upstream.base_url + route.path, data=raw or None,
@@ -533,6 +573,10 @@ async def _retrying(op, attempts: int = 3):
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+def _in_debt(kind: str, rid: dict[str, str]) -> Response:
+    return proxy_error(kind, 402, "in_debt", "the account owes credits; top up to continue", rid)
 
 
 def _not_ready(kind: str, rid: dict[str, str]) -> Response:

@@ -4,7 +4,9 @@ Each request may steer it with headers (the gateway forwards them like any other
   X-Fake-Status: 500           answer this HTTP status with an error body, before any output
   X-Fake-Latency-Ms: 50        wait before answering
   X-Fake-Input-Tokens: 12      usage reported (default: body size / 4)
-  X-Fake-Output-Tokens: 7      tokens generated (default: min(max tokens, 10))
+  X-Fake-Output-Tokens: 7      tokens generated per choice (default 10), never above the
+                               request's cap in the field its route obeys; `n` choices are
+                               generated (and `best_of` on completions) and billed
   X-Fake-Cached-Tokens: 3      part of the input served from cache
   X-Fake-Chunk-Delay-Ms: 5     pause between streamed chunks
   X-Fake-Fail-After: 3         streams: drop the connection after this many chunks
@@ -25,11 +27,29 @@ from typing import Any
 from aiohttp import web
 
 
-def _max_tokens(body: dict) -> int | None:
-    for k in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
+# The output cap each route obeys (chat: max_completion_tokens first, as OpenAI reads it).
+CAP_FIELDS = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+    "/v1/messages": ("max_tokens",),
+}
+
+
+def _max_tokens(path: str, body: dict) -> int | None:
+    for k in CAP_FIELDS.get(path, ()):
         if isinstance(body.get(k), int):
             return body[k]
     return None
+
+
+def _choices(path: str, body: dict) -> tuple[int, int]:
+    """(choices returned, completions generated and billed): n, and best_of on completions."""
+    if path not in ("/v1/chat/completions", "/v1/completions"):
+        return 1, 1
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    best_of = body.get("best_of") if path == "/v1/completions" and isinstance(body.get("best_of"), int) else n
+    return n, max(n, best_of)
 
 
 class FakeUpstream:
@@ -102,19 +122,21 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "bad json"}}, status=400)
         n_in = int(h.get("X-Fake-Input-Tokens", max(1, len(raw) // 4)))
         cached = int(h.get("X-Fake-Cached-Tokens", 0))
-        cap = _max_tokens(body)
-        n_out = int(h.get("X-Fake-Output-Tokens", min(cap if cap is not None else 10, 10)))
+        cap = _max_tokens(request.path, body)
+        n_out = int(h.get("X-Fake-Output-Tokens", 10))
         if cap is not None:
             n_out = min(n_out, cap)
         if request.path == "/v1/embeddings":
             n_out = 0
         usage_on = h.get("X-Fake-No-Usage") != "1"
         model = body.get("model", "fake-model")
+        choices, billed = _choices(request.path, body)
         if body.get("stream"):
-            return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on)
-        return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on))
+            return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on, choices)
+        return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed))
 
-    def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool) -> dict:
+    def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool,
+               choices: int = 1, billed: int = 1) -> dict:
         text = "tok " * n_out
         if path == "/v1/messages":
             out = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
@@ -135,19 +157,24 @@ class FakeUpstream:
             if usage_on:
                 out["usage"] = {"prompt_tokens": n_in, "total_tokens": n_in}
             return out
-        choice = {"index": 0, "finish_reason": "stop"}
-        if path == "/v1/completions":
-            choice["text"] = text
-        else:
-            choice["message"] = {"role": "assistant", "content": text}
+        out_choices = []
+        for i in range(choices):
+            choice: dict[str, Any] = {"index": i, "finish_reason": "stop"}
+            if path == "/v1/completions":
+                choice["text"] = text
+            else:
+                choice["message"] = {"role": "assistant", "content": text}
+            out_choices.append(choice)
         out = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-               "choices": [choice]}
+               "choices": out_choices}
         if usage_on:
-            out["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+            total_out = n_out * billed
+            out["usage"] = {"prompt_tokens": n_in, "completion_tokens": total_out, "total_tokens": n_in + total_out,
                             "prompt_tokens_details": {"cached_tokens": cached}}
         return out
 
-    async def _stream(self, request, body, anthropic, model, n_in, n_out, cached, usage_on) -> web.StreamResponse:
+    async def _stream(self, request, body, anthropic, model, n_in, n_out, cached, usage_on,
+                      choices: int = 1) -> web.StreamResponse:
         h = request.headers
         delay = int(h.get("X-Fake-Chunk-Delay-Ms", 0)) / 1000
         fail_after = int(h["X-Fake-Fail-After"]) if h.get("X-Fake-Fail-After") else None
@@ -194,17 +221,20 @@ class FakeUpstream:
                 await send("response.completed", {"type": "response.completed", "response": done})
             else:
                 base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
-                for i in range(n_out):
-                    if request.path == "/v1/completions":
-                        ch = {"index": 0, "text": "tok ", "finish_reason": None}
-                    else:
-                        ch = {"index": 0, "delta": {"content": "tok "}, "finish_reason": None}
-                    await send(None, {**base, "choices": [ch]})
-                await send(None, {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                for _ in range(n_out):
+                    for c in range(choices):
+                        if request.path == "/v1/completions":
+                            ch = {"index": c, "text": "tok ", "finish_reason": None}
+                        else:
+                            ch = {"index": c, "delta": {"content": "tok "}, "finish_reason": None}
+                        await send(None, {**base, "choices": [ch]})
+                for c in range(choices):
+                    await send(None, {**base, "choices": [{"index": c, "delta": {}, "finish_reason": "stop"}]})
                 opts = body.get("stream_options") or {}
                 if usage_on and opts.get("include_usage"):
+                    total_out = n_out * choices
                     await send(None, {**base, "choices": [], "usage": {
-                        "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+                        "prompt_tokens": n_in, "completion_tokens": total_out, "total_tokens": n_in + total_out,
                         "prompt_tokens_details": {"cached_tokens": cached}}})
                 await send(None, "[DONE]")
             await resp.write_eof()

@@ -1,0 +1,204 @@
+"""The hold bounds what the upstream may produce: attacks on the worst case.
+
+Each case funds a user with little credit and sends what an attacker would (many choices,
+no cap, two caps, malformed caps, absurd usage). The fake upstream obeys the cap it is sent,
+in the field its route reads, and bills every choice it generates; it reports as many input
+tokens as the gateway estimated or fewer, so the documented overage bound (the cost of input
+tokens beyond the estimate) is zero here: the user must never end in debt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from gateway.core.money import MAX_UNITS
+from tests.test_proxy import charged, post, running_gateway
+
+LOW_INPUT = {"X-Fake-Input-Tokens": "5"}  # at most the estimate of any body below
+MSG = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+async def gw(redis, redis_url, tmp_path):
+    async with running_gateway(redis_url, tmp_path) as g:
+        yield g
+
+
+def sent(gw) -> dict:
+    return json.loads(gw.fake.requests[-1]["body"])
+
+
+async def assert_no_debt(gw, user: str, funded: str) -> None:
+    b = await gw.balance(user)
+    assert b.debt == 0 and b.held == 0, b
+    assert b.spent <= Decimal(funded)
+
+
+async def test_n_choices_are_part_of_the_worst_case(gw):
+    await gw.grant("n1", "0.000300")  # 300 micro-credits; output costs 2 a token
+    body = {"model": "gpt-test", "messages": MSG, "max_tokens": 100, "n": 2}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="n1",
+                                **LOW_INPUT, **{"X-Fake-Output-Tokens": "100"})
+    assert status == 200, raw
+    # Two choices must fit: the cap per choice is lowered so that both are paid for.
+    assert sent(gw)["max_tokens"] * 2 * 2 <= 300 and "max_completion_tokens" not in sent(gw)
+    await assert_no_debt(gw, "n1", "0.0003")
+    # 128 choices cannot be afforded at the minimum output each: refused, nothing held.
+    status, h, raw = await post(gw, "/v1/chat/completions", {**body, "n": 128}, user="n1", **LOW_INPUT)
+    assert status == 402 and json.loads(raw)["error"]["code"] == "insufficient_credits"
+    await assert_no_debt(gw, "n1", "0.0003")
+
+
+async def test_best_of_is_part_of_the_worst_case(gw):
+    await gw.grant("bo", "0.000300")
+    body = {"model": "gpt-test", "prompt": "x", "max_tokens": 100, "n": 1, "best_of": 3}
+    status, h, raw = await post(gw, "/v1/completions", body, user="bo", **LOW_INPUT, **{"X-Fake-Output-Tokens": "100"})
+    assert status == 200, raw
+    assert sent(gw)["max_tokens"] * 3 * 2 <= 300
+    await assert_no_debt(gw, "bo", "0.0003")
+
+
+async def test_a_request_without_a_cap_is_sent_the_cap_its_hold_paid_for(gw):
+    await gw.grant("nc", "0.000150")
+    body = {"model": "gpt-test", "messages": MSG}  # no cap: the upstream would write 5,000 tokens
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="nc",
+                                **LOW_INPUT, **{"X-Fake-Output-Tokens": "5000"})
+    assert status == 200, raw
+    forwarded = sent(gw)
+    assert "max_tokens" not in forwarded  # OpenAI refuses both fields, and max_tokens on o-series
+    assert 4 <= forwarded["max_completion_tokens"] <= 100  # the price's cap, clamped to the credit
+    await assert_no_debt(gw, "nc", "0.00015")
+    # Anthropic and the Responses API get their own field.
+    await gw.grant("nc2", "1")
+    await post(gw, "/v1/responses", {"model": "gpt-test", "input": "x"}, user="nc2", **LOW_INPUT)
+    assert sent(gw)["max_output_tokens"] == 100
+
+
+async def test_many_uncapped_requests_at_once_never_leave_debt(gw):
+    await gw.grant("burst", "0.001")  # 1,000 micro-credits
+    body = {"model": "gpt-test", "messages": MSG}
+    results = await asyncio.gather(*(
+        post(gw, "/v1/chat/completions", body, user="burst", **LOW_INPUT, **{"X-Fake-Output-Tokens": "5000"})
+        for _ in range(20)
+    ))
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {200, 402} and 200 in statuses
+    total = sum(charged(h) for s, h, _ in results if s == 200)
+    b = await gw.balance("burst")
+    assert b.debt == 0 and b.held == 0 and total + b.available == Decimal("0.001")
+
+
+@pytest.mark.parametrize("path, field, body", [
+    ("/v1/chat/completions", "max_tokens", {"messages": MSG}),
+    ("/v1/chat/completions", "max_completion_tokens", {"messages": MSG}),
+    ("/v1/chat/completions", "n", {"messages": MSG}),
+    ("/v1/completions", "best_of", {"prompt": "x"}),
+    ("/v1/responses", "max_output_tokens", {"input": "x"}),
+    ("/v1/messages", "max_tokens", {"messages": MSG}),
+])
+@pytest.mark.parametrize("value", [-5, 0, "5000", 5000.0, True, [1]])
+async def test_malformed_caps_and_multipliers_are_refused_in_the_upstreams_format(gw, path, field, body, value):
+    await gw.grant("bad", "1")
+    model = "claude-test" if path == "/v1/messages" else "gpt-test"
+    status, h, raw = await post(gw, path, {"model": model, **body, field: value}, user="bad")
+    assert status == 400, raw
+    err = json.loads(raw)
+    if path == "/v1/messages":
+        assert err["type"] == "error" and err["error"]["type"] == "invalid_request_error"
+    else:
+        assert err["error"]["type"] == "invalid_request_error" and err["error"]["code"] == "invalid_request"
+    assert field in err["error"]["message"]
+    assert gw.fake.requests == [] and (await gw.balance("bad")).held == 0
+
+
+async def test_two_cap_fields_are_sent_consistent(gw):
+    await gw.grant("two", "1")
+    body = {"model": "gpt-test", "messages": MSG, "max_tokens": 20, "max_completion_tokens": 5000}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="two",
+                                **LOW_INPUT, **{"X-Fake-Output-Tokens": "5000"})
+    assert status == 200, raw
+    assert sent(gw)["max_tokens"] == sent(gw)["max_completion_tokens"] == 20
+    assert charged(h) <= Decimal("0.000045")  # 5 input + 20 output x 2
+    await assert_no_debt(gw, "two", "1")
+    # The float form of the same attack is malformed.
+    status, _, _ = await post(gw, "/v1/chat/completions", {**body, "max_completion_tokens": 5000.0}, user="two")
+    assert status == 400
+
+
+async def test_a_huge_cap_is_clamped_not_refused(gw):
+    await gw.grant("huge", "0.000100")
+    body = {"model": "gpt-test", "messages": MSG, "max_tokens": 2**63 - 1}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="huge", **LOW_INPUT)
+    assert status == 200, raw
+    assert 4 <= sent(gw)["max_tokens"] <= 50
+    await assert_no_debt(gw, "huge", "0.0001")
+
+
+async def test_absurd_usage_is_charged_as_overage_never_dropped(gw):
+    await gw.grant("abs", "1")
+    body = {"model": "gpt-test", "messages": MSG, "max_tokens": 10}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="abs", **{"X-Fake-Input-Tokens": str(10**16)})
+    assert status == 200, raw
+    b = await gw.balance("abs")
+    # As much as one operation can carry is charged: the credit, then the rest as debt.
+    assert b.held == 0 and b.available == 0 and b.spent == 1
+    assert b.debt_units == MAX_UNITS - 1_000_000
+    assert charged(h) * 1_000_000 == MAX_UNITS
+
+
+async def test_embeddings_hold_their_whole_input_token_arrays_counted_exactly(gw):
+    await gw.grant("emb", "0.004")  # 4,000 micro-credits at 1 a token
+    tokens = [0] * 5000  # 2 bytes a token in JSON: a size estimate would say 2,500
+    body = {"model": "embed-test", "input": tokens}
+    status, h, raw = await post(gw, "/v1/embeddings", body, user="emb", **{"X-Fake-Input-Tokens": "5000"})
+    assert status == 402, raw
+    assert gw.fake.requests == []
+    batch = {"model": "embed-test", "input": [[0] * 1000, [0] * 1000]}
+    status, h, raw = await post(gw, "/v1/embeddings", batch, user="emb", **{"X-Fake-Input-Tokens": "2000"})
+    assert status == 200 and charged(h) == Decimal("0.002")
+    await assert_no_debt(gw, "emb", "0.004")
+
+
+async def test_upstream_timeout_says_nothing_was_charged(gw):
+    await gw.grant("late", "1")
+    body = {"model": "gpt-test", "messages": MSG}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="late", **{"X-Fake-Latency-Ms": "3000"})
+    assert status == 504 and h["X-Credits-Charged"] == "0"
+    assert (await gw.balance("late")).available == 1
+
+
+async def test_only_allowed_client_headers_reach_the_upstream_and_configured_ones_win(gw):
+    await gw.grant("hdr", "1")
+    leaky = {"OpenAI-Organization": "org-other", "OpenAI-Project": "proj-x", "X-Forwarded-For": "10.0.0.1",
+             "User-Agent": "client-app/1.0", "Anthropic-Beta": "context-1m-2025-08-07",
+             "Anthropic-Version": "2099-01-01", "OpenAI-Beta": "assistants=v2"}
+    await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": MSG}, user="hdr", **leaky)
+    got = {k.lower(): v for k, v in gw.fake.requests[-1]["headers"].items()}
+    for name in ("openai-organization", "openai-project", "x-forwarded-for", "anthropic-beta", "anthropic-version"):
+        assert name not in got, name
+    assert got.get("user-agent", "").startswith("client-app") is False
+    assert got["openai-beta"] == "assistants=v2"
+    await post(gw, "/v1/messages", {"model": "claude-test", "max_tokens": 5, "messages": MSG}, user="hdr", **leaky)
+    got = {k.lower(): v for k, v in gw.fake.requests[-1]["headers"].items()}
+    assert got["anthropic-version"] == "2023-06-01" and "anthropic-beta" not in got
+
+
+async def test_clear_refusals_for_a_missing_model_and_unserved_paths(gw):
+    await gw.grant("err", "1")
+    status, h, raw = await post(gw, "/v1/chat/completions", {"messages": MSG}, user="err")
+    assert status == 400 and "model" in json.loads(raw)["error"]["message"]
+    assert "None" not in json.loads(raw)["error"]["message"]
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/v1/images/generations", json={}, headers=gw.headers("err")) as r:
+            err = await r.json()
+            assert r.status == 404 and err["error"]["code"] == "route_not_served" and "type" in err["error"]
+        async with s.get(gw.base + "/v1/chat/completions", headers=gw.headers("err")) as r:
+            err = await r.json()
+            assert r.status == 405 and err["error"]["type"] == "invalid_request_error"
+        async with s.get(gw.base + "/v1/messages/batches", headers=gw.headers("err")) as r:
+            assert r.status == 404 and (await r.json())["type"] == "error"
