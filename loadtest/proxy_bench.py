@@ -41,6 +41,7 @@ base_url = "{url}"
 api_key = "sk-bench"
 timeout_seconds = 30
 models = ["bench-model"]
+forward_headers = ["x-fake-*"]
 [pricing.models."bench-model"]
 input = "1"
 output = "2"
