@@ -549,3 +549,24 @@ async def test_a_settle_redis_does_not_confirm_shows_no_figure_and_lands_later(f
     assert await settler.drain(timeout=30) == 0
     b = await engine.balance("later")
     assert (b.spent, b.held) == (Decimal("0.003"), 0)
+
+
+async def test_a_reserve_redis_does_not_answer_is_a_503_and_its_hold_is_given_back(flaky_engine, flaky, engine):
+    from gateway.core.settlement import Settler
+
+    await engine.grant("nored", "1", op_id="g")
+    settler = Settler(flaky_engine)
+    app = make_app(flaky_engine, settler)
+    flaky.lose_reply_to(flaky_engine.scripts["reserve"].sha.encode())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+        r = await c.post("/summarise", headers={"X-User-Id": "nored"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "credit_store_unavailable"
+        await settler.drain(timeout=10)
+        b = await engine.balance("nored")
+        assert (b.available, b.held, b.spent) == (Decimal("1"), 0, 0)  # the hold Redis placed was released
+        # A partition being rebuilt: 503 state_lost.
+        await engine.redis.delete(engine.keys.partition(engine.keys.partition_of("nored")).ready)
+        r = await c.post("/summarise", headers={"X-User-Id": "nored"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "state_lost"
