@@ -14,6 +14,8 @@ with it:
   becomes debt; release returns everything; a hold at or past its deadline is expired (by
   the sweep, or by a settle/release that arrives late and then answers hold_expired);
 - a new grant repays debt first; admin debit draws at once and is refused when short;
+  a debit with allow_debt (late usage) draws what free credit covers and the rest becomes
+  debt, as a settle's overage does;
 - every operation is idempotent by (user, op id): same fields -> the stored answer, other
   fields -> op_conflict; refusals are not stored;
 - every state change bumps the account version and appends one event.
@@ -269,21 +271,23 @@ class Model:
         a.ops[op_id] = (fp, res)
         return Ok(res)
 
-    def debit(self, now: int, user: str, op_id: str, amount: int) -> Ok | Refused:
+    def debit(self, now: int, user: str, op_id: str, amount: int, allow_debt: bool = False) -> Ok | Refused:
         a = self.acct(user)
-        fp = ("debit", amount)
+        fp = ("debit", amount, allow_debt)
         seen = self._replay(a, op_id, fp)
         if seen:
             return seen
         avail = a.available(now)
-        if avail < amount:
+        if avail < amount and not allow_debt:
             return Refused("insufficient_credits", {"available": avail})
-        self._draw(a, now, amount, earmark=False)
-        a.spent += amount
+        debt_added, _ = self._draw(a, now, amount, earmark=False)
+        a.debt += debt_added
+        a.debt_total += debt_added
+        a.spent += amount - debt_added
         a.charges += amount
         self._gc(a)
         self._emit(a)
-        res = {"amount": amount, "state": a.state(now)}
+        res = {"amount": amount, "debt_added": debt_added, "state": a.state(now)}
         a.ops[op_id] = (fp, res)
         return Ok(res)
 

@@ -77,7 +77,7 @@ def as_answer(r) -> Ok:
              "held_amount": units(r.held_amount), "returned": units(r.returned), "lapsed": units(r.lapsed),
              "debt_added": units(r.debt_added)}
     elif isinstance(r, DebitResult):
-        d = {"amount": units(r.amount)}
+        d = {"amount": units(r.amount), "debt_added": units(r.debt_added)}
     else:  # pragma: no cover
         raise TypeError(r)
     d["state"] = state_dict(r.state)
@@ -161,7 +161,7 @@ class EngineVsModel(RuleBasedStateMachine):
             coro = e.release(a["user"], a["hold_id"], op_id=self.engine_op(a["op_id"]))
             want = self.model.release(now, **a)
         elif kind == "debit":
-            coro = e.debit(a["user"], from_units(a["amount"]), op_id=a["op_id"])
+            coro = e.debit(a["user"], from_units(a["amount"]), op_id=a["op_id"], allow_debt=a.get("allow_debt", False))
             want = self.model.debit(now, **a)
         else:  # pragma: no cover
             raise ValueError(kind)
@@ -273,6 +273,12 @@ class EngineVsModel(RuleBasedStateMachine):
         user = self.users[u % len(self.users)]
         self.call("debit", {"user": user, "op_id": self.fresh("d"), "amount": amount})
 
+    @rule(u=st.integers(0, 2), amount=st.integers(1, 8_000_000))
+    def late_usage_debit(self, u, amount):
+        # library mode's late usage: never refused for want of credit, the rest is debt
+        user = self.users[u % len(self.users)]
+        self.call("debit", {"user": user, "op_id": self.fresh("ld"), "amount": amount, "allow_debt": True})
+
     @rule(seconds=st.sampled_from([0.25, 0.5, 1, 1.75, 3, 5, 10, 31]))
     def advance(self, seconds):
         self.clock.advance(seconds)
@@ -365,7 +371,7 @@ MUST_REACH = [
     "settle:already_settled",
     "release:ok", "release:replayed", "release:already_released", "release:hold_expired",
     "release:already_settled",
-    "debit:ok", "debit:replayed", "debit:op_conflict", "debit:insufficient_credits",
+    "debit:ok", "debit:replayed", "debit:op_conflict", "debit:insufficient_credits", "debit:debt_added",
     "sweep:holds", "sweep:grants",
 ]
 

@@ -176,16 +176,25 @@ class CreditEngine:
         )
 
     async def debit(
-        self, user: str, amount: Decimal | str | int, *, op_id: str, metadata: dict[str, Any] | None = None
+        self, user: str, amount: Decimal | str | int, *, op_id: str, metadata: dict[str, Any] | None = None,
+        allow_debt: bool = False,
     ) -> DebitResult:
-        """Charges `amount` at once (admin); refuses when the free credit is short."""
+        """Charges `amount` at once. Without `allow_debt` (admin) it is refused when the free
+        credit is short; with it, what free credit cannot cover becomes debt (the overage
+        policy of a settle: for usage reported after its request settled)."""
+        return await self.debit_units(user, to_units(amount), op_id=op_id, metadata=metadata, allow_debt=allow_debt)
+
+    async def debit_units(
+        self, user: str, units: int, *, op_id: str, metadata: dict[str, Any] | None = None, allow_debt: bool = False,
+    ) -> DebitResult:
         check_id("user_id", user)
         check_id("op_id", op_id)
-        units = to_units(amount)
+        _units_arg(units)
         r, replayed = await self._run(
-            "debit", self.keys.account_keys(user, op_id), [*self._base(user, op_id), units, _meta(metadata)]
+            "debit", self.keys.account_keys(user, op_id),
+            [*self._base(user, op_id), units, _meta(metadata), "1" if allow_debt else ""],
         )
-        return DebitResult(int(r["amount"]), AccountState.from_wire(r["state"]), replayed)
+        return DebitResult(int(r["amount"]), AccountState.from_wire(r["state"]), replayed, int(r.get("debt_added") or 0))
 
     # -- holds -------------------------------------------------------------------------
 

@@ -115,7 +115,8 @@ def replay_ledger(entries: list[LedgerEntry]) -> dict[str, int]:
             t["debt"] -= n("debt_repaid")
             t["spent"] += n("debt_repaid")
         elif e.type == DEBIT:
-            t["spent"] += e.amount
+            t["spent"] += e.amount - n("debt_added")
+            t["debt"] += n("debt_added")
         elif e.type == HOLD_OPEN:
             t["held"] += e.amount
         elif e.type in (HOLD_SETTLED, HOLD_RELEASED, HOLD_EXPIRED):

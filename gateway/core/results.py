@@ -126,8 +126,10 @@ class DebitResult:
     amount_units: int
     state: AccountState
     replayed: bool = False
+    debt_added_units: int = 0  # the part free credit did not cover (only with allow_debt)
 
     amount = _credits("amount_units")
+    debt_added = _credits("debt_added_units")
 
 
 @dataclass(frozen=True, slots=True)

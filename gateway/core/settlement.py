@@ -1,0 +1,214 @@
+"""Settling, releasing and charging when Redis falters, without losing or doubling a charge.
+
+Every call here is idempotent by its operation id (a settle's is the hold's, by default),
+so it is simply tried again under the same id: at once on a connection error or timeout
+(`retrying`), then, for a charge (settle, debit), in the background until it lands or
+there is no point any more (a hold about to expire uncharged; a debit after
+`debit_retry_seconds`). A try whose write reached Redis but whose answer was lost is
+answered from the stored first answer on the next try: never applied twice.
+
+Web-free: the metering proxy and library mode both use it.
+
+    settler = Settler(engine)
+    r = await settler.settle(user, hold.hold_id, units, expires_at_ms=hold.expires_at_ms, metadata=meta)
+    if r is None:
+        ...  # not confirmed yet (retried in the background): show no figure, not a wrong one
+    ...
+    await settler.drain(timeout=30)  # at shutdown, before closing Redis
+
+Refusals (CreditError: hold_expired, already_settled, op_conflict...) are raised to the
+caller as they are; `None` always means "not confirmed, still being retried".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .engine import CreditEngine
+from .errors import CreditError, StateLost
+from .results import DebitResult, HoldResolution
+
+log = logging.getLogger("credit.settlement")
+
+T = TypeVar("T")
+
+# Tried again at once: the connection broke or the answer did not come in time.
+RETRY_AT_ONCE = (RedisConnectionError, RedisTimeoutError)
+# Tried again later, in the background: any Redis failure, and a partition being rebuilt
+# after Redis lost data (the hold and the operation ids come back with it).
+RETRY_LATER = (RedisError, StateLost)
+
+
+async def retrying(op: Callable[[], Awaitable[T]], attempts: int = 3, backoff_seconds: float = 0.05) -> T:
+    """Runs an engine call, again on a Redis connection error or timeout (at most
+    `attempts` tries, `backoff_seconds` * n apart). Only for idempotent calls: every
+    engine call is, by its operation id."""
+    for attempt in range(attempts):
+        try:
+            return await op()
+        except RETRY_AT_ONCE:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(backoff_seconds * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class Settler:
+    """Settles, releases and debits through `engine` with retries, and owns the background
+    tasks of the charges Redis has not confirmed yet (`drain` them at shutdown).
+
+    attempts / backoff_seconds: the tries at once (see `retrying`).
+    retry_interval_seconds: the pause between background tries.
+    expiry_margin_seconds: a settle is tried in the background until this long before its
+      hold expires (after that a try would only answer hold_expired).
+    debit_retry_seconds: how long an unconfirmed debit is tried in the background.
+    """
+
+    def __init__(
+        self,
+        engine: CreditEngine,
+        *,
+        attempts: int = 3,
+        backoff_seconds: float = 0.05,
+        retry_interval_seconds: float = 1.0,
+        expiry_margin_seconds: float = 1.0,
+        debit_retry_seconds: float = 3600.0,
+    ) -> None:
+        self.engine = engine
+        self.attempts = attempts
+        self.backoff_seconds = backoff_seconds
+        self.retry_interval_seconds = retry_interval_seconds
+        self.expiry_margin_ms = round(expiry_margin_seconds * 1000)
+        self.debit_retry_ms = round(debit_retry_seconds * 1000)
+        self._pending: set[asyncio.Task] = set()
+
+    # -- the calls -------------------------------------------------------------------------
+
+    async def settle(
+        self,
+        user: str,
+        hold_id: str,
+        units: int,
+        *,
+        expires_at_ms: int,
+        metadata: dict[str, Any] | None = None,
+        tokens: int | None = None,
+        op_id: str | None = None,
+    ) -> HoldResolution | None:
+        """Posts the hold at `units` micro-credits (`expires_at_ms`: the hold's deadline, as
+        the reserve answered it). The resolution, or None when Redis did not confirm it:
+        then it keeps being tried in the background until shortly before the hold expires
+        (and is logged with its amount if it never lands). Refusals are raised."""
+
+        def call() -> Awaitable[HoldResolution]:
+            return self.engine.settle_units(user, hold_id, units, op_id=op_id, metadata=metadata, tokens=tokens)
+
+        what = f"settle of {hold_id} for {user} at {units} micro-credits"
+        return await self._charge(call, what, expires_at_ms - self.expiry_margin_ms)
+
+    async def debit(
+        self,
+        user: str,
+        units: int,
+        *,
+        op_id: str,
+        metadata: dict[str, Any] | None = None,
+        allow_debt: bool = True,
+    ) -> DebitResult | None:
+        """Charges `units` micro-credits at once; by default what free credit cannot cover
+        becomes debt (usage reported after its request settled). The result, or None when
+        Redis did not confirm it: then it keeps being tried in the background for
+        `debit_retry_seconds`. Refusals are raised."""
+
+        def call() -> Awaitable[DebitResult]:
+            return self.engine.debit_units(user, units, op_id=op_id, metadata=metadata, allow_debt=allow_debt)
+
+        what = f"debit {op_id} of {user} at {units} micro-credits"
+        return await self._charge(call, what, self.engine.now_ms() + self.debit_retry_ms)
+
+    async def release(
+        self,
+        user: str,
+        hold_id: str,
+        *,
+        metadata: dict[str, Any] | None = None,
+        void_if_unknown: bool = False,
+        op_id: str | None = None,
+    ) -> HoldResolution | None:
+        """Voids the hold; None when Redis did not confirm it (not retried later: an open
+        hold gives everything back when it expires, as a release does). Refusals are
+        raised (HoldNotFound too, also with void_if_unknown)."""
+        try:
+            return await retrying(
+                lambda: self.engine.release(user, hold_id, op_id=op_id, metadata=metadata,
+                                            void_if_unknown=void_if_unknown),
+                self.attempts, self.backoff_seconds,
+            )
+        except RedisError as exc:
+            log.warning("release of %s for %s not confirmed by Redis (%s); the hold expires by itself",
+                        hold_id, user, exc)
+            return None
+
+    # -- background tasks ------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Runs `coro` as a task this settler keeps (and `drain` waits for)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        return task
+
+    @property
+    def pending(self) -> int:
+        """Background tasks still running."""
+        return len(self._pending)
+
+    async def drain(self, timeout: float | None = None) -> int:
+        """Waits for the background tasks (at shutdown, before Redis is closed); after
+        `timeout` seconds the rest are cancelled. Returns how many were cancelled (a
+        cancelled charge is logged with its amount)."""
+        if not self._pending:
+            return 0
+        tasks = list(self._pending)
+        _, left = await asyncio.wait(tasks, timeout=timeout)
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+        return len(left)
+
+    # -- internals -------------------------------------------------------------------------
+
+    async def _charge(self, call: Callable[[], Awaitable[T]], what: str, deadline_ms: int) -> T | None:
+        try:
+            return await retrying(call, self.attempts, self.backoff_seconds)
+        except RETRY_LATER as exc:
+            log.warning("%s not confirmed by Redis (%r); trying again in the background", what, exc)
+            self.spawn(self._later(call, what, deadline_ms))
+            return None
+
+    async def _later(self, call: Callable[[], Awaitable[Any]], what: str, deadline_ms: int) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.retry_interval_seconds)
+                if self.engine.now_ms() >= deadline_ms:
+                    log.error("%s never confirmed by Redis; given up", what)
+                    return
+                try:
+                    await call()
+                except RETRY_LATER:
+                    continue
+                except CreditError as exc:
+                    log.error("%s refused on a later try: %s %s", what, exc.code, exc.details)
+                    return
+                log.info("%s confirmed on a later try", what)
+                return
+        except asyncio.CancelledError:
+            log.error("%s not confirmed by Redis before shutdown; given up", what)
+            raise
