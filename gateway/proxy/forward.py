@@ -19,9 +19,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import orjson
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -29,6 +27,7 @@ from ..core.engine import CreditEngine, RateCharge
 from ..core.errors import AccountInDebt, CreditError, HoldNotFound, InsufficientCredits, RateLimited, StateLost
 from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import ModelPrice, Usage
+from ..core.settlement import Settler
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
 from .errors import proxy_error
 from .identity import Identity, IdentityError
@@ -114,7 +113,7 @@ class MeteringProxy:
         self.pricing = pricing
         self.identity = identity
         self.session = session
-        self._pending: set[asyncio.Task] = set()
+        self.settler = Settler(engine)
 
     # -- entry -------------------------------------------------------------------------
 
@@ -260,7 +259,7 @@ class MeteringProxy:
                 # The hold may or may not exist: give it back when Redis answers again (it
                 # would expire by itself anyway), and tell the client to retry.
                 log.error("reserve of %s for %s failed: %s", call.request_id, call.user, exc)
-                self._spawn(self._release(call, "reserve_unconfirmed", void_if_unknown=True))
+                self.settler.spawn(self._release(call, "reserve_unconfirmed", void_if_unknown=True))
                 return _unavailable(call.kind, rid)
             except StateLost:
                 return _not_ready(call.kind, rid)
@@ -391,7 +390,7 @@ class MeteringProxy:
                 # The client went away (or we were cancelled): close the upstream and settle
                 # what was produced, in a task of its own so the cancellation cannot stop it.
                 resp.close()
-                self._spawn(self._settle(call, self._usage_of(call, meter), partial=True))
+                self.settler.spawn(self._settle(call, self._usage_of(call, meter), partial=True))
 
     def _usage_of(self, call: Call, meter: StreamMeter) -> Usage:
         u = meter.usage
@@ -423,57 +422,32 @@ class MeteringProxy:
                                        "cached_input": usage.cached_input}, "partial": partial}
         tokens = usage.input + usage.cache_write + usage.output
         try:
-            r = await _retrying(lambda: self.engine.settle_units(call.user, call.request_id, cost, metadata=meta,
-                                                                 tokens=tokens))
-            return r.charged_units, r.state.available_units
+            r = await self.settler.settle(call.user, call.request_id, cost, expires_at_ms=call.hold_expires_ms,
+                                          metadata=meta, tokens=tokens)
         except CreditError as exc:
             log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
             return 0, None
-        except RedisError as exc:
-            log.warning("settle of %s for %s at %d micro-credits not confirmed by Redis (%s); retrying in the "
-                        "background until the hold expires", call.request_id, call.user, cost, exc)
-            self._spawn(self._settle_later(call, cost, meta, tokens))
+        if r is None:  # not confirmed: retried in the background until shortly before the hold expires
             return None, None
-
-    async def _settle_later(self, call: Call, cost: int, meta: dict[str, Any], tokens: int) -> None:
-        """Keeps trying a settle Redis did not confirm (same op id: it applies once) until
-        shortly before the hold would expire uncharged."""
-        while self.engine.now_ms() < call.hold_expires_ms - 1000:
-            await asyncio.sleep(1.0)
-            try:
-                await self.engine.settle_units(call.user, call.request_id, cost, metadata=meta, tokens=tokens)
-                log.info("settle of %s for %s confirmed on a later try", call.request_id, call.user)
-                return
-            except CreditError as exc:
-                log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
-                return
-            except RedisError:
-                continue
-        log.error("settle of %s for %s at %d micro-credits never confirmed; the hold expires uncharged",
-                  call.request_id, call.user, cost)
+        return r.charged_units, r.state.available_units
 
     async def _release(self, call: Call, reason: str, *, void_if_unknown: bool = False) -> None:
+        await self._give_back(call.user, call.request_id, {**call.meta, "reason": reason}, void_if_unknown)
+
+    async def _give_back(self, user: str, hold_id: str, meta: dict[str, Any], void_if_unknown: bool = False) -> None:
+        """Releases a hold; a refusal or an unconfirmed release is logged (an open hold gives
+        everything back when it expires anyway)."""
         try:
-            await _retrying(lambda: self.engine.release(call.user, call.request_id,
-                                                        metadata={**call.meta, "reason": reason},
-                                                        void_if_unknown=void_if_unknown))
+            await self.settler.release(user, hold_id, metadata=meta, void_if_unknown=void_if_unknown)
         except HoldNotFound:
             if not void_if_unknown:
-                log.error("release of %s for %s: no such hold", call.request_id, call.user)
+                log.error("release of %s for %s: no such hold", hold_id, user)
         except CreditError as exc:
-            log.error("release of %s for %s failed: %s", call.request_id, call.user, exc.code)
-        except RedisError as exc:  # the hold expires by itself
-            log.error("release of %s for %s not confirmed by Redis: %s", call.request_id, call.user, exc)
-
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+            log.error("release of %s for %s failed: %s", hold_id, user, exc.code)
 
     async def drain(self) -> None:
         """Waits for settlements still running (at shutdown)."""
-        if self._pending:
-            await asyncio.gather(*list(self._pending), return_exceptions=True)
+        await self.settler.drain()
 
     def not_served(self, request: Request) -> Response:
         """Any other /v1/ path or method: refused in the upstream's error format (the caller
@@ -497,13 +471,15 @@ class MeteringProxy:
         if raw is None:
             return proxy_error(kind, 413, "body_too_large", "request body too large", rid)
         meta = {"request_id": request_id, "path": route.path, "upstream": upstream.name}
+        expires_ms = 0
         if route.price_units:
             limits = self.config.rate_limits
             try:
-                await self.engine.reserve_units(user, route.price_units, hold_id=request_id,
-                                                ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds,
-                                                metadata=meta,
-                                                rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute))
+                hold = await self.engine.reserve_units(
+                    user, route.price_units, hold_id=request_id,
+                    ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds, metadata=meta,
+                    rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute))
+                expires_ms = hold.expires_at_ms
             except InsufficientCredits as exc:
                 return proxy_error(kind, 402, "insufficient_credits", "not enough credits for this request", rid,
                                    available=str(exc.available))
@@ -515,12 +491,13 @@ class MeteringProxy:
                 return _not_ready(kind, rid)
             except RedisError as exc:
                 log.error("reserve of %s for %s failed: %s", request_id, user, exc)
-                self._spawn(self._resolve(user, request_id, None, meta, void_if_unknown=True))
+                self.settler.spawn(self._give_back(user, request_id, meta, void_if_unknown=True))
                 return _unavailable(kind, rid)
         headers = self._upstream_headers(request, upstream)
         if raw and request.headers.get("content-type"):
             headers["content-type"] = request.headers["content-type"]
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
+        uncharged = {**rid, "X-Credits-Charged": "0"}
         try:
             async with self.session.request(request.method, upstream.base_url + route.path, data=raw or None,
                                             headers=headers, params=request.query_params,
@@ -529,28 +506,23 @@ class MeteringProxy:
                 status, passed = resp.status, self._pass_headers(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             if route.price_units:
-                await self._resolve(user, request_id, None, meta)
-            return proxy_error(kind, 502, "upstream_unreachable", "the upstream could not be reached", rid)
-        charged = 0
-        if route.price_units:
-            charged = await self._resolve(user, request_id, route.price_units if status < 300 else None, meta)
-        return Response(body, status_code=status,
-                        headers={**passed, **rid, "X-Credits-Charged": str(from_units(charged))})
-
-
-    async def _resolve(self, user: str, hold_id: str, units: int | None, meta: dict[str, Any],
-                       void_if_unknown: bool = False) -> int:
-        """Settles a flat-priced call's hold at `units`, or releases it (None); the charge.
-        A refusal here (the hold expired meanwhile, say) is logged, never a 500."""
+                await self._give_back(user, request_id, meta)
+            return proxy_error(kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged)
+        if not route.price_units:
+            return Response(body, status_code=status, headers={**passed, **uncharged})
+        if status >= 300:
+            await self._give_back(user, request_id, {**meta, "reason": f"upstream_status_{status}"})
+            return Response(body, status_code=status, headers={**passed, **uncharged})
         try:
-            if units is None:
-                await _retrying(lambda: self.engine.release(user, hold_id, metadata=meta,
-                                                            void_if_unknown=void_if_unknown))
-                return 0
-            return (await _retrying(lambda: self.engine.settle_units(user, hold_id, units, metadata=meta))).charged_units
-        except (CreditError, RedisError) as exc:
-            log.error("resolving %s for %s failed: %r", hold_id, user, exc)
-            return 0
+            r = await self.settler.settle(user, request_id, route.price_units, expires_at_ms=expires_ms, metadata=meta)
+        except CreditError as exc:
+            log.error("settle of %s for %s failed: %s %s", request_id, user, exc.code, exc.details)
+            return Response(body, status_code=status, headers={**passed, **uncharged})
+        headers = {**passed, **rid}
+        if r is not None:  # unconfirmed: no figure rather than a wrong one
+            headers["X-Credits-Charged"] = str(r.charged)
+            headers["X-Credits-Remaining"] = str(r.state.available)
+        return Response(body, status_code=status, headers=headers)
 
 
 def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
@@ -561,18 +533,6 @@ def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
     retry_after = str(max(1, _ceil_div(wait_ms, 1000)))
     return proxy_error(kind, 429, "rate_limited", f"{limit} limit ({value}) reached; retry after {retry_after} s",
                        {**rid, "Retry-After": retry_after}, limit=limit)
-
-
-async def _retrying(op, attempts: int = 3):
-    """Runs an engine call, again on a Redis connection error or timeout: settle and release
-    are idempotent by their operation id, so a retry never applies twice."""
-    for attempt in range(attempts):
-        try:
-            return await op()
-        except (RedisConnectionError, RedisTimeoutError):
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(0.05 * (attempt + 1))
 
 
 def _in_debt(kind: str, rid: dict[str, str]) -> Response:
