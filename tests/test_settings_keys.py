@@ -15,6 +15,7 @@ from gateway.core.settings import Settings, parse_keys
 
 GOOD = "Gk" + "7" * 38  # 40 characters
 SECRET_SHORT = "shortButSecretQ9"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("raw, says", [
@@ -54,6 +55,7 @@ def _cli() -> list[str]:
 ])
 def test_serve_with_a_bad_key_exits_naming_the_variable_never_the_key(tmp_path, env):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_")}
+    clean["PYTHONPATH"] = str(ROOT)  # this checkout's code, whatever the venv has installed
     p = subprocess.run([*_cli(), "serve"], env={**clean, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     out = p.stdout + p.stderr
