@@ -180,3 +180,28 @@ async def test_not_ready_is_503_with_retry_after(gw):
         gw.app.state.services.ready = True
     refused(r, 503, "not_ready")
     assert r.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("price", ["1e999999", "-1e1000000", "1_000", True, "\u0661"])
+async def test_bad_prices_are_422_invalid_amount_and_leave_the_table(redis, redis_url, tmp_path, price):
+    import aiohttp
+
+    from tests.test_proxy import ADMIN as PROXY_ADMIN
+    from tests.test_proxy import running_gateway
+
+    async with running_gateway(redis_url, tmp_path) as g, aiohttp.ClientSession() as s:
+        before = g.app.state.services.pricing.table
+        for table in ({"models": {"m": {"input": price, "output": "1"}}},
+                      {"models": {}, "default": {"input": "1", "output": "1", "request": price}}):
+            async with s.put(g.base + "/admin/pricing", json=table, headers={"Authorization": f"Bearer {PROXY_ADMIN}"}) as r:
+                assert r.status == 422, await r.text()
+                assert (await r.json())["error"]["code"] == "invalid_amount"
+        assert g.app.state.services.pricing.table is before
+
+
+def test_a_pricing_table_with_an_out_of_range_price_is_a_value_error():
+    from gateway.core.pricing import PricingTable
+
+    for bad in ("1e999999", "-1e1000000"):
+        with pytest.raises(ValueError):
+            PricingTable.from_json({"models": {"m": {"input": bad, "output": "1"}}})
