@@ -88,8 +88,9 @@ def parse_json(body: bytes) -> Any:
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # a constant (NaN), or bytes that are not UTF-8
-        doc = body.decode("utf-8", "replace")
-        raise json.JSONDecodeError(str(exc), doc, 0) from exc
+        raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from exc
+    except RecursionError as exc:
+        raise json.JSONDecodeError("nested too deeply", body.decode("utf-8", "replace"), 0) from exc
 
 
 class DecimalRequest(Request):

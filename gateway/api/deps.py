@@ -59,6 +59,7 @@ async def require_client_user(
     services: ServicesDep,
     authorization: Annotated[str | None, Header(description="Bearer <client key> or Bearer <the user's cgk_ key>")] = None,
     x_user_id: Annotated[str | None, Header(description="the user; required with a client key")] = None,
+    x_api_key: Annotated[str | None, Header(alias="x-api-key", description="the user's cgk_ key (instead of Authorization)")] = None,
 ) -> Caller:
     """A client key with X-User-Id naming the user, or the user's own API key (cgk_..., as
     a bearer token or x-api-key), which names its user by itself: with it, X-User-Id may be
@@ -68,7 +69,7 @@ async def require_client_user(
     except IdentityError as exc:
         if exc.status == 403:
             raise ApiError(403, "forbidden", str(exc)) from None
-        client_key = services.client_keys.match(bearer(authorization) or request.headers.get("x-api-key"))
+        client_key = services.client_keys.match(bearer(authorization) or x_api_key)
         if client_key is not None:  # a good client key: what is wrong is the X-User-Id
             if not x_user_id:
                 raise ApiError(400, "missing_user", "the X-User-Id header is required with a client key") from None
