@@ -9,14 +9,29 @@ import logging
 import secrets
 import sys
 
+from pydantic import ValidationError
+
 from .core.settings import Settings
 
 
 def _settings() -> Settings:
     try:
         return Settings()
-    except Exception as exc:  # pydantic's message names the bad variable
-        raise SystemExit(f"invalid configuration: {exc}") from exc
+    except ValidationError as exc:
+        raise SystemExit(settings_error_text(exc)) from None
+    except Exception as exc:
+        raise SystemExit(f"invalid configuration: {type(exc).__name__}: {exc}") from None
+
+
+def settings_error_text(exc: ValidationError) -> str:
+    """What is wrong with the settings, by variable name, without the values: pydantic's own
+    text quotes each bad input (`input_value=...`), which for CREDIT_ADMIN_KEYS is a key."""
+    lines = ["invalid configuration:"]
+    for e in exc.errors(include_url=False, include_input=False, include_context=False):
+        name = "CREDIT_" + "_".join(str(p) for p in e.get("loc", ())).upper()
+        msg = str(e.get("msg", "invalid"))
+        lines.append(f"  {name}: {msg.removeprefix('Value error, ')}")
+    return "\n".join(lines)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -111,11 +111,11 @@ async def test_debit_and_short_debit(api):
 @pytest.mark.parametrize(
     "body, code",
     [
-        ({"amount": "-1"}, "invalid_request"),
-        ({"amount": "abc"}, "invalid_request"),
-        ({"amount": "0.0000001"}, "invalid_request"),
+        ({"amount": "-1"}, "invalid_amount"),
+        ({"amount": "abc"}, "invalid_amount"),
+        ({"amount": "0.0000001"}, "invalid_amount"),
         ({"amount": 1.5}, None),  # a JSON number is read as Decimal: accepted, exactly
-        ({"amount": "0"}, "invalid_request"),
+        ({"amount": "0"}, "invalid_amount"),
         ({"amount": "1", "surprise": 1}, "invalid_request"),
         ({}, "invalid_request"),
     ],

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, Callable
 
 from fastapi import Request
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import error_response
@@ -42,21 +43,54 @@ class BodyLimitMiddleware:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > cap:
-                    raise _TooLarge()
+                    raise BodyTooLarge(cap)
             return msg
 
         try:
             await self.app(scope, capped, send)
-        except _TooLarge:
+        except BodyTooLarge:
+            # Only reached when nothing in between answered it (the app's exception
+            # handlers do, as a 413, when it is raised while a route reads the body).
             await error_response(413, "body_too_large", f"request body above {cap} bytes")(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised from inside `receive` (a chunked body over the cap). An HTTPException, since
+    FastAPI re-raises those from its body parsing (anything else becomes a 400 "There was
+    an error parsing the body"); the app's handler answers it as 413 body_too_large."""
+
+    def __init__(self, cap: int) -> None:
+        super().__init__(413, f"request body above {cap} bytes")
 
 
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a number")
+
+
+def _decimal(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except InvalidOperation:  # an exponent beyond Decimal's range: an amount refuses it
+        return Decimal("-Infinity" if text.startswith("-") else "Infinity")
+
+
+def _int(text: str) -> int | Decimal:
+    # Python refuses int() of more than 4300 digits; no count or amount is that long, and a
+    # Decimal is refused by every int field and by every amount check in range.
+    return int(text) if len(text) <= 40 else Decimal(text)
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON with every number exact: ints stay ints, the rest Decimal (never float).
+    NaN / Infinity are refused; every failure is a json.JSONDecodeError."""
+    try:
+        return json.loads(body, parse_float=_decimal, parse_int=_int, parse_constant=_no_constants)
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:  # a constant (NaN), or bytes that are not UTF-8
+        raise json.JSONDecodeError(str(exc), body.decode("utf-8", "replace"), 0) from exc
+    except RecursionError as exc:
+        raise json.JSONDecodeError("nested too deeply", body.decode("utf-8", "replace"), 0) from exc
 
 
 class DecimalRequest(Request):
@@ -64,8 +98,7 @@ class DecimalRequest(Request):
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            body = await self.body()
-            self._json = json.loads(body, parse_float=Decimal, parse_constant=_no_constants)
+            self._json = parse_json(await self.body())
         return self._json
 
 

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from ..core.engine import CreditEngine
-from ..core.keys import check_id
 from ..core.store.base import Store
+from ..proxy.identity import Identity, IdentityError
 from .auth import bearer
 from .errors import ApiError
 from .services import Services
@@ -54,21 +54,30 @@ def require_admin(services: ServicesDep, authorization: Annotated[str | None, He
     return Caller(key_id)
 
 
-def require_client_user(
+async def require_client_user(
+    request: Request,
     services: ServicesDep,
-    authorization: Annotated[str | None, Header()] = None,
-    x_user_id: Annotated[str | None, Header()] = None,
+    authorization: Annotated[str | None, Header(description="Bearer <client key> or Bearer <the user's cgk_ key>")] = None,
+    x_user_id: Annotated[str | None, Header(description="the user; required with a client key")] = None,
+    x_api_key: Annotated[str | None, Header(alias="x-api-key", description="the user's cgk_ key (instead of Authorization)")] = None,
 ) -> Caller:
-    key_id = services.client_keys.match(bearer(authorization))
-    if key_id is None:
-        raise ApiError(401, "unauthorized", "a valid client key is required (Authorization: Bearer <key>)", _CHALLENGE)
-    if not x_user_id:
-        raise ApiError(400, "missing_user", "the X-User-Id header is required")
+    """A client key with X-User-Id naming the user, or the user's own API key (cgk_..., as
+    a bearer token or x-api-key), which names its user by itself: with it, X-User-Id may be
+    left out, and naming another user is refused (403). The same rule as the proxy's."""
     try:
-        check_id("X-User-Id", x_user_id)
-    except ValueError as exc:
-        raise ApiError(400, "invalid_user", str(exc)) from exc
-    return Caller(key_id, x_user_id)
+        user = await Identity(services.client_keys, services.api_keys).user_of(request)
+    except IdentityError as exc:
+        if exc.status == 403:
+            raise ApiError(403, "forbidden", str(exc)) from None
+        client_key = services.client_keys.match(bearer(authorization) or x_api_key)
+        if client_key is not None:  # a good client key: what is wrong is the X-User-Id
+            if not x_user_id:
+                raise ApiError(400, "missing_user", "the X-User-Id header is required with a client key") from None
+            raise ApiError(400, "invalid_user", str(exc)) from None
+        raise ApiError(401, "unauthorized", "a valid client key (with X-User-Id) or the user's own API key is "
+                       "required (Authorization: Bearer <key>)", _CHALLENGE) from None
+    key_id = services.client_keys.match(bearer(authorization))
+    return Caller(key_id or "user-key", user)
 
 
 AdminCaller = Annotated[Caller, Depends(require_admin)]

@@ -2,37 +2,79 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, Strict
+from pydantic_core import PydanticCustomError
 
-from ..core.money import from_units, to_units
+from ..core.engine import grant_expiry_ms
+from ..core.errors import InvalidExpiry
+from ..core.keys import ID_PATTERN
+from ..core.money import AmountError, from_units, to_units
 from ..core.results import AccountState
 
-
-def _no_float(v: Any) -> Any:
-    if isinstance(v, float) or isinstance(v, bool):
-        raise ValueError("amounts must be decimal strings or JSON numbers, not floats")
-    return v
-
-
-def _positive(v: Decimal) -> Decimal:
-    return from_units(to_units(v))
+# Amounts: an int, a JSON number (read as an exact Decimal by body.DecimalRoute, never a
+# float) or a string of plain ASCII decimal notation (gateway/core/money.py). Booleans and
+# floats are refused. A refusal has the error type "invalid_amount" (the API's code).
+AMOUNT_HELP = 'credits as a decimal string ("1.25") or a JSON number; at most 6 decimal places'
 
 
-def _non_negative(v: Decimal) -> Decimal:
-    return from_units(to_units(v, allow_zero=True))
+def _amount(allow_zero: bool):
+    def check(v: Any) -> Decimal:
+        try:
+            return from_units(to_units(v, allow_zero=allow_zero))
+        except AmountError as exc:
+            raise PydanticCustomError("invalid_amount", "{reason}", {"reason": str(exc)}) from None
+
+    return BeforeValidator(check)
 
 
 _ser = PlainSerializer(lambda d: str(d), return_type=str, when_used="json")
-Credits = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(_positive), _ser,
-                    Field(description="credits, > 0, at most 6 decimal places (a string is safest)")]
-CreditsOrZero = Annotated[Decimal, BeforeValidator(_no_float), AfterValidator(_non_negative), _ser,
-                          Field(description="credits, >= 0, at most 6 decimal places")]
+Credits = Annotated[Decimal, _amount(False), _ser, Field(description=f"{AMOUNT_HELP}; > 0")]
+CreditsOrZero = Annotated[Decimal, _amount(True), _ser, Field(description=f"{AMOUNT_HELP}; >= 0")]
 Money = Annotated[Decimal, _ser]
-Ident = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:@+=/~-]{1,128}$")]
+# The one id rule (gateway/core/keys.py), for ids in bodies; path parameters use it too.
+Ident = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
+# Counts are JSON integers: never a string ("1_000", " 1 "), a boolean or a float.
+Count = Annotated[int, Strict()]
+
+
+def _ascii_digits(v: Any) -> Any:
+    if isinstance(v, str) and not re.fullmatch(r"[0-9]{1,18}", v, re.ASCII):
+        raise PydanticCustomError("int_parsing", "must be a whole number in ASCII digits")
+    return v
+
+
+# A count in a query string (always text): ASCII digits only, then read as an int.
+QueryCount = Annotated[int, BeforeValidator(_ascii_digits)]
+
+
+def _expiry(v: Any) -> Any:
+    """expires_at: an ISO 8601 date-time with a timezone, within what the scripts can store.
+    Whether it is in the past is checked when the grant is made (a retry still replays).
+    A number is refused: a Unix time in seconds and one in milliseconds look alike."""
+    if v is None:
+        return None
+    if not isinstance(v, str):
+        raise PydanticCustomError("invalid_expiry", "expires_at must be an ISO 8601 date-time string with a timezone")
+    try:
+        dt = datetime.fromisoformat(v)
+    except ValueError:
+        raise PydanticCustomError(
+            "invalid_expiry", "expires_at is not an ISO 8601 date-time (e.g. 2030-01-01T00:00:00Z)") from None
+    if dt.tzinfo is None:
+        raise PydanticCustomError("invalid_expiry", "expires_at needs a timezone (e.g. 2030-01-01T00:00:00Z)")
+    try:
+        grant_expiry_ms(dt)  # the engine's own range check: not at/before 1970, not past 2248
+    except (InvalidExpiry, ValueError) as exc:
+        raise PydanticCustomError("invalid_expiry", "{reason}", {"reason": str(exc)}) from None
+    return dt
+
+
+Expiry = Annotated[datetime | None, BeforeValidator(_expiry)]
 
 
 class Body(BaseModel):
@@ -42,8 +84,8 @@ class Body(BaseModel):
 class GrantRequest(Body):
     amount: Credits
     source: Literal["payment", "plan", "promo", "admin", "refund"] = "admin"
-    expires_at: datetime | None = Field(None, description="ISO 8601 with a timezone; none = never")
-    priority: int = Field(100, ge=0, le=1000, description="lower is spent first among grants expiring together")
+    expires_at: Expiry = Field(None, description="ISO 8601 with a timezone, in the future; none = never")
+    priority: Count = Field(100, ge=0, le=1000, description="lower is spent first among grants expiring together")
     description: str | None = Field(None, max_length=500)
 
 
@@ -54,7 +96,7 @@ class DebitRequest(Body):
 
 class HoldRequest(Body):
     amount: Credits
-    ttl_seconds: int = Field(300, ge=1, description="the hold expires (is released) after this")
+    ttl_seconds: Count = Field(300, ge=1, description="the hold expires (is released) after this")
     hold_id: Ident | None = None
     description: str | None = Field(None, max_length=500)
 

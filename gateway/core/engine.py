@@ -12,13 +12,13 @@ import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable
 
 import orjson
 
-from .errors import raise_for
+from .errors import InvalidExpiry, raise_for
 from .keys import KeySpace, check_id
 from .money import MAX_UNITS, AmountError, from_units, to_units
 from .results import (
@@ -42,6 +42,26 @@ MAX_TTL_S = 7 * 86400
 
 # Lua scores grant expiry in ms below 2^43 (year 2248); later dates are refused.
 MAX_EXPIRY_MS = 2**43 - 2
+LATEST_EXPIRY = datetime.fromtimestamp(MAX_EXPIRY_MS / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def grant_expiry_ms(expires_at: datetime | None) -> int:
+    """A grant's expiry as the scripts take it (ms; 0 = never). A date at or before the
+    epoch would read as 0, never: it is refused as past (whether a later date is past is
+    the script's check, after its replay check, so a retried grant still replays)."""
+    if expires_at is None:
+        return 0
+    if expires_at.tzinfo is None:
+        raise ValueError("expires_at must carry a timezone")
+    try:
+        exp_ms = round(expires_at.timestamp() * 1000)
+    except (OverflowError, ValueError):
+        exp_ms = MAX_EXPIRY_MS + 1 if expires_at.year > 1970 else 0
+    if exp_ms <= 0:
+        raise InvalidExpiry(f"expires_at {expires_at.isoformat()} is in the past")
+    if exp_ms > MAX_EXPIRY_MS:
+        raise ValueError(f"expires_at is too far in the future: the latest allowed is {LATEST_EXPIRY}")
+    return exp_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +179,7 @@ class CreditEngine:
             raise ValueError(f"source must be one of {sorted(SOURCES)}")
         if not 0 <= priority <= 1000:
             raise ValueError("priority must be between 0 and 1000")
-        if expires_at is not None and expires_at.tzinfo is None:
-            raise ValueError("expires_at must carry a timezone")
-        exp_ms = round(expires_at.timestamp() * 1000) if expires_at else 0
-        if exp_ms > MAX_EXPIRY_MS:
-            raise ValueError("expires_at is too far in the future (after 2248)")
+        exp_ms = grant_expiry_ms(expires_at)
         _units_arg(units)
         r, replayed = await self._run(
             "grant",

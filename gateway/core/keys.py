@@ -10,9 +10,13 @@ import re
 import zlib
 from dataclasses import dataclass
 
-# Ids become parts of key names and event ids: no separators ('|'), no hash-tag braces, no
-# whitespace; '!' is kept for the system's own operation ids (expiry).
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=/~-]{1,128}$")
+# The one rule for every id (user, hold, operation), wherever it appears: a JSON field, a
+# header, a URL path segment. Ids become parts of key names and event ids: no separators
+# ('|'), no hash-tag braces, no whitespace; no '/', which could not be one path segment
+# (a hold "a/b" could never be settled by URL); '!' is kept for the system's own operation
+# ids (expiry). `ID_PATTERN.pattern` is what the API's schemas and path parameters use.
+ID_CHARS = "letters, digits and _.:@+=~-"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=~-]{1,128}$")
 
 
 class InvalidId(ValueError):
@@ -20,10 +24,9 @@ class InvalidId(ValueError):
 
 
 def check_id(kind: str, value: str) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise InvalidId(
-            f"{kind} must be 1-128 characters of letters, digits and _.:@+=/~- (got {value!r:.60})"
-        )
+    # fullmatch: re's '$' would also match before a trailing newline.
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise InvalidId(f"{kind} must be 1-128 characters of {ID_CHARS} (got {value!r:.60})")
     return value
 
 

@@ -8,7 +8,6 @@ multiply-and-divide, rounded up to the unit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any, Mapping
 
 from .money import AmountError, from_units, to_units
@@ -63,7 +62,7 @@ def _units(v: Any, what: str) -> int:
     if v is None:
         return 0
     try:
-        return to_units(v if not isinstance(v, (int, Decimal)) else v, allow_zero=True)
+        return to_units(v, allow_zero=True)
     except AmountError as exc:
         raise ValueError(f"{what}: {exc}") from exc
 

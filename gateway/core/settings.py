@@ -14,24 +14,33 @@ MIN_KEY_LENGTH = 32
 
 
 def parse_keys(raw: str) -> list[bytes]:
-    """Comma-separated keys -> SHA-256 digests. `sha256:<hex>` entries are digests already."""
+    """Comma-separated keys -> SHA-256 digests. `sha256:<hex>` entries are digests already.
+
+    Error messages name an entry by its position and length only: they end up in logs and
+    on terminals, and must never carry key material."""
     digests = []
-    for entry in (e.strip() for e in raw.split(",")):
+    entries = [e.strip() for e in raw.split(",")]
+    for n, entry in enumerate(entries, 1):
         if not entry:
-            continue
+            continue  # an empty entry (a trailing comma): nothing to add
+        where = f"entry {n}" if len(entries) > 1 else "the key"
         if entry.startswith("sha256:"):
             hexd = entry[7:]
-            try:
-                d = bytes.fromhex(hexd)
-            except ValueError as exc:
-                raise ValueError("a sha256: key entry must be 64 hex digits") from exc
-            if len(d) != 32:
-                raise ValueError("a sha256: key entry must be 64 hex digits")
-            digests.append(d)
+            if len(hexd) != 64 or any(c not in "0123456789abcdefABCDEF" for c in hexd):
+                raise ValueError(f"{where}: a sha256: entry must be followed by 64 hex digits")
+            digests.append(bytes.fromhex(hexd))
         else:
+            # A key travels in an Authorization header: printable ASCII, no spaces, or it
+            # could never be presented (and "a" + spaces + "b" is no 32-character secret).
+            if any(not ("!" <= c <= "~") for c in entry):
+                raise ValueError(f"{where}: keys may contain only printable ASCII characters, "
+                                 "no spaces or control characters")
             if len(entry) < MIN_KEY_LENGTH:
-                raise ValueError(f"API keys must be at least {MIN_KEY_LENGTH} characters (got one of {len(entry)})")
+                raise ValueError(f"{where}: API keys must be at least {MIN_KEY_LENGTH} characters "
+                                 f"(this one has {len(entry)})")
             digests.append(hashlib.sha256(entry.encode()).digest())
+    if raw and not digests:
+        raise ValueError("the list is set but holds no key (only spaces and commas); unset it for none")
     return digests
 
 

@@ -13,10 +13,12 @@ from ...core.keys import ID_PATTERN
 from ...core.ratelimits import MAX_LIMIT, set_rate_limits
 from ...core.results import ms_to_dt
 from ...core.store.base import ApiKeyRecord, RateLimitOverride
+from ..body import DecimalRoute
 from ..deps import AdminCaller, EngineDep, ServicesDep
 from ..errors import ApiError
+from ..schemas import Count
 
-router = APIRouter(prefix="/admin/accounts", tags=["access"])
+router = APIRouter(prefix="/admin/accounts", tags=["access"], route_class=DecimalRoute, strict_content_type=False)
 
 UserId = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="the account's user id")]
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")]
@@ -50,7 +52,7 @@ class KeyList(BaseModel):
     keys: list[KeyOut]
 
 
-Limit = Annotated[int | None, Field(ge=0, le=MAX_LIMIT, description="per minute; 0 = no limit, null = the default")]
+Limit = Annotated[Count | None, Field(ge=0, le=MAX_LIMIT, description="per minute; 0 = no limit, null = the default")]
 
 
 class LimitsIn(BaseModel):

@@ -14,7 +14,7 @@ from ..body import DecimalRoute
 from ..errors import ApiError
 from ..schemas import Balance, HoldRequest, HoldResponse, ResolutionResponse, SettleRequest
 
-router = APIRouter(prefix="/credits", tags=["holds"], route_class=DecimalRoute)
+router = APIRouter(prefix="/credits", tags=["holds"], route_class=DecimalRoute, strict_content_type=False)
 
 HoldId = Annotated[str, Path(pattern=ID_PATTERN.pattern)]
 

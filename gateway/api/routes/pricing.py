@@ -12,18 +12,19 @@ from ...core.pricing import PricingTable
 from ..body import DecimalRoute
 from ..deps import AdminCaller, ServicesDep
 from ..errors import ApiError
+from ..schemas import Count, CreditsOrZero
 
-router = APIRouter(prefix="/admin/pricing", tags=["pricing"], route_class=DecimalRoute)
+router = APIRouter(prefix="/admin/pricing", tags=["pricing"], route_class=DecimalRoute, strict_content_type=False)
 
 class PriceIn(BaseModel):
     """Credits per million tokens, and per request; decimal strings are safest."""
 
     model_config = ConfigDict(extra="forbid")
-    input: str | int
-    output: str | int
-    cached_input: str | int | None = None
-    request: str | int | None = None
-    max_output_tokens: int | None = Field(None, ge=1)
+    input: CreditsOrZero
+    output: CreditsOrZero
+    cached_input: CreditsOrZero | None = None
+    request: CreditsOrZero | None = None
+    max_output_tokens: Count | None = Field(None, ge=1)
 
 
 class PricingIn(BaseModel):
