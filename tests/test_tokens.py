@@ -369,3 +369,15 @@ def test_count_output(counter):
     assert count_output(["tiktoken is great!", "2 + 2 = 4"], gpt4o, 4) == 6 + 7
     assert count_output(["tiktoken is great!", "2 + 2 = 4"], lambda t: None, 4) == 7  # ceil(27 / 4)
     assert count_output([], gpt4o, 4) == 0
+
+
+def test_a_failing_tokenizer_means_an_estimate_not_an_error(fresh_loader, monkeypatch, caplog):
+    def broken(text):
+        raise RuntimeError("tokenizer bug")
+
+    monkeypatch.setitem(tokens_mod._loaded, O200K, broken)
+    c = TokenCounter()
+    with caplog.at_level(logging.ERROR, logger="credit.proxy.tokens"):
+        assert c.count_text("gpt-4o", "hello") is None
+        assert c.count_prompt(CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}) is None
+    assert len(caplog.records) == 2

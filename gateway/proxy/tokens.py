@@ -99,7 +99,7 @@ def _load(name: str) -> Callable[[str], int] | None:
                 log.warning("no tokenizer package (toktok-rs): token counts are estimated from sizes (%s)", exc)
                 _missing_logged = True
             fn = None
-        except (AttributeError, KeyError, TypeError) as exc:  # an incompatible toktok
+        except Exception as exc:  # an incompatible toktok: estimate rather than fail a settle
             log.error("the tokenizer package cannot load %s: %r; token counts are estimated", name, exc)
             fn = None
         _loaded[name] = fn
@@ -157,7 +157,11 @@ class TokenCounter:
         count = _counter(enc) if enc else None
         if count is None:
             return None
-        return count(text) if text else 0
+        try:
+            return count(text) if text else 0
+        except Exception:  # never fail a settle over a count: estimate instead
+            log.exception("counting %d characters for %s failed; estimated", len(text), model)
+            return None
 
     def count_prompt(self, path: str, body: dict[str, Any]) -> int | None:
         """Input tokens of an OpenAI request body (the model named in it), or None.
@@ -186,6 +190,9 @@ class TokenCounter:
             if path == "/v1/responses":
                 return _responses_prompt(count, enc, body)
         except _Unknown:
+            return None
+        except Exception:  # a shape this code did not foresee: estimate rather than fail a settle
+            log.exception("counting the prompt of %s for %s failed; estimated", path, body.get("model"))
             return None
         return None
 
