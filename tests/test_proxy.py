@@ -481,3 +481,59 @@ async def test_the_ledger_traces_a_charge_to_its_request_and_the_hold_outlives_t
     x = settled.event["x"]
     assert x["request_id"] == rid and x["model"] == "gpt-test" and x["usage"]["output"] == 3
     assert Decimal(settled.amount) / 1_000_000 == charged(h)
+
+
+KNOWN_MODELS = """
+[[upstreams]]
+name = "openai-known"
+kind = "openai"
+base_url = "{url}"
+api_key = "sk-upstream-secret"
+timeout_seconds = 2
+models = ["gpt-4o", "text-embedding-3-small"]
+forward_headers = ["x-fake-*"]
+
+[pricing.models."gpt-4o"]
+input = "1"
+output = "2"
+max_output_tokens = 100
+
+[pricing.models."text-embedding-3-small"]
+input = "1"
+output = "0"
+"""
+
+
+async def test_usage_missing_is_counted_with_the_models_tokenizer(redis, redis_url, tmp_path):
+    from gateway.proxy.tokens import TokenCounter
+
+    fake = FakeUpstream()
+    url = await fake.start()
+    counter = TokenCounter()
+    messages = [{"role": "user", "content": "This late pivot means we don't have time to boil the ocean."}]
+    prompt = counter.count_prompt("/v1/chat/completions", {"model": "gpt-4o", "messages": messages})
+    try:
+        async with running_gateway(redis_url, tmp_path, KNOWN_MODELS.format(url=url), fake=fake) as gw:
+            # A stream cut before its usage: the prompt and the streamed text counted exactly.
+            await gw.grant("cut", "1")
+            body = {"model": "gpt-4o", "stream": True, "max_tokens": 100, "messages": messages}
+            status, h, raw = await post(gw, "/v1/chat/completions", body, user="cut",
+                                        **{"X-Fake-Output-Tokens": "50", "X-Fake-Fail-After": "6"})
+            assert b"broke off" in raw
+            b = await gw.balance("cut")
+            assert b.held == 0
+            assert 1_000_000 - b.available_units == prompt + 2 * counter.count_text("gpt-4o", "tok " * 6)
+            # A whole answer without usage: its text counted.
+            await gw.grant("whole", "1")
+            await post(gw, "/v1/chat/completions", {"model": "gpt-4o", "messages": messages, "max_tokens": 7},
+                       user="whole", **{"X-Fake-No-Usage": "1"})
+            b = await gw.balance("whole")
+            assert 1_000_000 - b.available_units == prompt + 2 * counter.count_text("gpt-4o", "tok " * 7)
+            # Embeddings without usage: the input counted, text and token arrays alike.
+            await gw.grant("emb", "1")
+            status, h, raw = await post(gw, "/v1/embeddings", {"model": "text-embedding-3-small",
+                                                               "input": ["hello world", [1, 2, 3]]},
+                                        user="emb", **{"X-Fake-No-Usage": "1"})
+            assert status == 200 and charged(h) == Decimal("0.000005")
+    finally:
+        await fake.stop()

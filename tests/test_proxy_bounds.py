@@ -202,3 +202,13 @@ async def test_clear_refusals_for_a_missing_model_and_unserved_paths(gw):
             assert r.status == 405 and err["error"]["type"] == "invalid_request_error"
         async with s.get(gw.base + "/v1/messages/batches", headers=gw.headers("err")) as r:
             assert r.status == 404 and (await r.json())["type"] == "error"
+
+
+def test_usage_counts_that_are_not_numbers_count_nothing_and_never_raise():
+    from gateway.proxy.usage import StreamMeter, from_openai_usage
+
+    u = from_openai_usage({"prompt_tokens": float("inf"), "completion_tokens": float("nan"), "total_tokens": -1})
+    assert (u.input, u.output) == (0, 0)
+    meter = StreamMeter("openai")
+    meter.feed('{"choices":[],"usage":{"prompt_tokens":Infinity,"completion_tokens":3}}')  # json's extension
+    assert meter.usage.input == 0 and meter.usage.output == 3

@@ -32,7 +32,8 @@ from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
 from .errors import proxy_error
 from .identity import Identity, IdentityError
 from .pricing_cache import PricingCache
-from .usage import ANTHROPIC, OPENAI, StreamMeter, from_json_body
+from .tokens import TokenCounter
+from .usage import ANTHROPIC, OPENAI, StreamMeter, answer_texts, count_output, from_json_body
 from .worst_case import EMBEDDINGS, BadRequest, OutputPlan, embedding_input_tokens, output_plan, set_output_cap
 
 log = logging.getLogger("credit.proxy")
@@ -114,6 +115,7 @@ class MeteringProxy:
         self.identity = identity
         self.session = session
         self.settler = Settler(engine)
+        self.tokens = TokenCounter()  # loads a vocabulary at first use only
 
     # -- entry -------------------------------------------------------------------------
 
@@ -325,13 +327,14 @@ class MeteringProxy:
                                {**rid, "X-Credits-Charged": "0"})
         headers = self._pass_headers(resp)
         resp.release()
-        usage = None
+        usage, answer = None, None
         try:
-            usage = from_json_body(call.kind, orjson.loads(raw))
+            answer = orjson.loads(raw)
+            usage = from_json_body(call.kind, answer)
         except orjson.JSONDecodeError:
             pass
-        if usage is None:  # no usage reported: count the answer's size as output
-            usage = Usage(input=call.est_input, output=_ceil_div(len(raw), self.config.chars_per_token))
+        if usage is None:  # no usage reported: count the prompt and the answer's text
+            usage = await asyncio.to_thread(self._counted_whole, call, answer, len(raw))
         charged, remaining = await self._settle(call, usage, partial=False)
         headers.update(rid)
         if charged is not None:  # unconfirmed: no figure rather than a wrong one
@@ -367,7 +370,7 @@ class MeteringProxy:
             if buf:
                 yield buf
             done = True
-            usage = self._usage_of(call, meter)
+            usage = await self._final_usage(call, meter)
             charged, remaining = await self._settle(call, usage, partial=False)
             tail = f": credits charged={_credits(charged)}"
             if remaining is not None:
@@ -376,13 +379,13 @@ class MeteringProxy:
         except _HardCap:
             done = True
             resp.close()
-            charged, remaining = await self._settle(call, self._usage_of(call, meter), partial=True)
+            charged, remaining = await self._settle(call, await self._final_usage(call, meter), partial=True)
             yield f": stopped at the credit cap; credits charged={_credits(charged)}\n\n".encode()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             # The upstream broke off mid-stream: pay for what was produced, tell the client.
             done = True
             resp.close()
-            charged, _ = await self._settle(call, self._usage_of(call, meter), partial=True)
+            charged, _ = await self._settle(call, await self._final_usage(call, meter), partial=True)
             yield f": upstream stream broke off; credits charged={_credits(charged)}\n\n".encode()
         finally:
             resp.release()
@@ -390,7 +393,7 @@ class MeteringProxy:
                 # The client went away (or we were cancelled): close the upstream and settle
                 # what was produced, in a task of its own so the cancellation cannot stop it.
                 resp.close()
-                self.settler.spawn(self._settle(call, self._usage_of(call, meter), partial=True))
+                self.settler.spawn(self._settle_counted(call, meter))
 
     def _usage_of(self, call: Call, meter: StreamMeter) -> Usage:
         u = meter.usage
@@ -404,7 +407,39 @@ class MeteringProxy:
         return u
 
     def _cost_so_far(self, call: Call, meter: StreamMeter) -> int:
-        return call.price.cost(self._usage_of(call, meter))
+        return call.price.cost(self._usage_of(call, meter))  # per event: the cheap estimate
+
+    async def _final_usage(self, call: Call, meter: StreamMeter) -> Usage:
+        """The usage to settle a stream at: the upstream's own, else counted in a worker
+        thread (a first use loads a vocabulary; a long text takes milliseconds)."""
+        if meter.usage is not None and meter.final:
+            return meter.usage
+        return await asyncio.to_thread(self._counted_usage, call, meter)
+
+    def _counted_usage(self, call: Call, meter: StreamMeter) -> Usage:
+        """_usage_of with the model's tokenizer where it is known: the streamed text, and the
+        prompt when no usage came at all; the size estimates where it is not."""
+        u = meter.usage
+        output = meter.output_tokens(lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token)
+        if u is None:
+            counted = self.tokens.count_prompt(call.path, call.body)
+            return Usage(input=call.est_input if counted is None else counted, output=output)
+        return Usage(input=u.input, output=max(u.output, output), cached_input=u.cached_input,
+                     cache_write=u.cache_write)
+
+    def _counted_whole(self, call: Call, answer: Any, size: int) -> Usage:
+        """A whole answer without usage: its prompt and its generated text counted (or
+        estimated), its size when it is not an answer shape known here."""
+        texts = answer_texts(call.kind, answer)
+        if texts is None:
+            output = _ceil_div(size, self.config.chars_per_token)
+        else:
+            output = count_output(texts, lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token)
+        counted = self.tokens.count_prompt(call.path, call.body)
+        return Usage(input=call.est_input if counted is None else counted, output=output)
+
+    async def _settle_counted(self, call: Call, meter: StreamMeter) -> None:
+        await self._settle(call, await self._final_usage(call, meter), partial=True)
 
     # -- settling ----------------------------------------------------------------------
 

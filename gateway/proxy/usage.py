@@ -20,7 +20,10 @@ _COMPACT_AT = 512  # small deltas joined into one string at this many (memory pe
 
 
 def _int(x: Any) -> int:
-    return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 else 0
+    """A token count as reported: a non-negative number (NaN and infinities are not counts)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 or x == float("inf"):
+        return 0
+    return int(x)
 
 
 def from_openai_usage(u: dict[str, Any] | None) -> Usage | None:
