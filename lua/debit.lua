@@ -1,6 +1,7 @@
 -- debit: an admin charge, drawn at once from free credit (grant that expires first).
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
--- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
+-- KEYS[4] partition ready marker   KEYS[5] operation-id key
+-- KEYS[6] the hold hash named by the operation id (see "Operation records" in lib.lua)
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
@@ -17,7 +18,7 @@ if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
 if not amount_arg(ARGV[5], 1) then return {'invalid_amount', '{}'} end
 local now, user, op, amount = tonumber(ARGV[1]), ARGV[3], ARGV[4], tonumber(ARGV[5])
 local fp = 'debit|' .. ARGV[5]
-local seen = op_replay(KEYS[5], fp)
+local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[6])
 if seen then return seen end
 local acct, gord = KEYS[1], KEYS[2]
 local grants = live_grants(acct, gord, now)
@@ -28,6 +29,7 @@ draw(acct, grants, amount, touched, false, nil)
 redis.call('HINCRBY', acct, 'spent', amount)
 local g = settle_grants(acct, gord, KEYS[8], user, touched)
 local ev = {id = op, t = 'debit', u = user, amt = ARGV[5], g = g, fp = fp, x = cjson.decode(ARGV[6])}
-local _, res = emit(acct, gord, KEYS[3], now, ev, {amount = ARGV[5]})
-op_record(KEYS[5], fp, res, ARGV[2])
-return {'ok', res}
+local res = {amount = ARGV[5]}
+local st, out = emit(acct, gord, KEYS[3], now, ev, res)
+op_record(KEYS[5], fp, res, st, ARGV[2])
+return {'ok', out}

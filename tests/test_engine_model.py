@@ -75,7 +75,7 @@ def as_answer(r) -> Ok:
         assert r.charged_units == units(r.charged)
         d = {"hold_id": r.hold_id, "status": r.status, "charged": units(r.charged),
              "held_amount": units(r.held_amount), "returned": units(r.returned), "lapsed": units(r.lapsed),
-             "debt_added": units(r.debt_added)}
+             "debt_added": units(r.debt_added), "debt_repaid": units(r.debt_repaid)}
     elif isinstance(r, DebitResult):
         d = {"amount": units(r.amount)}
     else:  # pragma: no cover
@@ -337,7 +337,7 @@ class EngineVsModel(RuleBasedStateMachine):
             assert units(s.held) == sum(r[1] for r in rows.values()) == sum(a for a, _ in holds.values())
             assert units(s.spent) + units(s.debt) == m.charges, user
             assert s.available >= 0 and s.debt >= 0
-        self.model.check_conservation()
+        self.model.check_conservation(now)
         events = self.run(self._stream_length())
         assert events == self.model.events
 
@@ -360,10 +360,10 @@ MUST_REACH = [
     "grant:ok", "grant:replayed", "grant:op_conflict", "grant:debt_repaid",
     "reserve:ok", "reserve:replayed", "reserve:op_conflict", "reserve:hold_exists",
     "reserve:insufficient_credits", "reserve:in_debt",
-    "settle:below", "settle:equal", "settle:above", "settle:debt_added",
+    "settle:below", "settle:equal", "settle:above", "settle:debt_added", "settle:debt_repaid",
     "settle:replayed", "settle:op_conflict", "settle:hold_not_found", "settle:hold_expired",
     "settle:already_settled",
-    "release:ok", "release:replayed", "release:already_released", "release:hold_expired",
+    "release:ok", "release:replayed", "release:already_released", "release:hold_expired", "release:debt_repaid",
     "release:already_settled",
     "debit:ok", "debit:replayed", "debit:op_conflict", "debit:insufficient_credits",
     "sweep:holds", "sweep:grants",
