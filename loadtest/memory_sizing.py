@@ -8,15 +8,16 @@ dir), runs the engine the way the metering proxy does (hold id `req_<32 hex>`, t
 metadata on reserve and settle, a tokens-per-minute limit so the hold keeps its token
 count), and reads Redis' own figures:
 
-- `used` : INFO memory `used_memory` after minus before, divided by the number of
-           operations: everything the operations left (keys, their TTL entries, the
-           account hash growth), i.e. what a deployment pays per operation;
+- `used` : INFO memory `used_memory` (less the clients' buffers, which depend on the
+           number of connections, not on the data) after minus before, divided by the
+           number of operations: everything the operations left (keys, their TTL entries,
+           the keyspace's hash tables), i.e. what a deployment pays per operation;
 - `key`  : `MEMORY USAGE <key> SAMPLES 0` of one key of that kind (median of 50);
 - stream : `MEMORY USAGE <stream> SAMPLES 0` after minus before, per entry appended.
 
 "retained" figures are measured after the partition stream is deleted: what stays in Redis
 for CREDIT_RETENTION_SECONDS once the worker has persisted and trimmed the events.
-Runs in well under a minute for --n 20000.
+About a minute for the default --n 10000 on an idle machine.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ class Probe:
         self.out: dict[str, float] = {}
 
     async def used(self) -> int:
-        return int((await self.r.info("memory"))["used_memory"])
+        used = int((await self.r.info("memory"))["used_memory"])
+        stats = await self.r.execute_command("MEMORY", "STATS")
+        stats = dict(zip(stats[::2], stats[1::2])) if isinstance(stats, list) else stats
+        return used - int(stats.get(b"clients.normal", stats.get("clients.normal", 0)))
 
     async def smem(self) -> int:
         if not await self.r.exists(self.stream):
@@ -134,7 +138,7 @@ async def measure(url: str, n: int) -> dict[str, float]:
     r = aioredis.Redis.from_url(url, max_connections=256)
     await r.flushall()
     clock = Clock()
-    engine = CreditEngine(r, keys=KeySpace(partitions=1), clock=clock)
+    engine = CreditEngine(r, keys=KeySpace(partitions=1), clock=clock, max_backlog=0)  # no worker here
     await engine.mark_ready(0)
     p = Probe(r, engine)
     us = users()
@@ -223,7 +227,7 @@ async def measure(url: str, n: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=20_000, help="operations per phase")
+    ap.add_argument("--n", type=int, default=10_000, help="operations per phase")
     ap.add_argument("--json", help="write the figures to this file too")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:

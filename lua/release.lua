@@ -14,7 +14,7 @@
 --         arrive, finds the hold id taken and does nothing
 -- Returns {code, JSON}:
 --   ok                {hold_id, status, charged=0, held_amount, returned, lapsed, debt_added=0,
---                      debt_repaid, state...}
+--                      debt_repaid (when > 0), state...}
 --   exists            the first answer, for a replay with the same fields
 --   op_conflict       the operation id was used with other fields
 --   hold_not_found    no such hold on this account

@@ -15,7 +15,7 @@
 --         count the reserve charged with its worst case
 -- Returns {code, JSON}:
 --   ok                {hold_id, status, charged, held_amount, returned, lapsed, debt_added,
---                      debt_repaid, state...}
+--                      debt_repaid (when > 0), state...}
 --   exists            the first answer, for a replay with the same fields
 --   op_conflict       the operation id was used with other fields
 --   hold_not_found    no such hold on this account

@@ -199,6 +199,50 @@ async def test_replays_answer_the_same_after_a_rebuild_and_from_a_rebuilt_key(en
     assert raw.split("\n", 1)[1].startswith("{")
 
 
+async def test_restore_operation_writes_the_compact_records_where_the_scripts_keep_them(engine, redis, store, clock):
+    u = "gus"
+    await engine.grant(u, "10", op_id="g1")
+    first = [
+        await engine.reserve(u, "3", hold_id="h1", ttl_seconds=600),
+        await engine.settle(u, "h1", "1"),
+        await engine.reserve(u, "2", hold_id="h2", ttl_seconds=600),  # stays open
+        await engine.reserve(u, "2", hold_id="h3", ttl_seconds=600, op_id="r-3"),
+        await engine.release(u, "h3", op_id="rel-3"),
+    ]
+    await store.write_events(await all_events(engine))
+    await redis.flushall()
+    for p in range(engine.keys.partitions):
+        await engine.mark_ready(p)
+    snap = await store.snapshot(u)
+    assert await engine.restore_account(u, snap.version, {**snap.totals, "grants": snap.grants, "holds": snap.holds}, [])
+    ops = [o async for o in store.operations_since(0)]
+    for o in ops:
+        assert await engine.restore_operation(o.user, o.op_id, o.fingerprint, o.result, 3600)
+        assert not await engine.restore_operation(o.user, o.op_id, o.fingerprint, o.result, 3600)
+    for o in ops:
+        fp, answer = await engine.remembered(o.user, o.op_id)
+        assert fp == o.fingerprint and json.loads(answer) == json.loads(o.result), o
+    # only the ids of the caller's have keys of their own
+    assert [k.rsplit("|", 1)[1] for k in await op_keys(engine)] == ["g1", "r-3", "rel-3"]
+    h1 = await hold_hash(engine, u, "h1")
+    assert h1["st"] == "settled" and 0 < await redis.ttl(engine.keys.hold_key(u, "h1")) <= 3600
+    assert (await hold_hash(engine, u, "h2"))["st"] == "open" and await redis.ttl(engine.keys.hold_key(u, "h2")) == -1
+    clock.advance(60)
+    again = [
+        await engine.reserve(u, "3", hold_id="h1", ttl_seconds=600),
+        await engine.settle(u, "h1", "1"),
+        await engine.reserve(u, "2", hold_id="h2", ttl_seconds=600),
+        await engine.reserve(u, "2", hold_id="h3", ttl_seconds=600, op_id="r-3"),
+        await engine.release(u, "h3", op_id="rel-3"),
+    ]
+    assert all(a.replayed for a in again) and [replace(a, replayed=False) for a in again] == first
+    with pytest.raises(errors.HoldAlreadySettled):  # the hold's status came back with its record
+        await engine.release(u, "h1")
+    # the open hold still resolves, and its reserve record stays with it
+    await engine.settle(u, "h2", "2")
+    assert (await engine.reserve(u, "2", hold_id="h2", ttl_seconds=600)).replayed
+
+
 # -- the backlog bound ---------------------------------------------------------------------------
 
 
@@ -238,8 +282,15 @@ async def test_reserve_is_refused_past_the_backlog_limit_and_nothing_else_is(red
         await engine.reserve(u, "1", hold_id=f"n{i}", ttl_seconds=60)
 
 
-def test_the_backlog_limit_is_a_constructor_argument():
+def test_the_backlog_limit_is_a_constructor_argument_and_a_setting(monkeypatch):
+    from gateway.core.settings import Settings
+
     assert CreditEngine(None, max_backlog=123).max_backlog == 123
     assert CreditEngine(None).max_backlog > 0  # bounded unless told otherwise
     with pytest.raises(ValueError):
         CreditEngine(None, max_backlog=-1)
+    assert Settings().max_backlog == CreditEngine(None).max_backlog
+    monkeypatch.setenv("CREDIT_MAX_BACKLOG", "0")
+    assert Settings().max_backlog == 0
+    # operation ids are remembered for a day by default (docs/sizing.md)
+    assert Settings().retention_seconds == CreditEngine(None).retention_s == 86400

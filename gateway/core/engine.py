@@ -365,13 +365,16 @@ class CreditEngine:
         JSON), or None once forgotten (past the retention). Wherever it is kept: the
         operation-id key, or the hold hash for a hold operation under its default id."""
         check_id("user_id", user)
-        kind, _, hold_id = op_id.partition(":") if op_id.startswith(("!settle:", "!release:")) else ("", "", op_id)
-        kind = kind[1:] or "reserve"
-        code, r = await self.scripts.call_json(
-            self.script_redis, "remembered", [self.keys.op_key(user, op_id), self.keys.hold_key(user, hold_id)],
-            [hold_id, kind],
-        )
+        keys, hold_id, kind = self._record_keys(user, op_id)
+        code, r = await self.scripts.call_json(self.script_redis, "remembered", keys, [hold_id, kind])
         return (r["fp"], r["answer"]) if code == "ok" else None
+
+    def _record_keys(self, user: str, op_id: str) -> tuple[list[str], str, str]:
+        # The op key, and the hold hash that keeps the record of a hold operation under its
+        # default id: "!settle:<hold>" / "!release:<hold>", else the hold named by the id.
+        kind, _, hold_id = op_id.partition(":") if op_id.startswith(("!settle:", "!release:")) else ("", "", op_id)
+        keys = [self.keys.op_key(user, op_id), self.keys.hold_key(user, hold_id)]
+        return keys, hold_id, kind[1:] or "reserve"
 
     # -- sweeping and recovery ---------------------------------------------------------
 
@@ -417,6 +420,14 @@ class CreditEngine:
 
     async def mark_ready(self, partition: int) -> None:
         await self.redis.set(self.keys.partition(partition).ready, "1")
+
+    async def restore_operation(self, user: str, op_id: str, fingerprint: str, answer: str, ttl_s: int) -> bool:
+        """Makes Redis remember an operation again after it lost its data (the store's
+        OperationRecord: fingerprint and answer JSON), in the compact form and place the
+        scripts keep it, for `ttl_s` seconds. False when Redis remembers it already."""
+        keys, _, _ = self._record_keys(user, op_id)
+        code, _ = await self.scripts.call_json(self.script_redis, "restore_op", keys, [op_id, fingerprint, answer, ttl_s])
+        return code == "ok"
 
     async def restore_account(
         self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]

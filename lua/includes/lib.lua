@@ -40,19 +40,22 @@ local ANSWER_FIELDS = {
 }
 local CONFLICT = {'op_conflict', cjson.encode({reason = 'operation id already used with other fields'})}
 
+-- A field the answer does not have is an empty value, and stays absent.
 local function csv(t, fields)
   local out = {}
-  for i, f in ipairs(fields) do out[i] = t[f] end
+  for i, f in ipairs(fields) do out[i] = t[f] or '' end
   return table.concat(out, ',')
 end
 
 local function from_csv(s, fields, into)
-  local i = 0
-  for v in string.gmatch(s or '', '[^,]+') do
-    i = i + 1
-    into[fields[i]] = v
+  local i, pos = 1, 1
+  while true do
+    local sep = string.find(s, ',', pos, true)
+    local v = string.sub(s, pos, (sep or 0) - 1)
+    if v ~= '' then into[fields[i]] = v end
+    if not sep then return into end
+    i, pos = i + 1, sep + 1
   end
-  return into
 end
 
 -- The answer (JSON) of a record: `fp` is the full fingerprint "<kind>|<hold id>|...".
@@ -291,15 +294,20 @@ local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, sfp,
   local ev = {
     id = op, t = 'hold_' .. state, u = user, hold = hid, amt = fmt(charge),
     held_amt = fmt(amt), returned = fmt(back), lapsed = fmt(lapsed),
-    debt_added = fmt(debt_added), debt_repaid = fmt(repaid), g = g, fp = fp,
+    debt_added = fmt(debt_added), g = g, fp = fp,
     h = {id = hid, st = state, amt = fmt(amt), fin = fmt(charge), exp = hold[2]},
   }
   if extra then ev.x = extra end
   local res = nil
   if fp then
     res = {hold_id = hid, status = state, charged = fmt(charge), held_amount = fmt(amt),
-           returned = fmt(back), lapsed = fmt(lapsed), debt_added = fmt(debt_added),
-           debt_repaid = fmt(repaid)}
+           returned = fmt(back), lapsed = fmt(lapsed), debt_added = fmt(debt_added)}
+  end
+  -- debt_repaid only when there was debt to repay (absent = 0): a settle's event is about
+  -- 1 KB, and a few bytes more cost a quarter more stream memory (docs/sizing.md).
+  if repaid > 0 then
+    ev.debt_repaid = fmt(repaid)
+    if res then res.debt_repaid = ev.debt_repaid end
   end
   local st, out = emit(acct, gord, K[3], now, ev, res)
   local keep = {'st', state}
