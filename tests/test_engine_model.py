@@ -355,7 +355,8 @@ SEED = os.environ.get("CREDIT_MODEL_SEED", "4")
 # Paths the seeded runs must reach. (The seeded sequence shifts with the process's history:
 # run after other tests, or under another hypothesis release, it has missed settle:lapsed,
 # release:lapsed, settle:already_released and release:op_conflict, which
-# tests/test_engine_guarantees.py checks directly.)
+# tests/test_engine_guarantees.py checks directly, and release:debt_repaid, which
+# tests/test_engine_repayment.py checks directly.)
 MUST_REACH = [
     "grant:ok", "grant:replayed", "grant:op_conflict", "grant:debt_repaid",
     "reserve:ok", "reserve:replayed", "reserve:op_conflict", "reserve:hold_exists",
@@ -363,7 +364,7 @@ MUST_REACH = [
     "settle:below", "settle:equal", "settle:above", "settle:debt_added", "settle:debt_repaid",
     "settle:replayed", "settle:op_conflict", "settle:hold_not_found", "settle:hold_expired",
     "settle:already_settled",
-    "release:ok", "release:replayed", "release:already_released", "release:hold_expired", "release:debt_repaid",
+    "release:ok", "release:replayed", "release:already_released", "release:hold_expired",
     "release:already_settled",
     "debit:ok", "debit:replayed", "debit:op_conflict", "debit:insufficient_credits",
     "sweep:holds", "sweep:grants",
