@@ -116,6 +116,10 @@ local function foreign_record(hkey)
   return nil
 end
 
+-- Hold hash fields (KEYS[6]): while open amt, exp (ms), st = 'open', ear (earmarks
+-- "seq=amt,..." in spend order), at, op, x (caller metadata, JSON), tk, tki (tokens the
+-- reserve counted, ms per token), and the reserve's record; once resolved only st
+-- ('settled' | 'released' | 'expired') and the records. A give-back's void marker: st = 'void'.
 -- The fields every script reads of a hold hash, in this order: hold[1..12].
 local HOLD_FIELDS = {'amt', 'exp', 'st', 'ear', 'tk', 'tki', 'rf', 'ra', 'rs', 'qf', 'qa', 'qs'}
 
