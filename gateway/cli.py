@@ -70,8 +70,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 async def _with_engine(fn):
-    from .core.connections import make_keys, make_redis, make_store
-    from .core.engine import CreditEngine
+    from .core.connections import make_engine, make_redis, make_store
 
     settings = _settings()
     if settings.embedded:
@@ -79,7 +78,7 @@ async def _with_engine(fn):
     redis, store = make_redis(settings), make_store(settings)
     await store.open()
     try:
-        return await fn(settings, CreditEngine(redis, keys=make_keys(settings), retention_s=settings.retention_seconds), store)
+        return await fn(settings, make_engine(settings, redis), store)
     finally:
         await store.close()
         await redis.aclose()

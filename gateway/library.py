@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .core.engine import CreditEngine
-from .core.errors import AccountInDebt, CreditError, HoldExpired, InsufficientCredits, StateLost
+from .core.errors import AccountInDebt, BacklogFull, CreditError, HoldExpired, InsufficientCredits, StateLost
 from .core.keys import InvalidId, check_id
 from .core.money import AmountError, from_units, to_units
 from .core.pricing import PricingTable, Usage
@@ -109,7 +109,7 @@ class CreditRuntime:
         return self._engine
 
     async def open(self) -> CreditEngine:
-        from .core.connections import make_keys, make_redis, make_script_client, make_store
+        from .core.connections import make_engine, make_redis, make_script_client, make_store
         from .core.recovery import ensure_ready
 
         if self._stack is not None:
@@ -125,8 +125,7 @@ class CreditRuntime:
             store = make_store(settings)
             await store.open()
             stack.push_async_callback(store.close)
-            engine = CreditEngine(redis, keys=make_keys(settings), retention_s=settings.retention_seconds,
-                                  script_redis=mux)
+            engine = make_engine(settings, redis, script_redis=mux)
             await ensure_ready(engine, store)
             if self.run_worker:
                 await stack.enter_async_context(_worker(settings, engine, store))
@@ -418,6 +417,9 @@ class CreditMiddleware:
             return _error(402, "in_debt", "the account owes credits; top up to continue")
         except StateLost:
             return _error(503, "state_lost", "the credit store is being rebuilt; retry", {"Retry-After": "1"})
+        except BacklogFull:
+            return _error(503, "backlog_full", "the gateway is behind persisting charges; retry shortly",
+                          {"Retry-After": "5"})
         except RedisError as exc:
             # The hold may exist: give it back once Redis answers (it would expire anyway).
             log.error("reserve of %s for %s not confirmed by Redis: %s", hold_id, user, exc)

@@ -187,7 +187,7 @@ def make_cycles(engine: CreditEngine, r: aioredis.Redis, mux_engine: CreditEngin
         # Exactly the KEYS / ARGV of engine.reserve_units / settle_units (op id defaults).
         now = int(time.time() * 1000)
         code, _ = await evalsha(rsha, 11, *ks.account_keys(user, hid, hid), *ks.rate_keys(user),
-                                now, retention, user, hid, hid, UNITS, 60_000, "{}", 0, 0, "")
+                                now, retention, user, hid, hid, UNITS, 60_000, "{}", 0, 0, "", engine.max_backlog)
         if code != b"ok":
             raise RuntimeError(f"reserve answered {code!r}")
         op = "!settle:" + hid

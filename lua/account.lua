@@ -1,12 +1,16 @@
 -- account: reads an account's state (no change, no event).
--- KEYS[1] account hash   KEYS[2] account grant order (zset)
+-- KEYS[1] account hash   KEYS[2] account grant order (zset)   KEYS[3] partition ready marker
 -- ARGV[1] now (ms)   ARGV[2] '1' for the detail (grants and open holds), '0' for totals only
+-- ARGV[3] '1': read even when the partition is lost (the rebuild reads what Redis still has)
 -- Returns {code, JSON}:
 --   ok  {v, available, held, debt, granted, spent, expired, seq, debt_total,
 --        grants: [{seq, free, earmarked, expires_at, expired, meta}] in spend order,
 --        holds: [{hold_id, amount, expires_at}]}
 --   an account never seen answers ok with zeros.
+--   state_lost  the partition has not been rebuilt since Redis lost its data (its zeros
+--               would not be the account's)
 --@include lib
+if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 0 then return {'state_lost', '{}'} end
 local now = tonumber(ARGV[1])
 local st = acct_state(KEYS[1], KEYS[2], now)
 if ARGV[2] == '1' then

@@ -4,7 +4,8 @@
 -- is recorded as debt, as a settle's overage is; the account then cannot reserve until
 -- the debt is repaid.
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
--- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
+-- KEYS[4] partition ready marker   KEYS[5] operation-id key
+-- KEYS[6] the hold hash named by the operation id (see "Operation records" in lib.lua)
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
@@ -26,7 +27,7 @@ local allow_debt = ARGV[7] == '1'
 -- A debit that may go into debt is another operation than one that may not: reusing the
 -- operation id across the two is a conflict, not a replay.
 local fp = 'debit|' .. ARGV[5] .. (allow_debt and '|debt' or '')
-local seen = op_replay(KEYS[5], fp)
+local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[6])
 if seen then return seen end
 local acct, gord = KEYS[1], KEYS[2]
 local grants = live_grants(acct, gord, now)
@@ -45,6 +46,7 @@ if amount - debt_added > 0 then redis.call('HINCRBY', acct, 'spent', amount - de
 local g = settle_grants(acct, gord, KEYS[8], user, touched)
 local ev = {id = op, t = 'debit', u = user, amt = ARGV[5], debt_added = fmt(debt_added), g = g, fp = fp,
             x = cjson.decode(ARGV[6])}
-local _, res = emit(acct, gord, KEYS[3], now, ev, {amount = ARGV[5], debt_added = fmt(debt_added)})
-op_record(KEYS[5], fp, res, ARGV[2])
-return {'ok', res}
+local res = {amount = ARGV[5], debt_added = fmt(debt_added)}
+local st, out = emit(acct, gord, KEYS[3], now, ev, res)
+op_record(KEYS[5], fp, res, st, ARGV[2])
+return {'ok', out}

@@ -23,9 +23,9 @@ for i = 1, 9 do K[i] = KEYS[i] end
 for i = 1, n do
   local hid = ARGV[4 + i]
   K[6] = KEYS[9 + i]
-  local hold = redis.call('HMGET', K[6], 'amt', 'exp', 'st', 'ear')
+  local hold = redis.call('HMGET', K[6], unpack(HOLD_FIELDS))
   if hold[3] == 'open' and now >= tonumber(hold[2]) then
-    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil)
+    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil, nil)
     holds = holds + 1
   elseif hold[3] ~= 'open' then
     redis.call('ZREM', KEYS[7], user .. '|' .. hid)

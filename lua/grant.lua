@@ -1,6 +1,7 @@
 -- grant: adds a grant of credits to an account. Repays debt first.
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
--- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] unused (hold slot)
+-- KEYS[4] partition ready marker   KEYS[5] operation-id key
+-- KEYS[6] the hold hash named by the operation id (see "Operation records" in lib.lua)
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
 -- ARGV[1] now (ms)  ARGV[2] retention of op keys (s)  ARGV[3] user id  ARGV[4] operation id
 -- ARGV[5] amount (micro-credits > 0)  ARGV[6] expires_at (ms, 0 = never)  ARGV[7] priority
@@ -18,7 +19,7 @@ if not amount_arg(ARGV[5], 1) then return {'invalid_amount', '{}'} end
 local now, retention, user, op = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
 local amount, exp, pri, src = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
 local fp = 'grant|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. ARGV[7] .. '|' .. src
-local seen = op_replay(KEYS[5], fp)
+local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[6])
 if seen then return seen end
 if exp ~= 0 and (exp <= now or exp >= NEVER_MS) then return {'invalid_expiry', '{}'} end
 
@@ -47,7 +48,7 @@ end
 redis.call('SADD', KEYS[9], user)
 local ev = {id = op, t = 'grant', u = user, amt = ARGV[5], seq = seq, debt_repaid = fmt(repaid),
             g = g, gm = {[seq] = meta}, fp = fp}
-local _, res = emit(acct, gord, KEYS[3], now, ev,
-  {grant_seq = seq, amount = ARGV[5], debt_repaid = fmt(repaid), expires_at = ARGV[6]})
-op_record(KEYS[5], fp, res, retention)
-return {'ok', res}
+local res = {grant_seq = seq, amount = ARGV[5], debt_repaid = fmt(repaid), expires_at = ARGV[6]}
+local st, out = emit(acct, gord, KEYS[3], now, ev, res)
+op_record(KEYS[5], fp, res, st, retention)
+return {'ok', out}

@@ -3,17 +3,23 @@
 -- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
 -- KEYS[10] account rate-limit overrides (hash rpm, tpm)   KEYS[11] account rate state (hash)
+-- KEYS[12] (only when the operation id is not the hold id) the hold hash named by the
+--         operation id (see "Operation records" in lib.lua)
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
 -- ARGV[5] hold id  ARGV[6] amount (micro-credits > 0)  ARGV[7] timeout (ms > 0)
 -- ARGV[8] extra metadata (JSON object, kept on the hold and in the event)
 -- ARGV[9] default requests per minute  ARGV[10] default tokens per minute (0 = no limit;
 --         the account's overrides win)  ARGV[11] tokens this call may use ('' = not rate limited)
+-- ARGV[12] the partition stream's backlog limit, in entries (0 = none): at it, new holds
+--         are refused until the worker has persisted and trimmed the stream
 -- Returns {code, JSON}:
 --   ok                    {hold_id, amount, expires_at, state...}
 --   exists                the first answer, for a replay with the same fields
 --   op_conflict           the operation id was used with other fields
 --   hold_exists           the hold id is already taken (by another operation)
+--   backlog_full          {backlog, limit}: the partition stream holds ARGV[12] entries the
+--                         worker has not persisted yet; nothing changes (retry later)
 --   in_debt               the account owes credits and cannot reserve until repaid {debt}
 --   insufficient_credits  {available}; nothing changes
 --   rate_limited          {limit, value, retry_after_ms}; retry_after_ms -1: the call's tokens
@@ -26,10 +32,25 @@ if not amount_arg(ARGV[6], 1) then return {'invalid_amount', '{}'} end
 local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
 local amount, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
 if not amount_arg(ARGV[7], 1) then return {'invalid_amount', '{}'} end
-local fp = 'reserve|' .. hid .. '|' .. ARGV[6] .. '|' .. ARGV[7]
-local seen = op_replay(KEYS[5], fp)
+local tail = '|' .. ARGV[6] .. '|' .. ARGV[7]
+local fp = 'reserve|' .. hid .. tail
+local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[12])
 if seen then return seen end
-if redis.call('EXISTS', KEYS[6]) == 1 then return {'hold_exists', '{}'} end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  if op == hid then
+    local r = redis.call('HMGET', KEYS[6], 'rf', 'ra', 'rs')
+    seen = hold_replay(hid, r[1], r[2], r[3], fp)
+    if seen then return seen end
+  end
+  return {'hold_exists', '{}'}
+end
+local limit = tonumber(ARGV[12]) or 0
+if limit > 0 then
+  local backlog = redis.call('XLEN', KEYS[3])
+  if backlog >= limit then
+    return {'backlog_full', cjson.encode({backlog = backlog, limit = limit})}
+  end
+end
 
 local acct, gord = KEYS[1], KEYS[2]
 local debt = num(redis.call('HGET', acct, 'debt'))
@@ -72,9 +93,6 @@ local touched, parts = {}, {}
 draw(acct, grants, amount, touched, true, parts)
 local exp = now + ttl
 local ear = table.concat(parts, ',')
-redis.call('HSET', KEYS[6], 'amt', ARGV[6], 'exp', fmt(exp), 'st', 'open', 'ear', ear,
-           'at', ARGV[1], 'op', op, 'x', ARGV[8])
-if tk then redis.call('HSET', KEYS[6], 'tk', fmt(tokens), 'tki', string.format('%.6f', tk_interval)) end
 redis.call('HINCRBY', acct, 'held', amount)
 redis.call('HSET', acct, 'o:' .. hid, ARGV[6] .. ':' .. fmt(exp))
 redis.call('ZADD', KEYS[7], exp, user .. '|' .. hid)
@@ -82,6 +100,19 @@ local g = settle_grants(acct, gord, KEYS[8], user, touched)
 local ev = {id = op, t = 'hold_open', u = user, hold = hid, amt = ARGV[6], g = g, fp = fp,
             h = {id = hid, st = 'open', amt = ARGV[6], exp = fmt(exp), ear = ear, at = ARGV[1], op = op},
             x = cjson.decode(ARGV[8])}
-local _, res = emit(acct, gord, KEYS[3], now, ev, {hold_id = hid, amount = ARGV[6], expires_at = fmt(exp)})
-op_record(KEYS[5], fp, res, ARGV[2])
-return {'ok', res}
+local res = {hold_id = hid, amount = ARGV[6], expires_at = fmt(exp)}
+local st, out = emit(acct, gord, KEYS[3], now, ev, res)
+local h = {'amt', ARGV[6], 'exp', fmt(exp), 'st', 'open', 'ear', ear, 'at', ARGV[1], 'op', op, 'x', ARGV[8]}
+if tk then
+  h[15], h[16], h[17], h[18] = 'tk', fmt(tokens), 'tki', string.format('%.6f', tk_interval)
+end
+if op == hid then
+  local n = #h
+  h[n + 1], h[n + 2] = 'rf', 'reserve' .. tail
+  h[n + 3], h[n + 4] = 'ra', csv(res, ANSWER_FIELDS.reserve)
+  h[n + 5], h[n + 6] = 'rs', csv(st, STATE_FIELDS)
+else
+  op_record(KEYS[5], fp, res, st, ARGV[2])
+end
+redis.call('HSET', KEYS[6], unpack(h))
+return {'ok', out}

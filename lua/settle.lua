@@ -5,6 +5,8 @@
 -- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
 -- KEYS[10] unused (rate-limit overrides)   KEYS[11] account rate state (optional)
+-- KEYS[12] (only when the operation id is not "!settle:<hold id>") the hold hash named by
+--          the operation id (see "Operation records" in lib.lua)
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
 -- ARGV[4] operation id
 -- ARGV[5] hold id  ARGV[6] amount to charge (micro-credits >= 0)
@@ -12,7 +14,8 @@
 -- ARGV[8] tokens the call really used ('' = unknown): corrects the tokens-per-minute
 --         count the reserve charged with its worst case
 -- Returns {code, JSON}:
---   ok                {hold_id, status, charged, held_amount, returned, lapsed, debt_added, state...}
+--   ok                {hold_id, status, charged, held_amount, returned, lapsed, debt_added,
+--                      debt_repaid (when > 0), state...}
 --   exists            the first answer, for a replay with the same fields
 --   op_conflict       the operation id was used with other fields
 --   hold_not_found    no such hold on this account
@@ -24,17 +27,23 @@
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
 if not amount_arg(ARGV[6], 0) then return {'invalid_amount', '{}'} end
 local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
-local fp = 'settle|' .. hid .. '|' .. ARGV[6]
-local seen = op_replay(KEYS[5], fp)
+local tail = '|' .. ARGV[6]
+local fp = 'settle|' .. hid .. tail
+local own = op == '!settle:' .. hid  -- the default id: the record lives in the hold hash
+local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[12])
 if seen then return seen end
-local hold = redis.call('HMGET', KEYS[6], 'amt', 'exp', 'st', 'ear', 'tk', 'tki')
+local hold = redis.call('HMGET', KEYS[6], unpack(HOLD_FIELDS))
+if own then
+  seen = hold_replay(hid, hold[10], hold[11], hold[12], fp)
+  if seen then return seen end
+end
 if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
   return hold_not_open(KEYS, now, user, hid, hold)
 end
-local res = resolve_hold(KEYS, now, user, hid, hold, tonumber(ARGV[6]), 'settled', op, fp,
-                         cjson.decode(ARGV[7]))
+local out, res, st = resolve_hold(KEYS, now, user, hid, hold, tonumber(ARGV[6]), 'settled', op, fp,
+                                  own and 'settle' .. tail or nil, cjson.decode(ARGV[7]))
 if hold[5] and ARGV[8] and ARGV[8] ~= '' then
   rate_adjust(KEYS[11], now, (tonumber(ARGV[8]) or 0) - tonumber(hold[5]), tonumber(hold[6]))
 end
-op_record(KEYS[5], fp, res, ARGV[2])
-return {'ok', res}
+if not own then op_record(KEYS[5], fp, res, st, ARGV[2]) end
+return {'ok', out}

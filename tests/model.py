@@ -13,9 +13,12 @@ with it:
   meanwhile); above the hold the overage comes from free credit and what is still missing
   becomes debt; release returns everything; a hold at or past its deadline is expired (by
   the sweep, or by a settle/release that arrives late and then answers hold_expired);
-- a new grant repays debt first; admin debit draws at once and is refused when short;
-  a debit with allow_debt (late usage) draws what free credit covers and the rest becomes
-  debt, as a settle's overage does;
+- debt is repaid first by a new grant, and by credit that returns to the grants (a
+  release, a settle below its hold, an expiry): the repayment is drawn from free credit
+  in spend order (in debt there is no free credit but what just returned), so an account
+  is never refused `in_debt` with free credit in hand; admin debit draws at once and is
+  refused when short; a debit with allow_debt (late usage) draws what free credit covers
+  and the rest becomes debt, as a settle's overage does;
 - every operation is idempotent by (user, op id): same fields -> the stored answer, other
   fields -> op_conflict; refusals are not stored;
 - every state change bumps the account version and appends one event.
@@ -174,12 +177,17 @@ class Model:
                 else:
                     g.free += rest
                     back += rest
-        debt_added = 0
+        debt_added = repaid = 0
         if charge > spent_e:
             debt_added, _ = self._draw(a, now, charge - spent_e, earmark=False)
             a.debt += debt_added
             a.debt_total += debt_added
-        a.spent += charge - debt_added
+        elif back and a.debt:
+            repaid = min(a.debt, back)
+            left, _ = self._draw(a, now, repaid, earmark=False)
+            assert left == 0
+            a.debt -= repaid
+        a.spent += charge - debt_added + repaid
         a.expired += lapsed
         a.charges += charge
         h.status = status
@@ -187,7 +195,8 @@ class Model:
         self._emit(a)
         return {
             "hold_id": h.hold_id, "status": status, "charged": charge, "held_amount": h.amount,
-            "returned": back, "lapsed": lapsed, "debt_added": debt_added, "state": a.state(now),
+            "returned": back, "lapsed": lapsed, "debt_added": debt_added, "debt_repaid": repaid,
+            "state": a.state(now),
         }
 
     def _not_open(self, a: MAccount, now: int, hold_id: str) -> Refused:
@@ -311,7 +320,7 @@ class Model:
 
     # -- invariants ----------------------------------------------------------------------
 
-    def check_conservation(self) -> None:
+    def check_conservation(self, now: int) -> None:
         for user, a in self.accounts.items():
             free = sum(g.free for g in a.grants.values())
             ear = sum(g.earmarked for g in a.grants.values())
@@ -319,3 +328,5 @@ class Model:
             assert a.granted == free + ear + a.spent + a.expired, user
             assert a.charges == a.spent + a.debt, user
             assert a.debt >= 0 and all(g.free >= 0 and g.earmarked >= 0 for g in a.grants.values())
+            # debt is repaid before any credit is free again
+            assert not a.debt or not a.live(now), user

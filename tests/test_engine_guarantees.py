@@ -430,14 +430,15 @@ async def test_cluster_keeps_the_guarantees(cluster, clock):
         assert (s.debt_added, (await engine.settle(u, "h1", "6")).replayed) == (D(2), True)
         with pytest.raises(errors.OperationConflict):
             await engine.settle(u, "h1", "5")
-        await engine.release(u, "h2")
-        with pytest.raises(errors.HoldAlreadyReleased):
-            await engine.settle(u, "h2", "1")
         with pytest.raises(errors.AccountInDebt):
             await engine.reserve(u, "1", hold_id="x", ttl_seconds=5)
+        r = await engine.release(u, "h2")  # 11 return; 2 of them repay the debt (g2's 1, g1's 1)
+        assert (r.returned, r.debt_repaid, r.state.debt, r.state.available) == (D(11), D(2), D(0), D(9))
+        with pytest.raises(errors.HoldAlreadyReleased):
+            await engine.settle(u, "h2", "1")
         g = await engine.grant(u, "3", op_id="g3")
-        assert (g.debt_repaid, g.state.available) == (D(2), D(12))
-        await engine.debit(u, "1", op_id="d1")  # g2's last credit
+        assert (g.debt_repaid, g.state.available) == (D(0), D(12))
+        await engine.debit(u, "1", op_id="d1")  # from g1 (g2 is spent)
         await engine.grant(u, "2", op_id="g4", expires_at=at(clock, 20), priority=0)
         await engine.reserve(u, "4", hold_id="h3", ttl_seconds=60)  # g4's 2, then g1's 2
         await assert_conserved(engine, u, D(7))
@@ -449,7 +450,7 @@ async def test_cluster_keeps_the_guarantees(cluster, clock):
     assert swept.holds == len(users)
     for u in users:
         bal = await engine.balance(u)
-        # 20 granted = 11 free (g1 10, g3 1) + 7 spent (4 held + 2 repaid + 1 debit) + 2 lapsed
+        # 20 granted = 11 free (g1 8, g3 3) + 7 spent (4 held + 2 repaid + 1 debit) + 2 lapsed
         assert (bal.held, bal.spent, bal.debt, bal.expired, bal.available) == (D(0), D(7), D(0), D(2), D(11))
         evs = await events_of(engine, u)
         assert [e.version for e in evs] == list(range(1, bal.version + 1))

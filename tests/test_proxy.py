@@ -537,3 +537,12 @@ async def test_usage_missing_is_counted_with_the_models_tokenizer(redis, redis_u
             assert status == 200 and charged(h) == Decimal("0.000005")
     finally:
         await fake.stop()
+
+
+async def test_a_full_backlog_refuses_new_holds_with_503(gw):
+    await gw.grant("blg", "1")  # one event in the partition's stream, which no worker drains here
+    gw.services.engine.max_backlog = 1
+    body = {"model": "gpt-test", "messages": [], "max_tokens": 10}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="blg")
+    assert status == 503 and json.loads(raw)["error"]["code"] == "backlog_full" and h["Retry-After"]
+    assert gw.fake.requests == [] and (await gw.balance("blg")).held == 0

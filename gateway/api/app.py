@@ -16,8 +16,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.apikeys import ApiKeys
-from ..core.connections import describe, make_keys, make_redis, make_script_client, make_store
-from ..core.engine import CreditEngine
+from ..core.connections import describe, make_engine, make_redis, make_script_client, make_store
 from ..core.recovery import ensure_ready
 from ..core.settings import Settings
 from ..core.store.base import Store
@@ -105,12 +104,10 @@ def create_app(
         r = redis if redis is not None else make_redis(settings)
         s = store if store is not None else make_store(settings)
         await s.open()
-        engine_kw = {"clock": clock} if clock else {}
         # The hot path's script calls go multiplexed (when Redis is a single server named by
         # the settings; a client handed in by a caller is used for everything).
         mux = make_script_client(settings) if redis is None else None
-        engine = CreditEngine(r, keys=make_keys(settings), retention_s=settings.retention_seconds,
-                              script_redis=mux, **engine_kw)
+        engine = make_engine(settings, r, script_redis=mux, clock=clock)
         services = Services(
             settings=settings, redis=r, store=s, engine=engine,
             admin_keys=KeyRing(settings.admin_key_digests), client_keys=KeyRing(settings.client_key_digests),

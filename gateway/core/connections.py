@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from .engine import CreditEngine
 from .keys import KeySpace
 from .settings import Settings
 from .store.base import Store
@@ -52,6 +53,15 @@ def make_store(settings: Settings) -> Store:
 
 def make_keys(settings: Settings) -> KeySpace:
     return KeySpace(settings.key_prefix, settings.partitions)
+
+
+def make_engine(settings: Settings, redis: Any, *, script_redis: Any = None,
+                clock: Callable[[], float] | None = None) -> CreditEngine:
+    """The credit engine a Settings describes, on `redis` (script calls on `script_redis`
+    when given: the multiplexed client)."""
+    return CreditEngine(redis, keys=make_keys(settings), retention_s=settings.retention_seconds,
+                        max_backlog=settings.max_backlog, script_redis=script_redis,
+                        **({"clock": clock} if clock else {}))
 
 
 def describe(settings: Settings) -> str:

@@ -35,7 +35,9 @@ from .results import (
 )
 from .scripts import ScriptRegistry
 
-DEFAULT_RETENTION_S = 7 * 86400
+DEFAULT_RETENTION_S = 86400
+# Entries a partition stream may hold before reserve answers backlog_full (docs/sizing.md).
+DEFAULT_MAX_BACKLOG = 10_000
 SOURCES = frozenset({"payment", "plan", "promo", "admin", "refund"})
 MAX_TTL_S = 7 * 86400
 
@@ -103,11 +105,14 @@ def _resolution(r: dict, replayed: bool) -> HoldResolution:
     return HoldResolution(
         r["hold_id"], r["status"], int(r["charged"]), int(r["held_amount"]), int(r["returned"]),
         int(r["lapsed"]), int(r.get("debt_added") or 0), AccountState.from_wire(r["state"]), replayed,
+        int(r.get("debt_repaid") or 0),
     )
 
 
 class CreditEngine:
-    """Async API over the Lua scripts. `clock` returns seconds (injectable for tests)."""
+    """Async API over the Lua scripts. `clock` returns seconds (injectable for tests).
+    `max_backlog`: entries a partition stream may hold (persisted or not by the worker)
+    before reserve refuses new holds with BacklogFull; 0 = no limit."""
 
     def __init__(
         self,
@@ -118,6 +123,7 @@ class CreditEngine:
         clock: Callable[[], float] = time.time,
         retention_s: int = DEFAULT_RETENTION_S,
         script_redis: Any = None,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
         self.redis = redis
         # Script calls may go over another client with the same evalsha/eval methods (the
@@ -127,6 +133,9 @@ class CreditEngine:
         self.scripts = scripts or ScriptRegistry()
         self.clock = clock
         self.retention_s = retention_s
+        if max_backlog < 0:
+            raise ValueError("max_backlog must be >= 0 (0 = no limit)")
+        self.max_backlog = max_backlog
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -142,6 +151,14 @@ class CreditEngine:
 
     def _base(self, user: str, op_id: str) -> list[Any]:
         return [self.now_ms(), self.retention_s, user, op_id]
+
+    def _hold_keys(self, user: str, op_id: str, hold_id: str, default_op: str) -> list[str]:
+        # An op id of the caller's may be another hold's id, whose reserve keeps its record
+        # in that hold's hash (lib.lua, "Operation records"): KEYS[12], so that it conflicts.
+        keys = self.keys.hold_keys(user, op_id, hold_id)
+        if op_id != default_op:
+            keys.append(self.keys.hold_key(user, op_id))
+        return keys
 
     # -- grants and admin debits -------------------------------------------------------
 
@@ -183,7 +200,7 @@ class CreditEngine:
         _units_arg(units)
         r, replayed = await self._run(
             "grant",
-            self.keys.account_keys(user, op_id),
+            self.keys.account_keys(user, op_id, op_id),
             [*self._base(user, op_id), units, exp_ms, priority, source, _meta(metadata)],
         )
         return GrantResult(
@@ -207,7 +224,7 @@ class CreditEngine:
         check_id("op_id", op_id)
         _units_arg(units)
         r, replayed = await self._run(
-            "debit", self.keys.account_keys(user, op_id),
+            "debit", self.keys.account_keys(user, op_id, op_id),
             [*self._base(user, op_id), units, _meta(metadata), "1" if allow_debt else ""],
         )
         return DebitResult(int(r["amount"]), AccountState.from_wire(r["state"]), replayed, int(r.get("debt_added") or 0))
@@ -258,8 +275,8 @@ class CreditEngine:
         limits = (rate.requests_per_minute, rate.tokens_per_minute, rate.tokens) if rate else (0, 0, "")
         r, replayed = await self._run(
             "reserve",
-            self.keys.hold_keys(user, op_id, hold_id),
-            [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits],
+            self._hold_keys(user, op_id, hold_id, hold_id),
+            [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits, self.max_backlog],
         )
         return Hold(r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed)
 
@@ -298,7 +315,7 @@ class CreditEngine:
             raise ValueError("tokens must be a non-negative int")
         r, replayed = await self._run(
             "settle",
-            self.keys.hold_keys(user, op_id, hold_id),
+            self._hold_keys(user, op_id, hold_id, f"!settle:{hold_id}"),
             [*self._base(user, op_id), hold_id, units, _meta(metadata), "" if tokens is None else tokens],
         )
         return _resolution(r, replayed)
@@ -315,26 +332,33 @@ class CreditEngine:
         op_id = check_id("op_id", op_id) if op_id else f"!release:{hold_id}"
         r, replayed = await self._run(
             "release",
-            self.keys.hold_keys(user, op_id, hold_id),
+            self._hold_keys(user, op_id, hold_id, f"!release:{hold_id}"),
             [*self._base(user, op_id), hold_id, _meta(metadata), "1" if void_if_unknown else ""],
         )
         return _resolution(r, replayed)
 
     # -- reads -------------------------------------------------------------------------
 
-    async def _read(self, user: str, detail: bool) -> dict:
+    async def _read(self, user: str, detail: bool, rebuilding: bool = False) -> dict:
         check_id("user_id", user)
-        keys = self.keys.account_keys(user)[:2]
-        _, r = await self.scripts.call_json(self.script_redis, "account", keys, [self.now_ms(), "1" if detail else "0"])
+        keys = self.keys.account_keys(user)
+        code, r = await self.scripts.call_json(
+            self.script_redis, "account", [keys[0], keys[1], keys[3]],
+            [self.now_ms(), "1" if detail else "0", "1" if rebuilding else "0"],
+        )
+        if code != "ok":
+            raise_for(code, r)
         return r
 
     async def balance(self, user: str) -> AccountState:
-        """The account's totals (an unknown account reads as zeros)."""
+        """The account's totals (an unknown account reads as zeros). StateLost while the
+        account's partition is lost (Redis lost its data and it is not rebuilt yet)."""
         return AccountState.from_wire(await self._read(user, False))
 
-    async def account(self, user: str) -> AccountView:
-        """Totals, grants in spend order, and open holds."""
-        r = await self._read(user, True)
+    async def account(self, user: str, *, rebuilding: bool = False) -> AccountView:
+        """Totals, grants in spend order, and open holds. StateLost while the partition is
+        lost, unless `rebuilding` (the rebuild itself reads what Redis still has)."""
+        r = await self._read(user, True, rebuilding)
         grants = []
         for g in r.get("grants") or []:
             meta = json.loads(g["meta"]) if g.get("meta") else {}
@@ -360,6 +384,22 @@ class CreditEngine:
         ]
         holds.sort(key=lambda h: (h.expires_at, h.hold_id))
         return AccountView(user, AccountState.from_wire(r), from_units(r.get("debt_total", 0)), grants, holds)
+
+    async def remembered(self, user: str, op_id: str) -> tuple[str, str] | None:
+        """What Redis keeps of an operation id to answer its replays: (fingerprint, answer
+        JSON), or None once forgotten (past the retention). Wherever it is kept: the
+        operation-id key, or the hold hash for a hold operation under its default id."""
+        check_id("user_id", user)
+        keys, hold_id, kind = self._record_keys(user, op_id)
+        code, r = await self.scripts.call_json(self.script_redis, "remembered", keys, [hold_id, kind])
+        return (r["fp"], r["answer"]) if code == "ok" else None
+
+    def _record_keys(self, user: str, op_id: str) -> tuple[list[str], str, str]:
+        # The op key, and the hold hash that keeps the record of a hold operation under its
+        # default id: "!settle:<hold>" / "!release:<hold>", else the hold named by the id.
+        kind, _, hold_id = op_id.partition(":") if op_id.startswith(("!settle:", "!release:")) else ("", "", op_id)
+        keys = [self.keys.op_key(user, op_id), self.keys.hold_key(user, hold_id)]
+        return keys, hold_id, kind[1:] or "reserve"
 
     # -- sweeping and recovery ---------------------------------------------------------
 
@@ -405,6 +445,14 @@ class CreditEngine:
 
     async def mark_ready(self, partition: int) -> None:
         await self.redis.set(self.keys.partition(partition).ready, "1")
+
+    async def restore_operation(self, user: str, op_id: str, fingerprint: str, answer: str, ttl_s: int) -> bool:
+        """Makes Redis remember an operation again after it lost its data (the store's
+        OperationRecord: fingerprint and answer JSON), in the compact form and place the
+        scripts keep it, for `ttl_s` seconds. False when Redis remembers it already."""
+        keys, _, _ = self._record_keys(user, op_id)
+        code, _ = await self.scripts.call_json(self.script_redis, "restore_op", keys, [op_id, fingerprint, answer, ttl_s])
+        return code == "ok"
 
     async def restore_account(
         self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]

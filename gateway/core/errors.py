@@ -87,6 +87,15 @@ class RateLimited(CreditError):
         return int(self.details.get("retry_after_ms", 0))
 
 
+class BacklogFull(CreditError):
+    """The account's partition stream holds as many events as the worker may fall behind
+    by (CREDIT_MAX_BACKLOG): no new hold until it has persisted them; retry later.
+    details: backlog, limit (entries)."""
+
+    code = "backlog_full"
+    http_status = 503
+
+
 class StateLost(CreditError):
     """Redis lost this partition's data and it has not been rebuilt yet: retry later."""
 
@@ -99,6 +108,7 @@ _BY_CODE = {
     for cls in (
         InsufficientCredits, AccountInDebt, HoldNotFound, HoldExists, HoldAlreadySettled,
         HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, InvalidAmount, RateLimited, StateLost,
+        BacklogFull,
     )
 }
 _AMOUNT_FIELDS = {"available", "debt"}

@@ -2,8 +2,9 @@
 
 One stream entry = one field `e` holding a JSON object written by lua/includes/lib.lua
 `emit`: {id, t, u, v, ts, amt, a: state after, g: touched grants, gm: new grant metadata,
-h: hold after, hold, fp, res, x: caller metadata, ...}. Amounts are decimal strings of
-micro-credits; here they become ints.
+h: hold after, hold, fp, res, x: caller metadata, ...}. A hold's resolution also carries
+held_amt, returned, lapsed, debt_added, and debt_repaid when the credit that returned paid
+back debt (absent = 0). Amounts are decimal strings of micro-credits; here they become ints.
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ async def rehydrate(engine: CreditEngine, store: Store, partitions: list[int] | 
     async for snap in store.snapshots():
         if engine.keys.partition_of(snap.user) not in wanted:
             continue
-        current = await engine.account(snap.user)
+        current = await engine.account(snap.user, rebuilding=True)
         stale = [h.hold_id for h in current.holds]
         if await engine.restore_account(snap.user, snap.version, _restore_state(snap), stale):
             report.accounts += 1
@@ -121,8 +121,8 @@ def replay_ledger(entries: list[LedgerEntry]) -> dict[str, int]:
             t["held"] += e.amount
         elif e.type in (HOLD_SETTLED, HOLD_RELEASED, HOLD_EXPIRED):
             t["held"] -= n("held_amt")
-            t["spent"] += e.amount - n("debt_added")
-            t["debt"] += n("debt_added")
+            t["spent"] += e.amount - n("debt_added") + n("debt_repaid")
+            t["debt"] += n("debt_added") - n("debt_repaid")
             t["expired"] += n("lapsed")
         elif e.type == GRANT_EXPIRED:
             t["expired"] += e.amount

@@ -113,12 +113,14 @@ class HoldResolution:
     debt_added_units: int
     state: AccountState
     replayed: bool = False
+    debt_repaid_units: int = 0  # debt the returned credit paid back
 
     charged = _credits("charged_units")
     held_amount = _credits("held_amount_units")
     returned = _credits("returned_units")
     lapsed = _credits("lapsed_units")
     debt_added = _credits("debt_added_units")
+    debt_repaid = _credits("debt_repaid_units")
 
 
 @dataclass(frozen=True, slots=True)

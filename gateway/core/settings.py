@@ -69,7 +69,10 @@ class Settings(BaseSettings):
     client_keys: str = ""
 
     # Operations.
-    retention_seconds: int = Field(7 * 86400, ge=3600, description="op-id and resolved-hold memory in Redis")
+    retention_seconds: int = Field(86400, ge=3600, description="op-id and resolved-hold memory in Redis")
+    max_backlog: int = Field(
+        10_000, ge=0, description="stream entries per partition before new holds are refused (backlog_full, 503); 0 = none"
+    )
     max_hold_ttl_seconds: int = Field(86400, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     api_key_cache_seconds: float = Field(

@@ -24,7 +24,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..core.engine import CreditEngine, RateCharge
-from ..core.errors import AccountInDebt, CreditError, HoldNotFound, InsufficientCredits, RateLimited, StateLost
+from ..core.errors import (
+    AccountInDebt,
+    BacklogFull,
+    CreditError,
+    HoldNotFound,
+    InsufficientCredits,
+    RateLimited,
+    StateLost,
+)
 from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import ModelPrice, Usage
 from ..core.settlement import Settler
@@ -265,6 +273,8 @@ class MeteringProxy:
                 return _unavailable(call.kind, rid)
             except StateLost:
                 return _not_ready(call.kind, rid)
+            except BacklogFull:
+                return _backlog_full(call.kind, rid)
         return proxy_error(call.kind, 402, "insufficient_credits", "not enough credits for this request", rid)
 
     # -- forwarding --------------------------------------------------------------------
@@ -524,6 +534,8 @@ class MeteringProxy:
                 return _rate_limited(kind, exc, rid)
             except StateLost:
                 return _not_ready(kind, rid)
+            except BacklogFull:
+                return _backlog_full(kind, rid)
             except RedisError as exc:
                 log.error("reserve of %s for %s failed: %s", request_id, user, exc)
                 self.settler.spawn(self._give_back(user, request_id, meta, void_if_unknown=True))
@@ -572,6 +584,13 @@ def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
 
 def _in_debt(kind: str, rid: dict[str, str]) -> Response:
     return proxy_error(kind, 402, "in_debt", "the account owes credits; top up to continue", rid)
+
+
+def _backlog_full(kind: str, rid: dict[str, str]) -> Response:
+    # The worker is behind persisting this partition's events (the store is down or slow):
+    # no new hold until it catches up; holds in flight still settle.
+    return proxy_error(kind, 503, "backlog_full", "the gateway is behind persisting charges; retry shortly",
+                       {**rid, "Retry-After": "5"})
 
 
 def _not_ready(kind: str, rid: dict[str, str]) -> Response:

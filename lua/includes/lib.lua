@@ -15,21 +15,113 @@
 local function fmt(n) return string.format('%d', n) end
 local function num(x) return tonumber(x) or 0 end
 
--- The same operation id seen before: the stored answer when the fields match,
--- op_conflict when they do not, nil for a new operation.
-local function op_replay(opkey, fp)
+-- Operation records: an operation's answer, kept for the retention so that a replay with
+-- the same fields answers it again (the state included: the state right after it). Kept
+-- compact: the answer's fields of its kind (ANSWER_FIELDS; the hold id is left out, it is
+-- in the fingerprint) comma-separated, and the state's fields (STATE_FIELDS) likewise.
+-- Where:
+--   the operation-id key  "<fp>\n<answer>\n<state>", for grants, debits, and hold
+--                         operations under an id of the caller's; a rebuilt Redis writes
+--                         "<fp>\n<JSON answer>" there (recovery.rehydrate), answered as is;
+--   the hold hash         for a hold operation under its default id (reserve: the hold id;
+--                         settle / release: "!settle:<hold>" / "!release:<hold>"): fields
+--                         rf, ra, rs (the reserve) and qf, qa, qs (what resolved the hold),
+--                         the fingerprint without its "|<hold id>" part. No key of its own:
+--                         that saves a Redis key per operation.
+-- An id of the caller's may name a hold whose reserve kept its record there: every script
+-- that takes one also checks that hold hash (`foreign_record`), so that id conflicts.
+local STATE_FIELDS = {'v', 'available', 'held', 'debt', 'granted', 'spent', 'expired', 'seq', 'debt_total'}
+local ANSWER_FIELDS = {
+  reserve = {'amount', 'expires_at'},
+  settle = {'status', 'charged', 'held_amount', 'returned', 'lapsed', 'debt_added', 'debt_repaid'},
+  release = {'status', 'charged', 'held_amount', 'returned', 'lapsed', 'debt_added', 'debt_repaid'},
+  grant = {'grant_seq', 'amount', 'debt_repaid', 'expires_at'},
+  debit = {'amount', 'debt_added'},
+}
+local CONFLICT = {'op_conflict', cjson.encode({reason = 'operation id already used with other fields'})}
+
+-- A field the answer does not have is an empty value, and stays absent.
+local function csv(t, fields)
+  local out = {}
+  for i, f in ipairs(fields) do out[i] = t[f] or '' end
+  return table.concat(out, ',')
+end
+
+local function from_csv(s, fields, into)
+  local i, pos = 1, 1
+  while true do
+    local sep = string.find(s, ',', pos, true)
+    local v = string.sub(s, pos, (sep or 0) - 1)
+    if v ~= '' then into[fields[i]] = v end
+    if not sep then return into end
+    i, pos = i + 1, sep + 1
+  end
+end
+
+-- The answer (JSON) of a record: `fp` is the full fingerprint "<kind>|<hold id>|...".
+local function record_answer(fp, answer, state)
+  local kind, hid = string.match(fp, '^(%a+)|?([^|]*)')
+  local res = from_csv(answer, ANSWER_FIELDS[kind], {})
+  if kind ~= 'grant' and kind ~= 'debit' then res.hold_id = hid end
+  res.state = from_csv(state, STATE_FIELDS, {})
+  return cjson.encode(res)
+end
+
+-- What an operation-id key keeps: the fingerprint and the answer (JSON), or nil.
+local function op_read(opkey)
   local prev = redis.call('GET', opkey)
   if not prev then return nil end
   local sep = string.find(prev, '\n', 1, true)
-  if string.sub(prev, 1, sep - 1) == fp then
-    return {'exists', string.sub(prev, sep + 1)}
-  end
-  return {'op_conflict', cjson.encode({reason = 'operation id already used with other fields'})}
+  local fp = string.sub(prev, 1, sep - 1)
+  local sep2 = string.find(prev, '\n', sep + 1, true)
+  if not sep2 then return fp, string.sub(prev, sep + 1) end  -- JSON, from a rebuild
+  return fp, record_answer(fp, string.sub(prev, sep + 1, sep2 - 1), string.sub(prev, sep2 + 1))
 end
 
-local function op_record(opkey, fp, res, retention)
-  redis.call('SET', opkey, fp .. '\n' .. res, 'EX', retention)
+-- The same operation id seen before (in its key): the stored answer when the fields
+-- match, op_conflict when they do not, nil for a new operation.
+local function op_replay(opkey, fp)
+  local seen, answer = op_read(opkey)
+  if not seen then return nil end
+  if seen ~= fp then return CONFLICT end
+  return {'exists', answer}
 end
+
+local function op_record(opkey, fp, res, st, retention)
+  redis.call('SET', opkey, fp .. '\n' .. csv(res, ANSWER_FIELDS[string.match(fp, '^%a+')]) .. '\n' ..
+             csv(st, STATE_FIELDS), 'EX', retention)
+end
+
+-- A record kept in the hash of hold `hid` (f: its fingerprint without "|<hold id>"):
+-- the full fingerprint and the answer (JSON).
+local function hold_record(hid, f, a, s)
+  local kind, rest = string.match(f, '^(%a+)(.*)$')
+  local fp = kind .. '|' .. hid .. rest
+  return fp, record_answer(fp, a, s)
+end
+
+-- The replay or the conflict for the operation of fingerprint `fp` on hold `hid`, when the
+-- hold hash keeps a record (f, a, s) of an operation of the same kind; else nil.
+local function hold_replay(hid, f, a, s, fp)
+  if not f or string.match(f, '^%a+') ~= string.match(fp, '^%a+') then return nil end
+  local seen, answer = hold_record(hid, f, a, s)
+  if seen ~= fp then return CONFLICT end
+  return {'exists', answer}
+end
+
+-- An id of the caller's that is also a hold id whose reserve kept its record in the hold
+-- hash `hkey` (nil: no such key passed): op_conflict, as if that record were in its key.
+local function foreign_record(hkey)
+  if hkey and redis.call('HEXISTS', hkey, 'rf') == 1 then return CONFLICT end
+  return nil
+end
+
+-- Hold hash fields (KEYS[6]): while open amt, exp (ms), st = 'open', ear (earmarks
+-- "seq=amt,..." in spend order), at, op, x (caller metadata, JSON), tk, tki (tokens the
+-- reserve counted, ms per token), and the reserve's record; once resolved only st
+-- ('settled' | 'released' | 'expired') and the records. A give-back's void marker: st = 'void'.
+-- The fields every script reads of a hold hash, in this order: hold[1..12].
+local HOLD_FIELDS = {'amt', 'exp', 'st', 'ear', 'tk', 'tki', 'rf', 'ra', 'rs', 'qf', 'qa', 'qs'}
 
 local function expired_at(x, now) return x > 0 and now >= x end
 
@@ -168,27 +260,40 @@ end
 
 -- Resolves an open hold (settle with `charge`, or release / expire with 0) and emits the
 -- event. Overage (charge above the hold) is drawn from free credit; what is still missing
--- becomes debt. `hold` is HMGET(hold key, amt, exp, st, ear). Returns the answer (JSON).
-local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, extra)
+-- becomes debt. Credit that returns to the grants repays debt first (the account can
+-- reserve again as soon as it owes nothing). `hold` is HMGET(hold key, HOLD_FIELDS).
+-- `sfp`: the short fingerprint when the operation runs under its default id (its record
+-- is then kept in the hold hash), else nil. Returns the answer (JSON), the answer table
+-- and the state (nil, nil, state for an expiry).
+-- The resolved hold hash keeps only what later calls read: its status (already_settled...)
+-- and the records of the reserve and of this resolution, for replays; it is rewritten so
+-- that Redis stores it small (listpack) again, and kept for the retention.
+local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, sfp, extra)
   local acct, gord, hkey, hexp, gexp = K[1], K[2], K[6], K[7], K[8]
   local amt = num(hold[1])
   local touched = {}
   local spent, back, lapsed = resolve_earmarks(acct, hold[4], charge, now, touched)
-  local over, debt_added = charge - spent, 0
+  local over, debt_added, repaid = charge - spent, 0, 0
   if over > 0 then
     debt_added = draw(acct, live_grants(acct, gord, now), over, touched, false, nil)
     if debt_added > 0 then
       redis.call('HINCRBY', acct, 'debt', debt_added)
       redis.call('HINCRBY', acct, 'debt_total', debt_added)
     end
+  elseif back > 0 then
+    local debt = num(redis.call('HGET', acct, 'debt'))
+    if debt > 0 then
+      -- In debt, the account had no free credit left: what is drawn here is what just returned.
+      repaid = math.min(debt, back)
+      draw(acct, live_grants(acct, gord, now), repaid, touched, false, nil)
+      redis.call('HINCRBY', acct, 'debt', -repaid)
+    end
   end
   redis.call('HINCRBY', acct, 'held', -amt)
-  if charge - debt_added > 0 then redis.call('HINCRBY', acct, 'spent', charge - debt_added) end
+  if charge - debt_added + repaid > 0 then redis.call('HINCRBY', acct, 'spent', charge - debt_added + repaid) end
   if lapsed > 0 then redis.call('HINCRBY', acct, 'expired', lapsed) end
   redis.call('HDEL', acct, 'o:' .. hid)
   redis.call('ZREM', hexp, user .. '|' .. hid)
-  redis.call('HSET', hkey, 'st', state, 'fin', fmt(charge), 'res_at', fmt(now))
-  redis.call('EXPIRE', hkey, ARGV[2])  -- every script's ARGV[2] is the retention (s)
   local g = settle_grants(acct, gord, gexp, user, touched)
   local ev = {
     id = op, t = 'hold_' .. state, u = user, hold = hid, amt = fmt(charge),
@@ -202,17 +307,36 @@ local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, extr
     res = {hold_id = hid, status = state, charged = fmt(charge), held_amount = fmt(amt),
            returned = fmt(back), lapsed = fmt(lapsed), debt_added = fmt(debt_added)}
   end
-  local _, out = emit(acct, gord, K[3], now, ev, res)
-  return out
+  -- debt_repaid only when there was debt to repay (absent = 0): a settle's event is about
+  -- 1 KB, and a few bytes more cost a quarter more stream memory (docs/sizing.md).
+  if repaid > 0 then
+    ev.debt_repaid = fmt(repaid)
+    if res then res.debt_repaid = ev.debt_repaid end
+  end
+  local st, out = emit(acct, gord, K[3], now, ev, res)
+  local keep = {'st', state}
+  if hold[7] then
+    keep[3], keep[4], keep[5], keep[6], keep[7], keep[8] = 'rf', hold[7], 'ra', hold[8], 'rs', hold[9]
+  end
+  if sfp then
+    local n = #keep
+    keep[n + 1], keep[n + 2] = 'qf', sfp
+    keep[n + 3], keep[n + 4] = 'qa', csv(res, ANSWER_FIELDS[state == 'settled' and 'settle' or 'release'])
+    keep[n + 5], keep[n + 6] = 'qs', csv(st, STATE_FIELDS)
+  end
+  redis.call('DEL', hkey)
+  redis.call('HSET', hkey, unpack(keep))
+  redis.call('EXPIRE', hkey, ARGV[2])  -- every script's ARGV[2] is the retention (s)
+  return out, res, st
 end
 
 -- Settle / release of a hold that is not open: a named answer. A hold past its timeout
 -- that the sweeper has not reached yet is expired here, so a late settle never posts.
 local function hold_not_open(K, now, user, hid, hold)
-  if not hold[1] then return {'hold_not_found', '{}'} end
   local st = hold[3]
+  if not st or st == 'void' then return {'hold_not_found', '{}'} end
   if st == 'open' then
-    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil)
+    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil, nil)
     return {'hold_expired', '{}'}
   end
   local names = {settled = 'already_settled', released = 'already_released', expired = 'hold_expired'}
