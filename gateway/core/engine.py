@@ -385,10 +385,16 @@ class CreditEngine:
         self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]
     ) -> bool:
         """Writes an account rebuilt from the store; False when Redis already had it."""
+        keys, args = self.restore_call(user, version, state, stale_hold_ids)
+        code, _ = await self.scripts.call_json(self.script_redis, "restore", keys, args)
+        return code == "ok"
+
+    def restore_call(
+        self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of lua/restore.lua (the rebuild pipelines many of them at once)."""
         hold_ids = [h["id"] for h in state["holds"]]
         keys = self.keys.account_keys(user) + [
             self.keys.hold_key(user, h) for h in hold_ids + [h for h in stale_hold_ids if h not in hold_ids]
         ]
-        args = [self.now_ms(), self.retention_s, user, version, len(hold_ids), json.dumps(state)]
-        code, _ = await self.scripts.call_json(self.script_redis, "restore", keys, args)
-        return code == "ok"
+        return keys, [self.now_ms(), self.retention_s, user, version, len(hold_ids), json.dumps(state)]

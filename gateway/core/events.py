@@ -8,8 +8,6 @@ micro-credits; here they become ints.
 
 from __future__ import annotations
 
-import json
-
 import orjson
 from typing import Any
 
@@ -96,7 +94,8 @@ def answer_of(raw: dict[str, Any]) -> str | None:
     res = raw.get("res")
     if not isinstance(res, dict) or not raw.get("fp"):
         return None
-    return json.dumps({**res, "state": raw.get("a") or {}}, separators=(",", ":"))
+    # orjson: the rebuild computes this for every operation id of the retention window.
+    return orjson.dumps({**res, "state": raw.get("a") or {}}).decode()
 
 
 class BadEvent(ValueError):
