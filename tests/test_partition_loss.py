@@ -16,14 +16,10 @@ from gateway.core.recovery import rehydrate
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ready_engine
-from tests.test_worker import ledger_count, until, users_on_distinct_partitions
+from tests.test_worker import _eq, ledger_count, until, users_on_distinct_partitions
 from worker.runner import Worker
 
 ADMIN = "admin-" + "a" * 40
-
-
-async def _eq(value, expected) -> bool:
-    return await value == expected
 
 
 async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(redis, redis_url, tmp_path, monkeypatch):

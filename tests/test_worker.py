@@ -334,4 +334,5 @@ async def test_one_partition_without_its_group_or_stream_stalls_no_other(engine,
 
 
 async def _eq(value, expected) -> bool:
+    """For until(): an awaitable's value equals `expected`."""
     return await value == expected
