@@ -336,3 +336,49 @@ async def test_one_partition_without_its_group_or_stream_stalls_no_other(engine,
 async def _eq(value, expected) -> bool:
     """For until(): an awaitable's value equals `expected`."""
     return await value == expected
+
+
+class NodeDown:
+    """A Redis client as a Cluster client behaves with one node down: a pipeline touching it
+    fails as a whole, and so does every command on that node's keys."""
+
+    def __init__(self, inner, down_keys):
+        self.inner, self.down = inner, set(down_keys)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def pipeline(self, transaction=False):
+        real = self.inner.pipeline(transaction=transaction)
+
+        class Pipe:
+            def __getattr__(_, name):
+                return getattr(real, name)
+
+            async def execute(_, raise_on_error=True):
+                if any(k in self.down for cmd in real.command_stack for k in cmd[0]):
+                    await real.reset()
+                    raise ConnectionError("node down")
+                return await real.execute(raise_on_error=raise_on_error)
+
+        return Pipe()
+
+    async def xreadgroup(self, group, consumer, streams, **kw):
+        if set(streams) & self.down:
+            raise ConnectionError("node down")
+        return await self.inner.xreadgroup(group, consumer, streams, **kw)
+
+
+async def test_a_failing_node_does_not_stop_the_reads_of_the_others(engine, store):
+    users = users_on_distinct_partitions(engine, 4, "nd")
+    for u in users:
+        await engine.grant(u, "1", op_id=f"g-{u}")
+    w = Worker(engine, store)
+    await w.ensure_groups()
+    down = engine.keys.partition(engine.keys.partition_of(users[0])).events
+    w.redis = NodeDown(engine.redis, [down])
+    got = await w._read(">")
+    assert sorted(json.loads(f[b"e"])["u"] for _, _, f in got) == sorted(users[1:])
+    w.redis = engine.redis  # the node is back: its entries were never lost
+    got = await w._read(">")
+    assert [json.loads(f[b"e"])["u"] for _, _, f in got] == [users[0]]
