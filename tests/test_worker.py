@@ -253,3 +253,132 @@ async def test_reconcile_command_exits_zero_when_clean_and_nonzero_on_drift(engi
     await engine.redis.hincrby(engine.keys.account_keys("c2")[0], "held", 5)
     drifted = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert drifted.returncode == 1 and "DRIFT c2: held" in drifted.stdout
+
+
+# -- Redis losing data under a running worker ------------------------------------------------
+
+
+async def until(condition, what: str, timeout: float = 30.0) -> None:
+    """Waits for an async condition (the worker runs as a task meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not the case after {timeout} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+def users_on_distinct_partitions(engine, n: int, prefix: str) -> list[str]:
+    seen: dict[int, str] = {}
+    i = 0
+    while len(seen) < n:
+        u = f"{prefix}{i}"
+        seen.setdefault(engine.keys.partition_of(u), u)
+        i += 1
+    return list(seen.values())
+
+
+async def test_a_running_worker_persists_again_after_redis_loses_its_data(engine, store):
+    from functools import partial
+
+    users = users_on_distinct_partitions(engine, 6, "lost")
+    for u in users:
+        await engine.grant(u, "10", op_id=f"g1-{u}")
+    w = Worker(engine, store, sweep_interval=0.05, idle_seconds=0.01, rehydrate=partial(rehydrate, engine, store))
+    task = asyncio.create_task(w.run())
+    try:
+        await until(lambda: _eq(ledger_count(store, users), len(users)), "the first grants stored")
+        await engine.redis.flushall()  # streams, consumer group, accounts, ready markers: all gone
+        await until(lambda: _eq(engine.missing_partitions(), []), "the worker's upkeep rebuilt the partitions")
+        for u in users:
+            await engine.grant(u, "1", op_id=f"g2-{u}")
+            await engine.reserve(u, "2", hold_id=f"h-{u}", ttl_seconds=60)
+        # No restart: the same worker stores what was written after the loss.
+        await until(lambda: _eq(ledger_count(store, users), 3 * len(users)), "the events after the loss stored")
+    finally:
+        w.stop()
+        await task
+    assert await reconcile(engine, store) == []
+
+
+async def test_one_partition_without_its_group_or_stream_stalls_no_other(engine, store):
+    users = users_on_distinct_partitions(engine, engine.keys.partitions, "part")
+    destroyed, deleted, broken, *others = users
+    stream = {u: engine.keys.partition(engine.keys.partition_of(u)).events for u in users}
+    for u in users:
+        await engine.grant(u, "10", op_id=f"g1-{u}")
+    w = Worker(engine, store, sweep_interval=0.05, idle_seconds=0.01)
+    task = asyncio.create_task(w.run())
+    try:
+        await until(lambda: _eq(ledger_count(store, users), len(users)), "the first grants stored")
+        await engine.redis.xgroup_destroy(stream[destroyed], "cg-worker")  # its group gone
+        await engine.redis.delete(stream[deleted])  # its stream gone (with its group)
+        await engine.redis.delete(stream[broken])
+        await engine.redis.set(stream[broken], "not a stream")  # every read of it fails
+        # A worker's timed jobs get through the broken partition too.
+        spare = Worker(engine, store)
+        await spare.claim_stale()
+        await spare.trim()
+        for u in [destroyed, deleted, *others]:
+            await engine.grant(u, "1", op_id=f"g2-{u}")
+        live = [destroyed, deleted, *others]
+        await until(lambda: _eq(ledger_count(store, live), 2 * len(live)), "the other partitions drained")
+        # The broken partition comes back once its stream is usable again.
+        await engine.redis.delete(stream[broken])
+        await engine.grant(broken, "1", op_id=f"g2-{broken}")
+        await until(lambda: _eq(ledger_count(store, [broken]), 2), "the broken partition drained")
+    finally:
+        w.stop()
+        await task
+    for u in users:
+        assert [e.version async for e in store.ledger_all(u)] == [1, 2]
+
+
+async def _eq(value, expected) -> bool:
+    """For until(): an awaitable's value equals `expected`."""
+    return await value == expected
+
+
+class NodeDown:
+    """A Redis client as a Cluster client behaves with one node down: a pipeline touching it
+    fails as a whole, and so does every command on that node's keys."""
+
+    def __init__(self, inner, down_keys):
+        self.inner, self.down = inner, set(down_keys)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def pipeline(self, transaction=False):
+        real = self.inner.pipeline(transaction=transaction)
+
+        class Pipe:
+            def __getattr__(_, name):
+                return getattr(real, name)
+
+            async def execute(_, raise_on_error=True):
+                if any(k in self.down for cmd in real.command_stack for k in cmd[0]):
+                    await real.reset()
+                    raise ConnectionError("node down")
+                return await real.execute(raise_on_error=raise_on_error)
+
+        return Pipe()
+
+    async def xreadgroup(self, group, consumer, streams, **kw):
+        if set(streams) & self.down:
+            raise ConnectionError("node down")
+        return await self.inner.xreadgroup(group, consumer, streams, **kw)
+
+
+async def test_a_failing_node_does_not_stop_the_reads_of_the_others(engine, store):
+    users = users_on_distinct_partitions(engine, 4, "nd")
+    for u in users:
+        await engine.grant(u, "1", op_id=f"g-{u}")
+    w = Worker(engine, store)
+    await w.ensure_groups()
+    down = engine.keys.partition(engine.keys.partition_of(users[0])).events
+    w.redis = NodeDown(engine.redis, [down])
+    got = await w._read(">")
+    assert sorted(json.loads(f[b"e"])["u"] for _, _, f in got) == sorted(users[1:])
+    w.redis = engine.redis  # the node is back: its entries were never lost
+    got = await w._read(">")
+    assert [json.loads(f[b"e"])["u"] for _, _, f in got] == [users[0]]

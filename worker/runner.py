@@ -5,8 +5,13 @@ partition (pipelined), writes the audit lines, writes the batch to the store
 (idempotently), then XACKs. Entries left pending by a dead consumer (or by a failed write)
 are taken over with XAUTOCLAIM once idle; an entry delivered more than `max_deliveries`
 times, or one that cannot be decoded, goes to the partition's dead-letter stream. On a
-timer: the hold/grant expiry sweep, the rebuild of partitions Redis lost, and trimming of
+timer: the rebuild of partitions Redis lost, the hold/grant expiry sweep, and trimming of
 acknowledged entries (never below the oldest pending or undelivered one).
+
+A fault in one partition is that partition's alone: a read, claim, sweep or trim that fails
+there is logged (once, until it heals) and the other partitions go on. A partition whose
+consumer group is gone (Redis lost its data, a Cluster node restarted empty, or someone
+destroyed it) gets it back at once, from the start of the stream (see ensure_groups).
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from redis.exceptions import ResponseError
 
 from gateway.core.engine import CreditEngine
+from gateway.core.errors import StateLost
 from gateway.core.events import BadEvent, Event, decode
+from gateway.core.recovery import partition_status
 from gateway.core.store.base import Store
 
 from .audit import AuditLog
@@ -47,6 +54,15 @@ class WorkerStats:
 
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _no_group(exc: BaseException) -> bool:
+    """NOGROUP: the stream or its consumer group does not exist (any more)."""
+    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
+
+
+def _no_key(exc: BaseException) -> bool:
+    return isinstance(exc, ResponseError) and "no such key" in str(exc).lower()
 
 
 class Worker:
@@ -81,31 +97,99 @@ class Worker:
         self._streams = [pk.events for pk in self.keys.all_partitions()]
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
+        self._faults: dict[tuple[int, str], str] = {}  # (partition, job) -> the error logged
+
+    # -- faults of one partition -------------------------------------------------------
+
+    def _fault(self, p: int, job: str, exc: BaseException) -> None:
+        """Logs a partition's failure once (until it heals or changes); the others go on."""
+        msg = f"{type(exc).__name__}: {exc}"
+        if self._faults.get((p, job)) != msg:
+            self._faults[(p, job)] = msg
+            log.error("partition %d: %s failed (%s); the other partitions go on", p, job, msg)
+
+    def _healed(self, p: int, job: str) -> None:
+        if self._faults.pop((p, job), None) is not None:
+            log.info("partition %d: %s works again", p, job)
 
     # -- setup -------------------------------------------------------------------------
 
-    async def ensure_groups(self) -> None:
-        """Creates the group on every partition stream, from the stream's start (id 0)."""
-        for s in self._streams:
-            try:
-                await self.redis.xgroup_create(s, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+    async def ensure_groups(self, partitions: Iterable[int] | None = None) -> list[int]:
+        """Creates the consumer group on the partition streams (all by default) where it is
+        missing; returns the partitions that have it now (a failure is logged).
+
+        Always from the stream's start (id 0), never from its end ($): on a stream Redis
+        lost, everything in it was written since (the scripts' XADD recreates the stream
+        after the rebuild) and none of it is stored yet; on a stream that survived without
+        its group, what it still holds is either stored already (stored again: the store is
+        idempotent; the audit file may repeat a line) or not yet stored. "$" would skip the
+        latter for good.
+        """
+        parts = list(range(len(self._streams)) if partitions is None else partitions)
+        if not parts:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.xgroup_create(self._streams[p], GROUP, id="0", mkstream=True)
+        replies = await pipe.execute(raise_on_error=False)
+        have = []
+        for p, reply in zip(parts, replies):
+            if not isinstance(reply, Exception) or "BUSYGROUP" in str(reply):
+                have.append(p)
+                self._healed(p, "creating its consumer group")
+            else:
+                self._fault(p, "creating its consumer group", reply)
+        return have
+
+    async def _regroup(self, parts: list[int]) -> list[int]:
+        log.warning("partitions %s had no consumer group (Redis lost it?): creating it again from "
+                    "the start of their streams", parts)
+        return await self.ensure_groups(parts)
 
     # -- one round ---------------------------------------------------------------------
+
+    async def _read_partitions(self, start: str, parts: list[int]) -> list[Any]:
+        """One XREADGROUP per partition in one pipeline; each answer or its own error.
+
+        Should the pipeline fail as a whole (a Cluster node down fails every command sent to
+        it), the partitions are read one by one, so those elsewhere still drain."""
+        counts = self._counts
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            pipe.xreadgroup(GROUP, self.consumer, {self._streams[p]: start}, count=counts[p])
+        try:
+            return await pipe.execute(raise_on_error=False)
+        except Exception:
+            if len(parts) == 1:
+                raise
+        replies = await asyncio.gather(
+            *(self.redis.xreadgroup(GROUP, self.consumer, {self._streams[p]: start}, count=counts[p]) for p in parts),
+            return_exceptions=True,
+        )
+        if all(isinstance(r, Exception) for r in replies):
+            raise replies[0]  # Redis itself is down: the round fails as a whole
+        return replies
 
     async def _read(self, start: str) -> list[tuple[int, str, dict]]:
         """One pipelined read of every partition. A partition that filled its count gets
         twice the count next round, one that did not gets half: busy partitions drain
-        fast while a round stays near `batch` entries in all (bounded memory)."""
-        pipe = self.redis.pipeline(transaction=False)
+        fast while a round stays near `batch` entries in all (bounded memory). A partition
+        found without its consumer group gets it back and is read again at once."""
+        parts = list(range(len(self._streams)))
+        replies = await self._read_partitions(start, parts)
+        regroup = [p for p, r in zip(parts, replies) if isinstance(r, Exception) and _no_group(r)]
+        if regroup:
+            again = await self._regroup(regroup)
+            if again:
+                for p, r in zip(again, await self._read_partitions(start, again)):
+                    replies[p] = r
         counts = self._counts
-        for s, c in zip(self._streams, counts):
-            pipe.xreadgroup(GROUP, self.consumer, {s: start}, count=c)
-        replies = await pipe.execute()
         out = []
         for p, reply in enumerate(replies):
+            if isinstance(reply, Exception):
+                self._fault(p, "reading its stream", reply)
+                continue
+            self._healed(p, "reading its stream")
             got = 0
             for _stream, entries in reply or []:
                 got += len(entries)
@@ -142,9 +226,15 @@ class Worker:
         if dead:
             await self._dead_letter(dead)
         pipe = self.redis.pipeline(transaction=False)
-        for p, ids in ack.items():
-            pipe.xack(self._streams[p], GROUP, *ids)
-        await pipe.execute()
+        parts = list(ack)
+        for p in parts:
+            pipe.xack(self._streams[p], GROUP, *ack[p])
+        # An XACK that fails leaves its entries pending: claimed and stored again (idempotent).
+        for p, reply in zip(parts, await pipe.execute(raise_on_error=False)):
+            if isinstance(reply, Exception):
+                self._fault(p, "acknowledging", reply)
+            else:
+                self._healed(p, "acknowledging")
         self.stats.events += len(good)
         self.stats.new_ledger_rows += new
         self.stats.batches += 1
@@ -168,23 +258,33 @@ class Worker:
         """Takes over entries idle longer than claim_idle_ms (a dead consumer's, or a failed write's)."""
         claimed: list[tuple[int, str, dict]] = []
         too_many: list[tuple[int, str, dict, str]] = []
+        regroup = []
         for p, s in enumerate(self._streams):
             cursor = "0-0"
-            while True:
-                reply = await self.redis.xautoclaim(
-                    s, GROUP, self.consumer, self.claim_idle_ms, start_id=cursor, count=self.batch
-                )
-                cursor, entries = _s(reply[0]), reply[1]
-                if entries:
-                    counts = await self._delivery_counts(s, entries)
-                    for sid, fields in entries:
-                        sid = _s(sid)
-                        if counts.get(sid, 0) > self.max_deliveries and fields:
-                            too_many.append((p, sid, fields, f"delivered {counts[sid]} times"))
-                        else:
-                            claimed.append((p, sid, fields or {}))
-                if cursor == "0-0" or not entries:
-                    break
+            try:
+                while True:
+                    reply = await self.redis.xautoclaim(
+                        s, GROUP, self.consumer, self.claim_idle_ms, start_id=cursor, count=self.batch
+                    )
+                    cursor, entries = _s(reply[0]), reply[1]
+                    if entries:
+                        counts = await self._delivery_counts(s, entries)
+                        for sid, fields in entries:
+                            sid = _s(sid)
+                            if counts.get(sid, 0) > self.max_deliveries and fields:
+                                too_many.append((p, sid, fields, f"delivered {counts[sid]} times"))
+                            else:
+                                claimed.append((p, sid, fields or {}))
+                    if cursor == "0-0" or not entries:
+                        break
+                self._healed(p, "claiming stale entries")
+            except Exception as exc:  # noqa: BLE001 - this partition's alone
+                if _no_group(exc):
+                    regroup.append(p)
+                else:
+                    self._fault(p, "claiming stale entries", exc)
+        if regroup:
+            await self._regroup(regroup)
         if too_many:
             await self._dead_letter(too_many)
             pipe = self.redis.pipeline(transaction=False)
@@ -206,38 +306,71 @@ class Worker:
     async def trim(self) -> int:
         """Drops acknowledged entries; never one that is pending or not yet delivered."""
         removed = 0
-        for s in self._streams:
-            groups = await self.redis.xinfo_groups(s)
-            if not groups:
-                continue
-            floor = None
-            for g in groups:
-                cand = _s(g["last-delivered-id"])
-                if int(g.get("pending", 0)):
-                    summary = await self.redis.xpending(s, _s(g["name"]))
-                    if summary.get("min") is None:  # acked meanwhile: trim next time
-                        floor = "0-0"
-                        break
-                    cand = _s(summary["min"])
-                if floor is None or _id_lt(cand, floor):
-                    floor = cand
-            if floor and floor != "0-0":
-                removed += await self.redis.xtrim(s, minid=floor, approximate=False)
+        for p, s in enumerate(self._streams):
+            try:
+                removed += await self._trim_one(s)
+                self._healed(p, "trimming")
+            except Exception as exc:  # noqa: BLE001 - this partition's alone
+                if not _no_key(exc):  # no stream: nothing to trim
+                    self._fault(p, "trimming", exc)
         self.stats.trimmed += removed
         return removed
 
+    async def _trim_one(self, s: str) -> int:
+        groups = await self.redis.xinfo_groups(s)
+        if not groups:
+            return 0
+        floor = None
+        for g in groups:
+            cand = _s(g["last-delivered-id"])
+            if int(g.get("pending", 0)):
+                summary = await self.redis.xpending(s, _s(g["name"]))
+                if summary.get("min") is None:  # acked meanwhile: trim next time
+                    return 0
+                cand = _s(summary["min"])
+            if floor is None or _id_lt(cand, floor):
+                floor = cand
+        if floor and floor != "0-0":
+            return await self.redis.xtrim(s, minid=floor, approximate=False)
+        return 0
+
+    async def sweep(self) -> None:
+        """Expires due holds and grants, partition by partition (one that is being rebuilt
+        is swept once it is back)."""
+        for p in range(self.keys.partitions):
+            try:
+                while True:
+                    swept = await self.engine.sweep_partition(p)
+                    self.stats.swept_holds += swept.holds
+                    self.stats.swept_grants += swept.grants
+                    if not swept.due_left:
+                        break
+                self._healed(p, "sweeping")
+            except StateLost:
+                continue
+            except Exception as exc:  # noqa: BLE001 - this partition's alone
+                self._fault(p, "sweeping", exc)
+
+    async def rebuild_lost(self) -> None:
+        """Rebuilds the partitions Redis lost (those nobody else is rebuilding) and gives
+        them their consumer group back."""
+        status = await partition_status(self.redis, self.keys)
+        if status.lost:
+            log.warning("redis lost %d partitions: rebuilding them from the store", len(status.lost))
+            await self.rehydrate(status.lost)
+            await self.ensure_groups(status.lost)
+
     async def upkeep(self) -> None:
-        """The timed jobs: rebuild lost partitions, sweep expiries, take over stale entries, trim."""
+        """The timed jobs: rebuild lost partitions, sweep expiries, take over stale entries,
+        trim. Each job failing is logged and does not keep the next from running."""
+        jobs = [self.sweep, self.claim_stale, self.trim]
         if self.rehydrate is not None:
-            missing = await self.engine.missing_partitions()
-            if missing:
-                log.warning("redis lost %d partitions: rebuilding them from the store", len(missing))
-                await self.rehydrate(missing)
-        swept = await self.engine.sweep()
-        self.stats.swept_holds += swept.holds
-        self.stats.swept_grants += swept.grants
-        await self.claim_stale()
-        await self.trim()
+            jobs.insert(0, self.rebuild_lost)
+        for job in jobs:
+            try:
+                await job()
+            except Exception:  # noqa: BLE001 - Redis or the store down: tried again next time
+                log.exception("worker upkeep (%s) failed; carrying on", job.__name__)
 
     # -- loop --------------------------------------------------------------------------
 
@@ -256,10 +389,7 @@ class Worker:
                 if now - last_upkeep >= self.sweep_interval:
                     last_upkeep = now
                     writing = await _finish(writing)
-                    try:
-                        await self.upkeep()
-                    except Exception:  # upkeep failing must not stop the draining
-                        log.exception("worker upkeep failed; carrying on")
+                    await self.upkeep()
                 try:
                     entries = await self._read(">")
                     prepared = self._prepare(entries)
@@ -292,7 +422,11 @@ class Worker:
     async def _drained(self) -> bool:
         """True when no entry is pending (called right after a read of new entries found none)."""
         for s in self._streams:
-            for g in await self.redis.xinfo_groups(s):
+            try:
+                groups = await self.redis.xinfo_groups(s)
+            except ResponseError:  # no stream (nothing pending), or not a stream (nothing to drain)
+                continue
+            for g in groups:
                 if _s(g["name"]) == GROUP and int(g.get("pending", 0)):
                     return False
         return True

@@ -31,7 +31,7 @@ def build_worker(settings: Settings, engine: CreditEngine, store) -> Worker:
         claim_idle_ms=settings.claim_idle_ms,
         max_deliveries=settings.max_deliveries,
         sweep_interval=settings.sweep_interval_seconds,
-        rehydrate=partial(rehydrate, engine, store),
+        rehydrate=partial(rehydrate, engine, store, only_missing=True),
     )
 
 

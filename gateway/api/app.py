@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.apikeys import ApiKeys
 from ..core.connections import describe, make_engine, make_redis, make_script_client, make_store
-from ..core.recovery import ensure_ready
+from ..core.recovery import ensure_ready, watch_partitions
 from ..core.settings import Settings
 from ..core.store.base import Store
 from .auth import KeyRing
@@ -140,14 +140,23 @@ def create_app(
             services.proxy = MeteringProxy(
                 engine, proxy_config, services.pricing, Identity(services.client_keys, services.api_keys), session
             )
+        watch = None
         if in_process_worker:
             from worker.service import build_worker
 
             services.worker = build_worker(settings, engine, s)
             services.background.append(asyncio.create_task(services.worker.run(), name="credit-worker"))
+        else:
+            # Rebuilds a partition Redis lost should no worker do it (recovery.watch_partitions).
+            watch = asyncio.create_task(watch_partitions(engine, s, settings.sweep_interval_seconds),
+                                        name="credit-partition-watch")
         try:
             yield
         finally:
+            if watch is not None:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
             if services.proxy is not None:
                 await services.proxy.drain()
                 await services.pricing.stop()

@@ -141,12 +141,21 @@ class ApiKeys:
         self._cache.clear()
 
 
-async def restore_api_keys(redis: Any, keys: KeySpace, store: Store, partitions: set[int]) -> int:
-    """Writes the store's live keys of the given partitions back to Redis (rehydrate)."""
+async def restore_api_keys(redis: Any, keys: KeySpace, store: Store, partitions: set[int],
+                           *, batch: int = 1000) -> int:
+    """Writes the store's live keys of the given partitions back to Redis (rehydrate), in
+    pipelines of `batch`."""
     n = 0
+    pipe = redis.pipeline(transaction=False)
+    queued = 0
     async for rec in store.active_api_keys():
         if keys.api_key_partition(rec.digest) in partitions:
             # NX: never over a revocation's tombstone written since the store was read.
-            await redis.set(keys.api_key(rec.digest), f"{rec.user}\n{rec.key_id}", nx=True)
-            n += 1
-    return n
+            pipe.set(keys.api_key(rec.digest), f"{rec.user}\n{rec.key_id}", nx=True)
+            queued += 1
+            if queued == batch:
+                await pipe.execute()
+                n, queued = n + queued, 0
+    if queued:
+        await pipe.execute()
+    return n + queued

@@ -450,18 +450,31 @@ class CreditEngine:
         """Makes Redis remember an operation again after it lost its data (the store's
         OperationRecord: fingerprint and answer JSON), in the compact form and place the
         scripts keep it, for `ttl_s` seconds. False when Redis remembers it already."""
-        keys, _, _ = self._record_keys(user, op_id)
-        code, _ = await self.scripts.call_json(self.script_redis, "restore_op", keys, [op_id, fingerprint, answer, ttl_s])
-        return code == "ok"
+        keys, args = self.restore_ops_call([(user, op_id, fingerprint, answer, ttl_s)])
+        return await self.scripts.call(self.script_redis, "restore_ops", keys, args) == 1
+
+    def restore_ops_call(self, ops: list[tuple[str, str, str, str, int]]) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of lua/restore_ops.lua for operations (user, op id, fingerprint,
+        answer JSON, ttl s), all of one partition (the rebuild batches them)."""
+        keys: list[str] = []
+        for user, op_id, *_ in ops:
+            keys += self._record_keys(user, op_id)[0]
+        return keys, [orjson.dumps([o[1:] for o in ops])]
 
     async def restore_account(
         self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]
     ) -> bool:
         """Writes an account rebuilt from the store; False when Redis already had it."""
+        keys, args = self.restore_call(user, version, state, stale_hold_ids)
+        code, _ = await self.scripts.call_json(self.script_redis, "restore", keys, args)
+        return code == "ok"
+
+    def restore_call(
+        self, user: str, version: int, state: dict[str, Any], stale_hold_ids: list[str]
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of lua/restore.lua (the rebuild pipelines many of them at once)."""
         hold_ids = [h["id"] for h in state["holds"]]
         keys = self.keys.account_keys(user) + [
             self.keys.hold_key(user, h) for h in hold_ids + [h for h in stale_hold_ids if h not in hold_ids]
         ]
-        args = [self.now_ms(), self.retention_s, user, version, len(hold_ids), json.dumps(state)]
-        code, _ = await self.scripts.call_json(self.script_redis, "restore", keys, args)
-        return code == "ok"
+        return keys, [self.now_ms(), self.retention_s, user, version, len(hold_ids), json.dumps(state)]

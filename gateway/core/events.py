@@ -9,8 +9,6 @@ back debt (absent = 0). Amounts are decimal strings of micro-credits; here they 
 
 from __future__ import annotations
 
-import json
-
 import orjson
 from typing import Any
 
@@ -97,7 +95,8 @@ def answer_of(raw: dict[str, Any]) -> str | None:
     res = raw.get("res")
     if not isinstance(res, dict) or not raw.get("fp"):
         return None
-    return json.dumps({**res, "state": raw.get("a") or {}}, separators=(",", ":"))
+    # orjson: the rebuild computes this for every operation id of the retention window.
+    return orjson.dumps({**res, "state": raw.get("a") or {}}).decode()
 
 
 class BadEvent(ValueError):

@@ -41,6 +41,7 @@ class PartitionKeys:
     grant_expiry: str
     users: str
     dead: str
+    rebuild: str  # the lease of the process rebuilding the partition (recovery.py)
 
 
 class KeySpace:
@@ -63,6 +64,7 @@ class KeySpace:
             grant_expiry=f"{t}:gexp",
             users=f"{t}:users",
             dead=f"{t}:dead",
+            rebuild=f"{t}:rebuild",
         )
 
     def partition_of(self, user: str) -> int:

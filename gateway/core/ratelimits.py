@@ -25,16 +25,23 @@ def check_limit(name: str, value: int | None) -> int | None:
     return value
 
 
-async def _write(redis: Any, keys: KeySpace, o: RateLimitOverride) -> None:
+def _queue(pipe: Any, keys: KeySpace, o: RateLimitOverride) -> None:
+    """The commands that make the account's `lim` hash say `o`, added to a pipeline."""
     key = keys.rate_keys(o.user)[0]
     values = {"rpm": o.requests_per_minute, "tpm": o.tokens_per_minute}
     if all(v is None for v in values.values()):
-        await redis.delete(key)
+        pipe.delete(key)
         return
     unset = [k for k, v in values.items() if v is None]
     if unset:
-        await redis.hdel(key, *unset)
-    await redis.hset(key, mapping={k: v for k, v in values.items() if v is not None})
+        pipe.hdel(key, *unset)
+    pipe.hset(key, mapping={k: v for k, v in values.items() if v is not None})
+
+
+async def _write(redis: Any, keys: KeySpace, o: RateLimitOverride) -> None:
+    pipe = redis.pipeline(transaction=False)
+    _queue(pipe, keys, o)
+    await pipe.execute()
 
 
 async def set_rate_limits(redis: Any, keys: KeySpace, store: Store, override: RateLimitOverride) -> RateLimitOverride:
@@ -50,10 +57,20 @@ async def set_rate_limits(redis: Any, keys: KeySpace, store: Store, override: Ra
     return override
 
 
-async def restore_rate_limits(redis: Any, keys: KeySpace, store: Store, partitions: set[int]) -> int:
+async def restore_rate_limits(redis: Any, keys: KeySpace, store: Store, partitions: set[int],
+                              *, batch: int = 1000) -> int:
+    """Writes the store's overrides of the given partitions back to Redis (rehydrate), in
+    pipelines of about `batch` accounts."""
     n = 0
+    pipe = redis.pipeline(transaction=False)
+    queued = 0
     async for o in store.all_rate_limits():
         if keys.partition_of(o.user) in partitions:
-            await _write(redis, keys, o)
-            n += 1
-    return n
+            _queue(pipe, keys, o)
+            queued += 1
+            if queued == batch:
+                await pipe.execute()
+                n, queued = n + queued, 0
+    if queued:
+        await pipe.execute()
+    return n + queued

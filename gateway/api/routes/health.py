@@ -7,9 +7,12 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from ...core.recovery import partition_status
 from ..deps import ServicesDep
 
 router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 2
 
 
 @router.get("/healthz")
@@ -20,15 +23,40 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep):
-    """Ready only when Redis and the store answer and the state is rebuilt."""
-    checks = {"redis": False, "store": False, "state": services.ready}
+    """Ready only when Redis and the store answer and every partition is rebuilt.
+
+    The partitions are checked on every call (one pipeline of EXISTS on their ready markers
+    and rebuild leases), so a partition Redis lost answers 503 until it is rebuilt; the
+    answer names the partitions lost (nobody rebuilding them yet) and being rebuilt.
+    """
+    checks = {"redis": False, "store": False, "state": False}
+    status = None
     try:
-        checks["redis"] = bool(await asyncio.wait_for(services.redis.ping(), 2))
-    except Exception:
+        status = await asyncio.wait_for(partition_status(services.redis, services.engine.keys), CHECK_TIMEOUT_S)
+        checks["redis"] = True
+        checks["state"] = services.ready and not status.not_ready
+    except Exception:  # noqa: BLE001 - Redis did not answer: reported below
         pass
     try:
-        checks["store"] = bool(await asyncio.wait_for(services.store.ping(), 2))
-    except Exception:
+        checks["store"] = bool(await asyncio.wait_for(services.store.ping(), CHECK_TIMEOUT_S))
+    except Exception:  # noqa: BLE001
         pass
-    ok = all(checks.values())
-    return JSONResponse({"status": "ready" if ok else "not_ready", "checks": checks}, status_code=200 if ok else 503)
+    body: dict = {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks}
+    if status is not None:
+        body["partitions"] = {"total": status.total, "not_ready": len(status.not_ready),
+                              "lost": status.lost, "rebuilding": status.rebuilding}
+    if all(checks.values()):
+        return JSONResponse(body)
+    if status is None:
+        error = {"code": "credit_store_unavailable", "message": "Redis did not answer"}
+    elif status.not_ready:
+        n = len(status.not_ready)
+        error = {"code": "state_lost",
+                 "message": f"{n} of {status.total} partitions lost by Redis are not rebuilt yet",
+                 "partitions": status.not_ready}
+    elif not services.ready:
+        error = {"code": "not_ready", "message": "the gateway is still rebuilding its state"}
+    else:
+        error = {"code": "not_ready", "message": "the store did not answer"}
+    body["error"] = error
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})

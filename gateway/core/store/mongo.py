@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any, AsyncIterator
 
+import orjson
 from bson import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import BulkWriteError
@@ -222,7 +223,7 @@ class MongoStore(Store):
             {"user_id": 1, "op_id": 1, "fp": 1, "event": 1, "ts_ms": 1},
         ).sort([("ts_ms", ASCENDING), ("user_id", ASCENDING), ("op_id", ASCENDING)])
         async for d in cur:
-            answer = answer_of(json.loads(d["event"])) if d.get("fp") is not None else None
+            answer = answer_of(orjson.loads(d["event"])) if d.get("fp") is not None else None
             if answer is not None:
                 yield OperationRecord(d["user_id"], d["op_id"], d["fp"], answer, int(d["ts_ms"]))
 

@@ -31,6 +31,7 @@ log = logging.getLogger("credit.store")
 
 TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
 PAGE = 500
+OPS_PAGE = 5000  # operations_since: the rebuild reads every op id of the retention window
 
 
 def _dumps(obj: Any) -> str:
@@ -472,26 +473,34 @@ class SQLiteStore(Store):
             after = page[-1].user
 
     def _ops_page(self, ts_ms: int, after_id: int) -> tuple[list[OperationRecord], int, bool]:
-        # A scan in insertion order (rehydrate only): no index to keep up on every write.
+        # A scan in insertion order (rehydrate only): no index to keep up on every write. The
+        # filter runs inside SQLite; only caller operations of the window come back.
         rows = self.db.execute(
-            "SELECT id, user, op_id, fingerprint, event, ts_ms FROM ledger WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, PAGE),
+            "SELECT id, user, op_id, fingerprint, event, ts_ms FROM ledger "
+            "WHERE id > ? AND ts_ms >= ? AND fingerprint IS NOT NULL ORDER BY id LIMIT ?",
+            (after_id, ts_ms, OPS_PAGE),
         ).fetchall()
         out = []
         for _id, user, op_id, fp, event, t in rows:
-            if fp is not None and t >= ts_ms:
-                answer = answer_of(json.loads(event))
-                if answer is not None:
-                    out.append(OperationRecord(user, op_id, fp, answer, t))
-        return out, (rows[-1][0] if rows else after_id), len(rows) == PAGE
+            answer = answer_of(orjson.loads(event))
+            if answer is not None:
+                out.append(OperationRecord(user, op_id, fp, answer, t))
+        return out, (rows[-1][0] if rows else after_id), len(rows) == OPS_PAGE
 
     async def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
-        after = 0
-        more = True
-        while more:
-            page, after, more = await self._call(self._ops_page, ts_ms, after)
-            for op in page:
-                yield op
+        # The next page is read on the store's thread while the caller handles this one.
+        ahead = asyncio.ensure_future(self._call(self._ops_page, ts_ms, 0))
+        try:
+            while True:
+                page, after, more = await ahead
+                if more:
+                    ahead = asyncio.ensure_future(self._call(self._ops_page, ts_ms, after))
+                for op in page:
+                    yield op
+                if not more:
+                    return
+        finally:
+            ahead.cancel()
 
     # -- API keys and rate-limit overrides -------------------------------------------------
 
