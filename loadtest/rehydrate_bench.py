@@ -48,7 +48,6 @@ from gateway.core.store.sqlite import SQLiteStore  # noqa: E402
 from worker.runner import Worker  # noqa: E402
 
 PARTITIONS = 64
-DAY_MS = 86_400_000
 
 
 def log(msg: str) -> None:
@@ -116,7 +115,7 @@ async def fill(engine: CreditEngine, store: SQLiteStore, accounts: int, ops: int
         async with sem:
             await engine.grant(u, "1000", op_id=f"g-{u}")
             if i % 3 == 0:
-                await engine.reserve(u, "1.5", hold_id=f"h-{u}", ttl_seconds=6 * 86400)
+                await engine.reserve(u, "1.5", hold_id=f"h-{u}", ttl_seconds=engine.retention_s)
 
     await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
     keys = ApiKeys(engine.redis, engine.keys, store)
@@ -138,7 +137,7 @@ async def fill(engine: CreditEngine, store: SQLiteStore, accounts: int, ops: int
     written = 0
     for i in range(ops):
         u = users[i % accounts]
-        ts = now - rnd.randrange(6 * DAY_MS)
+        ts = now - rnd.randrange(engine.retention_s * 1000 * 9 // 10)  # within the retention window
         raw = {"id": f"op-{i:08d}", "t": "debit", "u": u, "v": "0", "ts": str(ts), "amt": "1000",
                "fp": "debit|1000", "res": {"amount": "1000"}, "a": state}
         batch.append(Event("0-0", engine.keys.partition_of(u), raw))
