@@ -9,29 +9,8 @@ import logging
 import secrets
 import sys
 
-from pydantic import ValidationError
 
-from .core.settings import Settings
-
-
-def _settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        raise SystemExit(settings_error_text(exc)) from None
-    except Exception as exc:
-        raise SystemExit(f"invalid configuration: {type(exc).__name__}: {exc}") from None
-
-
-def settings_error_text(exc: ValidationError) -> str:
-    """What is wrong with the settings, by variable name, without the values: pydantic's own
-    text quotes each bad input (`input_value=...`), which for CREDIT_ADMIN_KEYS is a key."""
-    lines = ["invalid configuration:"]
-    for e in exc.errors(include_url=False, include_input=False, include_context=False):
-        name = "CREDIT_" + "_".join(str(p) for p in e.get("loc", ())).upper()
-        msg = str(e.get("msg", "invalid"))
-        lines.append(f"  {name}: {msg.removeprefix('Value error, ')}")
-    return "\n".join(lines)
+from .core.settings import load_settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,7 +18,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .api.app import create_app
 
-    settings = _settings()
+    settings = load_settings()
     if args.host:
         settings.host = args.host
     if args.port:
@@ -65,14 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.service import run_worker
 
-    asyncio.run(run_worker(_settings(), burst=args.burst))
+    asyncio.run(run_worker(load_settings(), burst=args.burst))
     return 0
 
 
 async def _with_engine(fn):
     from .core.connections import make_engine, make_redis, make_store
 
-    settings = _settings()
+    settings = load_settings()
     if settings.embedded:
         raise SystemExit("this command needs CREDIT_REDIS_URL (embedded mode keeps Redis inside the serve process)")
     redis, store = make_redis(settings), make_store(settings)

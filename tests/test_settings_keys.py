@@ -53,10 +53,13 @@ def _cli() -> list[str]:
     {"CREDIT_CLIENT_KEYS": f"{SECRET_SHORT}{' ' * 20}{SECRET_SHORT}"},
     {"CREDIT_ADMIN_KEYS": f"{GOOD},{SECRET_SHORT}", "CREDIT_PORT": "not-a-port"},
 ])
-def test_serve_with_a_bad_key_exits_naming_the_variable_never_the_key(tmp_path, env):
+@pytest.mark.parametrize("command", [["serve"], ["worker"], ["-m", "worker"]])
+def test_a_bad_key_exits_naming_the_variable_never_the_key(tmp_path, env, command):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_")}
     clean["PYTHONPATH"] = str(ROOT)  # this checkout's code, whatever the venv has installed
-    p = subprocess.run([*_cli(), "serve"], env={**clean, **env}, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    argv = [sys.executable, *command] if command[0] == "-m" else [*_cli(), *command]
+    p = subprocess.run(argv, env={**clean, "CREDIT_REDIS_URL": "redis://127.0.0.1:1/0", **env}, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
     assert p.returncode != 0
     out = p.stdout + p.stderr
     name = next(iter(env))

@@ -8,10 +8,10 @@ import logging
 import signal
 from functools import partial
 
-from gateway.core.connections import describe, make_keys, make_redis, make_store
+from gateway.core.connections import describe, make_engine, make_redis, make_store
 from gateway.core.engine import CreditEngine
 from gateway.core.recovery import ensure_ready, rehydrate
-from gateway.core.settings import Settings
+from gateway.core.settings import Settings, load_settings
 
 from .audit import AuditLog
 from .runner import Worker, WorkerStats
@@ -43,7 +43,7 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     redis = make_redis(settings)
     store = make_store(settings)
     await store.open()
-    engine = CreditEngine(redis, keys=make_keys(settings), retention_s=settings.retention_seconds)
+    engine = make_engine(settings, redis)
     worker = build_worker(settings, engine, store)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,5 +66,5 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="drain every stream, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run_worker(Settings(), burst=args.burst))
+    asyncio.run(run_worker(load_settings(), burst=args.burst))
     return 0

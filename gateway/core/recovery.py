@@ -21,7 +21,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Coroutine
 
-import orjson
 from redis.exceptions import NoScriptError
 
 from .apikeys import restore_api_keys

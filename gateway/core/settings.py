@@ -7,7 +7,7 @@ runner build their clients from it.
 from __future__ import annotations
 
 import hashlib
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_KEY_LENGTH = 32
@@ -112,3 +112,19 @@ class Settings(BaseSettings):
     @property
     def client_key_digests(self) -> list[bytes]:
         return parse_keys(self.client_keys)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment. A bad value exits with what is wrong, by variable name
+    and never with the value: pydantic's own text quotes each bad input (`input_value=...`),
+    which for CREDIT_ADMIN_KEYS is a key."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = ["invalid configuration:"]
+        for e in exc.errors(include_url=False, include_input=False, include_context=False):
+            name = "CREDIT_" + "_".join(str(p) for p in e.get("loc", ())).upper()
+            lines.append(f"  {name}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
+        raise SystemExit("\n".join(lines)) from None
+    except Exception as exc:
+        raise SystemExit(f"invalid configuration: {type(exc).__name__}: {exc}") from None
