@@ -13,15 +13,18 @@ outage of the whole cluster client:
 
 `GatewayRedisCluster` keeps redis-py's routing, connections, MOVED handling and commands,
 and changes what a failure does:
-- Per node health. After FAILURES_TO_OPEN consecutive connection failures or timeouts on
-  a node, calls routed to it fail at once with NodeDown for PROBE_INTERVAL seconds; then a
-  single call goes through as a probe (the others keep failing at once) and its outcome
-  closes or re-opens the node. Calls on the other nodes never wait for it. A failed node's
-  connections are all marked to reconnect before their next use (they died with it), so
-  the probe after its return talks to the new process, not to a dead socket.
-- No retry, no blocking topology re-read. A failure schedules a re-read in the background
-  (at most one per REFRESH_INTERVAL); it asks a live node for CLUSTER SLOTS and rebuilds
-  redis-py's slot map only if an owner changed (a replica promoted), so an unchanged
+- One retry, on a new connection, of a call whose connection broke (a node that died, or
+  closed its idle clients); a timeout is not retried. Every connection to a node that
+  failed a call is marked to reconnect before its next use (lazily, never under a call
+  using it), so a dead socket fails no further call.
+- Per node health. A call that failed on a new connection too, or a second timeout in a
+  row, takes its node out: calls routed to it fail at once with NodeDown for
+  PROBE_INTERVAL seconds; then a single call goes through as a probe (the others keep
+  failing at once) and its outcome brings the node back or keeps it out. Calls on the
+  other nodes never wait for a down node.
+- No blocking topology re-read. A failure schedules one in the background (at most one
+  per REFRESH_INTERVAL): it asks a live node for CLUSTER SLOTS and rebuilds redis-py's
+  slot map only if a slot's primary changed (a replica promoted), so an unchanged
   topology costs no reconnection.
 - Every way the cluster can fail a call reaches the caller as a redis-py ConnectionError
   (ClusterUnavailable; NodeDown is one): what the API answers as 503
@@ -67,7 +70,8 @@ from redis.utils import str_if_bytes
 log = logging.getLogger("credit.redis.cluster")
 
 FAILURES_TO_OPEN = 2
-"""Consecutive failures that take a node out (one stale connection alone does not)."""
+"""Consecutive failures that take a node out: two timeouts, or one call that failed on a
+broken connection and again on a new one."""
 PROBE_INTERVAL = 0.5
 """Seconds a down node's calls fail at once before one call probes it again."""
 REFRESH_INTERVAL = 1.0
@@ -109,8 +113,8 @@ class _NodeHealth:
         self.open_until = 0.0
         self.probing = False
 
-    def failed(self, probe: bool, now: float, error: BaseException) -> None:
-        self.failures += 1
+    def failed(self, probe: bool, now: float, error: BaseException, weight: int) -> None:
+        self.failures += weight
         self.last_error = f"{type(error).__name__}: {error}"
         if probe:
             self.probing = False
@@ -128,10 +132,13 @@ class GatewayRedisCluster(RedisCluster):
     cluster failure raised as a ConnectionError (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # No retry of a failed call: the node it needs is down for longer than a retry waits.
+        # No cluster-level retries (each re-reads the topology, and others wait for that):
+        # _execute_command retries a broken connection once by itself.
         kwargs.setdefault("retry", Retry(NoBackoff(), 0))
         # MOVED patches the slot map; never "close every connection and re-read" on it.
         kwargs.setdefault("reinitialize_steps", 0)
+        # Slots no node serves fail their own calls (ClusterUnavailable), not the client.
+        kwargs.setdefault("require_full_coverage", False)
         super().__init__(*args, **kwargs)
         self._health: dict[str, _NodeHealth] = {}
         self._refresh_task: asyncio.Task | None = None
@@ -164,31 +171,44 @@ class GatewayRedisCluster(RedisCluster):
         if health is None:
             health = self._health[target_node.name] = _NodeHealth()
         probe = health.admit(target_node.name, time.monotonic())
-        try:
+        retried = False
+        while True:
             try:
-                response = await target_node.execute_command(*args, **kwargs)
-            except (MovedError, AskError, TryAgainError):
-                # Not executed: redis-py follows the redirection (and patches its slot map).
-                response = await super()._execute_command(target_node, *args, **kwargs)
-        except MaxConnectionsError:  # this process's pool is full: says nothing about the node
-            health.abandoned(probe)
-            raise
-        except (ConnectionError, TimeoutError) as exc:
-            self._node_failed(target_node, health, probe, exc)
-            raise
-        except ResponseError as exc:  # the node answered
+                try:
+                    response = await target_node.execute_command(*args, **kwargs)
+                except (MovedError, AskError, TryAgainError):
+                    # Not executed: redis-py follows the redirection (and patches its slot map).
+                    response = await super()._execute_command(target_node, *args, **kwargs)
+            except MaxConnectionsError:  # this process's pool is full: says nothing about the node
+                health.abandoned(probe)
+                raise
+            except TimeoutError as exc:  # not retried: it already took the whole timeout
+                self._node_failed(target_node, health, probe, exc, weight=1)
+                raise
+            except ConnectionError as exc:
+                if type(exc) is ConnectionError and not retried:
+                    # A connection that broke (a dead node, or one closed while idle): once
+                    # more on a new connection, which tells the two apart. (redis-py retries
+                    # these too; the engine's scripts are idempotent by operation id.)
+                    retried = True
+                    self._reconnect_all(target_node)
+                    continue
+                # A new connection failed as well (or the node is loading, or refused us).
+                self._node_failed(target_node, health, probe, exc, weight=FAILURES_TO_OPEN)
+                raise
+            except ResponseError as exc:  # the node answered
+                health.succeeded()
+                if isinstance(exc, ClusterError):  # CLUSTERDOWN: its view of the cluster may be news
+                    self._refresh_soon()
+                raise
+            except (AttributeError, TypeError) as exc:
+                health.abandoned(probe)
+                raise self._internal_failure(args, exc) from exc
+            except BaseException:
+                health.abandoned(probe)
+                raise
             health.succeeded()
-            if isinstance(exc, ClusterError):  # CLUSTERDOWN: its view of the cluster may be news
-                self._refresh_soon()
-            raise
-        except (AttributeError, TypeError) as exc:
-            health.abandoned(probe)
-            raise self._internal_failure(args, exc) from exc
-        except BaseException:
-            health.abandoned(probe)
-            raise
-        health.succeeded()
-        return response
+            return response
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> "GatewayClusterPipeline":
         if shard_hint:
@@ -203,13 +223,19 @@ class GatewayRedisCluster(RedisCluster):
             self._refresh_soon()
             raise ClusterUnavailable(f"Redis Cluster could not serve {command}: {exc}") from exc
 
-    def _node_failed(self, node: ClusterNode, health: _NodeHealth, probe: bool, exc: BaseException) -> None:
-        health.failed(probe, time.monotonic(), exc)
-        # Its other connections most likely died with it: each reconnects before its next
-        # use instead of failing one more call (lazily: never under a call using it).
+    @staticmethod
+    def _reconnect_all(node: ClusterNode) -> None:
+        """Marks every connection to `node` to reconnect before its next use: after one
+        broke, the others most likely did too (the node died, or closed its idle clients).
+        Lazily, never under a call using one (closing those is what breaks redis-py)."""
         node.update_active_connections_for_reconnect()
         for conn in tuple(node._free):
             conn.mark_for_reconnect()
+
+    def _node_failed(self, node: ClusterNode, health: _NodeHealth, probe: bool, exc: BaseException,
+                     *, weight: int) -> None:
+        health.failed(probe, time.monotonic(), exc, weight)
+        self._reconnect_all(node)
         # redis-py's own handling (of a redirection that failed) asks for a blocking re-read
         # that every call would wait for: the background one does instead. (Not after a
         # close: that one dropped the default node, and only a re-read restores it.)
@@ -268,7 +294,7 @@ class GatewayRedisCluster(RedisCluster):
                 host = str_if_bytes(primary[0]) or node.host
                 host, port = self.nodes_manager.remap_host_port(host, int(primary[1]))
                 name = get_node_name(host, port)
-                for slot in (start, end):
+                for slot in range(start, end + 1):  # every slot: MOVED patches single ones
                     owners = cache.get(slot)
                     if not owners or owners[0].name != name:
                         return True

@@ -2,15 +2,16 @@
 # Brings a local Redis Cluster of N primaries up or down on 127.0.0.1 in a few seconds, and
 # kills / restarts one node of it (fault tests).
 # usage: redis-cluster.sh up|down [DIR] [FIRST_PORT] [N]   (defaults: $TMPDIR/rc 7001 3)
-#        redis-cluster.sh kill|start DIR PORT
-#   kill:  SIGKILL of that node (no shutdown, no save: a crash).
-#   start: starts it again on the same port with its nodes.conf, so it rejoins the cluster
-#          with its slots; without persistence it comes back empty.
+#        redis-cluster.sh kill|start|pause|resume DIR PORT
+#   kill:   SIGKILL of that node (no shutdown, no save: a crash).
+#   start:  starts it again on the same port with its nodes.conf, so it rejoins the cluster
+#           with its slots; without persistence it comes back empty.
+#   pause:  SIGSTOP: the node hangs (connections open, no answer); resume: SIGCONT.
 # Every node runs with cluster-require-full-coverage no (REDIS_CLUSTER_FULL_COVERAGE=yes
 # changes it): a dead primary without a replica then takes down only its own slots.
 # Used by tests/conftest.py (the cluster suite) with free ports chosen by the fixture.
 set -euo pipefail
-CMD=${1:?up|down|kill|start}; BASE=${2:-${TMPDIR:-/tmp}/rc}; P0=${3:-7001}; N=${4:-3}
+CMD=${1:?up|down|kill|start|pause|resume}; BASE=${2:-${TMPDIR:-/tmp}/rc}; P0=${3:-7001}; N=${4:-3}
 COVERAGE=${REDIS_CLUSTER_FULL_COVERAGE:-no}
 ports() { for ((i=0;i<N;i++)); do echo $((P0+i)); done; }
 start_node() {
@@ -47,6 +48,8 @@ start)
   start_node "$P0"
   echo "started $P0"
   ;;
+pause) kill -STOP "$(cat "$BASE/$P0/redis.pid")"; echo "paused $P0" ;;
+resume) kill -CONT "$(cat "$BASE/$P0/redis.pid")"; echo "resumed $P0" ;;
 down)
   pids=()
   for p in $(ports); do
