@@ -389,3 +389,19 @@ async def test_the_background_refresh_rebuilds_a_stale_slot_map_and_leaves_a_cur
     assert await client._topology_changed()
     await client._refresh(0)
     assert client.nodes_manager.slots_cache[slot][0].name == right.name
+
+
+async def test_keyless_commands_leave_a_dead_default_node(gw, fault_cluster):
+    """PING (the readiness check) goes to the client's default node: when that one dies,
+    it moves to a live primary instead of failing while the other nodes serve."""
+    client = gw.engine.redis
+    victim = int(client.get_default_node().port)
+    await fault_cluster.run("kill", victim)
+    answers = []
+    for _ in range(4):
+        try:
+            answers.append(await client.ping())
+        except UNAVAILABLE as exc:
+            answers.append(type(exc))
+    assert answers[-1] is True and answers[-2] is True, answers
+    assert int(client.get_default_node().port) != victim

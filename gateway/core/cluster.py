@@ -236,6 +236,8 @@ class GatewayRedisCluster(RedisCluster):
                      *, weight: int) -> None:
         health.failed(probe, time.monotonic(), exc, weight)
         self._reconnect_all(node)
+        if health.open_until:
+            self._default_node_up()
         # redis-py's own handling (of a redirection that failed) asks for a blocking re-read
         # that every call would wait for: the background one does instead. (Not after a
         # close: that one dropped the default node, and only a re-read restores it.)
@@ -251,6 +253,21 @@ class GatewayRedisCluster(RedisCluster):
                         type(exc).__name__, exc, exc_info=exc)
         self._refresh_soon()
         return ClusterUnavailable(f"Redis Cluster call {_name(args)} failed: {type(exc).__name__}: {exc}")
+
+    def _is_up(self, node: ClusterNode, now: float) -> bool:
+        health = self._health.get(node.name)
+        return health is None or not health.open_until or health.open_until <= now
+
+    def _default_node_up(self) -> None:
+        """Keyless commands (PING: the readiness check) go to the default node: never a
+        down one while a primary is up."""
+        default = self.nodes_manager.default_node
+        now = time.monotonic()
+        if default is None or self._is_up(default, now):
+            return
+        up = [n for n in self.get_primaries() if n.name != default.name and self._is_up(n, now)]
+        if up:
+            self.nodes_manager.default_node = random.choice(up)
 
     # -- topology ----------------------------------------------------------------------
 
@@ -268,6 +285,7 @@ class GatewayRedisCluster(RedisCluster):
             if await self._topology_changed():
                 log.info("Redis Cluster topology changed; re-reading it")
                 await self.nodes_manager.initialize()
+                self._default_node_up()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the next failure schedules another attempt
@@ -277,8 +295,7 @@ class GatewayRedisCluster(RedisCluster):
         """Asks a node that is up for CLUSTER SLOTS; True when a slot's primary differs
         from redis-py's slot map (or coverage changed)."""
         now = time.monotonic()
-        nodes = [n for n in self.nodes_manager.nodes_cache.values()
-                 if not (h := self._health.get(n.name)) or not h.open_until or h.open_until <= now]
+        nodes = [n for n in self.nodes_manager.nodes_cache.values() if self._is_up(n, now)]
         random.shuffle(nodes)
         last: BaseException | None = None
         for node in nodes:
