@@ -284,11 +284,22 @@ async def test_a_hung_primary_times_out_then_fails_at_once_and_answers_again_whe
     victim = fault_cluster.ports[2]
     lost = set(gw.on(victim))
 
+    lost_ready = engine.keys.partition(next(p for p, port in gw.partition_node.items() if port == victim)).ready
+
     await fault_cluster.run("pause", victim)  # connections stay open; nothing answers
     try:
         hung = await Load(engine, gw.users, lost).run_for(3 * TIMEOUT)
+        # A single-key EXISTS (a one-node pipeline in redis-py) is refused at once too; at
+        # most one of two is the probe that waits.
+        exists = []
+        for _ in range(2):
+            try:
+                await engine.redis.exists(lost_ready)
+            except UNAVAILABLE as exc:
+                exists.append(type(exc))
     finally:
         await fault_cluster.run("resume", victim)
+    assert NodeDown in exists, exists
     assert hung.healthy_side.failures == [] and hung.healthy_side.ok > 0
     assert hung.lost_side.ok == 0
     kinds = hung.lost_side.kinds()
@@ -405,3 +416,35 @@ async def test_keyless_commands_leave_a_dead_default_node(gw, fault_cluster):
             answers.append(type(exc))
     assert answers[-1] is True and answers[-2] is True, answers
     assert int(client.get_default_node().port) != victim
+
+
+async def test_connections_closed_under_calls_fail_as_connection_errors_and_heal(gw, fault_cluster):
+    """What redis-py itself does on CLUSTERDOWN (close every connection, in use or not):
+    the calls it breaks fail as connection errors, never AttributeError, and the next
+    calls succeed."""
+    engine = gw.engine
+    for p in range(engine.keys.partitions):
+        await engine.mark_ready(p)
+    port = fault_cluster.ports[0]
+    users = gw.on(port)
+    for u in users:
+        await engine.grant(u, "5", op_id="fund")
+    node = engine.redis.get_node(host="127.0.0.1", port=port)
+    load = Load(engine, users, lost=set(users), tasks=16)
+    running = load.start()
+    for _ in range(30):
+        await node.disconnect()
+        await asyncio.sleep(0.005)
+    await load.stop(running)
+    assert load.lost_side.failures  # the closing did break calls
+    assert all(isinstance(e, UNAVAILABLE) for e, _ in load.lost_side.failures), load.lost_side.kinds()
+
+    async def answers():  # the node may have been taken out for a moment: it is probed back
+        try:
+            return await engine.account(users[0])
+        except UNAVAILABLE:
+            return None
+
+    await _wait_for(answers, "the node answers again")
+    after = await Load(engine, users, lost=set(users)).run_for(0.3)
+    assert after.lost_side.failures == [] and after.lost_side.ok > 0

@@ -166,10 +166,14 @@ class GatewayRedisCluster(RedisCluster):
         except (AttributeError, TypeError) as exc:
             raise self._internal_failure(args, exc) from exc
 
-    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
-        health = self._health.get(target_node.name)
+    def _health_of(self, node: ClusterNode) -> _NodeHealth:
+        health = self._health.get(node.name)
         if health is None:
-            health = self._health[target_node.name] = _NodeHealth()
+            health = self._health[node.name] = _NodeHealth()
+        return health
+
+    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        health = self._health_of(target_node)
         probe = health.admit(target_node.name, time.monotonic())
         retried = False
         while True:
@@ -203,6 +207,7 @@ class GatewayRedisCluster(RedisCluster):
                 raise
             except (AttributeError, TypeError) as exc:
                 health.abandoned(probe)
+                self._reconnect_all(target_node)
                 raise self._internal_failure(args, exc) from exc
             except BaseException:
                 health.abandoned(probe)
@@ -330,22 +335,59 @@ class GatewayRedisCluster(RedisCluster):
 class GatewayClusterPipeline(ClusterPipeline):
     """redis-py's cluster pipeline, its cluster failures raised as ClusterUnavailable.
 
-    With the client's zero retries it never closes every connection on a failure. It does
-    not consult the node health (a pipeline spans nodes): a down node fails it as its
-    connection attempt does (at once when refused, after the timeout when unanswered)."""
+    With the client's zero retries it never closes every connection on a failure. A
+    pipeline whose commands all name one node (what a single-key EXISTS, DELETE or MGET
+    becomes) goes by that node's health like a call: refused at once while the node is
+    down. Other pipelines span nodes and fail as their connection attempts do."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list:
         client = self.cluster_client
+        node = self._single_node()
+        health = probe = None
+        if node is not None:
+            health = client._health_of(node)
+            probe = health.admit(node.name, time.monotonic())
         try:
-            return await super().execute(raise_on_error, allow_redirections)
-        except (ConnectionError, TimeoutError):
-            client._refresh_soon()
+            result = await super().execute(raise_on_error, allow_redirections)
+        except (ConnectionError, TimeoutError) as exc:
+            if health is not None and not isinstance(exc, MaxConnectionsError):
+                client._node_failed(node, health, probe, exc, weight=1)
+            else:
+                client._refresh_soon()
             raise
-        except (ClusterError, SlotNotCoveredError) as exc:
+        except ResponseError as exc:
+            if health is not None:
+                health.succeeded()
+            if not isinstance(exc, ClusterError):
+                raise
+            client._refresh_soon()
+            raise ClusterUnavailable(f"Redis Cluster could not run a pipeline: {exc}") from exc
+        except (ClusterError, SlotNotCoveredError) as exc:  # TTL exhausted, slot not covered
+            if health is not None:
+                health.abandoned(probe)
             client._refresh_soon()
             raise ClusterUnavailable(f"Redis Cluster could not run a pipeline: {exc}") from exc
         except (AttributeError, TypeError) as exc:
+            if health is not None:
+                health.abandoned(probe)
             raise client._internal_failure(("pipeline",), exc) from exc
+        except BaseException:
+            if health is not None:
+                health.abandoned(probe)
+            raise
+        if health is not None:
+            health.succeeded()
+        return result
+
+    def _single_node(self) -> ClusterNode | None:
+        """The node every queued command names (target_nodes), if there is one."""
+        names: dict[str, ClusterNode] = {}
+        for cmd in self._execution_strategy._command_queue:
+            targets = cmd.kwargs.get("target_nodes")
+            if not isinstance(targets, list) or len(targets) != 1 or not isinstance(targets[0], ClusterNode):
+                return None
+            names[targets[0].name] = targets[0]
+        return next(iter(names.values())) if len(names) == 1 else None
 
 
 def _name(args: tuple) -> str:
