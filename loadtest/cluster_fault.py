@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import shutil
 import socket
 import subprocess
@@ -42,17 +41,15 @@ from pathlib import Path
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.core.connections import make_keys, make_redis
+from gateway.core.engine import CreditEngine
+from gateway.core.errors import StateLost
+from gateway.core.recovery import ensure_ready
+from gateway.core.settings import Settings
+from gateway.core.store.sqlite import SQLiteStore
+from worker.runner import Worker
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from gateway.core.connections import make_keys, make_redis  # noqa: E402
-from gateway.core.engine import CreditEngine  # noqa: E402
-from gateway.core.errors import StateLost  # noqa: E402
-from gateway.core.recovery import ensure_ready  # noqa: E402
-from gateway.core.settings import Settings  # noqa: E402
-from gateway.core.store.sqlite import SQLiteStore  # noqa: E402
-from worker.runner import Worker  # noqa: E402
-
 SCRIPT = ROOT / "tests" / "support" / "redis-cluster.sh"
 UNITS = 1_000
 

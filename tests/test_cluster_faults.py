@@ -88,14 +88,15 @@ def fault_cluster(tmp_path_factory):
         unavailable("redis-server / redis-cli are not installed")
     base = tmp_path_factory.mktemp("fault-cluster")
     p0 = free_port_run(3)
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(base), str(p0), "3"], capture_output=True, text=True, timeout=60)
+    up = subprocess.run(["bash", str(SCRIPT), "up", str(base), str(p0), "3"], capture_output=True, text=True, timeout=60,
+                        check=False)
     if up.returncode != 0:
-        subprocess.run(["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60, check=False)
         unavailable(f"redis cluster did not start: {up.stderr[-500:]}")
     yield FaultCluster(base, p0)
     for port in range(p0, p0 + 3):  # a node left paused would never shut down
-        subprocess.run(["bash", str(SCRIPT), "resume", str(base), str(port)], capture_output=True, timeout=10)
-    subprocess.run(["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60)
+        subprocess.run(["bash", str(SCRIPT), "resume", str(base), str(port)], capture_output=True, timeout=10, check=False)
+    subprocess.run(["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60, check=False)
 
 
 @dataclass
@@ -175,7 +176,7 @@ class Load:
                 await self._call(user, self.engine.release(user, hid))
             await asyncio.sleep(0)
 
-    async def run_for(self, seconds: float) -> "Load":
+    async def run_for(self, seconds: float) -> Load:
         stop = asyncio.Event()
         tasks = [asyncio.create_task(self._worker(n, stop)) for n in range(self.tasks)]
         await asyncio.sleep(seconds)
@@ -188,7 +189,7 @@ class Load:
         self._running = [asyncio.create_task(self._worker(n, stop)) for n in range(self.tasks)]
         return stop
 
-    async def stop(self, stop: asyncio.Event) -> "Load":
+    async def stop(self, stop: asyncio.Event) -> Load:
         stop.set()
         await asyncio.gather(*self._running)
         return self
@@ -243,7 +244,7 @@ async def test_a_dead_primary_fails_its_slots_fast_the_rest_carries_on_and_all_h
         load = Load(engine, gw.users, lost)
         running = load.start()
         await fault_cluster.run("start", victim)
-        probe_user = sorted(lost)[0]
+        probe_user = min(lost)
 
         async def lost_answers_state_lost():
             try:
@@ -308,7 +309,7 @@ async def test_a_hung_primary_times_out_then_fails_at_once_and_answers_again_whe
     assert NodeDown in kinds  # ...the next ones did not
     assert hung.lost_side.slowest_failure <= 3 * TIMEOUT
 
-    user = sorted(lost)[0]
+    user = min(lost)
 
     async def answers():
         try:

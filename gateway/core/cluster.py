@@ -91,7 +91,7 @@ class _NodeHealth:
     """Circuit state of one node: closed (calls go), open (calls fail at once), or
     half-open (one probe call in flight, the others fail at once)."""
 
-    __slots__ = ("failures", "open_until", "probing", "last_error")
+    __slots__ = ("failures", "last_error", "open_until", "probing")
 
     def __init__(self) -> None:
         self.failures = 0
@@ -147,7 +147,7 @@ class GatewayRedisCluster(RedisCluster):
 
     # -- calls -------------------------------------------------------------------------
 
-    async def initialize(self, *args: Any, **kwargs: Any) -> "GatewayRedisCluster":
+    async def initialize(self, *args: Any, **kwargs: Any) -> GatewayRedisCluster:
         try:
             return await super().initialize(*args, **kwargs)
         except (ConnectionError, TimeoutError):
@@ -215,7 +215,7 @@ class GatewayRedisCluster(RedisCluster):
             health.succeeded()
             return response
 
-    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> "GatewayClusterPipeline":
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> GatewayClusterPipeline:
         if shard_hint:
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
         return GatewayClusterPipeline(self, transaction)
