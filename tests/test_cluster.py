@@ -1,15 +1,31 @@
-"""The integration path on a 3-node Redis Cluster: scripts, worker, sweep, rebuild, reconcile."""
+"""The integration path on a 3-node Redis Cluster, on the client make_redis builds: scripts,
+worker, sweep, rebuild, reconcile."""
 
 from __future__ import annotations
 
 import pytest
+import pytest_asyncio
 
+from gateway.core.connections import make_redis
 from gateway.core.recovery import reconcile, rehydrate
+from gateway.core.settings import Settings
 from tests.conftest import ready_engine
 from tests.test_worker import ledger_count, make_traffic
 from worker.runner import Worker
 
 pytestmark = pytest.mark.cluster
+
+
+@pytest_asyncio.fixture
+async def cluster(cluster_nodes):
+    """The cluster client as the gateway and the worker build it (make_redis), on an
+    emptied cluster."""
+    host, port = cluster_nodes
+    client = make_redis(Settings(redis_url=f"redis://{host}:{port}/0", redis_cluster=True))
+    await client.initialize()
+    await client.flushall(target_nodes=client.PRIMARIES)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

@@ -17,9 +17,16 @@ def make_redis(settings: Settings) -> Any:
 
         return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
     if settings.redis_cluster:
-        from redis.asyncio.cluster import RedisCluster
+        from .cluster import GatewayRedisCluster
 
-        return RedisCluster.from_url(settings.redis_url, max_connections=settings.redis_max_connections)
+        # A node that stops answering fails its calls after the timeout, and the node's
+        # calls after them at once (gateway/core/cluster.py); the other nodes carry on.
+        return GatewayRedisCluster.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            socket_timeout=settings.redis_timeout_seconds,
+            socket_connect_timeout=settings.redis_timeout_seconds,
+        )
     import redis.asyncio as aioredis
 
     # A burst of requests waits for a connection instead of failing ("Too many connections").
