@@ -7,8 +7,8 @@ below closes a connection whose request head is not complete within
 CREDIT_HTTP_HEADER_TIMEOUT_SECONDS (counted from the connection's opening for its first
 request, from the request's first byte for the next ones on a keep-alive connection), and
 answers 503 (JSON, Retry-After) to the requests of connections opened beyond
-CREDIT_HTTP_MAX_CONNECTIONS, then closes them. Per request it adds one timer armed and
-cancelled on the event loop, as uvicorn already does for keep-alive.
+CREDIT_HTTP_MAX_CONNECTIONS, then closes them. Per request it adds a clock read and
+two method calls (loadtest/server_bench.py measures it).
 
 `run(settings, workers=N)` serves one process, or N uvicorn worker processes sharing the
 socket; each worker then builds its app with `app_from_environment` (Settings read from
@@ -63,9 +63,27 @@ async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": BUSY_BODY})
 
 
+def _sweep_heads(loop: asyncio.AbstractEventLoop, state: Any, timeout: float, period: float) -> None:
+    """Closes the connections of this server whose request head is overdue; re-arms itself
+    while the server has connections (one timer per server, none per request)."""
+    now = loop.time()
+    for conn in list(state.connections):
+        started = getattr(conn, "head_started", None)
+        if started is not None and now - started >= timeout:
+            conn.head_timed_out()
+    state.credit_head_sweep = (
+        loop.call_later(period, _sweep_heads, loop, state, timeout, period) if state.connections else None
+    )
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus a request-head timeout and a connection limit.
-    Reads `credit_header_timeout` and `credit_max_connections` from the uvicorn Config."""
+    Reads `credit_header_timeout` and `credit_max_connections` from the uvicorn Config.
+
+    A connection notes when its pending request head started (`head_started`: the
+    connection's opening, then each request's first byte) and forgets it when the head is
+    complete; one periodic sweep per server closes those past the timeout. Per request that
+    is a clock read, where a timer per request would cost several times more."""
 
     _last_busy_log = 0.0
 
@@ -73,28 +91,32 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().__init__(config, *args, **kwargs)
         self.header_timeout: float = config.credit_header_timeout  # type: ignore[attr-defined]
         self.max_connections: int = config.credit_max_connections  # type: ignore[attr-defined]
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_started: float | None = None
         self.over_limit = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.head_started = self.loop.time()
         if len(self.connections) > self.max_connections:
             self.over_limit = True
             now = time.monotonic()
             if now - GatewayHttpProtocol._last_busy_log > 10:
                 GatewayHttpProtocol._last_busy_log = now
                 log.warning("more than %d open connections: answering 503 to the new ones", self.max_connections)
-        self.head_timer = self.loop.call_later(self.header_timeout, self.head_timed_out)
+        state = self.server_state
+        if getattr(state, "credit_head_sweep", None) is None:
+            period = min(1.0, self.header_timeout / 4)
+            state.credit_head_sweep = self.loop.call_later(  # type: ignore[attr-defined]
+                period, _sweep_heads, self.loop, state, self.header_timeout, period
+            )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self.head_timer is None:
-            self.head_timer = self.loop.call_later(self.header_timeout, self.head_timed_out)
+        if self.head_started is None:
+            self.head_started = self.loop.time()
 
     def on_headers_complete(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_started = None
         if not self.over_limit:
             super().on_headers_complete()
             return
@@ -105,15 +127,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         finally:
             self.app = app
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
-        super().connection_lost(exc)
-
     def head_timed_out(self) -> None:
         # No answer: the client has not finished asking (slowloris, or a stalled client).
-        self.head_timer = None
+        self.head_started = None
         if not self.transport.is_closing():
             self.transport.close()
 
