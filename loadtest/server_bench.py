@@ -6,7 +6,9 @@ limit) costs per request, against uvicorn's own httptools protocol.
 A measuring script, not a test. Two uvicorn processes serve the same trivial ASGI app (a
 few bytes of JSON: the protocol's share of the work is as large as it gets), one with
 http="httptools", one with the gateway's protocol and its settings; a load generator
-(aiohttp, keep-alive connections, this process) drives them in interleaved rounds. It also
+(aiohttp, keep-alive connections, this process) drives them in interleaved rounds, and each
+server's CPU time per request is read from /proc (less sensitive to the shared machine's
+noise than requests/s). It also
 times the added code alone, and a timer per request (the design it avoids), on uvloop.
 """
 
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import socket
 import statistics
 import sys
@@ -57,7 +60,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def load(port: int, seconds: float, conns: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(port: int, seconds: float, conns: int) -> tuple[float, int]:
     done = 0
     stop = time.perf_counter() + seconds
     url = f"http://127.0.0.1:{port}/"
@@ -71,7 +80,7 @@ async def load(port: int, seconds: float, conns: int) -> float:
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(conns)))
-        return done / (time.perf_counter() - t0)
+        return done / (time.perf_counter() - t0), done
 
 
 def added_code_cost(n: int = 200_000) -> dict[str, float]:
@@ -142,14 +151,21 @@ def main() -> None:
         p.start()
     time.sleep(3)
     try:
+        pids = dict(zip(ports, (p.pid for p in procs)))
         rates: dict[str, list[float]] = {k: [] for k in ports}
+        cpu_us: dict[str, list[float]] = {k: [] for k in ports}  # server CPU per request: less noisy
         for name, port in ports.items():  # warm-up, discarded
             asyncio.run(load(port, 1, a.conns))
         for r in range(a.rounds):
             order = list(ports.items()) if r % 2 == 0 else list(reversed(ports.items()))
             for name, port in order:
-                rates[name].append(asyncio.run(load(port, a.seconds, a.conns)))
-        out = {name: {"median_rps": round(statistics.median(v)), "rounds": [round(x) for x in v]}
+                c0 = cpu_seconds(pids[name])
+                rps, n = asyncio.run(load(port, a.seconds, a.conns))
+                rates[name].append(rps)
+                cpu_us[name].append((cpu_seconds(pids[name]) - c0) / n * 1e6)
+        out = {name: {"median_rps": round(statistics.median(v)), "rounds": [round(x) for x in v],
+                      "median_server_cpu_us_per_request": round(statistics.median(cpu_us[name]), 1),
+                      "cpu_rounds": [round(x, 1) for x in cpu_us[name]]}
                for name, v in rates.items()}
         out["ratio gateway / uvicorn (per-round medians)"] = round(
             statistics.median(g / u for g, u in zip(rates["gateway protocol"], rates["uvicorn httptools"])), 3)
