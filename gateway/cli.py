@@ -1,43 +1,91 @@
-"""`credit-gateway serve | worker | reconcile | rehydrate`: a thin shell over the runners."""
+"""`credit-gateway serve | keys | worker | reconcile | rehydrate | mock-upstream`: a thin shell over the runners."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import logging
-import secrets
 import sys
 
 
-from .core.settings import load_settings
+from .core.settings import Settings, load_settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .api.app import create_app
+    from .server import run
 
     settings = load_settings()
     if args.host:
         settings.host = args.host
     if args.port:
         settings.port = args.port
-    if not settings.admin_keys:
-        if settings.embedded:
-            # Never open admin routes: make a key for this run and show it once.
-            key = secrets.token_urlsafe(32)
-            settings.admin_keys = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-            print(f"No CREDIT_ADMIN_KEYS set: generated an admin key for this run (shown once):\n  {key}", flush=True)
-        else:
-            print("No CREDIT_ADMIN_KEYS set: the admin API refuses every request.", file=sys.stderr, flush=True)
+    if args.workers < 1:
+        raise SystemExit("--workers must be at least 1")
     if settings.embedded:
+        if args.workers > 1:
+            raise SystemExit("embedded mode keeps Redis inside the serve process: one process only "
+                             "(set CREDIT_REDIS_URL to run several workers)")
+        _embedded_keys(settings)
         print(
             "Embedded mode (no CREDIT_REDIS_URL): in-process Redis and the worker run in this process; "
             f"the durable record is SQLite at {settings.sqlite_path}.",
             flush=True,
         )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
+    elif not settings.admin_keys:
+        print("No CREDIT_ADMIN_KEYS set: the admin API refuses every request.", file=sys.stderr, flush=True)
+    run(settings, workers=args.workers, log_level=args.log_level)
+    return 0
+
+
+def _embedded_keys(settings: Settings) -> None:
+    """Keys for embedded mode: from the environment, else from the keys file (made and
+    shown once on the first start). Never opens admin routes without a key."""
+    from .embedded_keys import KeysFileError, ensure_keys
+
+    try:
+        keys = ensure_keys(settings)
+    except (KeysFileError, OSError) as exc:
+        raise SystemExit(str(exc)) from exc
+    if keys.generated:
+        lines = [f"  {kind} key: {'':<{7 - len(kind)}}{key}" for kind, key in keys.generated.items()]
+        print(
+            "Generated keys (shown this once; only their SHA-256 digests are kept, in "
+            f"{keys.path.resolve()}):\n" + "\n".join(lines),
+            flush=True,
+        )
+    if keys.from_file:
+        print(
+            f"Using the {' and '.join(keys.from_file)} key digests kept in {keys.path.resolve()} (the keys were shown "
+            "at the first start; `credit-gateway keys --new`, or deleting that file, makes new ones).",
+            flush=True,
+        )
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .embedded_keys import KINDS, KeysFileError, keys_file, read_keys_file, replace_keys
+
+    settings = load_settings()
+    if not settings.embedded:
+        raise SystemExit("keys are CREDIT_ADMIN_KEYS / CREDIT_CLIENT_KEYS outside embedded mode; "
+                         "this command manages embedded mode's keys file")
+    try:
+        if args.new:
+            kinds = list(KINDS) if args.new == "all" else [args.new]
+            made = replace_keys(settings, kinds)
+            print(f"New keys (shown this once; their digests replace the old ones in {keys_file(settings)}):")
+            for kind, key in made.items():
+                print(f"  {kind} key: {'':<{7 - len(kind)}}{key}")
+            print("Restart `credit-gateway serve` to use them; the old ones stop working then.")
+            return 0
+        stored = read_keys_file(keys_file(settings))
+    except (KeysFileError, OSError) as exc:
+        raise SystemExit(str(exc)) from exc
+    print(f"keys file: {keys_file(settings)}" + ("" if stored else " (none yet: `serve` makes it)"))
+    for kind in KINDS:
+        env = getattr(settings, f"{kind}_keys")
+        source = "CREDIT_" + kind.upper() + "_KEYS (wins over the file)" if env else (
+            f"{len(stored[kind])} digest(s) in the file" if kind in stored else "none")
+        print(f"  {kind}: {source}")
     return 0
 
 
@@ -99,6 +147,12 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(_with_engine(run))
 
 
+def _mock_upstream(args: argparse.Namespace) -> int:
+    from .devtools.mock_upstream import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="credit-gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--log-level", default="info")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the port (needs CREDIT_REDIS_URL; settings from the environment)")
     p.set_defaults(fn=cmd_serve)
+    p = sub.add_parser("keys", help="embedded mode's keys file: where it is, or --new keys")
+    p.add_argument("--new", nargs="?", const="all", choices=["admin", "client", "all"],
+                   help="make new keys (default: both) and show them once")
+    p.set_defaults(fn=cmd_keys)
+    p = sub.add_parser("mock-upstream", help="a mock LLM upstream (OpenAI and Anthropic routes) for trying the gateway")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=9100)
+    p.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
+    p.set_defaults(fn=_mock_upstream)
     p = sub.add_parser("worker", help="persist events from Redis to the store")
     p.add_argument("--burst", action="store_true", help="drain every stream, then exit")
     p.set_defaults(fn=cmd_worker)

@@ -4,7 +4,7 @@ proxy (same HTTP stack), and through the gateway with full metering, in the same
     .venv/bin/python loadtest/proxy_bench.py [--seconds 8] [--json out.json]
 
 A measuring script, not a test. It starts its own redis-server, the fake upstream
-(tests/support/fake_upstream.py), the passthrough (loadtest/passthrough.py) and the gateway
+(gateway/devtools/mock_upstream.py), the passthrough (loadtest/passthrough.py) and the gateway
 (`credit-gateway serve`, one uvicorn process each), then for each target and for
 non-streaming and streaming chat completions measures requests/s and p50/p99 latency at 64
 concurrent connections, and latency at 2 connections (the gateway's added latency is its
@@ -110,7 +110,7 @@ async def main(cfg: argparse.Namespace) -> dict:
         procs.append(subprocess.Popen([shutil.which("redis-server"), "--port", str(rport), "--save", "",
                                        "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL))
         wait_port(rport)
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.support.fake_upstream", "--port", str(uport),
+        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.devtools.mock_upstream", "--port", str(uport),
                                        "--no-record"], cwd=REPO, env=env))
         upstream = f"http://127.0.0.1:{uport}"
         procs.append(subprocess.Popen([sys.executable, str(REPO / "loadtest" / "passthrough.py"), upstream,

@@ -4,21 +4,21 @@ fakeredis and SQLite. (fakeredis is the embedded engine here, not a stand-in for
 from __future__ import annotations
 
 import asyncio
-import os
+import hashlib
+import json
 import re
-import signal
-import socket
+import stat
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
+import pytest
 
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
-
-REPO = Path(__file__).resolve().parents[1]
+from gateway.embedded_keys import KeysFileError, ensure_keys
+from tests.support.serve_process import clean_env, serve
 ADMIN = "admin-" + "e" * 40
 CLIENT = "client-" + "e" * 40
 
@@ -60,35 +60,96 @@ async def test_embedded_app_persists_through_its_in_process_worker_and_survives_
     assert len((tmp_path / "a.jsonl").read_text().splitlines()) >= 2
 
 
-def test_serve_without_configuration_says_embedded_and_prints_a_working_admin_key(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_")}
-    env.update(CREDIT_SQLITE_PATH=str(tmp_path / "serve.db"), CREDIT_AUDIT_PATH=str(tmp_path / "serve.jsonl"),
-               PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+def _keys_shown(output: str) -> dict[str, str]:
+    return dict(re.findall(r"^\s+(admin|client) key:\s+(\S{40,})\s*$", output, re.M))
+
+
+def test_serve_without_keys_makes_admin_and_client_keys_once_and_they_survive_a_restart(tmp_path):
+    env = clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "serve.db"), CREDIT_AUDIT_PATH=str(tmp_path / "serve.jsonl"))
+    keyfile = tmp_path / "serve.db.keys"
+
+    # First start: both keys generated, shown once, only their digests kept (owner-only file).
+    proc, port = serve(env, tmp_path)
     try:
-        out = []
-        key = None
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            out.append(line)
-            m = re.match(r"^\s+(\S{40,})\s*$", line)
-            if m:
-                key = m.group(1)
-            if "Uvicorn running" in line or "Application startup complete" in line:
-                break
-        text = "".join(out)
-        assert "Embedded mode" in text and key, text
+        keys = _keys_shown(proc.output)
+        assert "Embedded mode" in proc.output and set(keys) == {"admin", "client"}, proc.output
+        admin = {"Authorization": f"Bearer {keys['admin']}"}
+        user = {"Authorization": f"Bearer {keys['client']}", "X-User-Id": "newcomer"}
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
-            assert c.get("/healthz").status_code == 200
             assert c.get("/readyz").status_code == 200
             assert c.get("/admin/accounts/x").status_code == 401
-            r = c.post("/admin/accounts/x/grants", json={"amount": "1"}, headers={"Authorization": f"Bearer {key}"})
+            assert c.post("/admin/accounts/newcomer/grants", json={"amount": "5"}, headers=admin).status_code == 201
+            r = c.post("/credits/holds", json={"amount": "2", "hold_id": "first"}, headers=user)
             assert r.status_code == 201, r.text
+            assert c.get("/credits/balance", headers={"Authorization": f"Bearer {keys['admin']}",
+                                                      "X-User-Id": "newcomer"}).status_code == 401
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(20)
+        first_output = proc.stop()
+    assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
+    kept = json.loads(keyfile.read_text())
+    assert kept == {kind: ["sha256:" + hashlib.sha256(k.encode()).hexdigest()] for kind, k in keys.items()}
+    assert first_output.count(keys["admin"]) == 1 and first_output.count(keys["client"]) == 1
+
+    # Restart: the same keys work; neither is printed again; the output says where the digests are.
+    proc, port = serve(env, tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            r = c.post("/credits/holds/first/settle", json={"amount": "1"}, headers=user)
+            assert r.status_code == 200 and r.json()["available"] == "4.000000", r.text
+            assert c.get("/admin/accounts/newcomer", headers=admin).json()["available"] == "4.000000"
+    finally:
+        second_output = proc.stop()
+    assert keys["admin"] not in second_output and keys["client"] not in second_output
+    assert not _keys_shown(second_output)
+    assert str(keyfile) in second_output and "credit-gateway keys --new" in second_output
+    assert json.loads(keyfile.read_text()) == kept
+
+
+def test_configured_keys_win_over_the_keys_file_and_keys_new_replaces_them(tmp_path):
+    env = clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "k.db"), CREDIT_AUDIT_PATH="")
+    proc, _ = serve(env, tmp_path)
+    old = _keys_shown(proc.stop())
+    assert set(old) == {"admin", "client"}
+
+    out = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "--new", "admin"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, check=True).stdout
+    new = _keys_shown(out)
+    assert set(new) == {"admin"} and new["admin"] != old["admin"]
+
+    configured_client = "configured-client-" + "c" * 30
+    proc, port = serve({**env, "CREDIT_CLIENT_KEYS": configured_client}, tmp_path)
+    try:
+        assert not _keys_shown(proc.output)
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            def grant(key):
+                return c.post("/admin/accounts/u/grants", json={"amount": "1"},
+                              headers={"Authorization": f"Bearer {key}"}).status_code
+
+            def balance(key):
+                return c.get("/credits/balance", headers={"Authorization": f"Bearer {key}", "X-User-Id": "u"}).status_code
+
+            assert grant(old["admin"]) == 401 and grant(new["admin"]) == 201
+            assert balance(old["client"]) == 401 and balance(configured_client) == 200
+    finally:
+        output = proc.stop()
+    assert new["admin"] not in output
+    listing = subprocess.run([sys.executable, "-m", "gateway.cli", "keys"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout
+    assert "k.db.keys" in listing and new["admin"] not in listing and old["client"] not in listing
+
+
+def test_a_malformed_keys_file_stops_serve_with_a_message_naming_it(tmp_path):
+    settings = Settings(sqlite_path=str(tmp_path / "m.db"))
+    (tmp_path / "m.db.keys").write_text('{"admin": ["not-a-digest"]}')
+    with pytest.raises(KeysFileError, match="m.db.keys"):
+        ensure_keys(settings)
+    # A kind configured in the environment needs nothing from the file.
+    settings = Settings(sqlite_path=str(tmp_path / "m.db"), admin_keys=ADMIN, client_keys=CLIENT)
+    assert ensure_keys(settings).generated == {}
+
+
+def test_serve_refuses_several_workers_in_embedded_mode(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--workers", "2"], cwd=tmp_path,
+                       env=clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "w.db")), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and "one process only" in r.stderr

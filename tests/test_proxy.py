@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
-from tests.support.fake_upstream import FakeUpstream
+from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
 from worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]

@@ -140,6 +140,10 @@ def create_app(
             services.proxy = MeteringProxy(
                 engine, proxy_config, services.pricing, Identity(services.client_keys, services.api_keys), session
             )
+            from ..proxy.summary import summary_lines
+
+            for line in summary_lines(proxy_config):
+                log.info("%s", line)
         watch = None
         if in_process_worker:
             from worker.service import build_worker

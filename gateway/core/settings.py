@@ -94,6 +94,14 @@ class Settings(BaseSettings):
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = 8000
+    # Connection limits of `serve` (gateway/server.py, docs/serving.md).
+    http_header_timeout_seconds: float = Field(
+        10.0, gt=0, description="a connection whose request head is not complete by then is closed"
+    )
+    http_keepalive_seconds: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    http_max_connections: int = Field(
+        0, ge=0, description="open connections beyond it are answered 503; 0 = from the open-file limit"
+    )
 
     @field_validator("admin_keys", "client_keys")
     @classmethod

@@ -19,7 +19,7 @@ import uvicorn
 
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
-from tests.support.fake_upstream import FakeUpstream
+from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
 
 
 async def main(redis_url: str, workdir: str, user: str, funds: str, n: int, config_template: str,

@@ -1,4 +1,6 @@
-"""A fake LLM upstream (OpenAI and Anthropic shapes, JSON and SSE) for tests and benchmarks.
+"""A mock LLM upstream (OpenAI and Anthropic shapes, JSON and SSE): for trying the gateway
+out without an LLM account (`credit-gateway mock-upstream --port 9100`), and for the tests
+and benchmarks. It answers every model with a few "tok " tokens and reports usage.
 
 Each request may steer it with headers (the gateway forwards them like any other):
   X-Fake-Status: 500           answer this HTTP status with an error body, before any output
@@ -13,7 +15,7 @@ Each request may steer it with headers (the gateway forwards them like any other
   X-Fake-No-Usage: 1           never report usage
 GET /_requests lists what it received (method, path, headers, body); DELETE /_requests clears.
 
-    python -m tests.support.fake_upstream --port 9100
+    credit-gateway mock-upstream --port 9100        (or: python -m gateway.devtools.mock_upstream)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _choices(path: str, body: dict) -> tuple[int, int]:
     return n, max(n, best_of)
 
 
-class FakeUpstream:
+class MockUpstream:
     def __init__(self, record: bool = True) -> None:
         self.requests: list[dict[str, Any]] = []
         self.record = record
@@ -112,9 +114,9 @@ class FakeUpstream:
         status = int(h.get("X-Fake-Status", "200"))
         if status >= 400:
             if anthropic:
-                err = {"type": "error", "error": {"type": "api_error", "message": "fake upstream failure"}}
+                err = {"type": "error", "error": {"type": "api_error", "message": "mock upstream failure"}}
             else:
-                err = {"error": {"message": "fake upstream failure", "type": "server_error", "code": None}}
+                err = {"error": {"message": "mock upstream failure", "type": "server_error", "code": None}}
             return web.json_response(err, status=status)
         try:
             body = json.loads(raw or b"{}")
@@ -251,14 +253,20 @@ class _Drop(Exception):
     pass
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="fake LLM upstream")
+def run(args: argparse.Namespace) -> int:
+    mock = MockUpstream(record=not args.no_record)
+    print(f"mock LLM upstream on http://{args.host}:{args.port} (OpenAI and Anthropic routes, any model)", flush=True)
+    web.run_app(mock.app, host=args.host, port=args.port, access_log=None, print=lambda *_: None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="mock LLM upstream")
+    parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
-    args = parser.parse_args()
-    fake = FakeUpstream(record=not args.no_record)
-    web.run_app(fake.app, host="127.0.0.1", port=args.port, access_log=None, print=lambda *_: None)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Tools for trying the gateway out and testing it: the mock LLM upstream."""
