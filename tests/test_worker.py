@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.core import errors
 from gateway.core.events import decode
 from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.store.sqlite import SQLiteStore
@@ -382,3 +383,30 @@ async def test_a_failing_node_does_not_stop_the_reads_of_the_others(engine, stor
     w.redis = engine.redis  # the node is back: its entries were never lost
     got = await w._read(">")
     assert [json.loads(f[b"e"])["u"] for _, _, f in got] == [users[0]]
+
+
+async def test_a_growing_backlog_raises_an_alert_before_holds_are_refused(engine, store, caplog):
+    import logging
+
+    engine.max_backlog = 8
+    user = "backlogged"
+    await engine.grant(user, "10", op_id="g")
+    w = Worker(engine, store)
+    await w.ensure_groups()
+    caplog.set_level(logging.INFO, logger="credit.worker")
+    await w.trim()
+    assert "backlog" not in caplog.text  # one event: below half the limit
+    for i in range(3):  # 4 events: half of 8
+        await engine.reserve(user, "1", hold_id=f"a{i}", ttl_seconds=60)
+    await w.trim()
+    assert "past half of CREDIT_MAX_BACKLOG" in caplog.text
+    for i in range(4):  # 8 events: the limit
+        await engine.reserve(user, "1", hold_id=f"b{i}", ttl_seconds=60)
+    await w.trim()
+    assert "reached CREDIT_MAX_BACKLOG" in caplog.text
+    with pytest.raises(errors.BacklogFull):
+        await engine.reserve(user, "1", hold_id="c", ttl_seconds=60)
+    await w.run(burst=True)  # the store catches up: stored, trimmed, the alert clears
+    await w.trim()
+    assert "backlog down to" in caplog.text
+    await engine.reserve(user, "1", hold_id="c", ttl_seconds=60)

@@ -98,6 +98,7 @@ class Worker:
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
         self._faults: dict[tuple[int, str], str] = {}  # (partition, job) -> the error logged
+        self._backlog_alerts: dict[int, int] = {}  # partition -> 1 (past half the limit), 2 (at it)
 
     # -- faults of one partition -------------------------------------------------------
 
@@ -111,6 +112,27 @@ class Worker:
     def _healed(self, p: int, job: str) -> None:
         if self._faults.pop((p, job), None) is not None:
             log.info("partition %d: %s works again", p, job)
+
+    def _watch_backlog(self, p: int, entries: int) -> None:
+        """The alert on a partition's backlog (what is left in its stream after trimming: not
+        yet stored): a warning past half the engine's limit, an error at the limit (new holds
+        on the partition are refused then), once each until it is back below a quarter."""
+        limit = self.engine.max_backlog
+        if not limit:
+            return
+        level = 2 if entries >= limit else 1 if entries * 2 >= limit else 0
+        was = self._backlog_alerts.get(p, 0)
+        if level > was:
+            self._backlog_alerts[p] = level
+            if level == 2:
+                log.error("partition %d: backlog of %d events reached CREDIT_MAX_BACKLOG (%d): new holds are "
+                          "refused (503 backlog_full) until the store catches up", p, entries, limit)
+            else:
+                log.warning("partition %d: backlog of %d events is past half of CREDIT_MAX_BACKLOG (%d): is the "
+                            "store slow or down?", p, entries, limit)
+        elif was and entries * 4 < limit:
+            del self._backlog_alerts[p]
+            log.info("partition %d: backlog down to %d events", p, entries)
 
     # -- setup -------------------------------------------------------------------------
 
@@ -310,6 +332,7 @@ class Worker:
             try:
                 removed += await self._trim_one(s)
                 self._healed(p, "trimming")
+                self._watch_backlog(p, await self.redis.xlen(s))
             except Exception as exc:  # noqa: BLE001 - this partition's alone
                 if not _no_key(exc):  # no stream: nothing to trim
                     self._fault(p, "trimming", exc)
