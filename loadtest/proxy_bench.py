@@ -118,7 +118,10 @@ async def main(cfg: argparse.Namespace) -> dict:
         (Path(work) / "gw.toml").write_text(CONFIG.format(url=upstream))
         genv = {**env, "CREDIT_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "CREDIT_CLIENT_KEYS": CLIENT,
                 "CREDIT_ADMIN_KEYS": "admin-" + "a" * 40, "CREDIT_GATEWAY_CONFIG": f"{work}/gw.toml",
-                "CREDIT_SQLITE_PATH": f"{work}/gw.db", "CREDIT_AUDIT_PATH": ""}
+                "CREDIT_SQLITE_PATH": f"{work}/gw.db", "CREDIT_AUDIT_PATH": "",
+                # No worker drains the streams here, so no backlog limit either (a real
+                # deployment's worker keeps the backlog near zero).
+                "CREDIT_MAX_BACKLOG": "0"}
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport),
                                        "--log-level", "warning"], cwd=work, env=genv))
         for p in (rport, uport, pport, gport):

@@ -212,3 +212,35 @@ def test_usage_counts_that_are_not_numbers_count_nothing_and_never_raise():
     meter = StreamMeter("openai")
     meter.feed('{"choices":[],"usage":{"prompt_tokens":Infinity,"completion_tokens":3}}')  # json's extension
     assert meter.usage.input == 0 and meter.usage.output == 3
+
+
+def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budget():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from gateway.core.pricing import ModelPrice, Usage
+    from gateway.proxy.forward import Call, _CreditCap, _usage_so_far
+    from gateway.proxy.usage import StreamMeter
+    from gateway.proxy.worst_case import OutputPlan
+
+    @settings(max_examples=300, deadline=None)
+    @given(pin=st.integers(0, 5_000_000), pout=st.integers(0, 20_000_000), fee=st.integers(0, 5000),
+           est=st.integers(0, 3000), budget=st.integers(0, 200_000), cpt=st.integers(1, 6),
+           deltas=st.lists(st.integers(1, 40), max_size=60), start_in=st.none() | st.integers(0, 5000))
+    def check(pin, pout, fee, est, budget, cpt, deltas, start_in):
+        price = ModelPrice(pin, pout, pin // 2, fee)
+        call = Call("r", "u", "anthropic", "/v1/messages", "m", price, None, {}, est, OutputPlan(None), 100,
+                    budget_units=budget)
+        meter = StreamMeter("anthropic")
+        if start_in is not None:  # the real prompt, reported at the start
+            meter.feed('{"type":"message_start","message":{"usage":{"input_tokens":%d,"output_tokens":1}}}' % start_in)
+        cap = _CreditCap(call, meter, cpt)
+        for n in deltas:
+            meter.feed('{"type":"content_block_delta","delta":{"type":"text_delta","text":"%s"}}' % ("x" * n))
+            exact = price.cost(_usage_so_far(call, meter, cpt)) > budget
+            assert cap.passed(meter) == exact
+            if exact:
+                break
+
+    check()
+    assert ModelPrice(2_000_000, 3_000_000, 1_000_000, 7).output_tokens_within(7 + 20, Usage(input=5)) == 3

@@ -46,6 +46,16 @@ class ModelPrice:
             return 1 << 31
         return (left * 1_000_000) // self.output
 
+    def output_tokens_within(self, budget: int, u: Usage) -> int:
+        """The most output tokens that cost, beside `u`'s input (its output ignored), at most
+        `budget` micro-credits in all; -1 when the input alone costs more. Exact:
+        cost(u with k output tokens) <= budget exactly when k <= this."""
+        uncached = max(u.input - u.cached_input, 0) + u.cache_write
+        room = (budget - self.request) * 1_000_000 - (uncached * self.input + u.cached_input * self.cached_input)
+        if room < 0:
+            return -1
+        return room // self.output if self.output else 1 << 62
+
     def to_json(self) -> dict[str, Any]:
         out = {
             "input": str(from_units(self.input)),

@@ -355,6 +355,7 @@ class MeteringProxy:
 
     async def _stream(self, call: Call, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         meter = StreamMeter(call.kind)
+        cap = _CreditCap(call, meter, self.config.chars_per_token) if self.config.hard_cap else None
         done = False
         try:
             buf = b""
@@ -372,7 +373,7 @@ class MeteringProxy:
                     if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
                         continue  # the usage chunk we asked for on the client's behalf
                     out.append(event)
-                    if self.config.hard_cap and self._cost_so_far(call, meter) > call.budget_units:
+                    if cap is not None and cap.passed(meter):
                         yield b"".join(out)  # up to and including the event that reached the cap
                         raise _HardCap()
                 if out:
@@ -405,20 +406,6 @@ class MeteringProxy:
                 resp.close()
                 self.settler.spawn(self._settle_counted(call, meter))
 
-    def _usage_of(self, call: Call, meter: StreamMeter) -> Usage:
-        u = meter.usage
-        counted = _ceil_div(meter.text_chars, self.config.chars_per_token)
-        if u is None:
-            return Usage(input=call.est_input, output=counted)
-        if not meter.final:
-            # Usage known so far (Anthropic's message_start): output from what was streamed.
-            return Usage(input=u.input, output=max(u.output, counted), cached_input=u.cached_input,
-                         cache_write=u.cache_write)
-        return u
-
-    def _cost_so_far(self, call: Call, meter: StreamMeter) -> int:
-        return call.price.cost(self._usage_of(call, meter))  # per event: the cheap estimate
-
     async def _final_usage(self, call: Call, meter: StreamMeter) -> Usage:
         """The usage to settle a stream at: the upstream's own, else counted in a worker
         thread (a first use loads a vocabulary; a long text takes milliseconds)."""
@@ -427,7 +414,7 @@ class MeteringProxy:
         return await asyncio.to_thread(self._counted_usage, call, meter)
 
     def _counted_usage(self, call: Call, meter: StreamMeter) -> Usage:
-        """_usage_of with the model's tokenizer where it is known: the streamed text, and the
+        """_usage_so_far with the model's tokenizer where it is known: the streamed text, and the
         prompt when no usage came at all; the size estimates where it is not."""
         u = meter.usage
         output = meter.output_tokens(lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token)
@@ -609,6 +596,49 @@ def _credits(units: int | None) -> str:
 
 class _HardCap(Exception):
     pass
+
+
+def _usage_so_far(call: Call, meter: StreamMeter, chars_per_token: int) -> Usage:
+    """The usage of a stream so far, cheaply: what the upstream reported, with the output
+    estimated from the streamed text until its final usage arrives."""
+    u = meter.usage
+    counted = _ceil_div(meter.text_chars, chars_per_token)
+    if u is None:
+        return Usage(input=call.est_input, output=counted)
+    if not meter.final:
+        # Usage known so far (Anthropic's message_start): output from what was streamed.
+        return Usage(input=u.input, output=max(u.output, counted), cached_input=u.cached_input,
+                     cache_write=u.cache_write)
+    return u
+
+
+class _CreditCap:
+    """The hard cap of one stream: has the cost of what it streamed passed the call's budget
+    (the hold plus the credit free beside it)? Checked after every event, so cheaply: with
+    the usage known so far, the streamed text may grow to `chars` before the cost can pass
+    the budget, and the cost is computed only past that or when new usage arrives."""
+
+    __slots__ = ("call", "cpt", "chars", "usage")
+
+    def __init__(self, call: Call, meter: StreamMeter, chars_per_token: int) -> None:
+        self.call, self.cpt = call, chars_per_token
+        self._bound(meter)
+
+    def passed(self, meter: StreamMeter) -> bool:
+        if meter.text_chars <= self.chars and meter.usage is self.usage:
+            return False
+        if self.call.price.cost(_usage_so_far(self.call, meter, self.cpt)) > self.call.budget_units:
+            return True
+        self._bound(meter)
+        return False
+
+    def _bound(self, meter: StreamMeter) -> None:
+        u = self.usage = meter.usage
+        if u is not None and meter.final:  # the upstream's own total: the text no longer counts
+            self.chars = 1 << 62
+            return
+        known = Usage(input=self.call.est_input) if u is None else u
+        self.chars = self.call.price.output_tokens_within(self.call.budget_units, known) * self.cpt
 
 
 def _event_end(buf: bytes) -> tuple[int, int]:
