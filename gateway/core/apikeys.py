@@ -22,6 +22,7 @@ from typing import Any
 from .channel import Subscription
 from .errors import StateLost
 from .keys import KeySpace
+from .pipelined import write_pipelined
 from .store.base import ApiKeyRecord, Store
 
 log = logging.getLogger("credit.apikeys")
@@ -145,17 +146,11 @@ async def restore_api_keys(redis: Any, keys: KeySpace, store: Store, partitions:
                            *, batch: int = 1000) -> int:
     """Writes the store's live keys of the given partitions back to Redis (rehydrate), in
     pipelines of `batch`."""
-    n = 0
-    pipe = redis.pipeline(transaction=False)
-    queued = 0
-    async for rec in store.active_api_keys():
-        if keys.api_key_partition(rec.digest) in partitions:
-            # NX: never over a revocation's tombstone written since the store was read.
-            pipe.set(keys.api_key(rec.digest), f"{rec.user}\n{rec.key_id}", nx=True)
-            queued += 1
-            if queued == batch:
-                await pipe.execute()
-                n, queued = n + queued, 0
-    if queued:
-        await pipe.execute()
-    return n + queued
+    def queue(pipe: Any, rec: ApiKeyRecord) -> bool:
+        if keys.api_key_partition(rec.digest) not in partitions:
+            return False
+        # NX: never over a revocation's tombstone written since the store was read.
+        pipe.set(keys.api_key(rec.digest), f"{rec.user}\n{rec.key_id}", nx=True)
+        return True
+
+    return await write_pipelined(redis, store.active_api_keys(), queue, batch)

@@ -12,6 +12,7 @@ from typing import Any
 
 from .errors import StateLost
 from .keys import KeySpace
+from .pipelined import write_pipelined
 from .store.base import RateLimitOverride, Store
 
 MAX_LIMIT = 10**12
@@ -61,16 +62,10 @@ async def restore_rate_limits(redis: Any, keys: KeySpace, store: Store, partitio
                               *, batch: int = 1000) -> int:
     """Writes the store's overrides of the given partitions back to Redis (rehydrate), in
     pipelines of about `batch` accounts."""
-    n = 0
-    pipe = redis.pipeline(transaction=False)
-    queued = 0
-    async for o in store.all_rate_limits():
-        if keys.partition_of(o.user) in partitions:
-            _queue(pipe, keys, o)
-            queued += 1
-            if queued == batch:
-                await pipe.execute()
-                n, queued = n + queued, 0
-    if queued:
-        await pipe.execute()
-    return n + queued
+    def queue(pipe: Any, o: RateLimitOverride) -> bool:
+        if keys.partition_of(o.user) not in partitions:
+            return False
+        _queue(pipe, keys, o)
+        return True
+
+    return await write_pipelined(redis, store.all_rate_limits(), queue, batch)
