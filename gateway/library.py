@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .core.engine import CreditEngine
 from .core.errors import AccountInDebt, BacklogFull, CreditError, HoldExpired, InsufficientCredits, StateLost
-from .core.keys import InvalidId, check_id
+from .core.keys import LIBRARY_HOLD_PREFIX, InvalidId, check_id
 from .core.money import AmountError, from_units, to_units
 from .core.pricing import PricingTable, Usage
 from .core.settings import Settings
@@ -397,7 +397,7 @@ class CreditMiddleware:
                 await send(m)
             return
         settler = self.settler_for(engine)
-        hold_id = f"lib-{uuid.uuid4().hex}"
+        hold_id = f"{LIBRARY_HOLD_PREFIX}{uuid.uuid4().hex}"
         expires_at_ms = await self._reserve(engine, settler, user, hold_id)
         if not isinstance(expires_at_ms, int):
             for m in expires_at_ms:

@@ -199,3 +199,12 @@ async def test_ledger_details_are_credits_not_micro_units(api):
     repaid = [e for e in entries if e["type"] == "grant" and e["details"]["debt_repaid"] != "0.000000"]
     assert repaid and repaid[0]["details"]["debt_repaid"] == "1.500000"
     assert repaid[0]["details"]["seq"].isdigit()  # not an amount: left alone
+
+
+@pytest.mark.parametrize("hold_id", [".", "..", ".hidden"])
+async def test_ids_cannot_start_with_a_dot_which_clients_normalise_away_in_paths(hold_id):
+    from gateway.core.keys import InvalidId, check_id
+
+    with pytest.raises(InvalidId):
+        check_id("hold_id", hold_id)
+    assert check_id("hold_id", "a.b..c") == "a.b..c"

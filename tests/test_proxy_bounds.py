@@ -244,3 +244,27 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
 
     check()
     assert ModelPrice(2_000_000, 3_000_000, 1_000_000, 7).output_tokens_within(7 + 20, Usage(input=5)) == 3
+
+
+async def test_a_users_own_key_cannot_resolve_the_hold_of_its_proxied_call(gw):
+    # The proxy's hold id is the X-Request-Id the client sees before the body; were the
+    # holds API to release or settle it mid-stream, the stream would run on free.
+    await gw.grant("thief", "1")
+    key = (await gw.services.api_keys.issue("thief")).token
+    h = {"Authorization": f"Bearer {key}"}
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 50, "messages": MSG}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/v1/chat/completions", json=body,
+                          headers={**h, "X-Fake-Output-Tokens": "40", "X-Fake-Chunk-Delay-Ms": "20",
+                                   "X-Fake-Input-Tokens": "5"}) as r:
+            rid = r.headers["X-Request-Id"]
+            for action, payload in (("release", None), ("settle", {"amount": "0"})):
+                async with s.post(f"{gw.base}/credits/holds/{rid}/{action}", json=payload, headers=h) as a:
+                    assert a.status == 404 and (await a.json())["error"]["code"] == "hold_not_found"
+            text = (await r.read()).decode()
+        # Nor can the namespace be taken: a hold of the caller's own named like the proxy's.
+        async with s.post(gw.base + "/credits/holds", json={"amount": "0.1", "hold_id": "req_x"}, headers=h) as a:
+            assert a.status == 422 and (await a.json())["error"]["code"] == "invalid_id"
+    assert ": credits charged=0.000085" in text  # 5 input + 40 output x 2
+    b = await gw.balance("thief")
+    assert b.spent == Decimal("0.000085") and b.held == 0

@@ -15,8 +15,21 @@ from dataclasses import dataclass
 # ('|'), no hash-tag braces, no whitespace; no '/', which could not be one path segment
 # (a hold "a/b" could never be settled by URL); '!' is kept for the system's own operation
 # ids (expiry). `ID_PATTERN.pattern` is what the API's schemas and path parameters use.
-ID_CHARS = "letters, digits and _.:@+=~-"
-ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:@+=~-]{1,128}$")
+# Not starting with a dot: "." and ".." are path segments that clients normalise away.
+ID_CHARS = "letters, digits and _.:@+=~-, not starting with a dot"
+ID_PATTERN = re.compile(r"^[A-Za-z0-9_:@+=~-][A-Za-z0-9_.:@+=~-]{0,127}$")
+
+# Holds the gateway places itself while it meters a call: the proxy's (its request ids,
+# `req_<hex>`) and library mode's (`lib-<hex>`). Only the metering that placed such a hold
+# resolves it: the holds API neither creates nor settles nor releases ids beginning so, or
+# a caller (a user with its own key) could release a call's hold and stream for free.
+PROXY_HOLD_PREFIX = "req_"
+LIBRARY_HOLD_PREFIX = "lib-"
+METERED_HOLD_PREFIXES = (PROXY_HOLD_PREFIX, LIBRARY_HOLD_PREFIX)
+
+
+def is_metered_hold(hold_id: str) -> bool:
+    return hold_id.startswith(METERED_HOLD_PREFIXES)
 
 
 class InvalidId(ValueError):

@@ -33,6 +33,7 @@ from ..core.errors import (
     RateLimited,
     StateLost,
 )
+from ..core.keys import PROXY_HOLD_PREFIX
 from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import ModelPrice, Usage
 from ..core.settlement import Settler
@@ -133,7 +134,7 @@ class MeteringProxy:
         # uses request.url as before.
         path = request.scope["path"]
         kind = ANTHROPIC if path in ANTHROPIC_ROUTES else OPENAI
-        request_id = f"req_{uuid.uuid4().hex}"
+        request_id = f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"
         rid = {"X-Request-Id": request_id}
         try:
             user = await self.identity.user_of(request)
@@ -486,7 +487,7 @@ class MeteringProxy:
         is an LLM client, whose SDK reads that format)."""
         path = request.scope["path"]
         kind = ANTHROPIC if path.startswith("/v1/messages") else OPENAI
-        rid = {"X-Request-Id": f"req_{uuid.uuid4().hex}"}
+        rid = {"X-Request-Id": f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"}
         if path in _METERED_ROUTES or self.config.route_for(path) is not None:
             return proxy_error(kind, 405, "method_not_allowed", f"{request.method} is not served on {path}", rid)
         return proxy_error(kind, 404, "route_not_served", f"{request.method} {path} is not served", rid)

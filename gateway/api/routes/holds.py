@@ -1,4 +1,4 @@
-"""Holds for apps that meter their own work: client key + X-User-Id."""
+"""Holds for apps that meter their own work: client key + X-User-Id, or a user's own key."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
-from ...core.keys import ID_PATTERN
+from ...core.errors import HoldNotFound
+from ...core.keys import ID_PATTERN, METERED_HOLD_PREFIXES, is_metered_hold
 from ...core.results import HoldResolution
 from ..deps import ClientCaller, EngineDep, ServicesDep
 from ..body import DecimalRoute
@@ -17,6 +18,13 @@ from ..schemas import Balance, HoldRequest, HoldResponse, ResolutionResponse, Se
 router = APIRouter(prefix="/credits", tags=["holds"], route_class=DecimalRoute, strict_content_type=False)
 
 HoldId = Annotated[str, Path(pattern=ID_PATTERN.pattern)]
+
+
+def _own(hold_id: str) -> str:
+    """A hold of the caller's own: the gateway's metering holds are not resolved here."""
+    if is_metered_hold(hold_id):
+        raise HoldNotFound()
+    return hold_id
 
 
 def _resolution(user: str, r: HoldResolution, response: Response) -> ResolutionResponse:
@@ -33,6 +41,9 @@ async def create_hold(body: HoldRequest, caller: ClientCaller, engine: EngineDep
     """Reserves credits; 402 when the user cannot afford it. Retrying with the same hold_id is safe."""
     if body.ttl_seconds > services.settings.max_hold_ttl_seconds:
         raise ApiError(422, "invalid_request", f"ttl_seconds above the limit of {services.settings.max_hold_ttl_seconds}")
+    if body.hold_id is not None and is_metered_hold(body.hold_id):
+        raise ApiError(422, "invalid_id", f"hold ids beginning with {' or '.join(METERED_HOLD_PREFIXES)} are the "
+                                          "gateway's own (its metered calls)")
     hold_id = body.hold_id or f"h-{uuid.uuid4().hex}"
     h = await engine.reserve(
         caller.user_id, body.amount, hold_id=hold_id, ttl_seconds=body.ttl_seconds,
@@ -50,7 +61,7 @@ async def create_hold(body: HoldRequest, caller: ClientCaller, engine: EngineDep
 async def settle_hold(hold_id: HoldId, body: SettleRequest, caller: ClientCaller, engine: EngineDep, response: Response):
     """Charges the real cost; the rest of the hold returns. Above the hold, see the overage policy."""
     r = await engine.settle(
-        caller.user_id, hold_id, body.amount,
+        caller.user_id, _own(hold_id), body.amount,
         metadata={"description": body.description} if body.description else None,
     )
     return _resolution(caller.user_id, r, response)
@@ -59,7 +70,7 @@ async def settle_hold(hold_id: HoldId, body: SettleRequest, caller: ClientCaller
 @router.post("/holds/{hold_id}/release", response_model=ResolutionResponse)
 async def release_hold(hold_id: HoldId, caller: ClientCaller, engine: EngineDep, response: Response):
     """Cancels the hold; every held credit returns."""
-    return _resolution(caller.user_id, await engine.release(caller.user_id, hold_id), response)
+    return _resolution(caller.user_id, await engine.release(caller.user_id, _own(hold_id)), response)
 
 
 @router.get("/balance", response_model=Balance)
