@@ -36,7 +36,7 @@ from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .core.engine import CreditEngine
-from .core.errors import AccountInDebt, BacklogFull, CreditError, HoldExpired, InsufficientCredits, StateLost
+from .core.errors import AccountInDebt, BacklogFull, CreditError, InsufficientCredits, StateLost
 from .core.keys import LIBRARY_HOLD_PREFIX, InvalidId, check_id
 from .core.money import AmountError, from_units, to_units
 from .core.pricing import PricingTable, Usage
@@ -423,7 +423,8 @@ class CreditMiddleware:
         except RedisError as exc:
             # The hold may exist: give it back once Redis answers (it would expire anyway).
             log.error("reserve of %s for %s not confirmed by Redis: %s", hold_id, user, exc)
-            settler.spawn(_give_back(settler, user, hold_id))
+            until = engine.now_ms() + round(self.ttl_seconds * 1000)  # it expires by itself by then
+            settler.spawn(_give_back(settler, user, hold_id, until))
             return _error(503, "credit_store_unavailable", "the credit store did not answer; retry shortly",
                           {"Retry-After": "1"})
         return hold.expires_at_ms
@@ -441,9 +442,10 @@ class CreditMiddleware:
         return wrapped
 
 
-async def _give_back(settler: Settler, user: str, hold_id: str) -> None:
+async def _give_back(settler: Settler, user: str, hold_id: str, until_ms: int) -> None:
     with contextlib.suppress(CreditError):
-        await settler.release(user, hold_id, metadata={"reason": "reserve_unconfirmed"}, void_if_unknown=True)
+        await settler.release(user, hold_id, metadata={"reason": "reserve_unconfirmed"}, void_if_unknown=True,
+                              until_ms=until_ms)
 
 
 class _MeteredRequest:
@@ -492,21 +494,9 @@ class _MeteredRequest:
             if units == 0 and failed:  # nothing recorded and no answer: nothing to pay for
                 await s.release(self.user, self.hold_id, metadata={**meta, "reason": "handler_failed"})
                 return None
+            # A hold that expired meanwhile (the handler outlived it) is charged as a debit.
             r = await s.settle(self.user, self.hold_id, units, expires_at_ms=self.expires_at_ms, metadata=meta)
             return None if r is None else (r.charged_units, r.state.available_units)
-        except HoldExpired:
-            # The handler outlived the hold: what it recorded is still owed, charged like late usage.
-            if not units:
-                return (0, None)
-            log.warning("hold %s of %s expired before its settle; charging %d micro-credits as a debit",
-                        self.hold_id, self.user, units)
-            try:
-                d = await s.debit(self.user, units, op_id=f"{self.hold_id}-settle", allow_debt=True,
-                                  metadata={**meta, "reason": "hold_expired"})
-            except CreditError as exc:
-                log.error("charging %s of %s after its hold expired failed: %s", self.hold_id, self.user, exc.code)
-                return None
-            return None if d is None else (d.amount_units, d.state.available_units)
         except CreditError as exc:
             log.error("settling %s for %s at %d micro-credits failed: %s %s", self.hold_id, self.user, units,
                       exc.code, exc.details)

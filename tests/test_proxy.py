@@ -546,3 +546,27 @@ async def test_a_full_backlog_refuses_new_holds_with_503(gw):
     status, h, raw = await post(gw, "/v1/chat/completions", body, user="blg")
     assert status == 503 and json.loads(raw)["error"]["code"] == "backlog_full" and h["Retry-After"]
     assert gw.fake.requests == [] and (await gw.balance("blg")).held == 0
+
+
+async def test_a_client_closing_at_done_does_not_cancel_the_streams_settle(gw, monkeypatch):
+    engine = gw.services.engine
+    await gw.grant("zed", "1")
+    real = engine.settle_units
+
+    async def slow_settle(*a, **kw):  # a Redis round trip that takes a moment (or a tokenizer load)
+        await asyncio.sleep(0.3)
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(engine, "settle_units", slow_settle)
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    headers = gw.headers("zed", **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/v1/chat/completions", json=body, headers=headers) as r:
+            seen = b""
+            async for chunk in r.content.iter_any():
+                seen += chunk
+                if b"[DONE]" in seen:
+                    break  # what SDKs do: stop at [DONE] and close
+    await gw.services.proxy.drain()
+    b = await gw.balance("zed")
+    assert b.held == 0 and b.spent == Decimal("0.00002")

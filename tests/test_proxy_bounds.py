@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.core.money import MAX_UNITS
+from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
 from tests.test_proxy import charged, post, running_gateway
 
 LOW_INPUT = {"X-Fake-Input-Tokens": "5"}  # at most the estimate of any body below
@@ -235,8 +236,9 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
         if start_in is not None:  # the real prompt, reported at the start
             meter.feed('{"type":"message_start","message":{"usage":{"input_tokens":%d,"output_tokens":1}}}' % start_in)
         cap = _CreditCap(call, meter, cpt)
-        for n in deltas:
-            meter.feed('{"type":"content_block_delta","delta":{"type":"text_delta","text":"%s"}}' % ("x" * n))
+        for i, n in enumerate(deltas):
+            text = "x" * n if i % 3 else "\u00e9\ud83d\ude00" * (n // 4 + 1)  # ASCII, and text dense in tokens
+            meter.feed('{"type":"content_block_delta","delta":{"type":"text_delta","text":"%s"}}' % text)
             exact = price.cost(_usage_so_far(call, meter, cpt)) > budget
             assert cap.passed(meter) == exact
             if exact:
@@ -268,3 +270,60 @@ async def test_a_users_own_key_cannot_resolve_the_hold_of_its_proxied_call(gw):
     assert ": credits charged=0.000085" in text  # 5 input + 40 output x 2
     b = await gw.balance("thief")
     assert b.spent == Decimal("0.000085") and b.held == 0
+
+
+IGNORING = {"X-Fake-Ignore-Cap": "1", "X-Fake-Input-Tokens": "5", "X-Fake-Chunk-Delay-Ms": "2"}
+
+
+async def test_concurrent_streams_from_an_upstream_ignoring_its_cap_cannot_spend_the_same_credit(gw):
+    # Each stream holds what it may spend: passing it, it must hold more of the free credit
+    # (atomically), not count what was free when it started, which its neighbours count too.
+    await gw.grant("many", "0.000300")
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 20, "messages": MSG}
+    results = await asyncio.gather(*(
+        post(gw, "/v1/chat/completions", body, user="many", **IGNORING, **{"X-Fake-Output-Tokens": "200"})
+        for _ in range(20)
+    ))
+    assert {s for s, _, _ in results} <= {200, 402}
+    assert any(b"stopped at the credit cap" in raw for _, _, raw in results)
+    b = await gw.balance("many")
+    assert b.held == 0 and b.available == 0
+    # At most the one event (a token: 2 micro-credits) that crossed the line, per stream cut.
+    assert b.debt_units <= 2 * sum(b"stopped at the credit cap" in raw for _, _, raw in results)
+
+
+async def test_a_stream_past_its_hold_holds_more_of_a_users_credit_and_is_charged_in_full(gw):
+    await gw.grant("rich", "1")
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 20, "messages": MSG}
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="rich", **IGNORING,
+                                **{"X-Fake-Output-Tokens": "60"})
+    text = raw.decode()
+    assert "stopped at the credit cap" not in text and "[DONE]" in text
+    assert ": credits charged=0.000125" in text  # 5 input + 60 output x 2: the usage, all of it
+    b = await gw.balance("rich")
+    assert (b.spent, b.held, b.debt) == (Decimal("0.000125"), 0, 0)
+    # A runaway is cut after a bounded number of extensions, charged what it streamed.
+    status, h, raw = await post(gw, "/v1/chat/completions", body, user="rich", **IGNORING,
+                                **{"X-Fake-Output-Tokens": "5000"})
+    assert b"stopped at the credit cap" in raw
+    b2 = await gw.balance("rich")
+    assert b2.held == 0 and b2.debt == 0 and b2.spent - b.spent < Decimal("0.001")
+
+
+async def test_text_dense_in_tokens_cannot_slip_under_the_hard_cap(redis, redis_url, tmp_path):
+    from tests.test_proxy import KNOWN_MODELS
+
+    fake = FakeUpstream()
+    url = await fake.start()
+    try:
+        async with running_gateway(redis_url, tmp_path, KNOWN_MODELS.format(url=url), fake=fake) as g:
+            await g.grant("emoji", "0.000100")
+            body = {"model": "gpt-4o", "stream": True, "max_tokens": 20, "messages": MSG}
+            status, h, raw = await post(g, "/v1/chat/completions", body, user="emoji", **IGNORING,
+                                        **{"X-Fake-Output-Tokens": "500", "X-Fake-Token-Text": "%F0%9F%98%80%F0%9F%A6%8A"})
+            assert b"stopped at the credit cap" in raw
+            b = await g.balance("emoji")
+            # Settled on the tokens counted with gpt-4o's tokenizer: within the one event that crossed.
+            assert b.held == 0 and b.debt_units <= 2 * 8
+    finally:
+        await fake.stop()

@@ -8,6 +8,7 @@ retry policy), redis-py with no retries of its own, and the multiplexed client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from urllib.parse import urlsplit
@@ -116,16 +117,29 @@ async def test_a_settle_on_a_partition_being_rebuilt_lands_once_it_is_ready(engi
     await assert_charged_once(direct, "rebuilt", 5_000)
 
 
-async def test_a_settle_never_confirmed_gives_up_before_the_hold_expires_and_says_so(engine_via, direct, flaky,
-                                                                                      caplog):
-    hold = await open_hold(direct, "gone", ttl=1.5)
-    settler = Settler(engine_via, retry_interval_seconds=0.1, expiry_margin_seconds=1.0)
+async def test_a_settle_that_lands_only_after_its_hold_expired_is_charged_as_a_debit(engine_via, direct, flaky):
+    hold = await open_hold(direct, "gone", ttl=1.0)
+    settler = Settler(engine_via, retry_interval_seconds=0.1)
+    flaky.down()
+    assert await settler.settle("gone", hold.hold_id, 7_000, expires_at_ms=hold.expires_at_ms) is None
+    await asyncio.sleep(1.5)  # Redis is back only after the hold's deadline: it expires uncharged
+    flaky.up()
+    assert await settler.drain(timeout=30) == 0
+    b = await direct.balance("gone")
+    assert (b.spent_units, b.held_units, b.available_units, b.debt_units) == (7_000, 0, 1_000_000 - 7_000, 0)
+    events = await hold_events(direct, "gone")
+    assert events.count("hold_expired") == 1 and events.count("debit") == 1
+
+
+async def test_a_settle_never_confirmed_is_given_up_in_the_end_and_says_so(engine_via, direct, flaky, caplog):
+    hold = await open_hold(direct, "given-up", ttl=0.5)
+    settler = Settler(engine_via, retry_interval_seconds=0.1, debit_retry_seconds=0.5)
     flaky.down()
     with caplog.at_level(logging.WARNING, logger="credit.settlement"):
-        assert await settler.settle("gone", hold.hold_id, 7_000, expires_at_ms=hold.expires_at_ms) is None
-        assert await settler.drain(timeout=30) == 0  # ended by itself, before the deadline
+        assert await settler.settle("given-up", hold.hold_id, 7_000, expires_at_ms=hold.expires_at_ms) is None
+        assert await settler.drain(timeout=30) == 0  # ended by itself
     lost = [r for r in caplog.records if "never confirmed" in r.getMessage()]
-    assert len(lost) == 1 and "7000 micro-credits" in lost[0].getMessage() and "h-gone" in lost[0].getMessage()
+    assert len(lost) == 1 and "7000 micro-credits" in lost[0].getMessage() and "h-given-up" in lost[0].getMessage()
 
 
 async def test_drain_cancels_what_is_left_after_its_timeout_and_logs_the_amount(engine_via, direct, flaky, caplog):
@@ -160,3 +174,15 @@ async def test_release_retries_and_answers_none_when_redis_stays_away(engine_via
     hold2 = await direct.reserve("rel", "0.5", hold_id="h-rel-2", ttl_seconds=30)
     flaky.down()
     assert await Settler(engine_via).release("rel", hold2.hold_id) is None
+
+
+async def test_a_release_redis_does_not_confirm_is_tried_again_until_the_hold_would_expire(engine_via, direct, flaky):
+    hold = await open_hold(direct, "giveback")
+    settler = Settler(engine_via, retry_interval_seconds=0.1)
+    flaky.down()
+    assert await settler.release("giveback", hold.hold_id, until_ms=hold.expires_at_ms) is None
+    await asyncio.sleep(0.3)
+    flaky.up()
+    assert await settler.drain(timeout=30) == 0
+    b = await direct.balance("giveback")
+    assert (b.held_units, b.available_units) == (0, 1_000_000)  # given back long before the hold's end

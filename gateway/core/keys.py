@@ -17,6 +17,7 @@ from dataclasses import dataclass
 # ids (expiry). `ID_PATTERN.pattern` is what the API's schemas and path parameters use.
 # Not starting with a dot: "." and ".." are path segments that clients normalise away.
 ID_CHARS = "letters, digits and _.:@+=~-, not starting with a dot"
+MAX_ID_LENGTH = 128
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_:@+=~-][A-Za-z0-9_.:@+=~-]{0,127}$")
 
 # Holds the gateway places itself while it meters a call: the proxy's (its request ids,

@@ -133,6 +133,11 @@ class DebitResult:
     amount = _credits("amount_units")
     debt_added = _credits("debt_added_units")
 
+    @property
+    def charged_units(self) -> int:
+        """What it charged (as a settle's result names it): the whole amount."""
+        return self.amount_units
+
 
 @dataclass(frozen=True, slots=True)
 class GrantView:

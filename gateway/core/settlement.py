@@ -2,10 +2,11 @@
 
 Every call here is idempotent by its operation id (a settle's is the hold's, by default),
 so it is simply tried again under the same id: at once on a connection error or timeout
-(`retrying`), then, for a charge (settle, debit), in the background until it lands or
-there is no point any more (a hold about to expire uncharged; a debit after
-`debit_retry_seconds`). A try whose write reached Redis but whose answer was lost is
-answered from the stored first answer on the next try: never applied twice.
+(`retrying`), then, for a charge (settle, debit), in the background until it lands (or
+`debit_retry_seconds` after the hold's deadline, or after the debit was asked for: then it
+is logged with its amount). A try whose write reached Redis but whose answer was lost is
+answered from the stored first answer on the next try: never applied twice. A settle that
+finds its hold expired uncharged is charged as a debit instead: what was used is owed.
 
 Web-free: the metering proxy and library mode both use it.
 
@@ -16,13 +17,14 @@ Web-free: the metering proxy and library mode both use it.
     ...
     await settler.drain(timeout=30)  # at shutdown, before closing Redis
 
-Refusals (CreditError: hold_expired, already_settled, op_conflict...) are raised to the
-caller as they are; `None` always means "not confirmed, still being retried".
+Other refusals (CreditError: already_settled, op_conflict...) are raised to the caller as
+they are; `None` always means "not confirmed, still being retried".
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
@@ -31,7 +33,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .engine import CreditEngine
-from .errors import CreditError, StateLost
+from .errors import CreditError, HoldExpired, StateLost
+from .keys import MAX_ID_LENGTH
 from .results import DebitResult, HoldResolution
 
 log = logging.getLogger("credit.settlement")
@@ -43,6 +46,13 @@ RETRY_AT_ONCE = (RedisConnectionError, RedisTimeoutError)
 # Tried again later, in the background: any Redis failure, and a partition being rebuilt
 # after Redis lost data (the hold and the operation ids come back with it).
 RETRY_LATER = (RedisError, StateLost)
+
+
+def late_op_id(hold_id: str) -> str:
+    """The operation id of the debit that stands in for a hold's settle once the hold expired
+    uncharged: one per hold, so that it too applies once."""
+    op = f"{hold_id}.late"
+    return op if len(op) <= MAX_ID_LENGTH else "late." + hashlib.sha256(hold_id.encode()).hexdigest()[:40]
 
 
 async def retrying(op: Callable[[], Awaitable[T]], attempts: int = 3, backoff_seconds: float = 0.05) -> T:
@@ -65,9 +75,8 @@ class Settler:
 
     attempts / backoff_seconds: the tries at once (see `retrying`).
     retry_interval_seconds: the pause between background tries.
-    expiry_margin_seconds: a settle is tried in the background until this long before its
-      hold expires (after that a try would only answer hold_expired).
-    debit_retry_seconds: how long an unconfirmed debit is tried in the background.
+    debit_retry_seconds: how long an unconfirmed debit is tried in the background, and an
+      unconfirmed settle after its hold's deadline.
     """
 
     def __init__(
@@ -77,14 +86,12 @@ class Settler:
         attempts: int = 3,
         backoff_seconds: float = 0.05,
         retry_interval_seconds: float = 1.0,
-        expiry_margin_seconds: float = 1.0,
         debit_retry_seconds: float = 3600.0,
     ) -> None:
         self.engine = engine
         self.attempts = attempts
         self.backoff_seconds = backoff_seconds
         self.retry_interval_seconds = retry_interval_seconds
-        self.expiry_margin_ms = round(expiry_margin_seconds * 1000)
         self.debit_retry_ms = round(debit_retry_seconds * 1000)
         self._pending: set[asyncio.Task] = set()
 
@@ -100,17 +107,29 @@ class Settler:
         metadata: dict[str, Any] | None = None,
         tokens: int | None = None,
         op_id: str | None = None,
-    ) -> HoldResolution | None:
+    ) -> HoldResolution | DebitResult | None:
         """Posts the hold at `units` micro-credits (`expires_at_ms`: the hold's deadline, as
         the reserve answered it). The resolution, or None when Redis did not confirm it:
-        then it keeps being tried in the background until shortly before the hold expires
-        (and is logged with its amount if it never lands). Refusals are raised."""
+        then it keeps being tried in the background (and is logged with its amount if it
+        never lands). A hold that expired before the settle landed (answered hold_expired,
+        which a settle that did land never answers: its replay does) is charged all the same,
+        as a debit under `<hold id>.late` that may go into debt: what was used is owed. Other
+        refusals are raised."""
 
         def call() -> Awaitable[HoldResolution]:
             return self.engine.settle_units(user, hold_id, units, op_id=op_id, metadata=metadata, tokens=tokens)
 
+        async def late() -> DebitResult | None:
+            log.warning("hold %s of %s expired before its settle of %d micro-credits landed; charging it as a debit",
+                        hold_id, user, units)
+            return await self.debit(user, units, op_id=late_op_id(hold_id),
+                                    metadata={**(metadata or {}), "hold_id": hold_id, "reason": "hold_expired"})
+
         what = f"settle of {hold_id} for {user} at {units} micro-credits"
-        return await self._charge(call, what, expires_at_ms - self.expiry_margin_ms)
+        # Tried until the hold is sure to have expired and a debit's own window after that:
+        # until it answers, whether the settle landed is unknown, so no debit may stand in.
+        deadline = max(expires_at_ms, self.engine.now_ms()) + self.debit_retry_ms
+        return await self._charge(call, what, deadline, on_expired=late)
 
     async def debit(
         self,
@@ -140,19 +159,23 @@ class Settler:
         metadata: dict[str, Any] | None = None,
         void_if_unknown: bool = False,
         op_id: str | None = None,
+        until_ms: int | None = None,
     ) -> HoldResolution | None:
-        """Voids the hold; None when Redis did not confirm it (not retried later: an open
-        hold gives everything back when it expires, as a release does). Refusals are
-        raised (HoldNotFound too, also with void_if_unknown)."""
+        """Voids the hold; None when Redis did not confirm it: then, given `until_ms` (when
+        the hold expires by itself anyway), it keeps being tried in the background until
+        then, so the credit is not locked for the hold's whole life. Refusals are raised
+        (HoldNotFound too, also with void_if_unknown); in the background they end it."""
+
+        def call() -> Awaitable[HoldResolution]:
+            return self.engine.release(user, hold_id, op_id=op_id, metadata=metadata, void_if_unknown=void_if_unknown)
+
         try:
-            return await retrying(
-                lambda: self.engine.release(user, hold_id, op_id=op_id, metadata=metadata,
-                                            void_if_unknown=void_if_unknown),
-                self.attempts, self.backoff_seconds,
-            )
-        except RedisError as exc:
-            log.warning("release of %s for %s not confirmed by Redis (%s); the hold expires by itself",
-                        hold_id, user, exc)
+            return await retrying(call, self.attempts, self.backoff_seconds)
+        except RETRY_LATER as exc:
+            log.warning("release of %s for %s not confirmed by Redis (%r)%s", hold_id, user, exc,
+                        "; trying again in the background" if until_ms else "; the hold expires by itself")
+            if until_ms is not None:
+                self.spawn(self._release_later(call, f"release of {hold_id} for {user}", until_ms))
             return None
 
     # -- background tasks ------------------------------------------------------------------
@@ -185,15 +208,34 @@ class Settler:
 
     # -- internals -------------------------------------------------------------------------
 
-    async def _charge(self, call: Callable[[], Awaitable[T]], what: str, deadline_ms: int) -> T | None:
+    async def _release_later(self, call: Callable[[], Awaitable[Any]], what: str, until_ms: int) -> None:
+        while self.engine.now_ms() < until_ms:
+            await asyncio.sleep(self.retry_interval_seconds)
+            try:
+                await call()
+            except RETRY_LATER:
+                continue
+            except CreditError as exc:  # resolved meanwhile, or (a give-back) never placed
+                log.info("%s on a later try: %s", what, exc.code)
+                return
+            log.info("%s confirmed on a later try", what)
+            return
+
+    async def _charge(self, call: Callable[[], Awaitable[T]], what: str, deadline_ms: int,
+                      on_expired: Callable[[], Awaitable[Any]] | None = None) -> Any:
         try:
             return await retrying(call, self.attempts, self.backoff_seconds)
+        except HoldExpired:
+            if on_expired is None:
+                raise
+            return await on_expired()
         except RETRY_LATER as exc:
             log.warning("%s not confirmed by Redis (%r); trying again in the background", what, exc)
-            self.spawn(self._later(call, what, deadline_ms))
+            self.spawn(self._later(call, what, deadline_ms, on_expired))
             return None
 
-    async def _later(self, call: Callable[[], Awaitable[Any]], what: str, deadline_ms: int) -> None:
+    async def _later(self, call: Callable[[], Awaitable[Any]], what: str, deadline_ms: int,
+                     on_expired: Callable[[], Awaitable[Any]] | None) -> None:
         try:
             while True:
                 await asyncio.sleep(self.retry_interval_seconds)
@@ -204,8 +246,17 @@ class Settler:
                     await call()
                 except RETRY_LATER:
                     continue
+                except HoldExpired:
+                    if on_expired is not None:
+                        await on_expired()
+                        return
+                    log.error("%s refused on a later try: hold_expired", what)
+                    return
                 except CreditError as exc:
                     log.error("%s refused on a later try: %s %s", what, exc.code, exc.details)
+                    return
+                except Exception:  # a bug, not Redis: say so rather than die silently
+                    log.exception("%s failed on a later try; given up", what)
                     return
                 log.info("%s confirmed on a later try", what)
                 return

@@ -13,6 +13,8 @@ Each request may steer it with headers (the gateway forwards them like any other
   X-Fake-Chunk-Delay-Ms: 5     pause between streamed chunks
   X-Fake-Fail-After: 3         streams: drop the connection after this many chunks
   X-Fake-No-Usage: 1           never report usage
+  X-Fake-Ignore-Cap: 1         generate X-Fake-Output-Tokens whatever cap the request names
+  X-Fake-Token-Text: %F0%9F%98%80  the text of each generated token (URL-encoded; default "tok ")
 GET /_requests lists what it received (method, path, headers, body); DELETE /_requests clears.
 
     credit-gateway mock-upstream --port 9100        (or: python -m gateway.devtools.mock_upstream)
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import json
 import time
+import urllib.parse
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +46,10 @@ def _max_tokens(path: str, body: dict) -> int | None:
         if isinstance(body.get(k), int):
             return body[k]
     return None
+
+
+def _token_text(request: web.Request) -> str:
+    return urllib.parse.unquote(request.headers.get("X-Fake-Token-Text", "tok "))
 
 
 def _choices(path: str, body: dict) -> tuple[int, int]:
@@ -127,7 +134,7 @@ class MockUpstream:
         cap = _max_tokens(request.path, body)
         n_out = int(h.get("X-Fake-Output-Tokens", 10))
         if cap is not None:
-            n_out = min(n_out, cap)
+            n_out = n_out if h.get("X-Fake-Ignore-Cap") == "1" else min(n_out, cap)
         if request.path == "/v1/embeddings":
             n_out = 0
         usage_on = h.get("X-Fake-No-Usage") != "1"
@@ -135,11 +142,12 @@ class MockUpstream:
         choices, billed = _choices(request.path, body)
         if body.get("stream"):
             return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on, choices)
-        return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed))
+        return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed,
+                                             _token_text(request)))
 
     def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool,
-               choices: int = 1, billed: int = 1) -> dict:
-        text = "tok " * n_out
+               choices: int = 1, billed: int = 1, tok: str = "tok ") -> dict:
+        text = tok * n_out
         if path == "/v1/messages":
             out = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
@@ -179,6 +187,7 @@ class MockUpstream:
                       choices: int = 1) -> web.StreamResponse:
         h = request.headers
         delay = int(h.get("X-Fake-Chunk-Delay-Ms", 0)) / 1000
+        tok = _token_text(request)
         fail_after = int(h["X-Fake-Fail-After"]) if h.get("X-Fake-Fail-After") else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -206,7 +215,7 @@ class MockUpstream:
                                                    "content_block": {"type": "text", "text": ""}})
                 for _ in range(n_out):
                     await send("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                       "delta": {"type": "text_delta", "text": "tok "}})
+                                                       "delta": {"type": "text_delta", "text": tok}})
                 await send("content_block_stop", {"type": "content_block_stop", "index": 0})
                 delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
                 if usage_on:
@@ -215,7 +224,7 @@ class MockUpstream:
                 await send("message_stop", {"type": "message_stop"})
             elif request.path == "/v1/responses":
                 for _ in range(n_out):
-                    await send("response.output_text.delta", {"type": "response.output_text.delta", "delta": "tok "})
+                    await send("response.output_text.delta", {"type": "response.output_text.delta", "delta": tok})
                 done = {"id": "resp_fake", "object": "response", "model": model, "status": "completed"}
                 if usage_on:
                     done["usage"] = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
@@ -226,9 +235,9 @@ class MockUpstream:
                 for _ in range(n_out):
                     for c in range(choices):
                         if request.path == "/v1/completions":
-                            ch = {"index": c, "text": "tok ", "finish_reason": None}
+                            ch = {"index": c, "text": tok, "finish_reason": None}
                         else:
-                            ch = {"index": c, "delta": {"content": "tok "}, "finish_reason": None}
+                            ch = {"index": c, "delta": {"content": tok}, "finish_reason": None}
                         await send(None, {**base, "choices": [ch]})
                 for c in range(choices):
                     await send(None, {**base, "choices": [{"index": c, "delta": {}, "finish_reason": "stop"}]})

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable
 
 import aiohttp
 import orjson
@@ -68,6 +68,9 @@ DROP_RESPONSE_HEADERS = frozenset({
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
 })
 DEFAULT_MAX_OUTPUT = 4096
+# How many times a stream past its hold may hold more credit before it is cut (each time at
+# least the first hold's amount): bounds what an upstream ignoring the cap can spend.
+MAX_EXTENSIONS = 8
 _METERED_ROUTES = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)
 
 
@@ -109,7 +112,8 @@ class Call:
     max_output: int  # the output cap per choice that the hold pays for (and the upstream gets)
     hold_units: int = 0
     hold_expires_ms: int = 0
-    budget_units: int = 0  # the hold plus the free credit left beside it: the stream's hard cap
+    budget_units: int = 0  # all the call holds: its hold and its extensions (a stream's hard cap)
+    extensions: list[tuple[str, int, int]] = field(default_factory=list)  # (hold id, units, expires ms)
     stream: bool = False
     strip_usage_chunk: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
@@ -247,7 +251,7 @@ class MeteringProxy:
                 hold = await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
                                                        metadata=call.meta, rate=rate)
                 call.hold_units, call.hold_expires_ms = worst, hold.expires_at_ms
-                call.budget_units = worst + hold.state.available_units
+                call.budget_units = worst
                 return None
             except RateLimited as exc:
                 # Alone over the tokens limit: answer shorter when the prompt leaves room.
@@ -374,16 +378,16 @@ class MeteringProxy:
                     if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
                         continue  # the usage chunk we asked for on the client's behalf
                     out.append(event)
-                    if cap is not None and cap.passed(meter):
-                        yield b"".join(out)  # up to and including the event that reached the cap
-                        raise _HardCap()
+                    while cap is not None and cap.passed(meter):
+                        if not await self._extend(call, meter):
+                            yield b"".join(out)  # up to and including the event that reached the cap
+                            raise _HardCap()
                 if out:
                     yield b"".join(out)
             if buf:
                 yield buf
             done = True
-            usage = await self._final_usage(call, meter)
-            charged, remaining = await self._settle(call, usage, partial=False)
+            charged, remaining = await self._settle_stream(call, meter, partial=False)
             tail = f": credits charged={_credits(charged)}"
             if remaining is not None:
                 tail += f" remaining={from_units(remaining)}"
@@ -391,13 +395,13 @@ class MeteringProxy:
         except _HardCap:
             done = True
             resp.close()
-            charged, remaining = await self._settle(call, await self._final_usage(call, meter), partial=True)
+            charged, remaining = await self._settle_stream(call, meter, partial=True)
             yield f": stopped at the credit cap; credits charged={_credits(charged)}\n\n".encode()
         except (aiohttp.ClientError, asyncio.TimeoutError):
             # The upstream broke off mid-stream: pay for what was produced, tell the client.
             done = True
             resp.close()
-            charged, _ = await self._settle(call, await self._final_usage(call, meter), partial=True)
+            charged, _ = await self._settle_stream(call, meter, partial=True)
             yield f": upstream stream broke off; credits charged={_credits(charged)}\n\n".encode()
         finally:
             resp.release()
@@ -405,7 +409,7 @@ class MeteringProxy:
                 # The client went away (or we were cancelled): close the upstream and settle
                 # what was produced, in a task of its own so the cancellation cannot stop it.
                 resp.close()
-                self.settler.spawn(self._settle_counted(call, meter))
+                self.settler.spawn(self._settle_counted(call, meter, partial=True))
 
     async def _final_usage(self, call: Call, meter: StreamMeter) -> Usage:
         """The usage to settle a stream at: the upstream's own, else counted in a worker
@@ -436,8 +440,14 @@ class MeteringProxy:
         counted = self.tokens.count_prompt(call.path, call.body)
         return Usage(input=call.est_input if counted is None else counted, output=output)
 
-    async def _settle_counted(self, call: Call, meter: StreamMeter) -> None:
-        await self._settle(call, await self._final_usage(call, meter), partial=True)
+    async def _settle_counted(self, call: Call, meter: StreamMeter, *, partial: bool) -> tuple[int | None, int | None]:
+        return await self._settle(call, await self._final_usage(call, meter), partial=partial)
+
+    def _settle_stream(self, call: Call, meter: StreamMeter, *, partial: bool) -> Awaitable[tuple[int | None, int | None]]:
+        """Settles a stream in a task of its own, awaited through a shield: a client that
+        goes away as the stream ends (SDKs close on [DONE]) cancels the response, which must
+        not cancel the settle half way."""
+        return asyncio.shield(self.settler.spawn(self._settle_counted(call, meter, partial=partial)))
 
     # -- settling ----------------------------------------------------------------------
 
@@ -454,33 +464,84 @@ class MeteringProxy:
         meta = {**call.meta, "usage": {"input": usage.input, "output": usage.output,
                                        "cached_input": usage.cached_input}, "partial": partial}
         tokens = usage.input + usage.cache_write + usage.output
-        try:
-            r = await self.settler.settle(call.user, call.request_id, cost, expires_at_ms=call.hold_expires_ms,
-                                          metadata=meta, tokens=tokens)
-        except CreditError as exc:
-            log.error("settle of %s for %s failed: %s %s", call.request_id, call.user, exc.code, exc.details)
-            return 0, None
-        if r is None:  # not confirmed: retried in the background until shortly before the hold expires
-            return None, None
-        return r.charged_units, r.state.available_units
+        # The cost is posted to the call's holds in order, each up to its amount; the last
+        # takes the rest (above all of them: the overage policy).
+        holds = [(call.request_id, call.hold_units, call.hold_expires_ms), *call.extensions]
+        charged = 0
+        remaining: int | None = None
+        for i, (hold_id, units, expires_ms) in enumerate(holds):
+            part = cost if i == len(holds) - 1 else min(cost, units)
+            cost -= part
+            try:
+                r = await self.settler.settle(
+                    call.user, hold_id, part, expires_at_ms=expires_ms,
+                    metadata=meta if i == 0 else {**call.meta, "extends": call.request_id},
+                    tokens=tokens if i == 0 else None)
+            except CreditError as exc:
+                log.error("settle of %s for %s failed: %s %s", hold_id, call.user, exc.code, exc.details)
+                continue
+            if r is None:  # not confirmed: retried in the background until shortly before the hold expires
+                return None, None
+            charged += r.charged_units
+            remaining = r.state.available_units
+        return charged, remaining
+
+    async def _extend(self, call: Call, meter: StreamMeter) -> bool:
+        """A stream whose cost passed what its call holds: holds more of the user's free
+        credit (a hold of its own, `<request id>.x<n>`, settled with the call), at least as
+        much as the call held at first. Holding it, not merely counting what is free, keeps
+        concurrent streams from spending the same credit. False: nothing more can be held
+        (the stream is cut there)."""
+        if len(call.extensions) >= MAX_EXTENSIONS:
+            return False
+        need = call.price.cost(_usage_so_far(call, meter, self.config.chars_per_token)) - call.budget_units
+        units = max(call.hold_units, need, 1)
+        hold_id = f"{call.request_id}.x{len(call.extensions) + 1}"
+        ttl = max(call.hold_expires_ms - self.engine.now_ms(), 1000) / 1000
+        meta = {**call.meta, "extends": call.request_id}
+        for _ in range(2):
+            try:
+                hold = await self.engine.reserve_units(call.user, units, hold_id=hold_id, ttl_seconds=ttl,
+                                                       metadata=meta)
+            except InsufficientCredits as exc:
+                units = to_units(exc.details.get("available", 0), allow_zero=True)
+                if units < need or units <= 0:
+                    return False
+                continue  # what is free, if it covers what was passed
+            except (CreditError, RedisError) as exc:
+                log.warning("extending the hold of %s for %s failed: %r", call.request_id, call.user, exc)
+                return False
+            call.extensions.append((hold_id, units, hold.expires_at_ms))
+            call.budget_units += units
+            return True
+        return False
 
     async def _release(self, call: Call, reason: str, *, void_if_unknown: bool = False) -> None:
-        await self._give_back(call.user, call.request_id, {**call.meta, "reason": reason}, void_if_unknown)
+        until = call.hold_expires_ms or self._hold_end(call.upstream)
+        await self._give_back(call.user, call.request_id, {**call.meta, "reason": reason}, until, void_if_unknown)
 
-    async def _give_back(self, user: str, hold_id: str, meta: dict[str, Any], void_if_unknown: bool = False) -> None:
-        """Releases a hold; a refusal or an unconfirmed release is logged (an open hold gives
-        everything back when it expires anyway)."""
+    def _hold_end(self, upstream: Upstream) -> int:
+        """The latest a hold placed now for `upstream` can expire (ms)."""
+        return self.engine.now_ms() + round((upstream.timeout_seconds + self.config.hold_margin_seconds) * 1000)
+
+    async def _give_back(self, user: str, hold_id: str, meta: dict[str, Any], until_ms: int,
+                         void_if_unknown: bool = False) -> None:
+        """Releases a hold; a refusal is logged, and a release Redis does not confirm is
+        tried again in the background until the hold would have expired by itself."""
         try:
-            await self.settler.release(user, hold_id, metadata=meta, void_if_unknown=void_if_unknown)
+            await self.settler.release(user, hold_id, metadata=meta, void_if_unknown=void_if_unknown, until_ms=until_ms)
         except HoldNotFound:
             if not void_if_unknown:
                 log.error("release of %s for %s: no such hold", hold_id, user)
         except CreditError as exc:
             log.error("release of %s for %s failed: %s", hold_id, user, exc.code)
 
-    async def drain(self) -> None:
-        """Waits for settlements still running (at shutdown)."""
-        await self.settler.drain()
+    async def drain(self, timeout: float = 30.0) -> None:
+        """Waits for settlements still running (at shutdown), at most `timeout` seconds: what
+        is left then is given up and logged with its amount."""
+        left = await self.settler.drain(timeout)
+        if left:
+            log.error("%d settlements still unconfirmed at shutdown were given up (logged above)", left)
 
     def not_served(self, request: Request) -> Response:
         """Any other /v1/ path or method: refused in the upstream's error format (the caller
@@ -526,7 +587,8 @@ class MeteringProxy:
                 return _backlog_full(kind, rid)
             except RedisError as exc:
                 log.error("reserve of %s for %s failed: %s", request_id, user, exc)
-                self.settler.spawn(self._give_back(user, request_id, meta, void_if_unknown=True))
+                self.settler.spawn(self._give_back(user, request_id, meta, self._hold_end(upstream),
+                                                   void_if_unknown=True))
                 return _unavailable(kind, rid)
         headers = self._upstream_headers(request, upstream)
         if raw and request.headers.get("content-type"):
@@ -541,12 +603,12 @@ class MeteringProxy:
                 status, passed = resp.status, self._pass_headers(resp)
         except (aiohttp.ClientError, asyncio.TimeoutError):
             if route.price_units:
-                await self._give_back(user, request_id, meta)
+                await self._give_back(user, request_id, meta, expires_ms)
             return proxy_error(kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged)
         if not route.price_units:
             return Response(body, status_code=status, headers={**passed, **uncharged})
         if status >= 300:
-            await self._give_back(user, request_id, {**meta, "reason": f"upstream_status_{status}"})
+            await self._give_back(user, request_id, {**meta, "reason": f"upstream_status_{status}"}, expires_ms)
             return Response(body, status_code=status, headers={**passed, **uncharged})
         try:
             r = await self.settler.settle(user, request_id, route.price_units, expires_at_ms=expires_ms, metadata=meta)
@@ -600,33 +662,35 @@ class _HardCap(Exception):
 
 
 def _usage_so_far(call: Call, meter: StreamMeter, chars_per_token: int) -> Usage:
-    """The usage of a stream so far, cheaply: what the upstream reported, with the output
-    estimated from the streamed text until its final usage arrives."""
+    """The usage of a stream so far, cheaply and on the high side: what the upstream
+    reported, with the output bounded from the streamed text until its final usage arrives
+    (ASCII at chars_per_token, other text at a token per byte)."""
     u = meter.usage
-    counted = _ceil_div(meter.text_chars, chars_per_token)
+    bound = meter.bound_tokens(chars_per_token)
     if u is None:
-        return Usage(input=call.est_input, output=counted)
+        return Usage(input=call.est_input, output=bound)
     if not meter.final:
         # Usage known so far (Anthropic's message_start): output from what was streamed.
-        return Usage(input=u.input, output=max(u.output, counted), cached_input=u.cached_input,
+        return Usage(input=u.input, output=max(u.output, bound), cached_input=u.cached_input,
                      cache_write=u.cache_write)
     return u
 
 
 class _CreditCap:
-    """The hard cap of one stream: has the cost of what it streamed passed the call's budget
-    (the hold plus the credit free beside it)? Checked after every event, so cheaply: with
-    the usage known so far, the streamed text may grow to `chars` before the cost can pass
-    the budget, and the cost is computed only past that or when new usage arrives."""
+    """The hard cap of one stream: has the cost of what it streamed passed what the call
+    holds (its hold and any extensions)? Checked after every event, so cheaply: with the
+    usage known so far, the streamed text may grow to `units` (ASCII characters, plus
+    chars_per_token for each byte of other text) before the cost can pass the budget, and
+    the cost is computed only past that or when new usage arrives."""
 
-    __slots__ = ("call", "cpt", "chars", "usage")
+    __slots__ = ("call", "cpt", "units", "usage")
 
     def __init__(self, call: Call, meter: StreamMeter, chars_per_token: int) -> None:
         self.call, self.cpt = call, chars_per_token
         self._bound(meter)
 
     def passed(self, meter: StreamMeter) -> bool:
-        if meter.text_chars <= self.chars and meter.usage is self.usage:
+        if meter.ascii_chars + meter.other_bytes * self.cpt <= self.units and meter.usage is self.usage:
             return False
         if self.call.price.cost(_usage_so_far(self.call, meter, self.cpt)) > self.call.budget_units:
             return True
@@ -636,10 +700,10 @@ class _CreditCap:
     def _bound(self, meter: StreamMeter) -> None:
         u = self.usage = meter.usage
         if u is not None and meter.final:  # the upstream's own total: the text no longer counts
-            self.chars = 1 << 62
+            self.units = 1 << 62
             return
         known = Usage(input=self.call.est_input) if u is None else u
-        self.chars = self.call.price.output_tokens_within(self.call.budget_units, known) * self.cpt
+        self.units = self.call.price.output_tokens_within(self.call.budget_units, known) * self.cpt
 
 
 def _event_end(buf: bytes) -> tuple[int, int]:

@@ -159,6 +159,11 @@ class StreamMeter:
         self.usage: Usage | None = None
         self.final = False  # the upstream's own final usage arrived
         self.text_chars = 0
+        # For a bound that text dense in tokens cannot slip under (the hard cap): ASCII text
+        # is estimated at chars_per_token, anything else at one token per UTF-8 byte (byte-
+        # level BPE never makes more tokens than bytes; emoji, CJK and such are 1-3 a char).
+        self.ascii_chars = 0
+        self.other_bytes = 0
         self._keep = keep_chars
         self._room = keep_chars  # characters it may still keep
         self._parts: dict[Hashable, list[str]] = {}  # recent deltas, per key
@@ -170,6 +175,10 @@ class StreamMeter:
         # Runs for every delta: the common case is one length check and one append.
         n = len(s)
         self.text_chars += n
+        if s.isascii():
+            self.ascii_chars += n
+        else:
+            self.other_bytes += len(s.encode("utf-8", "surrogatepass"))
         if n > self._room:
             if self._room <= 0:
                 return
@@ -183,6 +192,11 @@ class StreamMeter:
             if len(parts) >= _COMPACT_AT:
                 self._chunks.setdefault(key, []).append("".join(parts))
                 parts.clear()
+
+    def bound_tokens(self, chars_per_token: int) -> int:
+        """Output tokens streamed so far, at most: the ASCII text at chars_per_token, the
+        rest at one token per byte."""
+        return _ceil_div(self.ascii_chars, chars_per_token) + self.other_bytes
 
     @property
     def kept_chars(self) -> int:
