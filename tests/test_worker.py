@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from redis.exceptions import ResponseError
 
 from gateway.core import errors
 from gateway.core.events import decode
@@ -96,34 +98,67 @@ async def test_undecodable_entry_goes_to_dead_letter(engine, store):
     assert len(dead) == 1 and b"reason" in dead[0][1]
 
 
-class FailingStore:
-    """A store whose writes always fail (the store is down)."""
+class FlakyStore:
+    """A store in front of the real one: `down` fails every write and ping (an outage);
+    `poison` fails any write that holds that operation id while the store answers."""
 
-    def __init__(self, inner):
-        self.inner = inner
+    def __init__(self, inner, *, down: bool = False, poison: str | None = None):
+        self.inner, self.down, self.poison = inner, down, poison
         self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def ping(self):
+        return not self.down
 
     async def write_events(self, events):
         self.calls += 1
-        raise ConnectionError("store down")
+        if self.down:
+            raise ConnectionError("store down")
+        if any(e.op_id == self.poison for e in events):
+            raise ValueError("the store refuses this event")
+        return await self.inner.write_events(events)
 
 
-async def test_entry_failing_more_than_max_deliveries_is_dead_lettered_not_dropped(engine, store):
+async def test_a_poison_event_is_dead_lettered_alone_and_its_batch_is_stored(engine, store):
     await engine.grant("y", "1", op_id="g1")
-    failing = FailingStore(store)
-    w = Worker(engine, failing, claim_idle_ms=0, max_deliveries=3, sweep_interval=0.0, idle_seconds=0.01)
+    await engine.grant("y", "2", op_id="g2")
+    await engine.grant("z", "3", op_id="g3")
+    w = Worker(engine, FlakyStore(store, poison="g2"), sweep_interval=0.0, idle_seconds=0.01)
+    await w.run(burst=True)
+    dead = await engine.redis.xrange(engine.keys.partition(engine.keys.partition_of("y")).dead)
+    assert len(dead) == 1 and b"refuses" in dead[0][1][b"reason"]
+    assert json.loads(dead[0][1][b"e"])["id"] == "g2"
+    assert [e.op_id async for e in store.ledger_all("y")] == ["g1"]
+    assert [e.op_id async for e in store.ledger_all("z")] == ["g3"]
+
+
+async def test_a_store_outage_longer_than_max_deliveries_dead_letters_nothing(engine, store):
+    await engine.grant("amy", "10", op_id="g1")
+    await engine.reserve("amy", "3", hold_id="h1", ttl_seconds=600)
+    await engine.settle("amy", "h1", "2")
+    flaky = FlakyStore(store, down=True)
+    w = Worker(engine, flaky, claim_idle_ms=0, max_deliveries=2, sweep_interval=0.0, idle_seconds=0.01)
     task = asyncio.create_task(w.run())
-    p = engine.keys.partition_of("y")
-    for _ in range(300):
-        if await engine.redis.xlen(engine.keys.partition(p).dead):
+    p = engine.keys.partition_of("amy")
+    stream = engine.keys.partition(p).events
+    for _ in range(300):  # delivered many more times than max_deliveries
+        await asyncio.sleep(0.02)
+        with contextlib.suppress(ResponseError):  # no group until the worker made it
+            pending = await engine.redis.xpending_range(stream, "cg-worker", min="-", max="+", count=10)
+            if pending and min(int(r["times_delivered"]) for r in pending) > 4:
+                break
+    assert await engine.redis.xlen(engine.keys.partition(p).dead) == 0
+    flaky.down = False
+    for _ in range(200):
+        if len([e async for e in store.ledger_all("amy")]) == 3:
             break
         await asyncio.sleep(0.02)
     w.stop()
     await task
-    dead = await engine.redis.xrange(engine.keys.partition(p).dead)
-    assert len(dead) == 1 and b"delivered" in dead[0][1][b"reason"]
-    assert json.loads(dead[0][1][b"e"])["id"] == "g1"
-    assert failing.calls >= 3
+    assert await engine.redis.xlen(engine.keys.partition(p).dead) == 0
+    assert await reconcile(engine, store) == []
 
 
 async def test_trim_never_drops_pending_or_undelivered_entries(engine, store):

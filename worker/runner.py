@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import orjson
 from redis.exceptions import ResponseError
 
 from gateway.core.engine import CreditEngine
@@ -244,7 +245,16 @@ class Worker:
         """Audit lines, then the store, then XACK: an entry is acknowledged only once stored."""
         if self.audit is not None:
             self.audit.write(good)
-        new = await self.store.write_events(good)
+        try:
+            new = await self.store.write_events(good)
+        except Exception:
+            # The store down: nothing is acknowledged, everything stays pending. The store
+            # up: some event fails on its own (a poison event); write them one by one, so
+            # that one goes to the dead letters and not its whole batch.
+            if len(good) < 2 or not await self._store_answers():
+                raise
+            new, poison = await self._one_by_one(good)
+            dead = dead + poison
         if dead:
             await self._dead_letter(dead)
         pipe = self.redis.pipeline(transaction=False)
@@ -260,6 +270,27 @@ class Worker:
         self.stats.events += len(good)
         self.stats.new_ledger_rows += new
         self.stats.batches += 1
+
+    async def _store_answers(self) -> bool:
+        try:
+            return bool(await self.store.ping())
+        except Exception:  # noqa: BLE001 - a ping answers, it does not raise
+            return False
+
+    async def _one_by_one(self, events: list[Event]) -> tuple[int, list[tuple[int, str, dict, str]]]:
+        """Writes events one at a time; those that fail while the store answers are poison
+        (returned for the dead letters). Raises if the store stops answering meanwhile."""
+        new = 0
+        poison = []
+        for ev in events:
+            try:
+                new += await self.store.write_events([ev])
+            except Exception as exc:
+                if not await self._store_answers():
+                    raise
+                poison.append((ev.partition, ev.stream_id, {"e": ev.raw_json or orjson.dumps(ev.raw).decode()},
+                               f"the store refuses it: {type(exc).__name__}: {exc}"))
+        return new, poison
 
     async def _process(self, entries: list[tuple[int, str, dict]]) -> int:
         if entries:
@@ -308,15 +339,37 @@ class Worker:
         if regroup:
             await self._regroup(regroup)
         if too_many:
-            await self._dead_letter(too_many)
-            pipe = self.redis.pipeline(transaction=False)
-            for p, sid, _, _ in too_many:
-                pipe.xack(self._streams[p], GROUP, sid)
-            await pipe.execute()
+            await self._too_many_deliveries(too_many)
         self.stats.claimed += len(claimed)
         for i in range(0, len(claimed), self.batch):
             await self._process(claimed[i : i + self.batch])
         return len(claimed)
+
+    async def _too_many_deliveries(self, entries: list[tuple[int, str, dict, str]]) -> None:
+        """Entries delivered more than max_deliveries times. While the store does not answer
+        they stay pending, however often delivered: an outage must not move charges out of
+        the ledger. Otherwise each is written alone; one that still fails is dead-lettered."""
+        if not await self._store_answers():
+            return
+        good, dead, ack = self._prepare([(p, sid, fields) for p, sid, fields, _ in entries])
+        if dead:  # undecodable
+            await self._dead_letter(dead)
+        if self.audit is not None:
+            self.audit.write(good)
+        try:
+            new, poison = await self._one_by_one(good)
+        except Exception:  # noqa: BLE001 - the store went down meanwhile: left pending
+            log.exception("writing entries delivered more than %d times failed; they stay pending",
+                          self.max_deliveries)
+            return
+        if poison:
+            await self._dead_letter([(p, sid, fields, f"delivered more than {self.max_deliveries} times; {why}")
+                                     for p, sid, fields, why in poison])
+        pipe = self.redis.pipeline(transaction=False)
+        for p, ids in ack.items():
+            pipe.xack(self._streams[p], GROUP, *ids)
+        await pipe.execute()
+        self.stats.new_ledger_rows += new
 
     async def _delivery_counts(self, stream: str, entries: list) -> dict[str, int]:
         ids = [_s(sid) for sid, _ in entries]
