@@ -186,3 +186,11 @@ async def test_a_release_redis_does_not_confirm_is_tried_again_until_the_hold_wo
     assert await settler.drain(timeout=30) == 0
     b = await direct.balance("giveback")
     assert (b.held_units, b.available_units) == (0, 1_000_000)  # given back long before the hold's end
+
+
+async def test_a_settle_whose_hold_redis_lost_is_charged_as_a_debit(engine_via, direct):
+    hold = await open_hold(direct, "lost-hold")
+    await direct.redis.delete(direct.keys.hold_key("lost-hold", hold.hold_id))  # as after a loss
+    r = await Settler(engine_via).settle("lost-hold", hold.hold_id, 4_000, expires_at_ms=hold.expires_at_ms)
+    assert r is not None and r.charged_units == 4_000
+    assert (await hold_events(direct, "lost-hold")).count("debit") == 1

@@ -457,3 +457,13 @@ async def test_an_op_id_reused_after_redis_forgot_it_keeps_the_ledger_complete(r
     assert await reconcile(engine, store) == []  # the ledger still replays to the balances
     # A redelivery of the same events adds nothing.
     assert await store.write_events(await stream_events(engine)) == 0
+
+
+async def test_resolved_holds_since(engine, events, store, clock):
+    await store.write_events(events)
+    got = {(h.user, h.hold_id): h.status async for h in store.resolved_holds_since(0)}
+    assert got == {("alice", "a-h1"): "settled", ("alice", "a-h2"): "released", ("bob", "b-h1"): "settled",
+                   ("carol", "c-h1"): "expired", ("dave", "d-h1"): "settled"}
+    # by deadline: carol's hold (5 s, placed 20 s ago) is the only one past it 10 s ago
+    late = [h async for h in store.resolved_holds_since(int(clock() * 1000) - 10_000)]
+    assert {h.hold_id for h in late} == {"a-h1", "a-h2", "b-h1", "d-h1"}

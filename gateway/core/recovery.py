@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Coroutine
 
+import orjson
 from redis.exceptions import NoScriptError
 
 from .apikeys import restore_api_keys
@@ -46,6 +47,7 @@ class RehydrateReport:
     accounts: int = 0
     skipped: int = 0
     operations: int = 0
+    resolved_holds: int = 0
     partitions: int = 0  # rebuilt and marked ready by this call
     api_keys: int = 0
     rate_limits: int = 0
@@ -230,6 +232,13 @@ async def _restore_accounts(engine: CreditEngine, snaps: list[AccountSnapshot], 
             report.skipped += 1
 
 
+async def _restore_holds(engine: CreditEngine, holds: list[tuple[str, tuple[str, int]]],
+                         report: RehydrateReport) -> None:
+    await engine.scripts.call(engine.redis, "restore_holds", [k for k, _ in holds],
+                              [orjson.dumps([v for _, v in holds])])
+    report.resolved_holds += len(holds)
+
+
 async def _restore_ops(engine: CreditEngine, ops: list[tuple[str, str, str, str, int]],
                        report: RehydrateReport) -> None:
     # One script call per partition's chunk: redis-py spends ~20 us of CPU per pipelined
@@ -258,7 +267,7 @@ async def rehydrate(
     """
     report = RehydrateReport()
     asked = sorted(set(range(engine.keys.partitions) if partitions is None else partitions))
-    for name in ("rebuild_lease", "restore", "restore_ops"):  # on every node of a Cluster
+    for name in ("rebuild_lease", "restore", "restore_holds", "restore_ops"):  # on every node of a Cluster
         await engine.redis.script_load(engine.scripts[name].source)
     leases = _Leases(engine, lease_ms)
     taken, report.busy = await leases.take(asked, even_if_ready=not only_missing)
@@ -285,6 +294,21 @@ async def rehydrate(
         now_ms = engine.now_ms()
         retention_s = engine.retention_s
         partition_of = engine.keys.partition_of
+        # Holds resolved within the window: their status (already_settled...), and their ids
+        # stay taken. A hold resolves by its deadline and is kept the retention after that.
+        resolved: dict[int, list[tuple[str, tuple[str, int]]]] = {p: [] for p in wanted}
+        async for h in store.resolved_holds_since(now_ms - retention_s * 1000):
+            p = partition_of(h.user)
+            if p in wanted:
+                ttl = retention_s - max(now_ms - h.expires_ms, 0) // 1000
+                resolved[p].append((engine.keys.hold_key(h.user, h.hold_id), (h.status, ttl)))
+                if len(resolved[p]) == OPS_PER_CALL:
+                    await flight.spawn(_restore_holds(engine, resolved[p], report))
+                    resolved[p] = []
+        for chunk in resolved.values():
+            if chunk:
+                await flight.spawn(_restore_holds(engine, chunk, report))
+        await flight.wait()
         chunks: dict[int, list[tuple[str, str, str, str, int]]] = {p: [] for p in wanted}
         parts: dict[str, int] = {}  # a user's partition (a user has many operations)
         async for op in store.operations_since(now_ms - retention_s * 1000):
@@ -298,7 +322,9 @@ async def rehydrate(
             ttl = retention_s - (now_ms - op.ts_ms) // 1000
             if ttl > 0:
                 chunk = chunks[p]
-                chunk.append((op.user, op.op_id, op.fingerprint, op.result, ttl))
+                # '#v<version>': the ledger's name of an id applied again after Redis forgot
+                # it; Redis knows the operation by its own id.
+                chunk.append((op.user, op.op_id.partition("#")[0], op.fingerprint, op.result, ttl))
                 if len(chunk) == OPS_PER_CALL:
                     await flight.spawn(_restore_ops(engine, chunk, report))
                     chunks[p] = []

@@ -33,13 +33,17 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .engine import CreditEngine
-from .errors import CreditError, HoldExpired, StateLost
+from .errors import CreditError, HoldExpired, HoldNotFound, StateLost
 from .keys import MAX_ID_LENGTH
 from .results import DebitResult, HoldResolution
 
 log = logging.getLogger("credit.settlement")
 
 T = TypeVar("T")
+
+# A settle answered so: its hold is gone uncharged (expired, or lost with Redis's data before
+# the worker stored it). A settle that did land never answers so: its replay does.
+UNCHARGED = (HoldExpired, HoldNotFound)
 
 # Tried again at once: the connection broke or the answer did not come in time.
 RETRY_AT_ONCE = (RedisConnectionError, RedisTimeoutError)
@@ -111,17 +115,17 @@ class Settler:
         """Posts the hold at `units` micro-credits (`expires_at_ms`: the hold's deadline, as
         the reserve answered it). The resolution, or None when Redis did not confirm it:
         then it keeps being tried in the background (and is logged with its amount if it
-        never lands). A hold that expired before the settle landed (answered hold_expired,
-        which a settle that did land never answers: its replay does) is charged all the same,
-        as a debit under `<hold id>.late` that may go into debt: what was used is owed. Other
-        refusals are raised."""
+        never lands). A hold gone uncharged before the settle landed (hold_expired, or
+        hold_not_found after Redis lost it; a settle that did land answers neither: its
+        replay does) is charged all the same, as a debit under `<hold id>.late` that may go
+        into debt: what was used is owed. Other refusals are raised."""
 
         def call() -> Awaitable[HoldResolution]:
             return self.engine.settle_units(user, hold_id, units, op_id=op_id, metadata=metadata, tokens=tokens)
 
         async def late() -> DebitResult | None:
-            log.warning("hold %s of %s expired before its settle of %d micro-credits landed; charging it as a debit",
-                        hold_id, user, units)
+            log.warning("hold %s of %s is gone uncharged (expired, or lost with Redis's data) before its settle "
+                        "of %d micro-credits landed; charging it as a debit", hold_id, user, units)
             return await self.debit(user, units, op_id=late_op_id(hold_id),
                                     metadata={**(metadata or {}), "hold_id": hold_id, "reason": "hold_expired"})
 
@@ -225,7 +229,7 @@ class Settler:
                       on_expired: Callable[[], Awaitable[Any]] | None = None) -> Any:
         try:
             return await retrying(call, self.attempts, self.backoff_seconds)
-        except HoldExpired:
+        except UNCHARGED:
             if on_expired is None:
                 raise
             return await on_expired()
@@ -246,7 +250,7 @@ class Settler:
                     await call()
                 except RETRY_LATER:
                     continue
-                except HoldExpired:
+                except UNCHARGED:
                     if on_expired is not None:
                         await on_expired()
                         return

@@ -55,6 +55,17 @@ class OperationRecord:
 
 
 @dataclass(slots=True)
+class ResolvedHold:
+    """A hold that was settled, released or expired: what a rebuilt Redis needs to answer
+    its resolution again (already_settled...) and to keep its id taken."""
+
+    user: str
+    hold_id: str
+    status: str  # settled | released | expired
+    expires_ms: int  # its deadline: it resolved at or before
+
+
+@dataclass(slots=True)
 class ApiKeyRecord:
     """A per-user API key as stored: never the key, only its SHA-256 digest (hex)."""
 
@@ -112,6 +123,10 @@ class Store(ABC):
     @abstractmethod
     def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
         """Caller operations (with fingerprint and answer) recorded at or after ts_ms."""
+
+    @abstractmethod
+    def resolved_holds_since(self, expires_ms: int) -> AsyncIterator[ResolvedHold]:
+        """Holds resolved (settled, released, expired) whose deadline is at or after expires_ms."""
 
     # -- admin-plane records: written here first, then to Redis; rehydrate restores them --
 

@@ -23,7 +23,15 @@ from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.errors import BulkWriteError
 
 from ..events import Event, answer_of
-from .base import AccountSnapshot, ApiKeyRecord, LedgerEntry, OperationRecord, RateLimitOverride, Store
+from .base import (
+    AccountSnapshot,
+    ApiKeyRecord,
+    LedgerEntry,
+    OperationRecord,
+    RateLimitOverride,
+    ResolvedHold,
+    Store,
+)
 from .sqlite import TOTAL_FIELDS, collapse, grant_out, hold_out, reissued
 
 DUPLICATE_KEY = 11000
@@ -226,6 +234,14 @@ class MongoStore(Store):
             answer = answer_of(orjson.loads(d["event"])) if d.get("fp") is not None else None
             if answer is not None:
                 yield OperationRecord(d["user_id"], d["op_id"], d["fp"], answer, int(d["ts_ms"]))
+
+    async def resolved_holds_since(self, expires_ms: int) -> AsyncIterator[ResolvedHold]:
+        cur = self.db.holds.find(
+            {"st": {"$in": ["settled", "released", "expired"]}, "exp": {"$gte": L(expires_ms)}},
+            {"user_id": 1, "hold_id": 1, "st": 1, "exp": 1},
+        ).sort("_id", ASCENDING)
+        async for d in cur:
+            yield ResolvedHold(d["user_id"], d["hold_id"], d["st"], int(d["exp"]))
 
     # -- API keys and rate-limit overrides -------------------------------------------------
 

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from ..events import Event, answer_of
-from .base import AccountSnapshot, ApiKeyRecord, LedgerEntry, OperationRecord, RateLimitOverride, Store
+from .base import (
+    AccountSnapshot,
+    ApiKeyRecord,
+    LedgerEntry,
+    OperationRecord,
+    RateLimitOverride,
+    ResolvedHold,
+    Store,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("credit.store")
@@ -501,6 +509,25 @@ class SQLiteStore(Store):
                     return
         finally:
             ahead.cancel()
+
+    def _resolved_page(self, expires_ms: int, after: tuple[str, str]) -> list[ResolvedHold]:
+        # Rebuild only: a scan of the holds (no index to keep up on every write).
+        rows = self.db.execute(
+            "SELECT user, hold_id, st, exp FROM holds WHERE (user, hold_id) > (?, ?) "
+            "AND st IN ('settled', 'released', 'expired') AND exp >= ? ORDER BY user, hold_id LIMIT ?",
+            (*after, expires_ms, PAGE),
+        ).fetchall()
+        return [ResolvedHold(*r) for r in rows]
+
+    async def resolved_holds_since(self, expires_ms: int) -> AsyncIterator[ResolvedHold]:
+        after = ("", "")
+        while True:
+            page = await self._call(self._resolved_page, expires_ms, after)
+            for h in page:
+                yield h
+            if len(page) < PAGE:
+                return
+            after = (page[-1].user, page[-1].hold_id)
 
     # -- API keys and rate-limit overrides -------------------------------------------------
 
