@@ -40,7 +40,7 @@ from .core.errors import AccountInDebt, BacklogFull, CreditError, InsufficientCr
 from .core.keys import LIBRARY_HOLD_PREFIX, InvalidId, check_id
 from .core.money import AmountError, from_units, to_units
 from .core.pricing import PricingTable, Usage
-from .core.settings import Settings
+from .core.settings import Settings, settings_from_env
 from .core.settlement import Settler
 
 log = logging.getLogger("credit.library")
@@ -86,7 +86,7 @@ def credit_engine(settings: Settings | None = None, *, run_worker: bool | None =
     events to the store runs in this process and drains what is left on exit; otherwise
     run `credit-gateway worker` next to the app, on the same settings.
     """
-    return CreditRuntime(settings if settings is not None else Settings(), run_worker=run_worker)
+    return CreditRuntime(settings if settings is not None else settings_from_env(), run_worker=run_worker)
 
 
 class CreditRuntime:

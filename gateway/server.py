@@ -26,7 +26,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .core.settings import Settings
+from .core.settings import Settings, settings_from_env
 
 log = logging.getLogger("credit.gateway.server")
 
@@ -138,7 +138,7 @@ def app_from_environment() -> Any:
     """uvicorn's app factory for worker processes: the gateway built from CREDIT_* variables."""
     from .api.app import create_app
 
-    return create_app(Settings())
+    return create_app(settings_from_env())
 
 
 def build_config(settings: Settings, app: Any, *, workers: int = 1, log_level: str = "info") -> uvicorn.Config:

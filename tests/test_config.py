@@ -94,3 +94,19 @@ def test_a_bad_override_is_refused(tmp_path):
         load_config(path, env={"CREDIT_UPSTREAM_OPEN_AI_TIMEOUT": "soon"})
     with pytest.raises(ConfigError):
         load_config(path, env={"CREDIT_UPSTREAM_OPEN_AI_BASE_URL": "http://x/?q=1"})
+
+
+def test_a_bad_base_url_is_refused_without_its_credentials(tmp_path):
+    cfg = tmp_path / "g.toml"
+    cfg.write_text('[[upstreams]]\nname = "u"\nbase_url = "https://user:s3cret@example.com/v1?api-key=k3y"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(str(cfg), env={})
+    assert "s3cret" not in str(e.value) and "k3y" not in str(e.value) and "***@example.com" in str(e.value)
+
+
+def test_public_url_never_shows_a_credential():
+    from gateway.core.redact import public_url
+
+    assert public_url("redis://:pw@h:6379/0") == "redis://***@h:6379/0"
+    assert public_url("mongodb://u:p@h1,h2/?authSource=admin") == "mongodb://***@h1,h2/"
+    assert public_url("http://127.0.0.1:9100") == "http://127.0.0.1:9100"

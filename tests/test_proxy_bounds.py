@@ -327,3 +327,16 @@ async def test_text_dense_in_tokens_cannot_slip_under_the_hard_cap(redis, redis_
             assert b.held == 0 and b.debt_units <= 2 * 8
     finally:
         await fake.stop()
+
+
+async def test_the_upstreams_own_request_id_and_account_do_not_shadow_the_gateways(gw):
+    await gw.grant("hdr2", "1")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(gw.base + "/v1/chat/completions", json={"model": "gpt-test", "messages": MSG},
+                          headers=gw.headers("hdr2")) as r:
+            assert r.status == 200
+            assert len(r.headers.getall("X-Request-Id")) == 1 and r.headers["X-Request-Id"].startswith("req_")
+            assert not r.headers["X-Request-Id"].startswith("req_mock")
+            assert r.headers["x-upstream-request-id"].startswith("req_mock")
+            assert "openai-organization" not in r.headers
+            assert len(r.headers.getall("X-Credits-Charged")) == 1

@@ -70,7 +70,7 @@ async def test_start_logs_upstreams_and_routes_without_any_credential(tmp_path, 
             await _settle()
     lines = [r.getMessage() for r in caplog.records if r.name == "credit.gateway"]
     text = "\n".join(lines)
-    assert "proxy upstream primary: kind openai, https://llm.example.com:8443/openai, timeout 120 s, models: gpt-x, gpt-y" in lines
+    assert "proxy upstream primary: kind openai, https://***@llm.example.com:8443/openai, timeout 120 s, models: gpt-x, gpt-y" in lines
     assert "proxy upstream claude: kind anthropic, https://anthropic.example.com, timeout 120 s, models: *" in lines
     assert ("proxy metered routes (POST): /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
             "/v1/messages") in lines

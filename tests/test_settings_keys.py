@@ -67,3 +67,13 @@ def test_a_bad_key_exits_naming_the_variable_never_the_key(tmp_path, env, comman
     assert SECRET_SHORT not in out and GOOD not in out and "input_value" not in out
     if "CREDIT_PORT" in env:
         assert "CREDIT_PORT:" in p.stderr and "not-a-port" not in out
+
+
+def test_library_mode_refuses_a_bad_key_list_without_echoing_it(monkeypatch):
+    from gateway.core.settings import SettingsError
+    from gateway.library import credit_engine
+
+    monkeypatch.setenv("CREDIT_ADMIN_KEYS", f"{GOOD},{SECRET_SHORT}")
+    with pytest.raises(SettingsError) as e:
+        credit_engine()
+    assert "CREDIT_ADMIN_KEYS" in str(e.value) and SECRET_SHORT not in str(e.value) and GOOD not in str(e.value)

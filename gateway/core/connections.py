@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from .engine import CreditEngine
 from .keys import KeySpace
+from .redact import public_url
 from .settings import Settings
 from .store.base import Store
 
@@ -76,13 +77,6 @@ def describe(settings: Settings) -> str:
     if settings.embedded:
         redis = "embedded (in-process fakeredis, state lives in this process only)"
     else:
-        redis = ("cluster " if settings.redis_cluster else "") + _redact(settings.redis_url or "")
-    store = f"MongoDB {_redact(settings.mongo_uri)}/{settings.mongo_db}" if settings.mongo_uri else f"SQLite {settings.sqlite_path}"
+        redis = ("cluster " if settings.redis_cluster else "") + public_url(settings.redis_url or "")
+    store = f"MongoDB {public_url(settings.mongo_uri)}/{settings.mongo_db}" if settings.mongo_uri else f"SQLite {settings.sqlite_path}"
     return f"redis: {redis}; store: {store}"
-
-
-def _redact(url: str) -> str:
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url

@@ -122,10 +122,13 @@ class Settings(BaseSettings):
         return parse_keys(self.client_keys)
 
 
-def load_settings() -> Settings:
-    """Settings from the environment. A bad value exits with what is wrong, by variable name
-    and never with the value: pydantic's own text quotes each bad input (`input_value=...`),
-    which for CREDIT_ADMIN_KEYS is a key."""
+class SettingsError(ValueError):
+    """The CREDIT_* environment is wrong; the message names each bad variable, never its
+    value (pydantic's own text quotes each bad input, which for CREDIT_ADMIN_KEYS is a key)."""
+
+
+def settings_from_env() -> Settings:
+    """Settings from the environment; a bad value raises SettingsError."""
     try:
         return Settings()
     except ValidationError as exc:
@@ -133,6 +136,14 @@ def load_settings() -> Settings:
         for e in exc.errors(include_url=False, include_input=False, include_context=False):
             name = "CREDIT_" + "_".join(str(p) for p in e.get("loc", ())).upper()
             lines.append(f"  {name}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
-        raise SystemExit("\n".join(lines)) from None
+        raise SettingsError("\n".join(lines)) from None
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, for a command: a bad value exits saying what is wrong."""
+    try:
+        return settings_from_env()
+    except SettingsError as exc:
+        raise SystemExit(str(exc)) from None
     except Exception as exc:
         raise SystemExit(f"invalid configuration: {type(exc).__name__}: {exc}") from None

@@ -48,6 +48,15 @@ def _max_tokens(path: str, body: dict) -> int | None:
     return None
 
 
+@web.middleware
+async def _upstream_headers(request: web.Request, handler):
+    """The headers a real upstream adds to every answer (OpenAI's request id and account)."""
+    resp = await handler(request)
+    resp.headers.setdefault("x-request-id", f"req_mock{time.monotonic_ns()}")
+    resp.headers.setdefault("openai-organization", "mock-org")
+    return resp
+
+
 def _token_text(request: web.Request) -> str:
     return urllib.parse.unquote(request.headers.get("X-Fake-Token-Text", "tok "))
 
@@ -65,7 +74,7 @@ class MockUpstream:
     def __init__(self, record: bool = True) -> None:
         self.requests: list[dict[str, Any]] = []
         self.record = record
-        self.app = web.Application(client_max_size=16 * 1024 * 1024)
+        self.app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_upstream_headers])
         r = self.app.router
         for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"):
             r.add_post(path, self.llm)

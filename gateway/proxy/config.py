@@ -55,6 +55,7 @@ from urllib.parse import urlsplit
 from ..core.money import AmountError, to_units
 from ..core.ratelimits import check_limit
 from ..core.pricing import PricingTable
+from ..core.redact import public_url
 from .worst_case import CHAT_CAP_FIELDS
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -171,7 +172,7 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
         raise ConfigError(f"upstream {name}: base_url is required")
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise ConfigError(f"upstream {name}: base_url must be an http(s) URL without query: {base_url!r}")
+        raise ConfigError(f"upstream {name}: base_url must be an http(s) URL without query: {public_url(base_url)}")
     key = env.get(f"{prefix}_API_KEY")
     if key is None and raw.get("api_key_env"):
         key = env.get(str(raw["api_key_env"]))

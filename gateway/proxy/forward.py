@@ -66,7 +66,11 @@ NEVER_FORWARDED = frozenset({
 DROP_RESPONSE_HEADERS = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
     "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
+    # the gateway's upstream account, not the client's business
+    "openai-organization", "openai-project", "anthropic-organization-id",
 })
+# The upstream's names for what the gateway answers itself: passed on under another name.
+RENAMED_RESPONSE_HEADERS = {"x-request-id": "x-upstream-request-id", "request-id": "x-upstream-request-id"}
 DEFAULT_MAX_OUTPUT = 4096
 # How many times a stream past its hold may hold more credit before it is cut (each time at
 # least the first hold's amount): bounds what an upstream ignoring the cap can spend.
@@ -329,7 +333,13 @@ class MeteringProxy:
 
     @staticmethod
     def _pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-        return {k: v for k, v in resp.headers.items() if k.lower() not in DROP_RESPONSE_HEADERS}
+        out = {}
+        for k, v in resp.headers.items():
+            lk = k.lower()
+            if lk in DROP_RESPONSE_HEADERS or lk.startswith("x-credits-"):
+                continue
+            out[RENAMED_RESPONSE_HEADERS.get(lk, lk)] = v
+        return out
 
     async def _whole(self, call: Call, resp: aiohttp.ClientResponse) -> Response:
         rid = {"X-Request-Id": call.request_id}

@@ -4,20 +4,9 @@ no user:password part of a URL."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
 from ..core.money import from_units
+from ..core.redact import public_url
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig
-
-
-def public_url(url: str) -> str:
-    """`url` without any user:password@ part."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def summary_lines(config: ProxyConfig) -> list[str]:
