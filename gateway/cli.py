@@ -119,9 +119,15 @@ def cmd_rehydrate(args: argparse.Namespace) -> int:
         if parts == []:
             print("every partition is ready; nothing to rebuild (use --all to rebuild anyway)")
             return 0
-        report = await rehydrate(engine, store, parts)
+        report = await rehydrate(engine, store, parts, only_missing=not args.all)
         print(f"rebuilt {report.accounts} accounts ({report.skipped} already current), "
-              f"{report.operations} operation ids, {report.partitions} partitions")
+              f"{report.operations} operation ids, {report.resolved_holds} resolved holds, "
+              f"{report.partitions} partitions")
+        if report.busy:
+            print(f"partitions {report.busy} were being rebuilt by another process: left to it")
+        if report.unfinished:
+            print(f"partitions {report.unfinished} were lost again midway: left not ready")
+            return 1
         return 0
 
     return asyncio.run(_with_engine(run))

@@ -340,3 +340,11 @@ async def test_the_upstreams_own_request_id_and_account_do_not_shadow_the_gatewa
             assert r.headers["x-upstream-request-id"].startswith("req_mock")
             assert "openai-organization" not in r.headers
             assert len(r.headers.getall("X-Credits-Charged")) == 1
+
+
+async def test_a_partition_being_rebuilt_answers_503_state_lost_as_the_api_does(gw):
+    await gw.grant("lostp", "1")
+    keys = gw.services.engine.keys
+    await gw.services.redis.delete(keys.partition(keys.partition_of("lostp")).ready)
+    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": MSG}, user="lostp")
+    assert status == 503 and json.loads(raw)["error"]["code"] == "state_lost" and h["Retry-After"]

@@ -439,9 +439,10 @@ class CreditEngine:
 
     async def missing_partitions(self) -> list[int]:
         """Partitions whose ready marker is gone: Redis lost them and they need rebuilding."""
-        parts = self.keys.all_partitions()
-        flags = [await self.redis.exists(pk.ready) for pk in parts]
-        return [p for p, ok in enumerate(flags) if not ok]
+        pipe = self.redis.pipeline(transaction=False)  # on a Cluster, split by node
+        for pk in self.keys.all_partitions():
+            pipe.exists(pk.ready)
+        return [p for p, ok in enumerate(await pipe.execute()) if not ok]
 
     async def mark_ready(self, partition: int) -> None:
         await self.redis.set(self.keys.partition(partition).ready, "1")

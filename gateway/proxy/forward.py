@@ -150,7 +150,7 @@ class MeteringProxy:
             code = "unauthorized" if exc.status == 401 else "forbidden"
             return proxy_error(kind, exc.status, code, str(exc), rid)
         except StateLost:
-            return _not_ready(kind, rid)
+            return _state_lost(kind, rid)
         except RedisError as exc:
             log.error("API key lookup failed: %s", exc)
             return _unavailable(kind, rid)
@@ -281,7 +281,7 @@ class MeteringProxy:
                 self.settler.spawn(self._release(call, "reserve_unconfirmed", void_if_unknown=True))
                 return _unavailable(call.kind, rid)
             except StateLost:
-                return _not_ready(call.kind, rid)
+                return _state_lost(call.kind, rid)
             except BacklogFull:
                 return _backlog_full(call.kind, rid)
         return proxy_error(call.kind, 402, "insufficient_credits", "not enough credits for this request", rid)
@@ -592,7 +592,7 @@ class MeteringProxy:
             except RateLimited as exc:
                 return _rate_limited(kind, exc, rid)
             except StateLost:
-                return _not_ready(kind, rid)
+                return _state_lost(kind, rid)
             except BacklogFull:
                 return _backlog_full(kind, rid)
             except RedisError as exc:
@@ -653,8 +653,8 @@ def _backlog_full(kind: str, rid: dict[str, str]) -> Response:
                        {**rid, "Retry-After": "5"})
 
 
-def _not_ready(kind: str, rid: dict[str, str]) -> Response:
-    return proxy_error(kind, 503, "not_ready", "the gateway is rebuilding its state; retry",
+def _state_lost(kind: str, rid: dict[str, str]) -> Response:
+    return proxy_error(kind, 503, "state_lost", "the credit store is rebuilding this account's state; retry",
                        {**rid, "Retry-After": "1"})
 
 
