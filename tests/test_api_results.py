@@ -205,3 +205,14 @@ def test_a_pricing_table_with_an_out_of_range_price_is_a_value_error():
     for bad in ("1e999999", "-1e1000000"):
         with pytest.raises(ValueError):
             PricingTable.from_json({"models": {"m": {"input": bad, "output": "1"}}})
+
+
+async def test_a_release_that_repays_debt_says_so(gw):
+    await grant(gw, "u20", "3")
+    await hold(gw, "u20", "a", "1")
+    await hold(gw, "u20", "b", "1")
+    r = await settle(gw, "u20", "a", "4")  # 1 held + 1 free, the rest (2) is debt
+    assert r.json()["debt_added"] == "2.000000" and r.json()["debt"] == "2.000000"
+    r = await release(gw, "u20", "b")  # the credit it returns repays the debt first
+    assert r.status_code == 200
+    assert (r.json()["debt_repaid"], r.json()["debt"], r.json()["available"]) == ("1.000000", "1.000000", "0.000000")

@@ -147,6 +147,7 @@ class ResolutionResponse(Balance):
     returned: Money
     lapsed: Money
     debt_added: Money
+    debt_repaid: Money
     replayed: bool
 
 

@@ -13,6 +13,11 @@ from typing import Any, Mapping
 from .money import AmountError, from_units, to_units
 
 
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up, in integers (token estimates from sizes)."""
+    return -(-a // b)
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Tokens of one call. `cached_input` is the part of `input` served from a prompt cache."""

@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 
 from .apikeys import restore_api_keys
 from .engine import CreditEngine
-from .keys import KeySpace
+from .keys import InvalidId, KeySpace
 from .ratelimits import restore_rate_limits
 from .money import to_units
 from .events import (
@@ -439,7 +439,11 @@ async def reconcile(engine: CreditEngine, store: Store) -> list[Drift]:
     for pk in engine.keys.all_partitions():
         users.update(m.decode() if isinstance(m, bytes) else m for m in await engine.redis.smembers(pk.users))
     for user in sorted(users):
-        view = await engine.account(user)
+        try:
+            view = await engine.account(user)
+        except InvalidId:  # an account made under an older, looser id rule ('/' was allowed)
+            drift.append(Drift(user, "user id", "not a valid id under the current rule", "kept as is"))
+            continue
         snap = snaps.get(user)
         if snap is None:
             drift.append(Drift(user, "account", f"v{view.state.version}", "missing"))

@@ -35,7 +35,7 @@ from ..core.errors import (
 )
 from ..core.keys import PROXY_HOLD_PREFIX
 from ..core.money import MAX_UNITS, from_units, to_units
-from ..core.pricing import ModelPrice, Usage
+from ..core.pricing import ModelPrice, Usage, ceil_div
 from ..core.settlement import Settler
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
 from .errors import proxy_error
@@ -94,9 +94,6 @@ def forwarded_headers(request: Request, upstream: Upstream) -> dict[str, str]:
             out[lk] = v
     return out
 
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass
@@ -205,7 +202,7 @@ class MeteringProxy:
               upstream: Upstream, body: dict[str, Any], body_len: int) -> Call:
         cpt = self.config.chars_per_token
         plan = output_plan(path, body, cpt)
-        est_input = max(_ceil_div(body_len, cpt), embedding_input_tokens(body) if path == EMBEDDINGS else 0)
+        est_input = max(ceil_div(body_len, cpt), embedding_input_tokens(body) if path == EMBEDDINGS else 0)
         max_out = 0
         if path != EMBEDDINGS:
             max_out = plan.requested if plan.requested is not None else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
@@ -444,7 +441,7 @@ class MeteringProxy:
         estimated), its size when it is not an answer shape known here."""
         texts = answer_texts(call.kind, answer)
         if texts is None:
-            output = _ceil_div(size, self.config.chars_per_token)
+            output = ceil_div(size, self.config.chars_per_token)
         else:
             output = count_output(texts, lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token)
         counted = self.tokens.count_prompt(call.path, call.body)
@@ -637,7 +634,7 @@ def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
     if wait_ms < 0:  # this call alone is over the limit: waiting will not help
         return proxy_error(kind, 429, "request_too_large",
                            f"this request's tokens exceed the {limit} limit ({value})", rid, limit=limit)
-    retry_after = str(max(1, _ceil_div(wait_ms, 1000)))
+    retry_after = str(max(1, ceil_div(wait_ms, 1000)))
     return proxy_error(kind, 429, "rate_limited", f"{limit} limit ({value}) reached; retry after {retry_after} s",
                        {**rid, "Retry-After": retry_after}, limit=limit)
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Hashable, Iterable
 
 import orjson
 
-from ..core.pricing import Usage
+from ..core.pricing import Usage, ceil_div
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -57,9 +57,6 @@ def from_json_body(kind: str, body: dict[str, Any]) -> Usage | None:
     return from_openai_usage(body.get("usage"))
 
 
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
 
 def count_output(texts: Iterable[str], count: Callable[[str], int | None], chars_per_token: int,
                  extra_chars: int = 0) -> int:
@@ -70,9 +67,9 @@ def count_output(texts: Iterable[str], count: Callable[[str], int | None], chars
     for text in texts:
         n = count(text) if text else 0
         if n is None:
-            return _ceil_div(sum(map(len, texts)) + extra_chars, chars_per_token)
+            return ceil_div(sum(map(len, texts)) + extra_chars, chars_per_token)
         total += n
-    return total + _ceil_div(extra_chars, chars_per_token)
+    return total + ceil_div(extra_chars, chars_per_token)
 
 
 def answer_texts(kind: str, body: Any) -> list[str] | None:
@@ -196,7 +193,7 @@ class StreamMeter:
     def bound_tokens(self, chars_per_token: int) -> int:
         """Output tokens streamed so far, at most: the ASCII text at chars_per_token, the
         rest at one token per byte."""
-        return _ceil_div(self.ascii_chars, chars_per_token) + self.other_bytes
+        return ceil_div(self.ascii_chars, chars_per_token) + self.other_bytes
 
     @property
     def kept_chars(self) -> int:

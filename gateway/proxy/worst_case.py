@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.pricing import ceil_div
+
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 RESPONSES = "/v1/responses"
@@ -47,9 +49,6 @@ def _count(body: dict[str, Any], name: str) -> int | None:
         raise BadRequest(f"{name} must be a positive integer (got {v!r:.40})")
     return v
 
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +91,7 @@ def _prediction_tokens(pred: Any, chars_per_token: int) -> int:
         size = sum(len(p["text"].encode()) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     else:
         return 0
-    return _ceil_div(size, chars_per_token)
+    return ceil_div(size, chars_per_token)
 
 
 def set_output_cap(path: str, body: dict[str, Any], tokens: int, chat_field: str) -> None:

@@ -32,7 +32,8 @@ def _resolution(user: str, r: HoldResolution, response: Response) -> ResolutionR
         response.headers["Idempotent-Replayed"] = "true"
     return ResolutionResponse(
         **Balance.of(user, r.state).model_dump(), hold_id=r.hold_id, status=r.status, charged=r.charged,
-        returned=r.returned, lapsed=r.lapsed, debt_added=r.debt_added, replayed=r.replayed,
+        returned=r.returned, lapsed=r.lapsed, debt_added=r.debt_added, debt_repaid=r.debt_repaid,
+        replayed=r.replayed,
     )
 
 
