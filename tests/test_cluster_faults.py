@@ -29,7 +29,7 @@ from gateway.core.cluster import ClusterUnavailable, GatewayRedisCluster, NodeDo
 from gateway.core.connections import make_keys, make_redis
 from gateway.core.engine import CreditEngine
 from gateway.core.errors import StateLost
-from gateway.core.recovery import ensure_ready, rehydrate
+from gateway.core.recovery import ensure_ready, partition_status, rehydrate
 from gateway.core.settings import Settings
 from tests.conftest import SUPPORT, free_port_run, unavailable
 from worker.runner import Worker
@@ -238,6 +238,10 @@ async def test_a_dead_primary_fails_its_slots_fast_the_rest_carries_on_and_all_h
         assert NodeDown in down.lost_side.kinds()  # after the first failures, at once
         with pytest.raises(UNAVAILABLE):
             await engine.missing_partitions()  # EXISTS goes through a cluster pipeline
+        # What /readyz reads: the dead node's partitions out of reach, the others ready (a
+        # gateway that serves two thirds of its accounts stays in its balancer).
+        status = await partition_status(engine.redis, engine.keys)
+        assert status.unreachable == sorted(lost_parts) and status.not_ready == []
 
         # Back, empty: while it rejoins, calls on its slots keep failing as connection
         # errors, then answer state_lost (ready markers gone) until the rebuild.

@@ -445,3 +445,25 @@ async def test_a_growing_backlog_raises_an_alert_before_holds_are_refused(engine
     await w.trim()
     assert "backlog down to" in caplog.text
     await engine.reserve(user, "1", hold_id="c", ttl_seconds=60)
+
+
+async def test_a_long_rebuild_does_not_stop_the_other_partitions_draining(engine, store):
+    lost_user, live_user = users_on_distinct_partitions(engine, 2, "lr")
+    await engine.grant(lost_user, "1", op_id="g")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_rehydrate(partitions):  # a rebuild that takes as long as the test wants
+        started.set()
+        await release.wait()
+        await rehydrate(engine, store, partitions, only_missing=True)
+
+    w = Worker(engine, store, sweep_interval=0.0, idle_seconds=0.01, rehydrate=slow_rehydrate)
+    await engine.redis.delete(engine.keys.partition(engine.keys.partition_of(lost_user)).ready)
+    task = asyncio.create_task(w.run())
+    await asyncio.wait_for(started.wait(), 10)
+    await engine.grant(live_user, "2", op_id="g-live")  # while the rebuild runs
+    await until(lambda: ledger_count(store, [live_user]), "the live partition drained during the rebuild")
+    release.set()
+    await until(lambda: _eq(engine.missing_partitions(), []), "the rebuild finished")
+    w.stop()
+    await task

@@ -99,7 +99,8 @@ class Worker:
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
         self._faults: dict[tuple[int, str], str] = {}  # (partition, job) -> the error logged
-        self._backlog_alerts: dict[int, int] = {}  # partition -> 1 (past half the limit), 2 (at it)
+        self._backlog_alerts: dict[int, int] = {}
+        self._rebuilding: asyncio.Task | None = None  # partition -> 1 (past half the limit), 2 (at it)
 
     # -- faults of one partition -------------------------------------------------------
 
@@ -427,6 +428,12 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - this partition's alone
                 self._fault(p, "sweeping", exc)
 
+    async def _rebuild_job(self) -> None:
+        try:
+            await self.rebuild_lost()
+        except Exception:  # noqa: BLE001 - Redis or the store down: tried again next time
+            log.exception("worker upkeep (rebuild_lost) failed; carrying on")
+
     async def rebuild_lost(self) -> None:
         """Rebuilds the partitions Redis lost (those nobody else is rebuilding) and gives
         them their consumer group back."""
@@ -437,12 +444,13 @@ class Worker:
             await self.ensure_groups(status.lost)
 
     async def upkeep(self) -> None:
-        """The timed jobs: rebuild lost partitions, sweep expiries, take over stale entries,
-        trim. Each job failing is logged and does not keep the next from running."""
-        jobs = [self.sweep, self.claim_stale, self.trim]
-        if self.rehydrate is not None:
-            jobs.insert(0, self.rebuild_lost)
-        for job in jobs:
+        """The timed jobs: rebuild lost partitions (in a task of its own: a rebuild can take
+        tens of seconds, and the other partitions keep draining and being swept meanwhile),
+        sweep expiries, take over stale entries, trim. Each job failing is logged and does
+        not keep the next from running."""
+        if self.rehydrate is not None and (self._rebuilding is None or self._rebuilding.done()):
+            self._rebuilding = asyncio.create_task(self._rebuild_job(), name="credit-worker-rebuild")
+        for job in (self.sweep, self.claim_stale, self.trim):
             try:
                 await job()
             except Exception:  # noqa: BLE001 - Redis or the store down: tried again next time
@@ -493,6 +501,8 @@ class Worker:
                         pass
         finally:
             await _finish(writing)
+            if self._rebuilding is not None:  # not cut half way (its lease would do, but why)
+                await asyncio.gather(self._rebuilding, return_exceptions=True)
         return self.stats
 
     async def _drained(self) -> bool:

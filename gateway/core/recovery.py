@@ -62,25 +62,57 @@ class PartitionStatus:
     total: int
     lost: list[int]  # no ready marker and nobody rebuilding it
     rebuilding: list[int]  # no ready marker; a process holds its rebuild lease
+    unreachable: list[int] = field(default_factory=list)  # Redis did not answer for them (a node down)
 
     @property
     def not_ready(self) -> list[int]:
         return sorted(self.lost + self.rebuilding)
 
+    @property
+    def unavailable(self) -> list[int]:
+        """Partitions that cannot serve now: not ready, or out of reach."""
+        return sorted(self.lost + self.rebuilding + self.unreachable)
+
 
 async def partition_status(redis: Any, keys: KeySpace) -> PartitionStatus:
-    """One pipeline of EXISTS (markers and leases); on a Cluster it is split by node."""
+    """One pipeline of EXISTS (markers and leases); on a Cluster it is split by node. Should
+    it fail as a whole (a Cluster node down), each partition is asked on its own, and those
+    that do not answer are `unreachable`; none answering raises (Redis is down)."""
     parts = keys.all_partitions()
     pipe = redis.pipeline(transaction=False)
     for pk in parts:
         pipe.exists(pk.ready)
     for pk in parts:
         pipe.exists(pk.rebuild)
-    flags = await pipe.execute()
     n = len(parts)
+    try:
+        flags = await pipe.execute()
+    except Exception:  # noqa: BLE001 - asked partition by partition below
+        return await _partition_status_one_by_one(redis, keys)
     lost = [p for p in range(n) if not flags[p] and not flags[n + p]]
     rebuilding = [p for p in range(n) if not flags[p] and flags[n + p]]
     return PartitionStatus(n, lost, rebuilding)
+
+
+async def _partition_status_one_by_one(redis: Any, keys: KeySpace) -> PartitionStatus:
+    async def one(pk: Any) -> list[int]:
+        pipe = redis.pipeline(transaction=False)  # one hash tag: one node
+        pipe.exists(pk.ready)
+        pipe.exists(pk.rebuild)
+        return await pipe.execute()
+
+    parts = keys.all_partitions()
+    replies = await asyncio.gather(*(one(pk) for pk in parts), return_exceptions=True)
+    errors = [r for r in replies if isinstance(r, BaseException)]
+    if len(errors) == len(parts):
+        raise errors[0]
+    status = PartitionStatus(len(parts), [], [])
+    for p, r in enumerate(replies):
+        if isinstance(r, BaseException):
+            status.unreachable.append(p)
+        elif not r[0]:
+            (status.rebuilding if r[1] else status.lost).append(p)
+    return status
 
 
 def _restore_state(snap: AccountSnapshot) -> dict[str, Any]:

@@ -23,11 +23,15 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep):
-    """Ready only when Redis and the store answer and every partition is rebuilt.
+    """Ready (200) when the store answers and Redis serves the accounts: `status` "ready" when
+    every partition does, "degraded" when some do not (lost by Redis and not rebuilt yet, or
+    on a Cluster node that is down): the gateway still serves every other account, so a load
+    balancer should keep it. 503 when it can serve none (Redis or the store down, every
+    partition lost, or still starting).
 
     The partitions are checked on every call (one pipeline of EXISTS on their ready markers
-    and rebuild leases), so a partition Redis lost answers 503 until it is rebuilt; the
-    answer names the partitions lost (nobody rebuilding them yet) and being rebuilt.
+    and rebuild leases); the answer names those lost (nobody rebuilding them yet), being
+    rebuilt, and out of reach.
     """
     checks = {"redis": False, "store": False, "state": False}
     status = None
@@ -41,22 +45,26 @@ async def readyz(services: ServicesDep):
         checks["store"] = bool(await asyncio.wait_for(services.store.ping(), CHECK_TIMEOUT_S))
     except Exception:  # noqa: BLE001
         pass
-    body: dict = {"status": "ready" if all(checks.values()) else "not_ready", "checks": checks}
+    body: dict = {"checks": checks}
     if status is not None:
-        body["partitions"] = {"total": status.total, "not_ready": len(status.not_ready),
-                              "lost": status.lost, "rebuilding": status.rebuilding}
-    if all(checks.values()):
+        body["partitions"] = {"total": status.total, "not_ready": len(status.not_ready), "lost": status.lost,
+                              "rebuilding": status.rebuilding, "unreachable": status.unreachable}
+    serving = (status is not None and checks["store"] and services.ready
+               and len(status.unavailable) < status.total)
+    if serving:
+        body["status"] = "degraded" if status.unavailable else "ready"
         return JSONResponse(body)
+    body["status"] = "not_ready"
     if status is None:
         error = {"code": "credit_store_unavailable", "message": "Redis did not answer"}
+    elif not services.ready:
+        error = {"code": "not_ready", "message": "the gateway is still rebuilding its state"}
     elif status.not_ready:
         n = len(status.not_ready)
         error = {"code": "state_lost",
                  "message": f"{n} of {status.total} partitions lost by Redis are not rebuilt yet",
                  "partitions": status.not_ready}
-    elif not services.ready:
-        error = {"code": "not_ready", "message": "the gateway is still rebuilding its state"}
     else:
-        error = {"code": "not_ready", "message": "the store did not answer"}
+        error = {"code": "store_unavailable", "message": "the store did not answer"}
     body["error"] = error
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
