@@ -348,3 +348,22 @@ async def test_a_partition_being_rebuilt_answers_503_state_lost_as_the_api_does(
     await gw.services.redis.delete(keys.partition(keys.partition_of("lostp")).ready)
     status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": MSG}, user="lostp")
     assert status == 503 and json.loads(raw)["error"]["code"] == "state_lost" and h["Retry-After"]
+
+
+@pytest.mark.parametrize("path, model, body, read", [
+    ("/v1/completions", "gpt-test", {"prompt": "x", "max_completion_tokens": 100000}, "max_completion_tokens"),
+    ("/v1/messages", "claude-test", {"messages": MSG, "max_tokens": 10, "max_completion_tokens": 100000},
+     "max_completion_tokens"),
+    ("/v1/responses", "gpt-test", {"input": "x", "max_tokens": 100000}, "max_tokens"),
+    ("/v1/responses", "gpt-test", {"input": "x", "n": 50}, "max_output_tokens"),
+    ("/v1/messages", "claude-test", {"messages": MSG, "max_tokens": 10, "n": 50}, "max_tokens"),
+])
+async def test_another_routes_cap_or_multiplier_is_counted_and_capped_too(gw, path, model, body, read):
+    # A loosely compatible server that reads the other route's field (or n anywhere).
+    await gw.grant("loose", "0.001")
+    status, h, raw = await post(gw, path, {"model": model, **body}, user="loose", **LOW_INPUT,
+                                **{"X-Fake-Cap-Field": read, "X-Fake-Output-Tokens": "100000"})
+    assert status in (200, 402), raw
+    if status == 200:
+        assert sent(gw)[read] <= 500
+    await assert_no_debt(gw, "loose", "0.001")

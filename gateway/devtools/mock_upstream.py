@@ -13,6 +13,8 @@ Each request may steer it with headers (the gateway forwards them like any other
   X-Fake-Chunk-Delay-Ms: 5     pause between streamed chunks
   X-Fake-Fail-After: 3         streams: drop the connection after this many chunks
   X-Fake-No-Usage: 1           never report usage
+  X-Fake-Cap-Field: max_tokens  a loosely compatible server: reads only this cap field, and
+                               `n` / `best_of` on any route
   X-Fake-Ignore-Cap: 1         generate X-Fake-Output-Tokens whatever cap the request names
   X-Fake-Token-Text: %F0%9F%98%80  the text of each generated token (URL-encoded; default "tok ")
 GET /_requests lists what it received (method, path, headers, body); DELETE /_requests clears.
@@ -41,8 +43,8 @@ CAP_FIELDS = {
 }
 
 
-def _max_tokens(path: str, body: dict) -> int | None:
-    for k in CAP_FIELDS.get(path, ()):
+def _max_tokens(path: str, body: dict, field: str | None = None) -> int | None:
+    for k in (field,) if field else CAP_FIELDS.get(path, ()):
         if isinstance(body.get(k), int):
             return body[k]
     return None
@@ -61,12 +63,13 @@ def _token_text(request: web.Request) -> str:
     return urllib.parse.unquote(request.headers.get("X-Fake-Token-Text", "tok "))
 
 
-def _choices(path: str, body: dict) -> tuple[int, int]:
-    """(choices returned, completions generated and billed): n, and best_of on completions."""
-    if path not in ("/v1/chat/completions", "/v1/completions"):
+def _choices(path: str, body: dict, lenient: bool = False) -> tuple[int, int]:
+    """(choices returned, completions generated and billed): n, and best_of on completions
+    (`lenient`: on any route, as a loosely compatible server might)."""
+    if not lenient and path not in ("/v1/chat/completions", "/v1/completions"):
         return 1, 1
     n = body.get("n") if isinstance(body.get("n"), int) else 1
-    best_of = body.get("best_of") if path == "/v1/completions" and isinstance(body.get("best_of"), int) else n
+    best_of = body.get("best_of") if (lenient or path == "/v1/completions") and isinstance(body.get("best_of"), int) else n
     return n, max(n, best_of)
 
 
@@ -140,7 +143,7 @@ class MockUpstream:
             return web.json_response({"error": {"message": "bad json"}}, status=400)
         n_in = int(h.get("X-Fake-Input-Tokens", max(1, len(raw) // 4)))
         cached = int(h.get("X-Fake-Cached-Tokens", 0))
-        cap = _max_tokens(request.path, body)
+        cap = _max_tokens(request.path, body, h.get("X-Fake-Cap-Field"))
         n_out = int(h.get("X-Fake-Output-Tokens", 10))
         if cap is not None:
             n_out = n_out if h.get("X-Fake-Ignore-Cap") == "1" else min(n_out, cap)
@@ -148,31 +151,34 @@ class MockUpstream:
             n_out = 0
         usage_on = h.get("X-Fake-No-Usage") != "1"
         model = body.get("model", "fake-model")
-        choices, billed = _choices(request.path, body)
+        choices, billed = _choices(request.path, body, lenient="X-Fake-Cap-Field" in h)
         if body.get("stream"):
             return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on, choices)
+        inputs = len(body["input"]) if isinstance(body.get("input"), list) and body["input"] and not isinstance(
+            body["input"][0], int) else 1
         return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed,
-                                             _token_text(request)))
+                                             _token_text(request), inputs))
 
     def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool,
-               choices: int = 1, billed: int = 1, tok: str = "tok ") -> dict:
+               choices: int = 1, billed: int = 1, tok: str = "tok ", inputs: int = 1) -> dict:
         text = tok * n_out
         if path == "/v1/messages":
             out = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
             if usage_on:
-                out["usage"] = {"input_tokens": n_in - cached, "output_tokens": n_out,
+                out["usage"] = {"input_tokens": n_in - cached, "output_tokens": n_out * billed,
                                 "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
             return out
         if path == "/v1/responses":
             out = {"id": "resp_fake", "object": "response", "model": model, "status": "completed",
                    "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
             if usage_on:
-                out["usage"] = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
-                                "input_tokens_details": {"cached_tokens": cached}}
+                out["usage"] = {"input_tokens": n_in, "output_tokens": n_out * billed,
+                                "total_tokens": n_in + n_out * billed, "input_tokens_details": {"cached_tokens": cached}}
             return out
         if path == "/v1/embeddings":
-            out = {"object": "list", "model": model, "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1]}]}
+            out = {"object": "list", "model": model, "data": [
+                {"object": "embedding", "index": i, "embedding": [0.0, 0.1]} for i in range(inputs)]}
             if usage_on:
                 out["usage"] = {"prompt_tokens": n_in, "total_tokens": n_in}
             return out

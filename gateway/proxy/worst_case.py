@@ -29,11 +29,12 @@ CAP_FIELDS = {
     MESSAGES: ("max_tokens",),
     EMBEDDINGS: (),
 }
-MULTIPLIER_FIELDS = {
-    CHAT: ("n",),
-    COMPLETIONS: ("n", "best_of"),  # best_of completions are generated (and billed) server-side
-}
 CHAT_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+# An OpenAI-compatible server may read another route's field as well ("max_tokens" on
+# /v1/responses, "max_completion_tokens" on /v1/completions, "n" anywhere): every one of
+# them present in a request is validated, counted, and sent with the cap.
+ANY_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+MULTIPLIER_FIELDS = ("n", "best_of")  # best_of completions are generated (and billed) server-side
 
 
 class BadRequest(ValueError):
@@ -69,14 +70,14 @@ class OutputPlan:
 
 
 def output_plan(path: str, body: dict[str, Any], chars_per_token: int) -> OutputPlan:
-    fields = CAP_FIELDS.get(path, ())
-    caps = [c for c in (_count(body, f) for f in fields) if c is not None]
-    multiplier = max([m for m in (_count(body, f) for f in MULTIPLIER_FIELDS.get(path, ())) if m is not None],
-                     default=1)
+    if path == EMBEDDINGS:
+        return OutputPlan(None)
+    caps = [c for c in (_count(body, f) for f in ANY_CAP_FIELDS) if c is not None]
+    multiplier = max([m for m in (_count(body, f) for f in MULTIPLIER_FIELDS) if m is not None], default=1)
     extra = 0
     if path == CHAT:
         extra = _prediction_tokens(body.get("prediction"), chars_per_token)
-    # Both chat fields named: the tighter one is what the caller asked for.
+    # Several cap fields named: the tighter one is what the caller asked for.
     return OutputPlan(min(caps) if caps else None, multiplier, extra)
 
 
@@ -95,18 +96,20 @@ def _prediction_tokens(pred: Any, chars_per_token: int) -> int:
 
 
 def set_output_cap(path: str, body: dict[str, Any], tokens: int, chat_field: str) -> None:
-    """Writes the cap into the request. Chat: into whichever of max_completion_tokens /
-    max_tokens the caller used (both, consistently, if it used both), else `chat_field`
-    (OpenAI refuses max_tokens for its reasoning models; some compatible servers only know
-    max_tokens: the upstream's configuration says which)."""
+    """Writes the cap into the request: into the route's own field, and into any other cap
+    field the caller named. Chat: into whichever of max_completion_tokens / max_tokens the
+    caller used (both, consistently, if it used both), else `chat_field` (OpenAI refuses
+    max_tokens for its reasoning models; some compatible servers only know max_tokens: the
+    upstream's configuration says which)."""
     if path == CHAT:
         named = [f for f in CHAT_CAP_FIELDS if body.get(f) is not None]
         for f in named or [chat_field]:
             body[f] = tokens
-        return
-    fields = CAP_FIELDS.get(path, ())
-    if fields:
-        body[fields[0]] = tokens
+    elif CAP_FIELDS.get(path):
+        body[CAP_FIELDS[path][0]] = tokens
+    for f in ANY_CAP_FIELDS:  # another route's field the caller named: the same cap
+        if body.get(f) is not None:
+            body[f] = tokens
 
 
 def embedding_input_tokens(body: dict[str, Any]) -> int:
