@@ -205,14 +205,41 @@ async def test_clear_refusals_for_a_missing_model_and_unserved_paths(gw):
             assert r.status == 404 and (await r.json())["type"] == "error"
 
 
-def test_usage_counts_that_are_not_numbers_count_nothing_and_never_raise():
-    from gateway.proxy.usage import StreamMeter, from_openai_usage
+@pytest.mark.parametrize("usage", [
+    {}, {"prompt_tokens": 5}, {"prompt_tokens": 5, "completion_tokens": "9999999"},
+    {"prompt_tokens": -5, "completion_tokens": 10}, {"prompt_tokens": 5, "completion_tokens": 2.5},
+    {"prompt_tokens": float("inf"), "completion_tokens": 3}, {"prompt_tokens": 5, "completion_tokens": True},
+])
+def test_usage_that_is_not_counts_is_treated_as_missing_and_counted(usage):
+    from gateway.proxy.usage import StreamMeter, from_json_body, from_openai_usage
 
-    u = from_openai_usage({"prompt_tokens": float("inf"), "completion_tokens": float("nan"), "total_tokens": -1})
-    assert (u.input, u.output) == (0, 0)
+    assert from_openai_usage(usage) is None
+    assert from_json_body("openai", {"usage": usage}, "/v1/chat/completions") is None
     meter = StreamMeter("openai")
-    meter.feed('{"choices":[],"usage":{"prompt_tokens":Infinity,"completion_tokens":3}}')  # json's extension
-    assert meter.usage.input == 0 and meter.usage.output == 3
+    meter.feed(json.dumps({"choices": [], "usage": usage}))
+    assert meter.usage is None and not meter.final
+
+
+def test_well_formed_usage_is_read_as_is():
+    from gateway.proxy.usage import StreamMeter, from_json_body
+
+    u = from_json_body("openai", {"usage": {"prompt_tokens": 5, "completion_tokens": 7.0}}, "/v1/chat/completions")
+    assert (u.input, u.output) == (5, 7)
+    assert from_json_body("openai", {"usage": {"prompt_tokens": 5, "total_tokens": 5}}, "/v1/embeddings").input == 5
+    meter = StreamMeter("anthropic")
+    meter.feed('{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}')
+    meter.feed('{"type":"message_delta","usage":{"output_tokens":"lots"}}')  # malformed: counted instead
+    assert meter.usage is None and not meter.final
+
+
+async def test_an_answer_whose_usage_is_not_counts_is_charged_by_counting(gw):
+    await gw.grant("mal", "1")
+    body = {"model": "gpt-test", "messages": MSG, "max_tokens": 50}
+    for usage in ("%7B%7D", "%7B%22prompt_tokens%22%3A5%2C%22completion_tokens%22%3A%2299%22%7D"):  # {}, a string
+        status, h, raw = await post(gw, "/v1/chat/completions", body, user="mal",
+                                    **{"X-Fake-Output-Tokens": "40", "X-Fake-Usage": usage})
+        assert status == 200
+        assert charged(h) >= Decimal("0.00008")  # the 40 output tokens at 2, counted from the text
 
 
 def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budget():

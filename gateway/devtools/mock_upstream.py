@@ -15,6 +15,7 @@ Each request may steer it with headers (the gateway forwards them like any other
   X-Fake-No-Usage: 1           never report usage
   X-Fake-Cap-Field: max_tokens  a loosely compatible server: reads only this cap field, and
                                `n` / `best_of` on any route
+  X-Fake-Usage: %7B%7D          whole answers: this (URL-encoded JSON) as their usage object
   X-Fake-Ignore-Cap: 1         generate X-Fake-Output-Tokens whatever cap the request names
   X-Fake-Token-Text: %F0%9F%98%80  the text of each generated token (URL-encoded; default "tok ")
 GET /_requests lists what it received (method, path, headers, body); DELETE /_requests clears.
@@ -156,8 +157,11 @@ class MockUpstream:
             return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on, choices)
         inputs = len(body["input"]) if isinstance(body.get("input"), list) and body["input"] and not isinstance(
             body["input"][0], int) else 1
-        return web.json_response(self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed,
-                                             _token_text(request), inputs))
+        out = self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed, _token_text(request),
+                          inputs)
+        if h.get("X-Fake-Usage"):
+            out["usage"] = json.loads(urllib.parse.unquote(h["X-Fake-Usage"]))
+        return web.json_response(out)
 
     def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool,
                choices: int = 1, billed: int = 1, tok: str = "tok ", inputs: int = 1) -> dict:

@@ -352,7 +352,7 @@ class MeteringProxy:
         usage, answer = None, None
         try:
             answer = orjson.loads(raw)
-            usage = from_json_body(call.kind, answer)
+            usage = from_json_body(call.kind, answer, call.path)
         except orjson.JSONDecodeError:
             pass
         if usage is None:  # no usage reported: count the prompt and the answer's text

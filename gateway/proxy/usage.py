@@ -4,11 +4,14 @@ and Anthropic Messages, as JSON bodies or as SSE streams."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Callable, Hashable, Iterable
 
 import orjson
 
 from ..core.pricing import Usage, ceil_div
+
+log = logging.getLogger("credit.proxy")
 
 OPENAI = "openai"
 ANTHROPIC = "anthropic"
@@ -19,42 +22,69 @@ DEFAULT_KEEP_CHARS = 1 << 20
 _COMPACT_AT = 512  # small deltas joined into one string at this many (memory per delta)
 
 
-def _int(x: Any) -> int:
-    """A token count as reported: a non-negative number (NaN and infinities are not counts)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0 or x == float("inf"):
+class _Malformed(ValueError):
+    """Usage whose counts are not counts: the answer is treated as carrying none (counted)."""
+
+
+def _count(u: dict[str, Any], name: str, required: bool = False) -> int:
+    """A token count as reported: a non-negative whole number (NaN, infinities, strings,
+    negatives and fractions are not counts); absent: 0, or malformed when required."""
+    x = u.get(name)
+    if x is None:
+        if required:
+            raise _Malformed(f"no {name}")
         return 0
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf") or x != int(x):
+        raise _Malformed(f"{name} = {x!r:.40}")
     return int(x)
 
 
-def from_openai_usage(u: dict[str, Any] | None) -> Usage | None:
-    """chat/completions/embeddings use prompt_/completion_tokens; responses uses input_/output_tokens."""
+def _parsed(parse: Callable[[dict[str, Any]], Usage], u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
-    if "input_tokens" in u or "output_tokens" in u:
-        details = u.get("input_tokens_details") or {}
-        return Usage(input=_int(u.get("input_tokens")), output=_int(u.get("output_tokens")),
-                     cached_input=_int(details.get("cached_tokens")))
-    details = u.get("prompt_tokens_details") or {}
-    return Usage(input=_int(u.get("prompt_tokens")), output=_int(u.get("completion_tokens")),
-                 cached_input=_int(details.get("cached_tokens")))
+    try:
+        return parse(u)
+    except _Malformed as exc:
+        log.warning("the upstream reported malformed usage (%s): it is counted instead", exc)
+        return None
 
 
-def from_anthropic_usage(u: dict[str, Any] | None) -> Usage | None:
+def from_openai_usage(u: Any, output_required: bool = True) -> Usage | None:
+    """chat/completions/embeddings use prompt_/completion_tokens; responses uses
+    input_/output_tokens. None: no usage, or usage that is not counts (then the gateway
+    counts it); embeddings report no output (`output_required` False)."""
+
+    def parse(u: dict[str, Any]) -> Usage:
+        if "input_tokens" in u or "output_tokens" in u:
+            details = u.get("input_tokens_details") or {}
+            return Usage(input=_count(u, "input_tokens", True), output=_count(u, "output_tokens", output_required),
+                         cached_input=_count(details, "cached_tokens") if isinstance(details, dict) else 0)
+        details = u.get("prompt_tokens_details") or {}
+        return Usage(input=_count(u, "prompt_tokens", True), output=_count(u, "completion_tokens", output_required),
+                     cached_input=_count(details, "cached_tokens") if isinstance(details, dict) else 0)
+
+    return _parsed(parse, u)
+
+
+def from_anthropic_usage(u: Any) -> Usage | None:
     """Anthropic's input_tokens exclude cache reads and writes; here input includes reads."""
-    if not isinstance(u, dict):
-        return None
-    read = _int(u.get("cache_read_input_tokens"))
-    return Usage(input=_int(u.get("input_tokens")) + read, output=_int(u.get("output_tokens")),
-                 cached_input=read, cache_write=_int(u.get("cache_creation_input_tokens")))
+
+    def parse(u: dict[str, Any]) -> Usage:
+        read = _count(u, "cache_read_input_tokens")
+        return Usage(input=_count(u, "input_tokens", True) + read, output=_count(u, "output_tokens", True),
+                     cached_input=read, cache_write=_count(u, "cache_creation_input_tokens"))
+
+    return _parsed(parse, u)
 
 
-def from_json_body(kind: str, body: dict[str, Any]) -> Usage | None:
-    """Usage of a whole (non-streamed) answer, or None when it carries none."""
+def from_json_body(kind: str, body: Any, path: str = "") -> Usage | None:
+    """Usage of a whole (non-streamed) answer, or None when it carries none (or none that
+    is counts)."""
     if not isinstance(body, dict):
         return None
     if kind == ANTHROPIC:
         return from_anthropic_usage(body.get("usage"))
-    return from_openai_usage(body.get("usage"))
+    return from_openai_usage(body.get("usage"), output_required=path != "/v1/embeddings")
 
 
 
@@ -166,7 +196,6 @@ class StreamMeter:
         self._parts: dict[Hashable, list[str]] = {}  # recent deltas, per key
         self._chunks: dict[Hashable, list[str]] = {}  # joined deltas, per key
         self._anthropic_input: dict[str, Any] = {}
-        self._anthropic_output = 0
 
     def _text(self, key: Hashable, s: str) -> None:
         # Runs for every delta: the common case is one length check and one append.
@@ -236,11 +265,11 @@ class StreamMeter:
             resp = obj.get("response")
             if isinstance(resp, dict) and resp.get("usage"):
                 self.usage = from_openai_usage(resp["usage"])
-                self.final = True
+                self.final = self.usage is not None  # malformed: counted instead
             return
         if obj.get("usage"):
             self.usage = from_openai_usage(obj["usage"])
-            self.final = True
+            self.final = self.usage is not None  # malformed: counted instead
         for ch in obj.get("choices") or ():
             if not isinstance(ch, dict):
                 continue
@@ -274,23 +303,21 @@ class StreamMeter:
         t = obj.get("type")
         if t == "message_start":
             msg = obj.get("message") or {}
-            self._anthropic_input = msg.get("usage") or {}
-            self._anthropic_output = _int(self._anthropic_input.get("output_tokens"))
+            u = msg.get("usage") if isinstance(msg, dict) else None
+            self._anthropic_input = u if isinstance(u, dict) else {}
         elif t == "content_block_delta":
             d = obj.get("delta") or {}
             for k in ("text", "partial_json", "thinking"):
                 if isinstance(d.get(k), str):
                     self._text(obj.get("index"), d[k])
         elif t == "message_delta":
-            u = obj.get("usage") or {}
-            self._anthropic_output = max(self._anthropic_output, _int(u.get("output_tokens")))
+            u = obj.get("usage")
+            u = u if isinstance(u, dict) else {}
             merged = {**self._anthropic_input, **{k: v for k, v in u.items() if v is not None}}
-            merged["output_tokens"] = self._anthropic_output
-            self.usage = from_anthropic_usage(merged)
-            self.final = "output_tokens" in u
+            self.usage = from_anthropic_usage(merged)  # None when malformed: counted instead
+            self.final = self.usage is not None and "output_tokens" in u
         if t == "message_start":
-            merged = {**self._anthropic_input, "output_tokens": self._anthropic_output}
-            self.usage = from_anthropic_usage(merged)
+            self.usage = from_anthropic_usage(self._anthropic_input)
 
 
 # Responses API stream events whose delta is generated text.
