@@ -153,3 +153,17 @@ def test_serve_refuses_several_workers_in_embedded_mode(tmp_path):
                        env=clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "w.db")), capture_output=True, text=True,
                        timeout=60)
     assert r.returncode != 0 and "one process only" in r.stderr
+
+
+async def test_a_burst_beyond_the_connection_pool_waits_rather_than_failing(tmp_path):
+    settings = Settings(admin_keys=ADMIN, client_keys=CLIENT, sqlite_path=str(tmp_path / "b.db"), audit_path=None,
+                        redis_max_connections=8)
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            assert (await c.post("/admin/accounts/b/grants", json={"amount": "100"}, headers=admin)).status_code == 201
+            user = {"Authorization": f"Bearer {CLIENT}", "X-User-Id": "b"}
+            replies = await asyncio.gather(*(c.post("/credits/holds", json={"amount": "0.1"}, headers=user)
+                                             for _ in range(150)))
+            assert [r.status_code for r in replies] == [201] * 150

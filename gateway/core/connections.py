@@ -16,7 +16,12 @@ def make_redis(settings: Settings) -> Any:
     if settings.embedded:
         import fakeredis
 
-        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+        import redis.asyncio as aioredis
+
+        # As for a real Redis: a burst waits for a free connection (redis-py's own pool
+        # refuses the 101st at once).
+        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), max_connections=settings.redis_max_connections,
+                                        connection_pool_class=aioredis.BlockingConnectionPool)
     if settings.redis_cluster:
         from .cluster import GatewayRedisCluster
 
