@@ -394,3 +394,39 @@ async def test_another_routes_cap_or_multiplier_is_counted_and_capped_too(gw, pa
     if status == 200:
         assert sent(gw)[read] <= 500
     await assert_no_debt(gw, "loose", "0.001")
+
+
+@pytest.mark.parametrize("path, model, extra, feature", [
+    ("/v1/chat/completions", "gpt-test", {"messages": MSG, "service_tier": "priority"}, "service_tier"),
+    ("/v1/chat/completions", "gpt-test", {"messages": MSG, "web_search_options": {}}, "web_search"),
+    ("/v1/chat/completions", "gpt-test", {"messages": MSG, "modalities": ["text", "audio"]}, "audio"),
+    ("/v1/responses", "gpt-test", {"input": "x", "tools": [{"type": "web_search_preview"}]}, "web_search"),
+    ("/v1/responses", "gpt-test", {"input": "x", "tools": [{"type": "code_interpreter"}]}, "code_interpreter"),
+    ("/v1/responses", "gpt-test", {"input": "x", "background": True}, "background"),
+    ("/v1/responses", "gpt-test", {"input": "x", "previous_response_id": "resp_1"}, "stored_context"),
+    ("/v1/messages", "claude-test", {"messages": MSG, "max_tokens": 5,
+                                     "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "web_search"),
+])
+async def test_features_billed_beyond_tokens_are_refused_unless_allowed(gw, path, model, extra, feature):
+    await gw.grant("feat", "1")
+    status, h, raw = await post(gw, path, {"model": model, **extra}, user="feat")
+    assert status == 400, raw
+    err = json.loads(raw)["error"]
+    assert err["code"] == "feature_not_allowed" and err["features"] == [feature]
+    assert gw.fake.requests == []
+
+
+async def test_plain_tools_and_an_allowed_feature_pass(gw):
+    from dataclasses import replace
+
+    await gw.grant("feat2", "1")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    status, _, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": MSG, "tools": tools},
+                                user="feat2")
+    assert status == 200, raw
+    cfg = gw.services.proxy.config
+    gw.services.proxy.config = replace(cfg, upstreams=tuple(
+        replace(u, allow_features=frozenset({"service_tier"})) for u in cfg.upstreams))
+    status, _, raw = await post(gw, "/v1/chat/completions",
+                                {"model": "gpt-test", "messages": MSG, "service_tier": "flex"}, user="feat2")
+    assert status == 200, raw

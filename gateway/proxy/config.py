@@ -24,6 +24,9 @@ and CREDIT_UPSTREAM_<NAME>_BASE_URL / _API_KEY / _TIMEOUT override per upstream.
     forward_headers = []            # client headers passed on beyond the kind's own (accept,
                                     # content-type, openai-beta); "x-foo-*" matches a prefix
     headers = {}                    # headers the gateway sends (they win over the client's)
+    allow_features = []             # request features billed beyond tokens that are let through
+                                    # (service_tier, web_search, code_execution, background...:
+                                    # gateway/proxy/features.py); the others get 400
 
     [[routes]]                      # other paths: a flat price per request, or refused
     path = "/v1/models"
@@ -56,6 +59,7 @@ from ..core.money import AmountError, to_units
 from ..core.ratelimits import check_limit
 from ..core.pricing import PricingTable
 from ..core.redact import public_url
+from .features import FEATURES
 from .worst_case import CHAT_CAP_FIELDS
 
 OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
@@ -78,6 +82,7 @@ class Upstream:
     headers: dict[str, str] = field(default_factory=dict)
     chat_cap_field: str = "max_completion_tokens"
     forward_headers: tuple[str, ...] = ()  # lower-case names; "x-foo-*" matches a prefix
+    allow_features: frozenset[str] = frozenset()  # billed beyond tokens, yet allowed (features.py)
 
     def serves(self, model: str | None) -> bool:
         return "*" in self.models or (model is not None and model in self.models)
@@ -198,9 +203,12 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
     fwd = raw.get("forward_headers") or []
     if not isinstance(fwd, list) or not all(isinstance(h, str) and h.strip() for h in fwd):
         raise ConfigError(f"upstream {name}: forward_headers must be a list of header names")
+    allow = raw.get("allow_features") or []
+    if not isinstance(allow, list) or not set(allow) <= FEATURES:
+        raise ConfigError(f"upstream {name}: allow_features must be a list of {sorted(FEATURES)}")
     return Upstream(name, kind, base_url.rstrip("/"), key, timeout, tuple(str(m) for m in models),
                     {str(k): str(v) for k, v in headers.items()}, cap_field,
-                    tuple(h.strip().lower() for h in fwd))
+                    tuple(h.strip().lower() for h in fwd), frozenset(allow))
 
 
 def _flag(section: dict[str, Any], name: str, default: bool) -> bool:

@@ -39,6 +39,7 @@ from ..core.pricing import ModelPrice, Usage, ceil_div
 from ..core.settlement import Settler
 from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
 from .errors import proxy_error
+from .features import requested_features
 from .identity import Identity, IdentityError
 from .pricing_cache import PricingCache
 from .tokens import TokenCounter
@@ -174,6 +175,11 @@ class MeteringProxy:
             price = table.default
         if price is None:
             return proxy_error(kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid)
+        denied = requested_features(kind, path, body) - upstream.allow_features
+        if denied:
+            return proxy_error(kind, 400, "feature_not_allowed",
+                               f"this gateway does not meter {', '.join(sorted(denied))}: the request is refused", rid,
+                               features=sorted(denied))
         try:
             call = self._plan(request_id, user, kind, path, model, price, upstream, body, len(raw))
         except BadRequest as exc:
