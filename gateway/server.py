@@ -23,6 +23,7 @@ import resource
 import time
 from typing import Any
 
+import orjson
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -132,6 +133,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.head_started = None
         if not self.transport.is_closing():
             self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """A request uvicorn cannot parse (a bad Content-Length, a non-ASCII target...): the
+        same answer, in the gateway's JSON error shape rather than plain text."""
+        body = orjson.dumps({"error": {"code": "malformed_http", "message": msg}})
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-type: application/json\r\n", b"content-length: ", str(len(body)).encode(), b"\r\n",
+                 b"connection: close\r\n\r\n", body]
+        self.transport.write(b"".join(head))
+        self.transport.close()
 
 
 def app_from_environment() -> Any:

@@ -208,3 +208,9 @@ async def test_ids_cannot_start_with_a_dot_which_clients_normalise_away_in_paths
     with pytest.raises(InvalidId):
         check_id("hold_id", hold_id)
     assert check_id("hold_id", "a.b..c") == "a.b..c"
+
+
+async def test_two_idempotency_keys_are_refused(api):
+    headers = [("Authorization", f"Bearer {ADMIN}"), ("Idempotency-Key", "k1"), ("Idempotency-Key", "k2")]
+    r = await api.post("/admin/accounts/two/grants", json={"amount": "1"}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_idempotency_key"

@@ -570,3 +570,17 @@ async def test_a_client_closing_at_done_does_not_cancel_the_streams_settle(gw, m
     await gw.services.proxy.drain()
     b = await gw.balance("zed")
     assert b.held == 0 and b.spent == Decimal("0.00002")
+
+
+async def test_pricing_can_be_put_back_as_read_and_is_never_emptied_or_overwritten_blindly(gw):
+    adm = {"Authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.base + "/admin/pricing", headers=adm) as r:
+            table = await r.json()
+        async with s.put(gw.base + "/admin/pricing", json=table, headers=adm) as r:  # as read, version and all
+            assert r.status == 200, await r.text()
+            assert (await r.json())["version"] > table["version"]
+        async with s.put(gw.base + "/admin/pricing", json=table, headers=adm) as r:  # made from an old version
+            assert r.status == 409 and (await r.json())["error"]["code"] == "version_conflict"
+        async with s.put(gw.base + "/admin/pricing", json={}, headers=adm) as r:
+            assert r.status == 422 and (await r.json())["error"]["code"] == "invalid_pricing"

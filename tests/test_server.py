@@ -120,3 +120,20 @@ def test_serve_with_workers_runs_that_many_processes_on_one_port(tmp_path, redis
                 assert json.loads(r.text)["available"] == "2.000000"
     finally:
         proc.stop()
+
+
+def test_a_request_the_server_cannot_parse_is_answered_in_json(tmp_path):
+    proc, port = serve(_env(tmp_path), tmp_path)
+    try:
+        for raw in (b"POST /credits/holds HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                    "GET /admin/accounts/a/ledger?limit=\u0661 HTTP/1.1\r\nHost: x\r\n\r\n".encode()):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(raw)
+                reply = b""
+                while chunk := s.recv(4096):
+                    reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head.lower(), reply
+            assert json.loads(body)["error"]["code"] == "malformed_http"
+    finally:
+        proc.stop()

@@ -84,6 +84,18 @@ AdminCaller = Annotated[Caller, Depends(require_admin)]
 ClientCaller = Annotated[Caller, Depends(require_client_user)]
 
 
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key header; two of them are refused (which one would the
+    caller mean?)."""
+    values = request.headers.getlist("idempotency-key")
+    if len(values) > 1:
+        raise ApiError(400, "invalid_idempotency_key", "send one Idempotency-Key header, not several")
+    return values[0] if values else None
+
+
+IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
+
+
 def idempotency_op_id(caller: Caller, route: str, key: str | None) -> str | None:
     """An Idempotency-Key, scoped by caller and route, as an operation id (None without one)."""
     if key is None:

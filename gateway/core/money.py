@@ -32,7 +32,8 @@ class AmountError(ValueError):
 def parse_amount(value: Decimal | str | int) -> Decimal:
     """An amount as a Decimal, refusing floats, booleans and anything but plain notation."""
     if isinstance(value, bool) or isinstance(value, float):
-        raise AmountError("amounts must be decimal strings or integers, not floats or booleans")
+        # JSON numbers reach this as Decimal; a Python float is inexact, a boolean no number.
+        raise AmountError(f"an amount is a decimal string, an integer or a Decimal, not a {type(value).__name__}")
     if isinstance(value, Decimal):
         d = value
     elif isinstance(value, int):

@@ -12,6 +12,7 @@ crashed process's holds expire (their timeout covers the upstream timeout).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from .identity import Identity, IdentityError
 from .pricing_cache import PricingCache
 from .tokens import TokenCounter
 from .usage import ANTHROPIC, OPENAI, StreamMeter, answer_texts, count_output, from_json_body
-from .worst_case import EMBEDDINGS, BadRequest, OutputPlan, embedding_input_tokens, output_plan, set_output_cap
+from .worst_case import COUNT_FIELDS, EMBEDDINGS, BadRequest, OutputPlan, embedding_input_tokens, output_plan, set_output_cap
 
 log = logging.getLogger("credit.proxy")
 
@@ -163,6 +164,8 @@ class MeteringProxy:
             return proxy_error(kind, 400, "malformed_json", "the request body is not valid JSON", rid)
         if not isinstance(body, dict):
             return proxy_error(kind, 400, "invalid_request", "the request body must be a JSON object", rid)
+        if any(isinstance(body.get(f), float) and body[f] >= 2**63 for f in COUNT_FIELDS):
+            body = json.loads(raw)  # orjson reads integers past 64 bits as floats: a huge cap is still a cap
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return proxy_error(kind, 400, "invalid_request", "the request names no model (field \"model\")", rid)

@@ -35,6 +35,7 @@ CHAT_CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 # them present in a request is validated, counted, and sent with the cap.
 ANY_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 MULTIPLIER_FIELDS = ("n", "best_of")  # best_of completions are generated (and billed) server-side
+COUNT_FIELDS = ANY_CAP_FIELDS + MULTIPLIER_FIELDS
 
 
 class BadRequest(ValueError):

@@ -6,13 +6,13 @@ import re
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from ...core.errors import InvalidExpiry
 from ...core.keys import ID_PATTERN
 from ...core.money import from_units
 from ...core.results import ms_to_dt
-from ..deps import AdminCaller, EngineDep, StoreDep, idempotency_op_id
+from ..deps import AdminCaller, EngineDep, IdempotencyKey, StoreDep, idempotency_op_id
 from ..body import DecimalRoute
 from ..errors import ApiError
 from ..schemas import (
@@ -23,7 +23,6 @@ from ..schemas import (
 router = APIRouter(prefix="/admin/accounts", tags=["admin"], route_class=DecimalRoute, strict_content_type=False)
 
 UserId = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="the account's user id")]
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 CURSOR = re.compile(r"[0-9]{1,18}", re.ASCII)
 
 

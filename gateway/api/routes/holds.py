@@ -41,7 +41,9 @@ def _resolution(user: str, r: HoldResolution, response: Response) -> ResolutionR
 async def create_hold(body: HoldRequest, caller: ClientCaller, engine: EngineDep, services: ServicesDep, response: Response):
     """Reserves credits; 402 when the user cannot afford it. Retrying with the same hold_id is safe."""
     if body.ttl_seconds > services.settings.max_hold_ttl_seconds:
-        raise ApiError(422, "invalid_request", f"ttl_seconds above the limit of {services.settings.max_hold_ttl_seconds}")
+        problem = f"above the limit of {services.settings.max_hold_ttl_seconds}"
+        raise ApiError(422, "invalid_request", f"ttl_seconds: {problem}",
+                       problems=[{"field": "ttl_seconds", "problem": problem}])
     if body.hold_id is not None and is_metered_hold(body.hold_id):
         raise ApiError(422, "invalid_id", f"hold ids beginning with {' or '.join(METERED_HOLD_PREFIXES)} are the "
                                           "gateway's own (its metered calls)")
