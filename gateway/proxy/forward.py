@@ -413,12 +413,14 @@ class MeteringProxy:
             resp.close()
             charged, remaining = await self._settle_stream(call, meter, partial=True)
             yield f": stopped at the credit cap; credits charged={_credits(charged)}\n\n".encode()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             # The upstream broke off mid-stream: pay for what was produced, tell the client.
             done = True
             resp.close()
             charged, _ = await self._settle_stream(call, meter, partial=True)
-            yield f": upstream stream broke off; credits charged={_credits(charged)}\n\n".encode()
+            why = ("upstream stream timed out (its timeout_seconds)" if isinstance(exc, asyncio.TimeoutError)
+                   else "upstream stream broke off")
+            yield f": {why}; credits charged={_credits(charged)}\n\n".encode()
         finally:
             resp.release()
             if not done:
