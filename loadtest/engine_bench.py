@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ from gateway.core.store.sqlite import SQLiteStore
 from worker.audit import AuditLog
 from worker.runner import GROUP, Worker
 
+from redis_server import RedisServer  # beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 64
 UNITS = 1_000  # micro-credits per hold (0.001 credit)
@@ -78,58 +79,6 @@ def log(msg: str) -> None:
 
 
 # -- redis-server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, workdir: str) -> None:
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not found on PATH")
-        logf = open(os.path.join(self.workdir, "redis.log"), "wb")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.workdir],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir,
-        )
-        logf.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"redis-server exited ({self.proc.returncode}); see {self.workdir}/redis.log")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise SystemExit("redis-server did not answer within 10 s")
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def new_client(url: str, pool: int = 64) -> aioredis.Redis:

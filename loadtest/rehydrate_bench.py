@@ -25,8 +25,6 @@ import json
 import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,63 +45,13 @@ from gateway.core.store.base import RateLimitOverride  # noqa: E402
 from gateway.core.store.sqlite import SQLiteStore  # noqa: E402
 from worker.runner import Worker  # noqa: E402
 
+from redis_server import RedisServer  # noqa: E402  (beside this script)
+
 PARTITIONS = 64
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, workdir: str, aof: bool) -> None:
-        self.workdir = workdir
-        self.aof = aof
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("redis-server not found on PATH")
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof else ["--appendonly", "no"]
-        logf = open(os.path.join(self.workdir, "redis.log"), "wb")
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", self.workdir],
-            stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir,
-        )
-        logf.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"redis-server exited ({self.proc.returncode}); see {self.workdir}/redis.log")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise SystemExit("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
 
 
 async def fill(engine: CreditEngine, store: SQLiteStore, accounts: int, ops: int, api_keys: int,
