@@ -7,7 +7,6 @@ import asyncio
 import logging
 import sys
 
-
 from .core.settings import Settings, load_settings
 
 
@@ -23,8 +22,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise SystemExit("--workers must be at least 1")
     if settings.embedded:
         if args.workers > 1:
-            raise SystemExit("embedded mode keeps Redis inside the serve process: one process only "
-                             "(set CREDIT_REDIS_URL to run several workers)")
+            raise SystemExit(
+                "embedded mode keeps Redis inside the serve process: one process only "
+                "(set CREDIT_REDIS_URL to run several workers)"
+            )
         _embedded_keys(settings)
         print(
             "Embedded mode (no CREDIT_REDIS_URL): in-process Redis and the worker run in this process; "
@@ -66,8 +67,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     if not settings.embedded:
-        raise SystemExit("keys are CREDIT_ADMIN_KEYS / CREDIT_CLIENT_KEYS outside embedded mode; "
-                         "this command manages embedded mode's keys file")
+        raise SystemExit(
+            "keys are CREDIT_ADMIN_KEYS / CREDIT_CLIENT_KEYS outside embedded mode; "
+            "this command manages embedded mode's keys file"
+        )
     try:
         if args.new:
             kinds = list(KINDS) if args.new == "all" else [args.new]
@@ -83,8 +86,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     print(f"keys file: {keys_file(settings)}" + ("" if stored else " (none yet: `serve` makes it)"))
     for kind in KINDS:
         env = getattr(settings, f"{kind}_keys")
-        source = "CREDIT_" + kind.upper() + "_KEYS (wins over the file)" if env else (
-            f"{len(stored[kind])} digest(s) in the file" if kind in stored else "none")
+        source = (
+            "CREDIT_" + kind.upper() + "_KEYS (wins over the file)"
+            if env
+            else (f"{len(stored[kind])} digest(s) in the file" if kind in stored else "none")
+        )
         print(f"  {kind}: {source}")
     return 0
 
@@ -101,7 +107,9 @@ async def _with_engine(fn):
 
     settings = load_settings()
     if settings.embedded:
-        raise SystemExit("this command needs CREDIT_REDIS_URL (embedded mode keeps Redis inside the serve process)")
+        raise SystemExit(
+            "this command needs CREDIT_REDIS_URL (embedded mode keeps Redis inside the serve process)"
+        )
     redis, store = make_redis(settings), make_store(settings)
     await store.open()
     try:
@@ -120,9 +128,11 @@ def cmd_rehydrate(args: argparse.Namespace) -> int:
             print("every partition is ready; nothing to rebuild (use --all to rebuild anyway)")
             return 0
         report = await rehydrate(engine, store, parts, only_missing=not args.all)
-        print(f"rebuilt {report.accounts} accounts ({report.skipped} already current), "
-              f"{report.operations} operation ids, {report.resolved_holds} resolved holds, "
-              f"{report.partitions} partitions")
+        print(
+            f"rebuilt {report.accounts} accounts ({report.skipped} already current), "
+            f"{report.operations} operation ids, {report.resolved_holds} resolved holds, "
+            f"{report.partitions} partitions"
+        )
         if report.busy:
             print(f"partitions {report.busy} were being rebuilt by another process: left to it")
         if report.unfinished:
@@ -166,14 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--log-level", default="info")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes sharing the port (needs CREDIT_REDIS_URL; settings from the environment)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (needs CREDIT_REDIS_URL; settings from the environment)",
+    )
     p.set_defaults(fn=cmd_serve)
     p = sub.add_parser("keys", help="embedded mode's keys file: where it is, or --new keys")
-    p.add_argument("--new", nargs="?", const="all", choices=["admin", "client", "all"],
-                   help="make new keys (default: both) and show them once")
+    p.add_argument(
+        "--new",
+        nargs="?",
+        const="all",
+        choices=["admin", "client", "all"],
+        help="make new keys (default: both) and show them once",
+    )
     p.set_defaults(fn=cmd_keys)
-    p = sub.add_parser("mock-upstream", help="a mock LLM upstream (OpenAI and Anthropic routes) for trying the gateway")
+    p = sub.add_parser(
+        "mock-upstream", help="a mock LLM upstream (OpenAI and Anthropic routes) for trying the gateway"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9100)
     p.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")

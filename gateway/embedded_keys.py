@@ -71,9 +71,7 @@ def read_keys_file(path: Path) -> dict[str, list[str]]:
                 out[kind] = entries
         return out
     except ValueError as exc:
-        raise KeysFileError(
-            f"the keys file {path} is malformed ({exc}); delete it to make new keys"
-        ) from exc
+        raise KeysFileError(f"the keys file {path} is malformed ({exc}); delete it to make new keys") from exc
 
 
 def write_keys_file(path: Path, digests: dict[str, list[str]]) -> None:

@@ -27,9 +27,10 @@ import contextvars
 import logging
 import threading
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from decimal import Decimal
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
 
 import orjson
 from redis.exceptions import RedisError
@@ -184,8 +185,14 @@ async def _worker(settings: Settings, engine: CreditEngine, store: Any) -> Async
 _METER: contextvars.ContextVar[RequestMeter | None] = contextvars.ContextVar("credit_meter", default=None)
 
 
-def add_llm_usage(*, model: str | None = None, input_tokens: int = 0, output_tokens: int = 0,
-                  cached_input_tokens: int = 0, cost: Decimal | str | int | None = None) -> Any:
+def add_llm_usage(
+    *,
+    model: str | None = None,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cached_input_tokens: int = 0,
+    cost: Decimal | str | int | None = None,
+) -> Any:
     """Records one LLM call of the current request: its token usage, priced by `model` in
     the middleware's pricing table, or its `cost` in credits (Decimal or decimal string;
     then the tokens are only noted). Works from the handler, from tasks it spawned, from
@@ -200,8 +207,11 @@ def add_llm_usage(*, model: str | None = None, input_tokens: int = 0, output_tok
     meter: RequestMeter | None = _METER.get()
     if meter is None:
         raise NoMeteredRequest("add_llm_usage() outside a request metered by CreditMiddleware")
-    for name, n in (("input_tokens", input_tokens), ("output_tokens", output_tokens),
-                    ("cached_input_tokens", cached_input_tokens)):
+    for name, n in (
+        ("input_tokens", input_tokens),
+        ("output_tokens", output_tokens),
+        ("cached_input_tokens", cached_input_tokens),
+    ):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise UsageError(f"{name} must be a non-negative int, not {n!r}")
     if cached_input_tokens > input_tokens:
@@ -209,8 +219,13 @@ def add_llm_usage(*, model: str | None = None, input_tokens: int = 0, output_tok
     if model is not None and not isinstance(model, str):
         raise UsageError(f"model must be a string, not {type(model).__name__}")
     units = meter.cost_of(model, input_tokens, output_tokens, cached_input_tokens, cost)
-    call = {"model": model, "input": input_tokens, "output": output_tokens, "cached_input": cached_input_tokens,
-            "units": units}
+    call = {
+        "model": model,
+        "input": input_tokens,
+        "output": output_tokens,
+        "cached_input": cached_input_tokens,
+        "units": units,
+    }
     return meter.record(units, call)
 
 
@@ -231,12 +246,20 @@ class RequestMeter:
         self._lock = threading.Lock()
         self._late = 0
 
-    def cost_of(self, model: str | None, input_tokens: int, output_tokens: int, cached_input_tokens: int,
-                cost: Decimal | str | int | None) -> int:
+    def cost_of(
+        self,
+        model: str | None,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int,
+        cost: Decimal | str | int | None,
+    ) -> int:
         if cost is not None:
             if isinstance(cost, (float, bool)):
-                raise UsageError("cost must be a Decimal or a decimal string (e.g. '0.002'), not a "
-                                 f"{type(cost).__name__}: a float cannot hold credits exactly")
+                raise UsageError(
+                    "cost must be a Decimal or a decimal string (e.g. '0.002'), not a "
+                    f"{type(cost).__name__}: a float cannot hold credits exactly"
+                )
             try:
                 return to_units(cost, allow_zero=True)
             except AmountError as exc:
@@ -245,8 +268,10 @@ class RequestMeter:
             raise UsageError("no pricing table was given to CreditMiddleware: pass cost=... instead")
         price = self.pricing.price_of(model)
         if price is None:
-            raise UsageError(f"model {model!r} has no price (and the table has no default): "
-                             "add it to the pricing table or pass cost=...")
+            raise UsageError(
+                f"model {model!r} has no price (and the table has no default): "
+                "add it to the pricing table or pass cost=..."
+            )
         return price.cost(Usage(input=input_tokens, output=output_tokens, cached_input=cached_input_tokens))
 
     def record(self, units: int, call: dict[str, Any]) -> Awaitable[Any] | None:
@@ -282,24 +307,38 @@ class RequestMeter:
         """Usage recorded after the request settled: a debit of its own (free credit first,
         the rest as debt), never dropped."""
         try:
-            return await self.settler.debit(self.user, units, op_id=f"{self.hold_id}-late-{n}", allow_debt=True,
-                                            metadata={"request_id": self.hold_id, "late": True, **call})
+            return await self.settler.debit(
+                self.user,
+                units,
+                op_id=f"{self.hold_id}-late-{n}",
+                allow_debt=True,
+                metadata={"request_id": self.hold_id, "late": True, **call},
+            )
         except CreditError as exc:
-            log.error("late usage of %s for %s (%d micro-credits) refused: %s %s", self.hold_id, self.user, units,
-                      exc.code, exc.details)
+            log.error(
+                "late usage of %s for %s (%d micro-credits) refused: %s %s",
+                self.hold_id,
+                self.user,
+                units,
+                exc.code,
+                exc.details,
+            )
             return None
 
 
 # -- the middleware ----------------------------------------------------------------------
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None,
-           **details: Any) -> tuple[Message, Message]:
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> tuple[Message, Message]:
     raw = orjson.dumps({"error": {"code": code, "message": message, **details}})
     hs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     hs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    return ({"type": "http.response.start", "status": status, "headers": hs},
-            {"type": "http.response.body", "body": raw})
+    return (
+        {"type": "http.response.start", "status": status, "headers": hs},
+        {"type": "http.response.body", "body": raw},
+    )
 
 
 def _path_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -384,7 +423,9 @@ class CreditMiddleware:
             return
         engine = self.engine()
         if engine is None:
-            for m in _error(503, "not_ready", "the credit engine is not started yet; retry", {"Retry-After": "1"}):
+            for m in _error(
+                503, "not_ready", "the credit engine is not started yet; retry", {"Retry-After": "1"}
+            ):
                 await send(m)
             return
         user = self.user_of(scope)
@@ -405,28 +446,43 @@ class CreditMiddleware:
             return
         await _MeteredRequest(self, settler, user, hold_id, expires_at_ms, scope).run(receive, send)
 
-    async def _reserve(self, engine: CreditEngine, settler: Settler, user: str,
-                       hold_id: str) -> int | tuple[Message, Message]:
+    async def _reserve(
+        self, engine: CreditEngine, settler: Settler, user: str, hold_id: str
+    ) -> int | tuple[Message, Message]:
         """The hold's deadline (ms), or the refusal to send."""
         try:
-            hold = await engine.reserve_units(user, self.reserve_units, hold_id=hold_id, ttl_seconds=self.ttl_seconds)
+            hold = await engine.reserve_units(
+                user, self.reserve_units, hold_id=hold_id, ttl_seconds=self.ttl_seconds
+            )
         except InsufficientCredits as exc:
-            return _error(402, "insufficient_credits", "not enough credits for this request",
-                          available=str(exc.available))
+            return _error(
+                402,
+                "insufficient_credits",
+                "not enough credits for this request",
+                available=str(exc.available),
+            )
         except AccountInDebt:
             return _error(402, "in_debt", "the account owes credits; top up to continue")
         except StateLost:
             return _error(503, "state_lost", "the credit store is being rebuilt; retry", {"Retry-After": "1"})
         except BacklogFull:
-            return _error(503, "backlog_full", "the gateway is behind persisting charges; retry shortly",
-                          {"Retry-After": "5"})
+            return _error(
+                503,
+                "backlog_full",
+                "the gateway is behind persisting charges; retry shortly",
+                {"Retry-After": "5"},
+            )
         except RedisError as exc:
             # The hold may exist: give it back once Redis answers (it would expire anyway).
             log.error("reserve of %s for %s not confirmed by Redis: %s", hold_id, user, exc)
             until = engine.now_ms() + round(self.ttl_seconds * 1000)  # it expires by itself by then
             settler.spawn(_give_back(settler, user, hold_id, until))
-            return _error(503, "credit_store_unavailable", "the credit store did not answer; retry shortly",
-                          {"Retry-After": "1"})
+            return _error(
+                503,
+                "credit_store_unavailable",
+                "the credit store did not answer; retry shortly",
+                {"Retry-After": "1"},
+            )
         return hold.expires_at_ms
 
     def _draining_at_shutdown(self, receive: Receive) -> Receive:
@@ -444,15 +500,23 @@ class CreditMiddleware:
 
 async def _give_back(settler: Settler, user: str, hold_id: str, until_ms: int) -> None:
     with contextlib.suppress(CreditError):
-        await settler.release(user, hold_id, metadata={"reason": "reserve_unconfirmed"}, void_if_unknown=True,
-                              until_ms=until_ms)
+        await settler.release(
+            user, hold_id, metadata={"reason": "reserve_unconfirmed"}, void_if_unknown=True, until_ms=until_ms
+        )
 
 
 class _MeteredRequest:
     """One metered request between its reserve and its settle."""
 
-    def __init__(self, mw: CreditMiddleware, settler: Settler, user: str, hold_id: str, expires_at_ms: int,
-                 scope: Scope) -> None:
+    def __init__(
+        self,
+        mw: CreditMiddleware,
+        settler: Settler,
+        user: str,
+        hold_id: str,
+        expires_at_ms: int,
+        scope: Scope,
+    ) -> None:
         self.mw = mw
         self.settler = settler
         self.user = user
@@ -495,15 +559,23 @@ class _MeteredRequest:
                 await s.release(self.user, self.hold_id, metadata={**meta, "reason": "handler_failed"})
                 return None
             # A hold that expired meanwhile (the handler outlived it) is charged as a debit.
-            r = await s.settle(self.user, self.hold_id, units, expires_at_ms=self.expires_at_ms, metadata=meta)
+            r = await s.settle(
+                self.user, self.hold_id, units, expires_at_ms=self.expires_at_ms, metadata=meta
+            )
             return None if r is None else (r.charged_units, r.state.available_units)
         except CreditError as exc:
-            log.error("settling %s for %s at %d micro-credits failed: %s %s", self.hold_id, self.user, units,
-                      exc.code, exc.details)
+            log.error(
+                "settling %s for %s at %d micro-credits failed: %s %s",
+                self.hold_id,
+                self.user,
+                units,
+                exc.code,
+                exc.details,
+            )
             return None
 
     def _with_figures(self, start: Message, outcome: tuple[int, int | None] | None) -> Message:
-        headers = list(start.get("headers", [])) + [(b"x-request-id", self.hold_id.encode())]
+        headers = [*list(start.get("headers", [])), (b"x-request-id", self.hold_id.encode())]
         if outcome is not None:
             headers.append((b"x-credits-charged", str(from_units(outcome[0])).encode()))
             if outcome[1] is not None:
@@ -554,7 +626,7 @@ class _MeteredRequest:
         X-Credits-Charged; it follows in trailers (when the server and client support them)
         and, for text/event-stream, in a final SSE comment."""
         self.streaming = True
-        headers = list(start.get("headers", [])) + [(b"x-request-id", self.hold_id.encode())]
+        headers = [*list(start.get("headers", [])), (b"x-request-id", self.hold_id.encode())]
         ctype = next((v for k, v in headers if k.lower() == b"content-type"), b"")
         self.sse = ctype.split(b";")[0].strip().lower() == b"text/event-stream"
         if not start.get("trailers") and _client_takes_trailers(self.scope):
@@ -568,10 +640,7 @@ def _client_takes_trailers(scope: Scope) -> bool:
     """The server implements the ASGI trailers extension and the client said `TE: trailers`."""
     if "http.response.trailers" not in (scope.get("extensions") or {}):
         return False
-    for k, v in scope.get("headers", ()):
-        if k == b"te" and b"trailers" in v.lower():
-            return True
-    return False
+    return any(k == b"te" and b"trailers" in v.lower() for k, v in scope.get("headers", ()))
 
 
 def _header_user(scope: Scope) -> str | None:

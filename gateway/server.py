@@ -51,16 +51,18 @@ def max_connections(settings: Settings) -> int:
 
 
 async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:
-    await send({
-        "type": "http.response.start",
-        "status": 503,
-        "headers": [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(BUSY_BODY)).encode()),
-            (b"retry-after", BUSY_RETRY_AFTER),
-            (b"connection", b"close"),
-        ],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(BUSY_BODY)).encode()),
+                (b"retry-after", BUSY_RETRY_AFTER),
+                (b"connection", b"close"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": BUSY_BODY})
 
 
@@ -103,7 +105,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             now = time.monotonic()
             if now - GatewayHttpProtocol._last_busy_log > 10:
                 GatewayHttpProtocol._last_busy_log = now
-                log.warning("more than %d open connections: answering 503 to the new ones", self.max_connections)
+                log.warning(
+                    "more than %d open connections: answering 503 to the new ones", self.max_connections
+                )
         state = self.server_state
         if getattr(state, "credit_head_sweep", None) is None:
             period = min(1.0, self.header_timeout / 4)
@@ -141,8 +145,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         head = [b"HTTP/1.1 400 Bad Request\r\n"]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
-        head += [b"content-type: application/json\r\n", b"content-length: ", str(len(body)).encode(), b"\r\n",
-                 b"connection: close\r\n\r\n", body]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: ",
+            str(len(body)).encode(),
+            b"\r\n",
+            b"connection: close\r\n\r\n",
+            body,
+        ]
         self.transport.write(b"".join(head))
         self.transport.close()
 
@@ -154,7 +164,9 @@ def app_from_environment() -> Any:
     return create_app(settings_from_env())
 
 
-def build_config(settings: Settings, app: Any, *, workers: int = 1, log_level: str = "info") -> uvicorn.Config:
+def build_config(
+    settings: Settings, app: Any, *, workers: int = 1, log_level: str = "info"
+) -> uvicorn.Config:
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -176,7 +188,9 @@ def run(settings: Settings, *, workers: int = 1, log_level: str = "info") -> Non
     from uvicorn.supervisors import Multiprocess
 
     if workers > 1:
-        config = build_config(settings, "gateway.server:app_from_environment", workers=workers, log_level=log_level)
+        config = build_config(
+            settings, "gateway.server:app_from_environment", workers=workers, log_level=log_level
+        )
         sock = config.bind_socket()
         Multiprocess(config, sockets=[sock]).run()
         return

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -76,7 +77,9 @@ def free_port_run(n: int) -> int:
 
 
 def sh(*args: str) -> str:
-    return subprocess.run(["bash", str(SCRIPT), *args], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 async def ash(*args: str) -> str:
@@ -100,8 +103,15 @@ class Tally:
     def __init__(self) -> None:
         self.t0 = time.monotonic()
         self.sec: dict[int, dict] = collections.defaultdict(
-            lambda: {"h_ok": 0, "h_fail": 0, "l_ok": 0, "l_fail": 0, "slow": 0.0, "kinds": collections.Counter(),
-                     "h_slow": 0.0}
+            lambda: {
+                "h_ok": 0,
+                "h_fail": 0,
+                "l_ok": 0,
+                "l_fail": 0,
+                "slow": 0.0,
+                "kinds": collections.Counter(),
+                "h_slow": 0.0,
+            }
         )
 
         self.traces: dict[str, str] = {}
@@ -137,8 +147,12 @@ async def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="cluster-fault-"))
     p0 = free_port_run(3)
     print(sh("up", str(tmp), str(p0), "3"), flush=True)
-    settings = Settings(redis_url=f"redis://127.0.0.1:{p0}/0", redis_cluster=True,
-                        redis_timeout_seconds=args.timeout, sqlite_path=str(tmp / "store.db"))
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{p0}/0",
+        redis_cluster=True,
+        redis_timeout_seconds=args.timeout,
+        sqlite_path=str(tmp / "store.db"),
+    )
     if args.client == "gateway":
         redis = make_redis(settings)
     else:
@@ -162,14 +176,18 @@ async def main() -> int:
         await probe.initialize()
         victim = p0 + 1
         lost_parts = {
-            p for p in range(engine.keys.partitions)
+            p
+            for p in range(engine.keys.partitions)
             if int(probe.get_node_from_key(engine.keys.partition(p).events).port) == victim
         }
         await probe.aclose()
         lost_of = {u: engine.keys.partition_of(u) in lost_parts for u in users}
-        print(f"client: {args.client}; timeout {args.timeout} s; {args.tasks} tasks; {len(users)} users; "
-              f"{len(lost_parts)} of {engine.keys.partitions} partitions on node {victim}; "
-              f"{sum(lost_of.values())} users there", flush=True)
+        print(
+            f"client: {args.client}; timeout {args.timeout} s; {args.tasks} tasks; {len(users)} users; "
+            f"{len(lost_parts)} of {engine.keys.partitions} partitions on node {victim}; "
+            f"{sum(lost_of.values())} users there",
+            flush=True,
+        )
 
         tally = Tally()
         stop = asyncio.Event()
@@ -179,7 +197,7 @@ async def main() -> int:
             t = time.monotonic()
             try:
                 await coro
-            except Exception as exc:  # noqa: BLE001 - every failure is counted by kind
+            except Exception as exc:
                 tally.add(lost, False, time.monotonic() - t, exc)
                 return False
             tally.add(lost, True, time.monotonic() - t)
@@ -206,9 +224,11 @@ async def main() -> int:
                 try:
                     r = await ensure_ready(engine, store)
                     if r:
-                        upkeep_log.append(f"t={t:.1f}-{time.monotonic() - tally.t0:.1f}s rebuilt {r.partitions} "
-                                          f"partitions ({r.accounts} accounts)")
-                except Exception as exc:  # noqa: BLE001
+                        upkeep_log.append(
+                            f"t={t:.1f}-{time.monotonic() - tally.t0:.1f}s rebuilt {r.partitions} "
+                            f"partitions ({r.accounts} accounts)"
+                        )
+                except Exception as exc:
                     upkeep_log.append(f"t={t:.1f}s upkeep failed: {kind(exc)}")
                     tally.traces.setdefault(f"upkeep {kind(exc)}", "".join(traceback.format_exception(exc)))
 
@@ -225,8 +245,10 @@ async def main() -> int:
 
         kill_t, back_t = marks[0][0], marks[1][0]
         print(f"killed at t={kill_t:.1f}s, restarted at t={back_t:.1f}s")
-        print(f"{'t':>3} {'phase':8} {'healthy ok':>10} {'fail':>5} {'lost ok':>8} {'fail':>6} "
-              f"{'slowest fail':>12} {'slowest healthy ok':>18}  failures by kind")
+        print(
+            f"{'t':>3} {'phase':8} {'healthy ok':>10} {'fail':>5} {'lost ok':>8} {'fail':>6} "
+            f"{'slowest fail':>12} {'slowest healthy ok':>18}  failures by kind"
+        )
         phases: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for t in sorted(tally.sec):
             s = tally.sec[t]
@@ -234,8 +256,10 @@ async def main() -> int:
             if t in (int(kill_t), int(back_t)):
                 phase += "*"
             kinds = ", ".join(f"{k} {v}" for k, v in s["kinds"].most_common())
-            print(f"{t:>3} {phase:8} {s['h_ok']:>10} {s['h_fail']:>5} {s['l_ok']:>8} {s['l_fail']:>6} "
-                  f"{s['slow'] * 1000:>9.0f} ms {s['h_slow'] * 1000:>15.0f} ms  {kinds}")
+            print(
+                f"{t:>3} {phase:8} {s['h_ok']:>10} {s['h_fail']:>5} {s['l_ok']:>8} {s['l_fail']:>6} "
+                f"{s['slow'] * 1000:>9.0f} ms {s['h_slow'] * 1000:>15.0f} ms  {kinds}"
+            )
             agg = phases[phase.rstrip("*")]
             for k in ("h_ok", "h_fail", "l_ok", "l_fail"):
                 agg[k] += s[k]
@@ -247,8 +271,10 @@ async def main() -> int:
             a = phases[ph]
             n = max(1, a["secs"])
             others = {k: v for k, v in a.items() if k.startswith(("lost ", "healthy "))}
-            print(f"  {ph:6} healthy ok {a['h_ok'] / n:7.0f}/s fail {a['h_fail']:>6}; lost ok {a['l_ok'] / n:7.0f}/s "
-                  f"fail {a['l_fail']:>6}; {others}")
+            print(
+                f"  {ph:6} healthy ok {a['h_ok'] / n:7.0f}/s fail {a['h_fail']:>6}; lost ok {a['l_ok'] / n:7.0f}/s "
+                f"fail {a['l_fail']:>6}; {others}"
+            )
         for line in upkeep_log:
             print("  upkeep:", line)
         if args.traces:
@@ -256,10 +282,8 @@ async def main() -> int:
                 print(f"--- first {k}:\n{tb}")
     finally:
         await store.close()
-        try:
+        with contextlib.suppress(Exception):
             await redis.aclose()
-        except Exception:  # noqa: BLE001
-            pass
         print(sh("down", str(tmp), str(p0), "3"))
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

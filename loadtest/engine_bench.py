@@ -43,23 +43,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import hiredis
 import redis.asyncio as aioredis
 import redis.utils
+from redis_server import RedisServer  # beside this script
 
 from gateway.core.engine import CreditEngine
-from gateway.core.multiplex import MultiplexedRedis
 from gateway.core.events import decode
 from gateway.core.keys import KeySpace
+from gateway.core.multiplex import MultiplexedRedis
 from gateway.core.store.sqlite import SQLiteStore
 from worker.audit import AuditLog
 from worker.runner import GROUP, Worker
-
-from redis_server import RedisServer  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 64
@@ -113,7 +113,9 @@ async def bounded_gather(n: int, coros: list[Awaitable[Any]]) -> None:
 Cycle = Callable[[str, str], Awaitable[None]]
 
 
-def make_cycles(engine: CreditEngine, r: aioredis.Redis, mux_engine: CreditEngine | None = None) -> dict[str, Cycle]:
+def make_cycles(
+    engine: CreditEngine, r: aioredis.Redis, mux_engine: CreditEngine | None = None
+) -> dict[str, Cycle]:
     async def engine_units(user: str, hid: str) -> None:
         await engine.reserve_units(user, UNITS, hold_id=hid, ttl_seconds=60)
         await engine.settle_units(user, hid, UNITS)
@@ -135,14 +137,42 @@ def make_cycles(engine: CreditEngine, r: aioredis.Redis, mux_engine: CreditEngin
     async def bare(user: str, hid: str) -> None:
         # Exactly the KEYS / ARGV of engine.reserve_units / settle_units (op id defaults).
         now = int(time.time() * 1000)
-        code, _ = await evalsha(rsha, 11, *ks.account_keys(user, hid, hid), *ks.rate_keys(user),
-                                now, retention, user, hid, hid, UNITS, 60_000, "{}", 0, 0, "", engine.max_backlog)
+        code, _ = await evalsha(
+            rsha,
+            11,
+            *ks.account_keys(user, hid, hid),
+            *ks.rate_keys(user),
+            now,
+            retention,
+            user,
+            hid,
+            hid,
+            UNITS,
+            60_000,
+            "{}",
+            0,
+            0,
+            "",
+            engine.max_backlog,
+        )
         if code != b"ok":
             raise RuntimeError(f"reserve answered {code!r}")
         op = "!settle:" + hid
         now = int(time.time() * 1000)
-        code, _ = await evalsha(ssha, 11, *ks.account_keys(user, op, hid), *ks.rate_keys(user),
-                                now, retention, user, op, hid, UNITS, "{}", "")
+        code, _ = await evalsha(
+            ssha,
+            11,
+            *ks.account_keys(user, op, hid),
+            *ks.rate_keys(user),
+            now,
+            retention,
+            user,
+            op,
+            hid,
+            UNITS,
+            "{}",
+            "",
+        )
         if code != b"ok":
             raise RuntimeError(f"settle answered {code!r}")
 
@@ -181,8 +211,9 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK
 
 
-async def measured_round(r: aioredis.Redis, redis_pid: int, cycle: Cycle, users: list[str],
-                         cfg: argparse.Namespace, tag: str) -> dict[str, float]:
+async def measured_round(
+    r: aioredis.Redis, redis_pid: int, cycle: Cycle, users: list[str], cfg: argparse.Namespace, tag: str
+) -> dict[str, float]:
     """One round, with the CPU both sides spent per cycle (the box is shared: a variant that
     got less CPU shows here) and Redis's own time in EVALSHA."""
     await r.config_resetstat()
@@ -191,8 +222,11 @@ async def measured_round(r: aioredis.Redis, redis_pid: int, cycle: Cycle, users:
     c1, rc1 = time.process_time(), proc_cpu_s(redis_pid)
     ev = (await r.info("commandstats")).get("cmdstat_evalsha", {})
     return {
-        "rate": n / el, "cycles": n, "seconds": el,
-        "py_cpu_pct": 100 * (c1 - c0) / el, "redis_cpu_pct": 100 * (rc1 - rc0) / el,
+        "rate": n / el,
+        "cycles": n,
+        "seconds": el,
+        "py_cpu_pct": 100 * (c1 - c0) / el,
+        "redis_cpu_pct": 100 * (rc1 - rc0) / el,
         "py_cpu_us_per_cycle": 1e6 * (c1 - c0) / max(n, 1),
         "redis_cpu_us_per_cycle": 1e6 * (rc1 - rc0) / max(n, 1),
         "redis_evalsha_us_per_call": float(ev.get("usec_per_call", 0.0)),
@@ -207,10 +241,37 @@ async def client_overhead(engine: CreditEngine, r: aioredis.Redis, user: str, re
     hid, op = "stub-capture", "!settle:stub-capture"
     now = engine.now_ms()
     replies = {
-        rsha: await r.evalsha(rsha, 11, *ks.account_keys(user, hid, hid), *ks.rate_keys(user), now, ret, user, hid,
-                              hid, UNITS, 60_000, "{}", 0, 0, ""),
-        ssha: await r.evalsha(ssha, 11, *ks.account_keys(user, op, hid), *ks.rate_keys(user), now, ret, user, op,
-                              hid, UNITS, "{}", ""),
+        rsha: await r.evalsha(
+            rsha,
+            11,
+            *ks.account_keys(user, hid, hid),
+            *ks.rate_keys(user),
+            now,
+            ret,
+            user,
+            hid,
+            hid,
+            UNITS,
+            60_000,
+            "{}",
+            0,
+            0,
+            "",
+        ),
+        ssha: await r.evalsha(
+            ssha,
+            11,
+            *ks.account_keys(user, op, hid),
+            *ks.rate_keys(user),
+            now,
+            ret,
+            user,
+            op,
+            hid,
+            UNITS,
+            "{}",
+            "",
+        ),
     }
 
     class Stub:
@@ -239,9 +300,9 @@ async def bench_cycles(url: str, redis_pid: int, cfg: argparse.Namespace, out: d
         await mark_all_ready(engine)
         users = [f"bench-u{i}" for i in range(cfg.users)]
         t0 = time.perf_counter()
-        await bounded_gather(cfg.concurrency, [
-            engine.grant(u, FUND, op_id=f"fund-{u}", source="payment") for u in users
-        ])
+        await bounded_gather(
+            cfg.concurrency, [engine.grant(u, FUND, op_id=f"fund-{u}", source="payment") for u in users]
+        )
         log(f"funded {len(users)} users in {time.perf_counter() - t0:.1f}s")
         for name in ("reserve", "settle"):
             sha = await r.script_load(engine.scripts[name].source)
@@ -261,28 +322,39 @@ async def bench_cycles(url: str, redis_pid: int, cfg: argparse.Namespace, out: d
         await trim_streams(r, engine.keys)
         rounds: dict[str, list[dict[str, float]]] = {v: [] for v in names}
         for rnd in range(cfg.rounds):
-            order = names[rnd % len(names):] + names[: rnd % len(names)]  # rotate: A/B/C, B/C/A, ...
+            order = names[rnd % len(names) :] + names[: rnd % len(names)]  # rotate: A/B/C, B/C/A, ...
             line = []
             for v in order:
                 m = await measured_round(r, redis_pid, cycles[v], users, cfg, f"r{rnd}{v[0]}")
                 rounds[v].append(m)
-                line.append(f"{v}={m['rate']:,.0f} (py {m['py_cpu_pct']:.0f}% redis {m['redis_cpu_pct']:.0f}%)")
+                line.append(
+                    f"{v}={m['rate']:,.0f} (py {m['py_cpu_pct']:.0f}% redis {m['redis_cpu_pct']:.0f}%)"
+                )
                 await trim_streams(r, engine.keys)  # keep Redis memory bounded, outside the timing
             log(f"round {rnd + 1}/{cfg.rounds} cycles/s: " + "  ".join(line))
         rates = {v: [m["rate"] for m in ms] for v, ms in rounds.items()}
         med = {v: statistics.median(x) for v, x in rates.items()}
         per_cycle = {
-            v: {k: statistics.median(m[k] for m in ms) for k in ms[0] if k not in ("rate", "cycles", "seconds")}
+            v: {
+                k: statistics.median(m[k] for m in ms)
+                for k in ms[0]
+                if k not in ("rate", "cycles", "seconds")
+            }
             for v, ms in rounds.items()
         }
-        paired = [e / b for e, b in zip(rates["engine"], rates["bare"])]
-        paired_dec = [e / b for e, b in zip(rates["decimal"], rates["bare"])]
+        paired = [e / b for e, b in zip(rates["engine"], rates["bare"], strict=False)]
+        paired_dec = [e / b for e, b in zip(rates["decimal"], rates["bare"], strict=False)]
         stub = await client_overhead(engine, r, users[1], cfg.stub_reps)
         log("client-side us/cycle with a stub Redis: " + "  ".join(f"{v}={x:.1f}" for v, x in stub.items()))
         out["cycles"] = {
-            "concurrency": cfg.concurrency, "users": cfg.users, "rounds": cfg.rounds,
-            "round_seconds": cfg.round_seconds, "rates": rates, "median": med,
-            "per_cycle_medians": per_cycle, "stub_client_us_per_cycle": stub,
+            "concurrency": cfg.concurrency,
+            "users": cfg.users,
+            "rounds": cfg.rounds,
+            "round_seconds": cfg.round_seconds,
+            "rates": rates,
+            "median": med,
+            "per_cycle_medians": per_cycle,
+            "stub_client_us_per_cycle": stub,
             "ratio_engine_bare": med["engine"] / med["bare"],
             "ratio_decimal_bare": med["decimal"] / med["bare"],
             "ratio_engine_bare_paired_median": statistics.median(paired),
@@ -323,14 +395,25 @@ async def make_templates(url: str, cfg: argparse.Namespace) -> list[list[str]]:
         users = [f"sample-user-{i:03d}" for i in range(cfg.sample_users)]
 
         async def life(i: int, u: str) -> None:
-            await engine.grant(u, Decimal("250.5"), op_id=f"pay-{i:06d}-7f3a", source="payment",
-                               metadata={"invoice": f"in_1P{i:08d}xYz", "plan": "pro"})
+            await engine.grant(
+                u,
+                Decimal("250.5"),
+                op_id=f"pay-{i:06d}-7f3a",
+                source="payment",
+                metadata={"invoice": f"in_1P{i:08d}xYz", "plan": "pro"},
+            )
             for k in range(cfg.sample_cycles):
                 hid = f"req_{i:04d}_{k:04d}_9c1e2b7d"
-                await engine.reserve(u, Decimal("0.125"), hold_id=hid, ttl_seconds=120,
-                                     metadata={"description": "chat.completions gpt-4o-mini"})
-                await engine.settle(u, hid, Decimal("0.083417"),
-                                    metadata={"description": "chat.completions gpt-4o-mini"})
+                await engine.reserve(
+                    u,
+                    Decimal("0.125"),
+                    hold_id=hid,
+                    ttl_seconds=120,
+                    metadata={"description": "chat.completions gpt-4o-mini"},
+                )
+                await engine.settle(
+                    u, hid, Decimal("0.083417"), metadata={"description": "chat.completions gpt-4o-mini"}
+                )
 
         await asyncio.gather(*(life(i, u) for i, u in enumerate(users)))
         per_user: dict[str, list[tuple[int, str]]] = {u: [] for u in users}
@@ -349,7 +432,9 @@ async def make_templates(url: str, cfg: argparse.Namespace) -> list[list[str]]:
         await r.aclose()
 
 
-async def fill_streams(url: str, templates: list[list[str]], n_events: int, tag: str, chunk: int = 10_000) -> int:
+async def fill_streams(
+    url: str, templates: list[list[str]], n_events: int, tag: str, chunk: int = 10_000
+) -> int:
     """XADDs copies of the templates under distinct users (each user's events in order, on
     its own partition stream) until at least n_events. Commands are packed by hiredis and
     pipelined on a raw connection in chunks of `chunk`. Returns the count."""
@@ -405,8 +490,9 @@ async def fill_streams(url: str, templates: list[list[str]], n_events: int, tag:
 # -- 2. worker drain rate --------------------------------------------------------------------
 
 
-async def bench_drain(url: str, workdir: str, templates: list[list[str]], cfg: argparse.Namespace,
-                      audit: bool, out: dict) -> None:
+async def bench_drain(
+    url: str, workdir: str, templates: list[list[str]], cfg: argparse.Namespace, audit: bool, out: dict
+) -> None:
     label = "audit_on" if audit else "audit_off"
     r = new_client(url)
     store = SQLiteStore(os.path.join(workdir, f"drain-{label}.sqlite3"))
@@ -425,11 +511,18 @@ async def bench_drain(url: str, workdir: str, templates: list[list[str]], cfg: a
         el = time.perf_counter() - t0
         rows = await store._call(lambda: store.db.execute("SELECT count(*) FROM ledger").fetchone()[0])
         ok = stats.events == n and stats.new_ledger_rows == n and rows == n and stats.dead_lettered == 0
-        log(f"drain ({label}): {n:,} events in {el:.2f}s = {n / el:,.0f} events/s "
-            f"(batches={stats.batches}, ledger rows={rows:,}, dead={stats.dead_lettered}, valid={ok})")
+        log(
+            f"drain ({label}): {n:,} events in {el:.2f}s = {n / el:,.0f} events/s "
+            f"(batches={stats.batches}, ledger rows={rows:,}, dead={stats.dead_lettered}, valid={ok})"
+        )
         out.setdefault("drain", {})[label] = {
-            "events": n, "seconds": el, "events_per_s": n / el, "batches": stats.batches,
-            "ledger_rows": rows, "dead_lettered": stats.dead_lettered, "valid": ok,
+            "events": n,
+            "seconds": el,
+            "events_per_s": n / el,
+            "batches": stats.batches,
+            "ledger_rows": rows,
+            "dead_lettered": stats.dead_lettered,
+            "valid": ok,
         }
         if cfg.profile and not audit:
             await profile_drain(url, workdir, templates, cfg)
@@ -457,8 +550,10 @@ async def profile_drain(url: str, workdir: str, templates: list[list[str]], cfg:
         await worker.run(burst=True)
         el = time.perf_counter() - t0
         prof.disable()
-        print(f"--- cProfile, worker drain of {n:,} events ({n / el:,.0f}/s under the profiler; "
-              "event-loop thread only, SQLite runs in its own thread) ---")
+        print(
+            f"--- cProfile, worker drain of {n:,} events ({n / el:,.0f}/s under the profiler; "
+            "event-loop thread only, SQLite runs in its own thread) ---"
+        )
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
         await stage_breakdown(url, workdir, templates, r)
     finally:
@@ -486,19 +581,21 @@ async def stage_breakdown(url: str, workdir: str, templates: list[list[str]], r:
         events = [decode(sid, f, p) for p, sid, f in entries]
         t["events.decode (json.loads)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        batches = [collapse(events[i:i + 1000]) for i in range(0, n, 1000)]
+        batches = [collapse(events[i : i + 1000]) for i in range(0, n, 1000)]
         t["store collapse (incl. json.dumps of each event)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         await store._call(lambda: [store._write(b) for b in batches])
         t["SQLite _write (1000-event transactions)"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for i in range(0, n, 1000):
-            alog.write(events[i:i + 1000])
+            alog.write(events[i : i + 1000])
         t["AuditLog.write"] = time.perf_counter() - t0
         print(f"--- drain stages, alone, on {n:,} events (us/event) ---")
         for k, v in t.items():
             print(f"  {k:<50} {1e6 * v / n:8.1f}")
-        print(f"  {'sum':<50} {1e6 * sum(t.values()) / n:8.1f}  (= {n / sum(t.values()):,.0f} events/s if serial)")
+        print(
+            f"  {'sum':<50} {1e6 * sum(t.values()) / n:8.1f}  (= {n / sum(t.values()):,.0f} events/s if serial)"
+        )
     finally:
         alog.close()
         await store.close()
@@ -555,8 +652,14 @@ def peak_at(peaks: list[tuple[int, int]], n: int, frac: float) -> int:
     return peaks[-1][1]
 
 
-async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: argparse.Namespace,
-                       out: dict, procs: list[subprocess.Popen]) -> None:
+async def bench_memory(
+    url: str,
+    workdir: str,
+    templates: list[list[str]],
+    cfg: argparse.Namespace,
+    out: dict,
+    procs: list[subprocess.Popen],
+) -> None:
     """Drains cfg.memory_events in a `python -m worker --burst` subprocess, sampling its RSS.
     Stops the worker (SIGTERM) at cfg.deadline: the figures then cover what was drained."""
     r = new_client(url)
@@ -566,8 +669,10 @@ async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: 
         n = await fill_streams(url, templates, cfg.memory_events, "m")
         fill_s = time.perf_counter() - t0
         info = await r.info("memory")
-        log(f"memory: filled {n:,} events in {fill_s:.1f}s ({n / fill_s:,.0f}/s); "
-            f"redis used_memory={info['used_memory'] / 2**20:,.0f} MB")
+        log(
+            f"memory: filled {n:,} events in {fill_s:.1f}s ({n / fill_s:,.0f}/s); "
+            f"redis used_memory={info['used_memory'] / 2**20:,.0f} MB"
+        )
         env = {
             **os.environ,
             "CREDIT_REDIS_URL": url,
@@ -578,8 +683,13 @@ async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: 
         }
         wlog = open(os.path.join(workdir, "worker.log"), "wb")
         t_start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "worker", "--burst"], cwd=str(ROOT), env=env,
-                                stdout=wlog, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker", "--burst"],
+            cwd=str(ROOT),
+            env=env,
+            stdout=wlog,
+            stderr=subprocess.STDOUT,
+        )
         wlog.close()
         procs.append(proc)
         streams = [pk.events for pk in KeySpace(partitions=PARTITIONS).all_partitions()]
@@ -595,7 +705,7 @@ async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: 
             rss = read_rss_kb(proc.pid)
             try:
                 d = await delivered(r, streams)
-            except Exception:  # noqa: BLE001 - a missing group early on
+            except Exception:
                 d = 0
             if rss is not None and rss[0]:
                 t = time.perf_counter() - t_start
@@ -603,7 +713,9 @@ async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: 
                 hwm = max(hwm, rss[1])
                 if t - last_log >= 10:
                     last_log = t
-                    log(f"memory: t={t:5.1f}s delivered={d:,} ({100 * d / n:.0f}%) rss={rss[0] / 1024:.1f} MB")
+                    log(
+                        f"memory: t={t:5.1f}s delivered={d:,} ({100 * d / n:.0f}%) rss={rss[0] / 1024:.1f} MB"
+                    )
             await asyncio.sleep(cfg.sample_interval)
         total_s = time.perf_counter() - t_start
         if proc.returncode != 0 and not partial:
@@ -616,7 +728,7 @@ async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: 
             partial = False  # stopped while already drained (its exit checks)
         if partial:
             n = max(1, max(s[1] for s in samples))
-        drain = [s for s in samples if 0 < s[1]]
+        drain = [s for s in samples if s[1] > 0]
         started = drain[0][0] if drain else 0.0
         mb = lambda kb: kb / 1024  # noqa: E731
         peaks = round_peaks(samples) or [(n, max(s[2] for s in samples))]
@@ -625,20 +737,30 @@ async def bench_memory(url: str, workdir: str, templates: list[list[str]], cfg: 
         slope = _slope([d / 100_000 for d, _ in tail], [mb(kb) for _, kb in tail]) if len(tail) >= 3 else 0.0
         mx = max(s[2] for s in samples)
         res = {
-            "events": n, "events_filled": n_all, "partial": partial,
-            "ledger_rows": rows, "valid": rows == n or partial, "worker_seconds": total_s,
+            "events": n,
+            "events_filled": n_all,
+            "partial": partial,
+            "ledger_rows": rows,
+            "valid": rows == n or partial,
+            "worker_seconds": total_s,
             "drain_events_per_s": n / (total_s - started) if total_s > started else None,
-            "samples": len(samples), "rss_mb_at_10pct": mb(p10), "rss_mb_at_50pct": mb(p50),
-            "rss_mb_at_90pct": mb(p90), "rss_mb_max": mb(mx), "vmhwm_mb": mb(hwm),
+            "samples": len(samples),
+            "rss_mb_at_10pct": mb(p10),
+            "rss_mb_at_50pct": mb(p50),
+            "rss_mb_at_90pct": mb(p90),
+            "rss_mb_max": mb(mx),
+            "vmhwm_mb": mb(hwm),
             "rss_mb_min_after_start": mb(min(s[2] for s in samples if s[1] > 0)) if peaks else None,
             "rss_growth_10_90_mb": mb(p90 - p10),
             "rss_slope_mb_per_100k_events": slope,
             "round_peaks_mb": [(d, round(mb(kb), 1)) for d, kb in peaks],
         }
         out["memory"] = res
-        log(f"memory: drained {n:,} events in {total_s:.1f}s (ledger rows {rows:,}); round-peak RSS MB "
+        log(
+            f"memory: drained {n:,} events in {total_s:.1f}s (ledger rows {rows:,}); round-peak RSS MB "
             f"10%={res['rss_mb_at_10pct']:.1f} 50%={res['rss_mb_at_50pct']:.1f} "
-            f"90%={res['rss_mb_at_90pct']:.1f} max={res['rss_mb_max']:.1f}; slope {slope:+.2f} MB/100k events")
+            f"90%={res['rss_mb_at_90pct']:.1f} max={res['rss_mb_max']:.1f}; slope {slope:+.2f} MB/100k events"
+        )
     finally:
         await r.aclose()
 
@@ -653,7 +775,7 @@ def _count_rows(path: str) -> int:
 def _slope(xs: list[float], ys: list[float]) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     den = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / den if den else 0.0
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=False)) / den if den else 0.0
 
 
 # -- summary ---------------------------------------------------------------------------------
@@ -663,8 +785,15 @@ def summary_rows(out: dict) -> list[dict]:
     rows: list[dict] = []
 
     def row(name: str, value: float | None, unit: str, target: str = "-", ok: bool | None = None) -> None:
-        rows.append({"figure": name, "value": value, "unit": unit, "target": target,
-                     "result": "-" if ok is None else ("PASS" if ok else "MISS")})
+        rows.append(
+            {
+                "figure": name,
+                "value": value,
+                "unit": unit,
+                "target": target,
+                "result": "-" if ok is None else ("PASS" if ok else "MISS"),
+            }
+        )
 
     c = out.get("cycles")
     if c:
@@ -673,9 +802,16 @@ def summary_rows(out: dict) -> list[dict]:
         row("engine reserve+settle (Decimal API)", m["decimal"], "cycles/s")
         row("bare EVALSHA reserve+settle", m["bare"], "cycles/s")
         if "multiplexed" in m:
-            row("engine reserve+settle, multiplexed client (as the gateway runs)", m["multiplexed"], "cycles/s")
-            row("  multiplexed: client CPU per cycle (live, median)",
-                c["per_cycle_medians"]["multiplexed"]["py_cpu_us_per_cycle"], "us")
+            row(
+                "engine reserve+settle, multiplexed client (as the gateway runs)",
+                m["multiplexed"],
+                "cycles/s",
+            )
+            row(
+                "  multiplexed: client CPU per cycle (live, median)",
+                c["per_cycle_medians"]["multiplexed"]["py_cpu_us_per_cycle"],
+                "us",
+            )
             row("ratio multiplexed engine / bare redis-py", c["ratio_multiplexed_bare"], "x")
         pc = c["per_cycle_medians"]
         for v in ("engine", "decimal", "bare"):
@@ -685,31 +821,59 @@ def summary_rows(out: dict) -> list[dict]:
         row("  redis CPU per cycle (engine rounds)", pc["engine"]["redis_cpu_us_per_cycle"], "us")
         st = c["stub_client_us_per_cycle"]
         bare_cpu = pc["bare"]["py_cpu_us_per_cycle"]
-        row("  ratio model if client-bound: bare/(bare+overhead)",
-            bare_cpu / (bare_cpu + st["engine"] - st["bare"]), "x")
-        row("ratio engine/bare (units)", c["ratio_engine_bare"], "x", f">= {CYCLE_TARGET}",
-            c["ratio_engine_bare"] >= CYCLE_TARGET)
-        row("ratio engine/bare (Decimal)", c["ratio_decimal_bare"], "x", f">= {CYCLE_TARGET}",
-            c["ratio_decimal_bare"] >= CYCLE_TARGET)
+        row(
+            "  ratio model if client-bound: bare/(bare+overhead)",
+            bare_cpu / (bare_cpu + st["engine"] - st["bare"]),
+            "x",
+        )
+        row(
+            "ratio engine/bare (units)",
+            c["ratio_engine_bare"],
+            "x",
+            f">= {CYCLE_TARGET}",
+            c["ratio_engine_bare"] >= CYCLE_TARGET,
+        )
+        row(
+            "ratio engine/bare (Decimal)",
+            c["ratio_decimal_bare"],
+            "x",
+            f">= {CYCLE_TARGET}",
+            c["ratio_decimal_bare"] >= CYCLE_TARGET,
+        )
     for label, name in (("audit_off", "worker drain, audit off"), ("audit_on", "worker drain, audit on")):
         d = out.get("drain", {}).get(label)
         if d:
-            row(name, d["events_per_s"], "events/s", f">= {DRAIN_TARGET:,.0f}",
-                d["events_per_s"] >= DRAIN_TARGET and d["valid"])
+            row(
+                name,
+                d["events_per_s"],
+                "events/s",
+                f">= {DRAIN_TARGET:,.0f}",
+                d["events_per_s"] >= DRAIN_TARGET and d["valid"],
+            )
     mem = out.get("memory")
     if mem:
         tag = f"{mem['events']:,} events" + (" PARTIAL" if mem.get("partial") else "")
         if mem.get("drain_events_per_s"):
-            row(f"worker drain, subprocess, audit on ({tag})", mem["drain_events_per_s"], "events/s",
-                f">= {DRAIN_TARGET:,.0f}", mem["drain_events_per_s"] >= DRAIN_TARGET and mem["valid"])
+            row(
+                f"worker drain, subprocess, audit on ({tag})",
+                mem["drain_events_per_s"],
+                "events/s",
+                f">= {DRAIN_TARGET:,.0f}",
+                mem["drain_events_per_s"] >= DRAIN_TARGET and mem["valid"],
+            )
         row(f"worker RSS (round peak) at 10% of drain ({tag})", mem["rss_mb_at_10pct"], "MB")
         row("worker RSS (round peak) at 50% of drain", mem["rss_mb_at_50pct"], "MB")
         row("worker RSS (round peak) at 90% of drain", mem["rss_mb_at_90pct"], "MB")
         row("worker RSS max", mem["rss_mb_max"], "MB")
         if mem.get("rss_mb_min_after_start") is not None:
             row("worker RSS min once draining (saw-tooth floor)", mem["rss_mb_min_after_start"], "MB")
-        row("worker RSS growth 10% -> 90% (round peaks)", mem["rss_growth_10_90_mb"], "MB",
-            f"<= {RSS_GROWTH_TARGET_MB:.0f}", mem["rss_growth_10_90_mb"] <= RSS_GROWTH_TARGET_MB)
+        row(
+            "worker RSS growth 10% -> 90% (round peaks)",
+            mem["rss_growth_10_90_mb"],
+            "MB",
+            f"<= {RSS_GROWTH_TARGET_MB:.0f}",
+            mem["rss_growth_10_90_mb"] <= RSS_GROWTH_TARGET_MB,
+        )
         row("worker RSS slope of round peaks (after 10%)", mem["rss_slope_mb_per_100k_events"], "MB/100k ev")
     return rows
 
@@ -721,7 +885,11 @@ def print_summary(rows: list[dict]) -> None:
     print("-" * (w + 48))
     for r in rows:
         v = r["value"]
-        vs = "n/a" if v is None else (f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.1f}")
+        vs = (
+            "n/a"
+            if v is None
+            else (f"{v:,.3f}" if abs(v) < 10 else f"{v:,.0f}" if abs(v) >= 1000 else f"{v:,.1f}")
+        )
         print(f"{r['figure']:<{w}}  {vs:>12}  {r['unit']:<11}  {r['target']:<10}  {r['result']}")
 
 
@@ -732,8 +900,10 @@ async def main_async(cfg: argparse.Namespace, out: dict, procs: list[subprocess.
     workdir = cfg.workdir
     server = RedisServer(workdir)
     server.start()
-    log(f"redis-server {server.url} (pid {server.proc.pid}), workdir {workdir}, "
-        f"hiredis={redis.utils.HIREDIS_AVAILABLE}, cpus={os.cpu_count()}")
+    log(
+        f"redis-server {server.url} (pid {server.proc.pid}), workdir {workdir}, "
+        f"hiredis={redis.utils.HIREDIS_AVAILABLE}, cpus={os.cpu_count()}"
+    )
     try:
         if "cycles" in cfg.parts:
             await bench_cycles(server.url, server.proc.pid, cfg, out)
@@ -781,7 +951,7 @@ def main() -> int:
     timed_out = False
     try:
         asyncio.run(asyncio.wait_for(main_async(cfg, out, procs), budget))
-    except (asyncio.TimeoutError, TimeoutError):
+    except TimeoutError:
         timed_out = True
         print(f"!! time budget of {budget:.0f}s exhausted: partial results", flush=True)
     finally:

@@ -34,15 +34,15 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import redis.asyncio as aioredis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.core.engine import CreditEngine, RateCharge  # noqa: E402
-from gateway.core.keys import KeySpace  # noqa: E402
+from gateway.core.engine import CreditEngine, RateCharge
+from gateway.core.keys import KeySpace
 
 USERS = 50
 HOLD_UNITS = 20_000  # 0.02 credit: a typical chat call's worst case
@@ -69,8 +69,21 @@ def start_redis(workdir: str) -> tuple[subprocess.Popen, int]:
         raise SystemExit("redis-server not found on PATH")
     port = free_port()
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -93,7 +106,7 @@ class Probe:
     async def used(self) -> int:
         used = int((await self.r.info("memory"))["used_memory"])
         stats = await self.r.execute_command("MEMORY", "STATS")
-        stats = dict(zip(stats[::2], stats[1::2])) if isinstance(stats, list) else stats
+        stats = dict(zip(stats[::2], stats[1::2], strict=False)) if isinstance(stats, list) else stats
         return used - int(stats.get(b"clients.normal", stats.get("clients.normal", 0)))
 
     async def smem(self) -> int:
@@ -110,7 +123,7 @@ class Probe:
         """Runs `ops` (a list of coroutine factories), returns (used delta, stream delta, events)."""
         u0, s0, x0 = await self.used(), await self.smem(), await self.r.xlen(self.stream)
         for i in range(0, len(ops), 200):
-            await asyncio.gather(*[f() for f in ops[i:i + 200]])
+            await asyncio.gather(*[f() for f in ops[i : i + 200]])
         u1, s1, x1 = await self.used(), await self.smem(), await self.r.xlen(self.stream)
         ev = x1 - x0
         assert ev == count_events, (name, ev, count_events)
@@ -160,14 +173,28 @@ async def measure(url: str, n: int) -> dict[str, float]:
     holds = [(us[i % USERS], req_id()) for i in range(n)]
     await r.delete(p.stream)
     base, base_keys = await p.used(), await r.dbsize()
-    await p.phase("hold_open", [
-        (lambda u=u, h=h: engine.reserve_units(u, HOLD_UNITS, hold_id=h, ttl_seconds=120, metadata=meta(h), rate=rate))
-        for u, h in holds], n)
+    await p.phase(
+        "hold_open",
+        [
+            (
+                lambda u=u, h=h: engine.reserve_units(
+                    u, HOLD_UNITS, hold_id=h, ttl_seconds=120, metadata=meta(h), rate=rate
+                )
+            )
+            for u, h in holds
+        ],
+        n,
+    )
     p.out["open hold hash (key)"] = await p.keymem([engine.keys.hold_key(u, h) for u, h in holds])
     p.out["reserve op key (key)"] = await p.keymem([engine.keys.op_key(u, h) for u, h in holds])
-    await p.phase("hold_settled", [
-        (lambda u=u, h=h: engine.settle_units(u, h, COST_UNITS, metadata=settle_meta(h), tokens=976))
-        for u, h in holds], n)
+    await p.phase(
+        "hold_settled",
+        [
+            (lambda u=u, h=h: engine.settle_units(u, h, COST_UNITS, metadata=settle_meta(h), tokens=976))
+            for u, h in holds
+        ],
+        n,
+    )
     p.out["resolved hold hash (key)"] = await p.keymem([engine.keys.hold_key(u, h) for u, h in holds])
     p.out["settle op key (key)"] = await p.keymem([engine.keys.op_key(u, f"!settle:{h}") for u, h in holds])
     await r.delete(p.stream)
@@ -176,20 +203,43 @@ async def measure(url: str, n: int) -> dict[str, float]:
 
     # reserve + release (an upstream error)
     holds = [(us[i % USERS], req_id()) for i in range(n)]
-    await p.phase("hold_open", [
-        (lambda u=u, h=h: engine.reserve_units(u, HOLD_UNITS, hold_id=h, ttl_seconds=120, metadata=meta(h), rate=rate))
-        for u, h in holds], n)
+    await p.phase(
+        "hold_open",
+        [
+            (
+                lambda u=u, h=h: engine.reserve_units(
+                    u, HOLD_UNITS, hold_id=h, ttl_seconds=120, metadata=meta(h), rate=rate
+                )
+            )
+            for u, h in holds
+        ],
+        n,
+    )
     base = await p.used() - await p.smem()
-    await p.phase("hold_released", [
-        (lambda u=u, h=h: engine.release(u, h, metadata={**meta(h), "reason": "upstream_error"}))
-        for u, h in holds], n)
+    await p.phase(
+        "hold_released",
+        [
+            (lambda u=u, h=h: engine.release(u, h, metadata={**meta(h), "reason": "upstream_error"}))
+            for u, h in holds
+        ],
+        n,
+    )
     await r.delete(p.stream)
 
     # reserve + expiry by the sweeper
     holds = [(us[i % USERS], req_id()) for i in range(n)]
-    await p.phase("hold_open", [
-        (lambda u=u, h=h: engine.reserve_units(u, HOLD_UNITS, hold_id=h, ttl_seconds=120, metadata=meta(h), rate=rate))
-        for u, h in holds], n)
+    await p.phase(
+        "hold_open",
+        [
+            (
+                lambda u=u, h=h: engine.reserve_units(
+                    u, HOLD_UNITS, hold_id=h, ttl_seconds=120, metadata=meta(h), rate=rate
+                )
+            )
+            for u, h in holds
+        ],
+        n,
+    )
     clock.t += 121
     s0, x0 = await p.smem(), await r.xlen(p.stream)
     await engine.sweep()
@@ -201,20 +251,34 @@ async def measure(url: str, n: int) -> dict[str, float]:
     # admin grants and debits (op ids of the admin API: an Idempotency-Key, a UUID)
     ops = [(us[i % USERS], str(uuid.uuid4())) for i in range(n)]
     before = await p.used()
-    await p.phase("grant", [
-        (lambda u=u, o=o: engine.grant(u, "5", op_id=o, source="payment", metadata={"description": "top-up"}))
-        for u, o in ops], n)
+    await p.phase(
+        "grant",
+        [
+            (
+                lambda u=u, o=o: engine.grant(
+                    u, "5", op_id=o, source="payment", metadata={"description": "top-up"}
+                )
+            )
+            for u, o in ops
+        ],
+        n,
+    )
     p.out["grant op key (key)"] = await p.keymem([engine.keys.op_key(u, o) for u, o in ops])
     ops = [(us[i % USERS], str(uuid.uuid4())) for i in range(n)]
-    await p.phase("debit", [
-        (lambda u=u, o=o: engine.debit(u, "0.5", op_id=o, metadata={"description": "manual charge"}))
-        for u, o in ops], n)
+    await p.phase(
+        "debit",
+        [
+            (lambda u=u, o=o: engine.debit(u, "0.5", op_id=o, metadata={"description": "manual charge"}))
+            for u, o in ops
+        ],
+        n,
+    )
     p.out["debit op key (key)"] = await p.keymem([engine.keys.op_key(u, o) for u, o in ops])
     await r.delete(p.stream)
     del before
 
     # grant expiry: a grant per user that expires, swept
-    exp = datetime.fromtimestamp(clock.t + 60, tz=timezone.utc)
+    exp = datetime.fromtimestamp(clock.t + 60, tz=UTC)
     for i, u in enumerate(us):
         await engine.grant(u, "1", op_id=f"promo-{i}", source="promo", expires_at=exp, priority=0)
     clock.t += 61

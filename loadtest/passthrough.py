@@ -31,15 +31,19 @@ def build(upstream: str) -> Starlette:
     async def forward(request: Request) -> Response:
         body = await request.body()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
-        resp = await state["s"].post(upstream + request.url.path, data=body, headers=headers, allow_redirects=False)
+        resp = await state["s"].post(
+            upstream + request.url.path, data=body, headers=headers, allow_redirects=False
+        )
         out = {k: v for k, v in resp.headers.items() if k.lower() not in HOP}
         if resp.content_type == "text/event-stream":
+
             async def gen():
                 try:
                     async for chunk in resp.content.iter_any():
                         yield chunk
                 finally:
                     resp.release()
+
             return StreamingResponse(gen(), status_code=resp.status, headers=out)
         raw = await resp.read()
         resp.release()
@@ -49,5 +53,6 @@ def build(upstream: str) -> Starlette:
 
 
 if __name__ == "__main__":
-    uvicorn.run(build(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning",
-                access_log=False)
+    uvicorn.run(
+        build(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning", access_log=False
+    )

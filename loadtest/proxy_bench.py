@@ -107,39 +107,92 @@ async def main(cfg: argparse.Namespace) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         rport, uport, pport, gport = free_ports(4)
-        procs.append(subprocess.Popen([shutil.which("redis-server"), "--port", str(rport), "--save", "",
-                                       "--appendonly", "no", "--dir", work], stdout=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                [
+                    shutil.which("redis-server"),
+                    "--port",
+                    str(rport),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    work,
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
         wait_port(rport)
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.devtools.mock_upstream", "--port", str(uport),
-                                       "--no-record"], cwd=REPO, env=env))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "gateway.devtools.mock_upstream", "--port", str(uport), "--no-record"],
+                cwd=REPO,
+                env=env,
+            )
+        )
         upstream = f"http://127.0.0.1:{uport}"
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "loadtest" / "passthrough.py"), upstream,
-                                       str(pport)], env=env))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(REPO / "loadtest" / "passthrough.py"), upstream, str(pport)], env=env
+            )
+        )
         (Path(work) / "gw.toml").write_text(CONFIG.format(url=upstream))
-        genv = {**env, "CREDIT_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "CREDIT_CLIENT_KEYS": CLIENT,
-                "CREDIT_ADMIN_KEYS": "admin-" + "a" * 40, "CREDIT_GATEWAY_CONFIG": f"{work}/gw.toml",
-                "CREDIT_SQLITE_PATH": f"{work}/gw.db", "CREDIT_AUDIT_PATH": "",
-                # No worker drains the streams here, so no backlog limit either (a real
-                # deployment's worker keeps the backlog near zero).
-                "CREDIT_MAX_BACKLOG": "0"}
-        procs.append(subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport),
-                                       "--log-level", "warning"], cwd=work, env=genv))
+        genv = {
+            **env,
+            "CREDIT_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
+            "CREDIT_CLIENT_KEYS": CLIENT,
+            "CREDIT_ADMIN_KEYS": "admin-" + "a" * 40,
+            "CREDIT_GATEWAY_CONFIG": f"{work}/gw.toml",
+            "CREDIT_SQLITE_PATH": f"{work}/gw.db",
+            "CREDIT_AUDIT_PATH": "",
+            # No worker drains the streams here, so no backlog limit either (a real
+            # deployment's worker keeps the backlog near zero).
+            "CREDIT_MAX_BACKLOG": "0",
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway.cli",
+                    "serve",
+                    "--port",
+                    str(gport),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=work,
+                env=genv,
+            )
+        )
         for p in (rport, uport, pport, gport):
             wait_port(p)
         # Fund the benchmark users generously through the admin API.
         users = [f"bench-{i}" for i in range(64)]
         async with aiohttp.ClientSession() as s:
             for u in users:
-                async with s.post(f"http://127.0.0.1:{gport}/admin/accounts/{u}/grants",
-                                  json={"amount": "1000000"},
-                                  headers={"Authorization": "Bearer " + "admin-" + "a" * 40}) as r:
+                async with s.post(
+                    f"http://127.0.0.1:{gport}/admin/accounts/{u}/grants",
+                    json={"amount": "1000000"},
+                    headers={"Authorization": "Bearer " + "admin-" + "a" * 40},
+                ) as r:
                     assert r.status == 201, await r.text()
-        targets = {"direct": f"http://127.0.0.1:{uport}", "passthrough": f"http://127.0.0.1:{pport}",
-                   "gateway": f"http://127.0.0.1:{gport}"}
+        targets = {
+            "direct": f"http://127.0.0.1:{uport}",
+            "passthrough": f"http://127.0.0.1:{pport}",
+            "gateway": f"http://127.0.0.1:{gport}",
+        }
         results: dict = {}
         for mode in ("json", "stream"):
-            body = json.dumps({"model": "bench-model", "max_tokens": 16, "stream": mode == "stream",
-                               "messages": [{"role": "user", "content": "hello there"}]}).encode()
+            body = json.dumps(
+                {
+                    "model": "bench-model",
+                    "max_tokens": 16,
+                    "stream": mode == "stream",
+                    "messages": [{"role": "user", "content": "hello there"}],
+                }
+            ).encode()
             # A discarded warm-up per target: connections to Redis and the upstream opened,
             # code paths warm, before anything is measured.
             for t in targets:
@@ -154,24 +207,35 @@ async def main(cfg: argparse.Namespace) -> dict:
                     for t in order:
                         headers = {"Content-Type": "application/json", "X-Fake-Output-Tokens": "16"}
                         if t == "gateway":
-                            headers.update({"Authorization": f"Bearer {CLIENT}", "X-User-Id": users[r % len(users)]})
-                        rounds[t].append(await load(targets[t] + "/v1/chat/completions", headers, body, conns,
-                                                    cfg.seconds))
-                paired = [g["rps"] / p["rps"] for g, p in zip(rounds["gateway"], rounds["passthrough"])]
+                            headers.update(
+                                {"Authorization": f"Bearer {CLIENT}", "X-User-Id": users[r % len(users)]}
+                            )
+                        rounds[t].append(
+                            await load(targets[t] + "/v1/chat/completions", headers, body, conns, cfg.seconds)
+                        )
+                paired = [
+                    g["rps"] / p["rps"]
+                    for g, p in zip(rounds["gateway"], rounds["passthrough"], strict=False)
+                ]
                 results[f"{mode}/{conns}/paired_ratio"] = statistics.median(paired)
                 for t, rs in rounds.items():
                     med = {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "p99_ms")}
                     med["errors"] = sum(x["errors"] for x in rs)
                     results[f"{mode}/{conns}/{t}"] = med
-                    print(f"{mode:6s} c={conns:<3d} {t:12s} rps={med['rps']:8.0f}  p50={med['p50_ms']:7.2f} ms  "
-                          f"p99={med['p99_ms']:7.2f} ms  errors={med['errors']}", flush=True)
+                    print(
+                        f"{mode:6s} c={conns:<3d} {t:12s} rps={med['rps']:8.0f}  p50={med['p50_ms']:7.2f} ms  "
+                        f"p99={med['p99_ms']:7.2f} ms  errors={med['errors']}",
+                        flush=True,
+                    )
         summary = {}
         for mode in ("json", "stream"):
-            g, p, d = (results[f"{mode}/64/{t}"] for t in ("gateway", "passthrough", "direct"))
+            g, p, _d = (results[f"{mode}/64/{t}"] for t in ("gateway", "passthrough", "direct"))
             summary[f"{mode}: gateway/passthrough rps at 64 (target >= 0.5)"] = g["rps"] / p["rps"]
             summary[f"{mode}: same, median of per-round ratios"] = results[f"{mode}/64/paired_ratio"]
             g2, p2, d2 = (results[f"{mode}/2/{t}"] for t in ("gateway", "passthrough", "direct"))
-            summary[f"{mode}: added p50 at 2 conns vs passthrough, ms (target <= 2.5)"] = g2["p50_ms"] - p2["p50_ms"]
+            summary[f"{mode}: added p50 at 2 conns vs passthrough, ms (target <= 2.5)"] = (
+                g2["p50_ms"] - p2["p50_ms"]
+            )
             summary[f"{mode}: added p50 at 2 conns vs direct, ms"] = g2["p50_ms"] - d2["p50_ms"]
         print()
         for k, v in summary.items():

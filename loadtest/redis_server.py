@@ -30,17 +30,33 @@ class RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
             raise SystemExit("redis-server not found on PATH")
-        persistence = ["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof else ["--appendonly", "no"]
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"] if self.aof else ["--appendonly", "no"]
+        )
         with open(os.path.join(self.workdir, "redis.log"), "wb") as logf:
             self.proc = subprocess.Popen(
-                [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-                 "--dir", self.workdir],
-                stdout=logf, stderr=subprocess.STDOUT, cwd=self.workdir,
+                [
+                    exe,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    *persistence,
+                    "--dir",
+                    self.workdir,
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
             )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SystemExit(f"redis-server exited ({self.proc.returncode}); see {self.workdir}/redis.log")
+                raise SystemExit(
+                    f"redis-server exited ({self.proc.returncode}); see {self.workdir}/redis.log"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")

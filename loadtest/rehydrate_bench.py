@@ -35,6 +35,8 @@ import redis.asyncio as aioredis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from redis_server import RedisServer  # noqa: E402  (beside this script)
+
 from gateway.core.apikeys import ApiKeys  # noqa: E402
 from gateway.core.engine import CreditEngine  # noqa: E402
 from gateway.core.events import Event  # noqa: E402
@@ -45,8 +47,6 @@ from gateway.core.store.base import RateLimitOverride  # noqa: E402
 from gateway.core.store.sqlite import SQLiteStore  # noqa: E402
 from worker.runner import Worker  # noqa: E402
 
-from redis_server import RedisServer  # noqa: E402  (beside this script)
-
 PARTITIONS = 64
 
 
@@ -54,8 +54,9 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-async def fill(engine: CreditEngine, store: SQLiteStore, accounts: int, ops: int, api_keys: int,
-               limits: int) -> list[str]:
+async def fill(
+    engine: CreditEngine, store: SQLiteStore, accounts: int, ops: int, api_keys: int, limits: int
+) -> list[str]:
     users = [f"bench-{i:07d}" for i in range(accounts)]
     sem = asyncio.Semaphore(64)
 
@@ -72,22 +73,42 @@ async def fill(engine: CreditEngine, store: SQLiteStore, accounts: int, ops: int
         if i % 4 == 0:
             await keys.revoke(issued.record.user, issued.record.key_id)
     for i in range(limits):
-        await set_rate_limits(engine.redis, engine.keys, store, RateLimitOverride(users[i % accounts], 60, 100_000))
+        await set_rate_limits(
+            engine.redis, engine.keys, store, RateLimitOverride(users[i % accounts], 60, 100_000)
+        )
     await Worker(engine, store, batch=1000).run(burst=True)
     log(f"filled {accounts} accounts (engine + worker), {api_keys} API keys, {limits} rate-limit overrides")
 
     # The operations: what the ledger keeps of a caller's debit (op id, fingerprint, answer).
     now = engine.now_ms()
     rnd = random.Random(7)
-    state = {"v": "1", "available": "1000000000", "held": "0", "debt": "0", "granted": "1000000000",
-             "spent": "0", "expired": "0", "seq": "1", "debt_total": "0"}
+    state = {
+        "v": "1",
+        "available": "1000000000",
+        "held": "0",
+        "debt": "0",
+        "granted": "1000000000",
+        "spent": "0",
+        "expired": "0",
+        "seq": "1",
+        "debt_total": "0",
+    }
     batch: list[Event] = []
     written = 0
     for i in range(ops):
         u = users[i % accounts]
         ts = now - rnd.randrange(engine.retention_s * 1000 * 9 // 10)  # within the retention window
-        raw = {"id": f"op-{i:08d}", "t": "debit", "u": u, "v": "0", "ts": str(ts), "amt": "1000",
-               "fp": "debit|1000", "res": {"amount": "1000"}, "a": state}
+        raw = {
+            "id": f"op-{i:08d}",
+            "t": "debit",
+            "u": u,
+            "v": "0",
+            "ts": str(ts),
+            "amt": "1000",
+            "fp": "debit|1000",
+            "res": {"amount": "1000"},
+            "a": state,
+        }
         batch.append(Event("0-0", engine.keys.partition_of(u), raw))
         if len(batch) == 20_000:
             written += len(batch)
@@ -140,10 +161,14 @@ async def main_async(args: argparse.Namespace) -> dict:
         dbsize = await redis.dbsize()
         replay = await engine.debit(users[0], "0.001", op_id="op-00000000")
         result = {
-            "accounts": args.accounts, "operations": args.ops, "aof": args.aof,
+            "accounts": args.accounts,
+            "operations": args.ops,
+            "aof": args.aof,
             "rehydrate_seconds": round(elapsed, 3),
             "operations_per_second": round(report.operations / elapsed) if elapsed else None,
-            "report": report.__dict__, "redis_keys": dbsize, "sample_accounts_equal": same,
+            "report": report.__dict__,
+            "redis_keys": dbsize,
+            "sample_accounts_equal": same,
             "replay_answers_the_same": bool(replay.replayed),
         }
         log(json.dumps(result))

@@ -35,8 +35,13 @@ BODY = b'{"ok":true}'
 async def tiny_app(scope, receive, send):
     if scope["type"] != "http":
         return
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")],
+        }
+    )
     await send({"type": "http.response.body", "body": BODY})
 
 
@@ -71,6 +76,7 @@ async def load(port: int, seconds: float, conns: int) -> tuple[float, int]:
     stop = time.perf_counter() + seconds
     url = f"http://127.0.0.1:{port}/"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as s:
+
         async def one():
             nonlocal done
             while time.perf_counter() < stop:
@@ -121,6 +127,7 @@ def added_code_cost(n: int = 200_000) -> dict[str, float]:
             for _ in range(n):
                 obj.on_message_begin()
                 obj.on_headers_complete()
+
         return go
 
     async def timers():
@@ -131,7 +138,9 @@ def added_code_cost(n: int = 200_000) -> dict[str, float]:
 
     out = {
         "added per request": per_call(run(Added())) - per_call(run(Base())),
-        "a timer per request instead (call_later + cancel)": per_call(lambda: loop.run_until_complete(timers())),
+        "a timer per request instead (call_later + cancel)": per_call(
+            lambda: loop.run_until_complete(timers())
+        ),
     }
     loop.close()
     return {k: round(v, 3) for k, v in out.items()}
@@ -145,13 +154,15 @@ def main() -> None:
     a = ap.parse_args()
     ctx = multiprocessing.get_context("spawn")
     ports = {"uvicorn httptools": free_port(), "gateway protocol": free_port()}
-    procs = [ctx.Process(target=serve, args=(ports["uvicorn httptools"], False), daemon=True),
-             ctx.Process(target=serve, args=(ports["gateway protocol"], True), daemon=True)]
+    procs = [
+        ctx.Process(target=serve, args=(ports["uvicorn httptools"], False), daemon=True),
+        ctx.Process(target=serve, args=(ports["gateway protocol"], True), daemon=True),
+    ]
     for p in procs:
         p.start()
     time.sleep(3)
     try:
-        pids = dict(zip(ports, (p.pid for p in procs)))
+        pids = dict(zip(ports, (p.pid for p in procs), strict=False))
         rates: dict[str, list[float]] = {k: [] for k in ports}
         cpu_us: dict[str, list[float]] = {k: [] for k in ports}  # server CPU per request: less noisy
         for name, port in ports.items():  # warm-up, discarded
@@ -163,12 +174,21 @@ def main() -> None:
                 rps, n = asyncio.run(load(port, a.seconds, a.conns))
                 rates[name].append(rps)
                 cpu_us[name].append((cpu_seconds(pids[name]) - c0) / n * 1e6)
-        out = {name: {"median_rps": round(statistics.median(v)), "rounds": [round(x) for x in v],
-                      "median_server_cpu_us_per_request": round(statistics.median(cpu_us[name]), 1),
-                      "cpu_rounds": [round(x, 1) for x in cpu_us[name]]}
-               for name, v in rates.items()}
+        out = {
+            name: {
+                "median_rps": round(statistics.median(v)),
+                "rounds": [round(x) for x in v],
+                "median_server_cpu_us_per_request": round(statistics.median(cpu_us[name]), 1),
+                "cpu_rounds": [round(x, 1) for x in cpu_us[name]],
+            }
+            for name, v in rates.items()
+        }
         out["ratio gateway / uvicorn (per-round medians)"] = round(
-            statistics.median(g / u for g, u in zip(rates["gateway protocol"], rates["uvicorn httptools"])), 3)
+            statistics.median(
+                g / u for g, u in zip(rates["gateway protocol"], rates["uvicorn httptools"], strict=False)
+            ),
+            3,
+        )
         out["added code alone, us per request (uvloop)"] = added_code_cost()
         print(json.dumps(out, indent=2))
     finally:

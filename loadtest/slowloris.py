@@ -66,9 +66,13 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_")}
     env.update(PYTHONPATH=str(REPO), CREDIT_SQLITE_PATH=f"{work}/s.db", CREDIT_AUDIT_PATH="")
     env.update(kv.split("=", 1) for kv in a.settings)
-    server = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--port", str(port),
-                               "--log-level", "warning"], env=env, cwd=work,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 30
         while time.time() < deadline:

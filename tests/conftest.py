@@ -86,8 +86,21 @@ def redis_url(tmp_path_factory):
     port = free_port()
     d = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(d), "--logfile", str(d / "redis.log")],
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(d),
+            "--logfile",
+            str(d / "redis.log"),
+        ],
     )
     deadline = time.time() + 10
     while time.time() < deadline:
@@ -112,7 +125,9 @@ def cluster_nodes(tmp_path_factory):
     base = tmp_path_factory.mktemp("cluster")
     p0 = free_port_run(3)
     script = SUPPORT / "redis-cluster.sh"
-    up = subprocess.run(["bash", str(script), "up", str(base), str(p0), "3"], capture_output=True, text=True, timeout=60)
+    up = subprocess.run(
+        ["bash", str(script), "up", str(base), str(p0), "3"], capture_output=True, text=True, timeout=60
+    )
     if up.returncode != 0:
         subprocess.run(["bash", str(script), "down", str(base), str(p0), "3"], capture_output=True)
         unavailable(f"redis cluster did not start: {up.stderr[-500:]}")
@@ -125,14 +140,17 @@ def mongo_uri(tmp_path_factory):
     if os.environ.get("CREDIT_TEST_MONGO_URI"):
         yield os.environ["CREDIT_TEST_MONGO_URI"]
         return
-    venv = subprocess.run(["bash", str(SUPPORT / "mongo_venv.sh")], capture_output=True, text=True, timeout=600)
+    venv = subprocess.run(
+        ["bash", str(SUPPORT / "mongo_venv.sh")], capture_output=True, text=True, timeout=600
+    )
     if venv.returncode != 0:
         unavailable(f"the MongoDB wire server could not be installed: {venv.stderr[-500:]}")
     python = venv.stdout.strip().splitlines()[-1]
     d = tmp_path_factory.mktemp("mongo")
     proc = subprocess.Popen(
         [python, str(SUPPORT / "mongo_wire_server.py"), "--port", "0", "--dir", str(d)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     line = proc.stdout.readline().strip()
     if not line.startswith("READY "):

@@ -102,8 +102,13 @@ class MAccount:
 
     def state(self, now: int) -> dict[str, int]:
         return {
-            "version": self.version, "available": self.available(now), "held": self.held,
-            "debt": self.debt, "granted": self.granted, "spent": self.spent, "expired": self.expired,
+            "version": self.version,
+            "available": self.available(now),
+            "held": self.held,
+            "debt": self.debt,
+            "granted": self.granted,
+            "spent": self.spent,
+            "expired": self.expired,
         }
 
     def open_holds(self) -> dict[str, tuple[int, int]]:
@@ -194,8 +199,14 @@ class Model:
         self._gc(a)
         self._emit(a)
         return {
-            "hold_id": h.hold_id, "status": status, "charged": charge, "held_amount": h.amount,
-            "returned": back, "lapsed": lapsed, "debt_added": debt_added, "debt_repaid": repaid,
+            "hold_id": h.hold_id,
+            "status": status,
+            "charged": charge,
+            "held_amount": h.amount,
+            "returned": back,
+            "lapsed": lapsed,
+            "debt_added": debt_added,
+            "debt_repaid": repaid,
             "state": a.state(now),
         }
 
@@ -211,8 +222,16 @@ class Model:
 
     # -- operations --------------------------------------------------------------------
 
-    def grant(self, now: int, user: str, op_id: str, amount: int, exp_ms: int = 0,
-              priority: int = 100, source: str = "admin") -> Ok | Refused:
+    def grant(
+        self,
+        now: int,
+        user: str,
+        op_id: str,
+        amount: int,
+        exp_ms: int = 0,
+        priority: int = 100,
+        source: str = "admin",
+    ) -> Ok | Refused:
         a = self.acct(user)
         fp = ("grant", amount, exp_ms, priority, source)
         seen = self._replay(a, op_id, fp)
@@ -228,12 +247,19 @@ class Model:
         if amount - repaid > 0:
             a.grants[a.seq] = MGrant(a.seq, amount, amount - repaid, exp_ms, priority)
         self._emit(a)
-        res = {"grant_seq": f"{a.seq:012d}", "amount": amount, "debt_repaid": repaid,
-               "expires_at": exp_ms, "state": a.state(now)}
+        res = {
+            "grant_seq": f"{a.seq:012d}",
+            "amount": amount,
+            "debt_repaid": repaid,
+            "expires_at": exp_ms,
+            "state": a.state(now),
+        }
         a.ops[op_id] = (fp, res)
         return Ok(res)
 
-    def reserve(self, now: int, user: str, op_id: str, hold_id: str, amount: int, ttl_ms: int) -> Ok | Refused:
+    def reserve(
+        self, now: int, user: str, op_id: str, hold_id: str, amount: int, ttl_ms: int
+    ) -> Ok | Refused:
         a = self.acct(user)
         fp = ("reserve", hold_id, amount, ttl_ms)
         seen = self._replay(a, op_id, fp)

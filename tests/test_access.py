@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from gateway.core.recovery import ensure_ready
-from worker.runner import Worker
 from tests.test_proxy import ADMIN, CLIENT, charged, gw, running_gateway  # noqa: F401 (fixture)
+from worker.runner import Worker
 
 pytestmark = pytest.mark.redis
 
@@ -51,10 +51,14 @@ async def test_a_user_key_identifies_its_user_without_x_user_id(gw):
     status, h, body = await call(gw, "POST", "/v1/messages", {"x-api-key": k["key"]}, ANTHROPIC)
     assert status == 200, body
     # A user key cannot speak for someone else.
-    status, _, body = await call(gw, "POST", "/v1/chat/completions", with_key(k["key"], **{"X-User-Id": "carol"}), CHAT)
+    status, _, body = await call(
+        gw, "POST", "/v1/chat/completions", with_key(k["key"], **{"X-User-Id": "carol"}), CHAT
+    )
     assert status == 403 and body["error"]["code"] == "forbidden"
     # The same user named again is fine.
-    status, _, _ = await call(gw, "POST", "/v1/chat/completions", with_key(k["key"], **{"X-User-Id": "bob"}), CHAT)
+    status, _, _ = await call(
+        gw, "POST", "/v1/chat/completions", with_key(k["key"], **{"X-User-Id": "bob"}), CHAT
+    )
     assert status == 200
     # Unknown keys of the same shape, and admin keys, are refused.
     for bad in ("cgk_" + "x" * 43, ADMIN):
@@ -141,7 +145,11 @@ async def test_requests_per_minute_answers_429_with_retry_after_in_each_format(g
         assert status == 200
     before = await gw.balance("gina")
     status, h, body = await call(gw, "POST", "/v1/chat/completions", gw.headers("gina"), CHAT)
-    assert status == 429 and body["error"]["code"] == "rate_limited" and body["error"]["type"] == "rate_limit_exceeded"
+    assert (
+        status == 429
+        and body["error"]["code"] == "rate_limited"
+        and body["error"]["type"] == "rate_limit_exceeded"
+    )
     assert 1 <= int(h["Retry-After"]) <= 30 and h["X-Request-Id"]
     status, h, body = await call(gw, "POST", "/v1/messages", gw.headers("gina"), ANTHROPIC)
     assert status == 429 and body["type"] == "error" and body["error"]["type"] == "rate_limit_error"
@@ -174,7 +182,9 @@ async def test_tokens_per_minute_counts_real_usage_not_the_worst_case(gw):
     # A request asking for more output than the limit holds is answered shorter...
     await call(gw, "PUT", "/admin/accounts/ivy/limits", ADM, {"tokens_per_minute": 100})
     await gw.grant("ivy", "10")
-    status, _, body = await call(gw, "POST", "/v1/chat/completions", gw.headers("ivy"), {**CHAT, "max_tokens": 500})
+    status, _, body = await call(
+        gw, "POST", "/v1/chat/completions", gw.headers("ivy"), {**CHAT, "max_tokens": 500}
+    )
     assert status == 200, body
     sent = json.loads(gw.fake.requests[-1]["body"])
     assert 4 <= sent["max_tokens"] <= 100 - 20
@@ -188,7 +198,9 @@ async def test_default_limits_come_from_the_configuration(redis, redis_url, tmp_
     extra = "\n[rate_limits]\nrequests_per_minute = 3\ntokens_per_minute = 100000\n"
     async with running_gateway(redis_url, tmp_path, extra) as g:
         await g.grant("jill", "1")
-        codes = [(await call(g, "POST", "/v1/chat/completions", g.headers("jill"), CHAT))[0] for _ in range(4)]
+        codes = [
+            (await call(g, "POST", "/v1/chat/completions", g.headers("jill"), CHAT))[0] for _ in range(4)
+        ]
         assert codes == [200, 200, 200, 429]
         status, _, body = await call(g, "GET", "/admin/accounts/jill/limits", ADM)
         assert body["requests_per_minute"] is None and body["effective_requests_per_minute"] == 3

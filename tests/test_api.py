@@ -24,8 +24,14 @@ def client_headers(user: str) -> dict:
 
 @pytest_asyncio.fixture
 async def api(redis, redis_url, tmp_path):
-    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
-                        sqlite_path=str(tmp_path / "s.db"), audit_path=None)
+    settings = Settings(
+        redis_url=redis_url,
+        admin_keys=ADMIN,
+        client_keys=CLIENT,
+        partitions=16,
+        sqlite_path=str(tmp_path / "s.db"),
+        audit_path=None,
+    )
     store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, run_worker=False)
     async with app.router.lifespan_context(app):
@@ -57,17 +63,30 @@ async def test_openapi_is_served(api):
 async def test_admin_grant_then_hold_settle_release_and_balance(api):
     g = await grant(api, "alice", "10.5")
     assert g["available"] == "10.500000" and g["replayed"] is False
-    r = await api.post("/credits/holds", json={"amount": "4", "ttl_seconds": 60, "hold_id": "job-1"},
-                       headers=client_headers("alice"))
+    r = await api.post(
+        "/credits/holds",
+        json={"amount": "4", "ttl_seconds": 60, "hold_id": "job-1"},
+        headers=client_headers("alice"),
+    )
     assert r.status_code == 201, r.text
     assert r.json()["available"] == "6.500000"
-    r = await api.post("/credits/holds/job-1/settle", json={"amount": "1.25"}, headers=client_headers("alice"))
+    r = await api.post(
+        "/credits/holds/job-1/settle", json={"amount": "1.25"}, headers=client_headers("alice")
+    )
     assert r.status_code == 200 and r.json()["charged"] == "1.250000" and r.json()["returned"] == "2.750000"
-    r = await api.post("/credits/holds", json={"amount": "1", "hold_id": "job-2"}, headers=client_headers("alice"))
+    r = await api.post(
+        "/credits/holds", json={"amount": "1", "hold_id": "job-2"}, headers=client_headers("alice")
+    )
     r = await api.post("/credits/holds/job-2/release", headers=client_headers("alice"))
     assert r.json()["status"] == "released"
     b = (await api.get("/credits/balance", headers=client_headers("alice"))).json()
-    assert b == {"user_id": "alice", "available": "9.250000", "held": "0.000000", "debt": "0.000000", "version": 5}
+    assert b == {
+        "user_id": "alice",
+        "available": "9.250000",
+        "held": "0.000000",
+        "debt": "0.000000",
+        "version": 5,
+    }
     acct = (await api.get("/admin/accounts/alice", headers=H_ADMIN)).json()
     assert acct["spent"] == "1.250000" and acct["grants"][0]["remaining"] == "9.250000"
 
@@ -82,8 +101,12 @@ async def test_insufficient_credit_is_402_naming_the_reason(api):
 
 async def test_holds_of_another_user_are_invisible(api):
     await grant(api, "carol", "5")
-    await api.post("/credits/holds", json={"amount": "1", "hold_id": "secret"}, headers=client_headers("carol"))
-    r = await api.post("/credits/holds/secret/settle", json={"amount": "1"}, headers=client_headers("mallory"))
+    await api.post(
+        "/credits/holds", json={"amount": "1", "hold_id": "secret"}, headers=client_headers("carol")
+    )
+    r = await api.post(
+        "/credits/holds/secret/settle", json={"amount": "1"}, headers=client_headers("mallory")
+    )
     assert r.status_code == 404 and r.json()["error"]["code"] == "hold_not_found"
     assert "carol" not in r.text
 
@@ -109,7 +132,7 @@ async def test_debit_and_short_debit(api):
 
 
 @pytest.mark.parametrize(
-    "body, code",
+    ("body", "code"),
     [
         ({"amount": "-1"}, "invalid_amount"),
         ({"amount": "abc"}, "invalid_amount"),
@@ -133,10 +156,16 @@ async def test_bad_amounts_are_refused_and_change_nothing(api, body, code):
 
 
 async def test_malformed_json_oversized_body_and_missing_headers(api):
-    r = await api.post("/admin/accounts/gina/grants", content=b"{not json", headers={**H_ADMIN, "Content-Type": "application/json"})
+    r = await api.post(
+        "/admin/accounts/gina/grants",
+        content=b"{not json",
+        headers={**H_ADMIN, "Content-Type": "application/json"},
+    )
     assert r.status_code == 422 and r.json()["error"]["code"] == "malformed_json"
     big = json.dumps({"amount": "1", "description": "x" * 200_000})
-    r = await api.post("/admin/accounts/gina/grants", content=big, headers={**H_ADMIN, "Content-Type": "application/json"})
+    r = await api.post(
+        "/admin/accounts/gina/grants", content=big, headers={**H_ADMIN, "Content-Type": "application/json"}
+    )
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     r = await api.post("/credits/holds", json={"amount": "1"}, headers={"Authorization": f"Bearer {CLIENT}"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_user"
@@ -163,7 +192,9 @@ async def test_client_routes_refuse_admin_and_forged_keys(api):
 async def test_ledger_is_paginated_from_the_store(api):
     for i in range(5):
         await grant(api, "ivy", "1")
-    w = __import__("worker.runner", fromlist=["Worker"]).Worker(api.app.state.services.engine, api.app.state.services.store)
+    w = __import__("worker.runner", fromlist=["Worker"]).Worker(
+        api.app.state.services.engine, api.app.state.services.store
+    )
     await w.run(burst=True)
     seen, cursor = [], None
     while True:

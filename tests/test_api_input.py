@@ -22,15 +22,30 @@ def error_of(r, status: int, code: str) -> dict:
 
 # -- numbers --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", ["1_000", "\u0661", "\u0661\u0660", " 1 ", "+1", "1.", ".5", "0x1", "1 000", "١.5"])
+
+@pytest.mark.parametrize(
+    "text", ["1_000", "\u0661", "\u0661\u0660", " 1 ", "+1", "1.", ".5", "0x1", "1 000", "١.5"]
+)
 def test_to_units_reads_plain_ascii_decimals_only(text):
     with pytest.raises(AmountError):
         to_units(text)
 
 
-@pytest.mark.parametrize("value, units", [("1", 10**6), ("-0", None), ("0.000001", 1), ("1e3", 10**9), ("1E-6", 1),
-                                          (Decimal("1e999999"), None), (Decimal("-1e999999"), None),
-                                          (Decimal("1e-999999"), None), ("1e999999", None), (7, 7 * 10**6)])
+@pytest.mark.parametrize(
+    ("value", "units"),
+    [
+        ("1", 10**6),
+        ("-0", None),
+        ("0.000001", 1),
+        ("1e3", 10**9),
+        ("1E-6", 1),
+        (Decimal("1e999999"), None),
+        (Decimal("-1e999999"), None),
+        (Decimal("1e-999999"), None),
+        ("1e999999", None),
+        (7, 7 * 10**6),
+    ],
+)
 def test_to_units_never_overflows(value, units):
     if units is None:
         with pytest.raises(AmountError):
@@ -42,14 +57,18 @@ def test_to_units_never_overflows(value, units):
 @pytest.mark.parametrize("ttl", [True, "60", "1_000", " 60 ", 60.0, "\u0666\u0660"])
 async def test_ttl_seconds_is_a_json_integer_only(api, ttl):
     await grant(api, "n1")
-    r = await api.post("/credits/holds", json={"amount": "1", "ttl_seconds": ttl}, headers=client_headers("n1"))
+    r = await api.post(
+        "/credits/holds", json={"amount": "1", "ttl_seconds": ttl}, headers=client_headers("n1")
+    )
     error_of(r, 422, "invalid_request")
     assert "ttl_seconds" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("priority", [True, "5", 5.0])
 async def test_priority_is_a_json_integer_only(api, priority):
-    r = await api.post("/admin/accounts/n2/grants", json={"amount": "1", "priority": priority}, headers=H_ADMIN)
+    r = await api.post(
+        "/admin/accounts/n2/grants", json={"amount": "1", "priority": priority}, headers=H_ADMIN
+    )
     error_of(r, 422, "invalid_request")
 
 
@@ -61,7 +80,9 @@ async def test_rate_limit_overrides_are_json_integers_only(api, limit):
     assert r.json()["requests_per_minute"] is None
 
 
-@pytest.mark.parametrize("query", ["limit=1_0", "limit=%20 5", "limit=\u0665", "cursor=\u0661\u0662", "cursor=+5"])
+@pytest.mark.parametrize(
+    "query", ["limit=1_0", "limit=%20 5", "limit=\u0665", "cursor=\u0661\u0662", "cursor=+5"]
+)
 async def test_ledger_query_numbers_are_ascii_digits_only(api, query):
     r = await api.get(f"/admin/accounts/n4/ledger?{query}", headers=H_ADMIN)
     assert r.status_code == 422, r.text
@@ -71,11 +92,14 @@ async def test_json_numbers_are_exact_and_plain_integers_pass(api):
     r = await api.post("/admin/accounts/n5/grants", json={"amount": 2, "priority": 5}, headers=H_ADMIN)
     assert r.status_code == 201 and r.json()["amount"] == "2.000000"
     raw = b'{"amount": 0.1}'
-    r = await api.post("/admin/accounts/n5/grants", content=raw, headers={**H_ADMIN, "Content-Type": "application/json"})
+    r = await api.post(
+        "/admin/accounts/n5/grants", content=raw, headers={**H_ADMIN, "Content-Type": "application/json"}
+    )
     assert r.status_code == 201 and r.json()["amount"] == "0.100000"
 
 
 # -- ids ------------------------------------------------------------------------------------
+
 
 def test_one_id_rule_without_slash_or_newline():
     for bad in ("a/b", "team/bob", "a\n", "", "a b", "x" * 129, "a|b", "{p1}"):
@@ -100,17 +124,21 @@ async def test_a_user_id_with_a_slash_is_refused_on_the_client_api(api):
 
 # -- expiry ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("when, says", [
-    ("1970-01-01T00:00:00Z", "in the past"),
-    ("1969-07-20T20:17:00Z", "in the past"),
-    ("2001-01-01T00:00:00Z", "in the past"),
-    ("9999-12-31T23:59:59Z", "latest allowed is 2248-09-26"),
-    ("2300-01-01T00:00:00+05:00", "latest allowed is 2248-09-26"),
-    (99999999999999, "ISO 8601"),
-    (True, "ISO 8601"),
-    ("2030-01-01T00:00:00", "timezone"),
-    ("next tuesday", "ISO 8601"),
-])
+
+@pytest.mark.parametrize(
+    ("when", "says"),
+    [
+        ("1970-01-01T00:00:00Z", "in the past"),
+        ("1969-07-20T20:17:00Z", "in the past"),
+        ("2001-01-01T00:00:00Z", "in the past"),
+        ("9999-12-31T23:59:59Z", "latest allowed is 2248-09-26"),
+        ("2300-01-01T00:00:00+05:00", "latest allowed is 2248-09-26"),
+        (99999999999999, "ISO 8601"),
+        (True, "ISO 8601"),
+        ("2030-01-01T00:00:00", "timezone"),
+        ("next tuesday", "ISO 8601"),
+    ],
+)
 async def test_grant_expiry_out_of_range_is_refused_saying_why(api, when, says):
     r = await api.post("/admin/accounts/e1/grants", json={"amount": "1", "expires_at": when}, headers=H_ADMIN)
     err = error_of(r, 422, "invalid_expiry")
@@ -120,18 +148,22 @@ async def test_grant_expiry_out_of_range_is_refused_saying_why(api, when, says):
 
 
 async def test_a_grant_expiring_in_range_is_made(api):
-    r = await api.post("/admin/accounts/e2/grants", json={"amount": "1", "expires_at": "2248-01-01T00:00:00Z"},
-                       headers=H_ADMIN)
+    r = await api.post(
+        "/admin/accounts/e2/grants",
+        json={"amount": "1", "expires_at": "2248-01-01T00:00:00Z"},
+        headers=H_ADMIN,
+    )
     assert r.status_code == 201 and r.json()["expires_at"].startswith("2248-01-01")
 
 
 # -- bodies ---------------------------------------------------------------------------------
 
+
 async def test_a_chunked_body_over_the_cap_is_413(api):
     async def chunks():
         body = json.dumps({"amount": "1", "description": "x" * 200_000}).encode()
         for i in range(0, len(body), 8192):
-            yield body[i:i + 8192]
+            yield body[i : i + 8192]
 
     for path, headers in (("/admin/accounts/b1/grants", H_ADMIN), ("/credits/holds", client_headers("b1"))):
         r = await api.post(path, content=chunks(), headers={**headers, "Content-Type": "application/json"})
@@ -144,12 +176,17 @@ async def test_a_missing_body_says_a_json_body_is_required(api):
 
 
 async def test_malformed_json_says_it_is_not_valid_json_and_where(api):
-    r = await api.post("/admin/accounts/b3/grants", content=b'{"amount": "1",\n "x": }',
-                       headers={**H_ADMIN, "Content-Type": "application/json"})
+    r = await api.post(
+        "/admin/accounts/b3/grants",
+        content=b'{"amount": "1",\n "x": }',
+        headers={**H_ADMIN, "Content-Type": "application/json"},
+    )
     err = error_of(r, 422, "malformed_json")
     assert err["message"].startswith("the body is not valid JSON: Expecting value at line 2, column")
-    for raw in (b'\xff\xfe{}', b"[" * 30_000 + b"]" * 30_000, b'{"amount": NaN}'):
-        r = await api.post("/admin/accounts/b3/grants", content=raw, headers={**H_ADMIN, "Content-Type": "application/json"})
+    for raw in (b"\xff\xfe{}", b"[" * 30_000 + b"]" * 30_000, b'{"amount": NaN}'):
+        r = await api.post(
+            "/admin/accounts/b3/grants", content=raw, headers={**H_ADMIN, "Content-Type": "application/json"}
+        )
         error_of(r, 422, "malformed_json")
 
 
@@ -161,8 +198,11 @@ async def test_a_json_body_without_content_type_is_read(api):
 
 
 async def test_another_content_type_is_named_in_the_refusal(api):
-    r = await api.post("/admin/accounts/b5/grants", content=b'{"amount": "2"}',
-                       headers={**H_ADMIN, "Content-Type": "text/plain"})
+    r = await api.post(
+        "/admin/accounts/b5/grants",
+        content=b'{"amount": "2"}',
+        headers={**H_ADMIN, "Content-Type": "text/plain"},
+    )
     err = error_of(r, 422, "invalid_request")
     assert "Content-Type: application/json" in err["message"]
     r = await api.post("/admin/accounts/b5/grants", json=["not", "an", "object"], headers=H_ADMIN)
@@ -171,16 +211,23 @@ async def test_another_content_type_is_named_in_the_refusal(api):
 
 # -- the ledger reads in credits ------------------------------------------------------------
 
+
 async def test_ledger_details_are_credits_not_micro_units(api):
     from worker.runner import Worker
 
     await grant(api, "l1", "1")
     hdr = client_headers("l1")
-    assert (await api.post("/credits/holds", json={"amount": "3", "hold_id": "h"}, headers=hdr)).status_code == 402
+    assert (
+        await api.post("/credits/holds", json={"amount": "3", "hold_id": "h"}, headers=hdr)
+    ).status_code == 402
     await grant(api, "l1", "9")
-    assert (await api.post("/credits/holds", json={"amount": "3", "hold_id": "h"}, headers=hdr)).status_code == 201
+    assert (
+        await api.post("/credits/holds", json={"amount": "3", "hold_id": "h"}, headers=hdr)
+    ).status_code == 201
     assert (await api.post("/credits/holds/h/settle", json={"amount": "1"}, headers=hdr)).status_code == 200
-    assert (await api.post("/credits/holds", json={"amount": "12", "hold_id": "h2"}, headers=hdr)).status_code == 402
+    assert (
+        await api.post("/credits/holds", json={"amount": "12", "hold_id": "h2"}, headers=hdr)
+    ).status_code == 402
     await api.post("/credits/holds", json={"amount": "9", "hold_id": "h2"}, headers=hdr)
     await api.post("/credits/holds/h2/settle", json={"amount": "10.5"}, headers=hdr)  # 1.5 becomes debt
     await grant(api, "l1", "2")  # repays it

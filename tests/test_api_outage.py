@@ -33,8 +33,23 @@ def own_redis(tmp_path):
     if not exe:
         unavailable("redis-server is not installed")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(tmp_path), "--logfile", str(tmp_path / "redis.log")])
+    proc = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+            "--logfile",
+            str(tmp_path / "redis.log"),
+        ]
+    )
     deadline = time.time() + 10
     while True:
         try:
@@ -56,7 +71,9 @@ def own_redis(tmp_path):
 @contextlib.asynccontextmanager
 async def served(app):
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
@@ -71,21 +88,35 @@ async def served(app):
 
 async def test_redis_killed_mid_test_every_route_answers_json_503_with_retry_after(tmp_path):
     with own_redis(tmp_path) as (proc, url):
-        settings = Settings(redis_url=url, admin_keys=ADMIN, client_keys=CLIENT, partitions=4,
-                            sqlite_path=str(tmp_path / "s.db"), audit_path=None, redis_timeout_seconds=2)
+        settings = Settings(
+            redis_url=url,
+            admin_keys=ADMIN,
+            client_keys=CLIENT,
+            partitions=4,
+            sqlite_path=str(tmp_path / "s.db"),
+            audit_path=None,
+            redis_timeout_seconds=2,
+        )
         app = create_app(settings, run_worker=False)
         async with served(app) as base:
             limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
             async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as c:
                 users = [f"u{i}" for i in range(8)]
                 for u in users:
-                    assert (await c.post(f"/admin/accounts/{u}/grants", json={"amount": "10"},
-                                         headers=H_ADMIN)).status_code == 201
+                    assert (
+                        await c.post(f"/admin/accounts/{u}/grants", json={"amount": "10"}, headers=H_ADMIN)
+                    ).status_code == 201
                     for h in ("a", "b"):
-                        r = await c.post("/credits/holds", json={"amount": "1", "hold_id": h}, headers=client_headers(u))
+                        r = await c.post(
+                            "/credits/holds", json={"amount": "1", "hold_id": h}, headers=client_headers(u)
+                        )
                         assert r.status_code == 201
-                key = (await c.post("/admin/accounts/u0/keys", json={"name": "app"}, headers=H_ADMIN)).json()["key"]
-                assert (await c.get("/credits/balance", headers={"Authorization": f"Bearer {key}"})).status_code == 200
+                key = (await c.post("/admin/accounts/u0/keys", json={"name": "app"}, headers=H_ADMIN)).json()[
+                    "key"
+                ]
+                assert (
+                    await c.get("/credits/balance", headers={"Authorization": f"Bearer {key}"})
+                ).status_code == 200
 
                 proc.kill()
                 proc.wait(10)
@@ -98,7 +129,12 @@ async def test_redis_killed_mid_test_every_route_answers_json_503_with_retry_aft
                         ("POST", "/credits/holds/b/release", None, ch),
                         ("GET", "/credits/balance", None, ch),
                         ("GET", "/credits/balance", None, {"Authorization": f"Bearer {key}"}),
-                        ("POST", f"/admin/accounts/{u}/grants", {"amount": "1"}, {**H_ADMIN, "Idempotency-Key": "g"}),
+                        (
+                            "POST",
+                            f"/admin/accounts/{u}/grants",
+                            {"amount": "1"},
+                            {**H_ADMIN, "Idempotency-Key": "g"},
+                        ),
                         ("POST", f"/admin/accounts/{u}/debits", {"amount": "1"}, H_ADMIN),
                         ("GET", f"/admin/accounts/{u}", None, H_ADMIN),
                         ("PUT", f"/admin/accounts/{u}/limits", {"requests_per_minute": 5}, H_ADMIN),
@@ -166,4 +202,3 @@ async def test_a_redis_timeout_on_a_read_is_503_not_500(api, monkeypatch):
     r = await api.get("/credits/balance", headers=client_headers("t"))
     assert r.status_code == 503 and r.json()["error"]["code"] == "credit_store_unavailable"
     assert r.headers["Retry-After"] == "1"
-

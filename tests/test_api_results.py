@@ -22,8 +22,14 @@ from tests.test_api import ADMIN, CLIENT, H_ADMIN, client_headers
 async def gw(redis, redis_url, tmp_path):
     """The gateway on a manual clock (holds expire when the test says so)."""
     clock = ManualClock()
-    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
-                        sqlite_path=str(tmp_path / "s.db"), audit_path=None)
+    settings = Settings(
+        redis_url=redis_url,
+        admin_keys=ADMIN,
+        client_keys=CLIENT,
+        partitions=16,
+        sqlite_path=str(tmp_path / "s.db"),
+        audit_path=None,
+    )
     store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
     async with app.router.lifespan_context(app):
@@ -49,12 +55,17 @@ async def grant(gw, user: str, amount: str = "10") -> None:
 
 
 async def hold(gw, user: str, hold_id: str, amount: str = "1", ttl: int = 60) -> httpx.Response:
-    return await gw.post("/credits/holds", json={"amount": amount, "hold_id": hold_id, "ttl_seconds": ttl},
-                         headers=client_headers(user))
+    return await gw.post(
+        "/credits/holds",
+        json={"amount": amount, "hold_id": hold_id, "ttl_seconds": ttl},
+        headers=client_headers(user),
+    )
 
 
 async def settle(gw, user: str, hold_id: str, amount: str = "1") -> httpx.Response:
-    return await gw.post(f"/credits/holds/{hold_id}/settle", json={"amount": amount}, headers=client_headers(user))
+    return await gw.post(
+        f"/credits/holds/{hold_id}/settle", json={"amount": amount}, headers=client_headers(user)
+    )
 
 
 async def release(gw, user: str, hold_id: str) -> httpx.Response:
@@ -95,8 +106,11 @@ async def test_insufficient_credits_is_402_with_what_is_available(gw):
     await grant(gw, "u4", "1")
     err = refused(await hold(gw, "u4", "h", "2"), 402, "insufficient_credits")
     assert err["available"] == "1.000000"
-    refused(await gw.post("/admin/accounts/u4/debits", json={"amount": "2"}, headers=H_ADMIN),
-            402, "insufficient_credits")
+    refused(
+        await gw.post("/admin/accounts/u4/debits", json={"amount": "2"}, headers=H_ADMIN),
+        402,
+        "insufficient_credits",
+    )
 
 
 async def test_an_account_in_debt_cannot_reserve_402_in_debt(gw):
@@ -111,8 +125,12 @@ async def test_an_account_in_debt_cannot_reserve_402_in_debt(gw):
 async def test_unknown_and_foreign_holds_are_404_hold_not_found(gw):
     await grant(gw, "owner")
     await hold(gw, "owner", "mine")
-    for r in (await settle(gw, "owner", "nope"), await release(gw, "owner", "nope"),
-              await settle(gw, "thief", "mine"), await release(gw, "thief", "mine")):
+    for r in (
+        await settle(gw, "owner", "nope"),
+        await release(gw, "owner", "nope"),
+        await settle(gw, "thief", "mine"),
+        await release(gw, "thief", "mine"),
+    ):
         refused(r, 404, "hold_not_found")
         assert "owner" not in r.text
 
@@ -138,8 +156,24 @@ async def test_the_same_id_with_other_fields_is_422_op_conflict(gw):
     refused(await gw.post("/admin/accounts/u7/debits", json={"amount": "2"}, headers=h), 422, "op_conflict")
 
 
-@pytest.mark.parametrize("amount", ["1e999999", "-1e1000000", "1e999999999", "1_000", "\u0661", " 1 ", "+1", "1.0000001",
-                                    "0x10", "NaN", "Infinity", True, 1e-7])
+@pytest.mark.parametrize(
+    "amount",
+    [
+        "1e999999",
+        "-1e1000000",
+        "1e999999999",
+        "1_000",
+        "\u0661",
+        " 1 ",
+        "+1",
+        "1.0000001",
+        "0x10",
+        "NaN",
+        "Infinity",
+        True,
+        1e-7,
+    ],
+)
 async def test_bad_amounts_are_422_invalid_amount_on_every_route(gw, amount):
     await grant(gw, "u8")
     await hold(gw, "u8", "open")
@@ -155,10 +189,20 @@ async def test_bad_amounts_are_422_invalid_amount_on_every_route(gw, amount):
     assert acct["available"] == "9.000000" and acct["version"] == 2
 
 
-@pytest.mark.parametrize("raw", [b'{"amount": 1e999999}', b'{"amount": -1e1000000}', b'{"amount": 1e99999999999999999999}',
-                                 b'{"amount": 1' + b"0" * 5000 + b"}", b'{"amount": NaN}'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"amount": 1e999999}',
+        b'{"amount": -1e1000000}',
+        b'{"amount": 1e99999999999999999999}',
+        b'{"amount": 1' + b"0" * 5000 + b"}",
+        b'{"amount": NaN}',
+    ],
+)
 async def test_huge_json_numbers_are_refused_not_a_500(gw, raw):
-    r = await gw.post("/admin/accounts/u9/grants", content=raw, headers={**H_ADMIN, "Content-Type": "application/json"})
+    r = await gw.post(
+        "/admin/accounts/u9/grants", content=raw, headers={**H_ADMIN, "Content-Type": "application/json"}
+    )
     assert r.status_code in (400, 422), r.text
     assert r.json()["error"]["code"] in ("invalid_amount", "malformed_json")
 
@@ -191,9 +235,13 @@ async def test_bad_prices_are_422_invalid_amount_and_leave_the_table(redis, redi
 
     async with running_gateway(redis_url, tmp_path) as g, aiohttp.ClientSession() as s:
         before = g.app.state.services.pricing.table
-        for table in ({"models": {"m": {"input": price, "output": "1"}}},
-                      {"models": {}, "default": {"input": "1", "output": "1", "request": price}}):
-            async with s.put(g.base + "/admin/pricing", json=table, headers={"Authorization": f"Bearer {PROXY_ADMIN}"}) as r:
+        for table in (
+            {"models": {"m": {"input": price, "output": "1"}}},
+            {"models": {}, "default": {"input": "1", "output": "1", "request": price}},
+        ):
+            async with s.put(
+                g.base + "/admin/pricing", json=table, headers={"Authorization": f"Bearer {PROXY_ADMIN}"}
+            ) as r:
                 assert r.status == 422, await r.text()
                 assert (await r.json())["error"]["code"] == "invalid_amount"
         assert g.app.state.services.pricing.table is before
@@ -215,4 +263,8 @@ async def test_a_release_that_repays_debt_says_so(gw):
     assert r.json()["debt_added"] == "2.000000" and r.json()["debt"] == "2.000000"
     r = await release(gw, "u20", "b")  # the credit it returns repays the debt first
     assert r.status_code == 200
-    assert (r.json()["debt_repaid"], r.json()["debt"], r.json()["available"]) == ("1.000000", "1.000000", "0.000000")
+    assert (r.json()["debt_repaid"], r.json()["debt"], r.json()["available"]) == (
+        "1.000000",
+        "1.000000",
+        "0.000000",
+    )

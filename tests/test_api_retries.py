@@ -40,7 +40,9 @@ async def with_retries(client: httpx.AsyncClient, method: str, path: str, **kw) 
 
 
 def lossy(api, lose: int = 1) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=LosesAnswers(httpx.ASGITransport(app=api.app), lose), base_url="http://gw")
+    return httpx.AsyncClient(
+        transport=LosesAnswers(httpx.ASGITransport(app=api.app), lose), base_url="http://gw"
+    )
 
 
 async def account(api, user):
@@ -50,8 +52,13 @@ async def account(api, user):
 async def test_a_reserve_whose_answer_was_lost_is_retried_into_the_same_one_hold(api):
     await grant(api, "r1", "10")
     async with lossy(api, lose=2) as c:
-        r = await with_retries(c, "POST", "/credits/holds", json={"amount": "3", "hold_id": "job-1", "ttl_seconds": 60},
-                               headers=client_headers("r1"))
+        r = await with_retries(
+            c,
+            "POST",
+            "/credits/holds",
+            json={"amount": "3", "hold_id": "job-1", "ttl_seconds": 60},
+            headers=client_headers("r1"),
+        )
     assert r.status_code == 201 and r.json()["replayed"] is True
     assert r.headers["Idempotent-Replayed"] == "true"
     assert r.json()["hold_id"] == "job-1" and r.json()["available"] == "7.000000"
@@ -62,7 +69,9 @@ async def test_a_reserve_whose_answer_was_lost_is_retried_into_the_same_one_hold
 async def test_concurrent_retries_of_one_hold_id_make_exactly_one_hold(api):
     await grant(api, "r2", "10")
     body = {"amount": "2", "hold_id": "job-2", "ttl_seconds": 60}
-    answers = await asyncio.gather(*[api.post("/credits/holds", json=body, headers=client_headers("r2")) for _ in range(20)])
+    answers = await asyncio.gather(
+        *[api.post("/credits/holds", json=body, headers=client_headers("r2")) for _ in range(20)]
+    )
     assert {r.status_code for r in answers} == {201}
     assert sum(not r.json()["replayed"] for r in answers) == 1
     acct = await account(api, "r2")
@@ -72,9 +81,13 @@ async def test_concurrent_retries_of_one_hold_id_make_exactly_one_hold(api):
 async def test_a_settle_or_release_whose_answer_was_lost_is_applied_once(api):
     await grant(api, "r3", "10")
     for h in ("s", "r"):
-        assert (await api.post("/credits/holds", json={"amount": "4", "hold_id": h}, headers=client_headers("r3"))).status_code == 201
+        assert (
+            await api.post("/credits/holds", json={"amount": "4", "hold_id": h}, headers=client_headers("r3"))
+        ).status_code == 201
     async with lossy(api) as c:
-        s = await with_retries(c, "POST", "/credits/holds/s/settle", json={"amount": "1.5"}, headers=client_headers("r3"))
+        s = await with_retries(
+            c, "POST", "/credits/holds/s/settle", json={"amount": "1.5"}, headers=client_headers("r3")
+        )
     async with lossy(api) as c:
         r = await with_retries(c, "POST", "/credits/holds/r/release", headers=client_headers("r3"))
     assert s.status_code == 200 and s.json()["replayed"] is True and s.json()["charged"] == "1.500000"
@@ -82,9 +95,15 @@ async def test_a_settle_or_release_whose_answer_was_lost_is_applied_once(api):
     acct = await account(api, "r3")
     assert acct["spent"] == "1.500000" and acct["available"] == "8.500000" and acct["holds"] == []
     # Concurrent retries of a settle: one charge.
-    assert (await api.post("/credits/holds", json={"amount": "2", "hold_id": "c"}, headers=client_headers("r3"))).status_code == 201
-    many = await asyncio.gather(*[api.post("/credits/holds/c/settle", json={"amount": "2"}, headers=client_headers("r3"))
-                                  for _ in range(10)])
+    assert (
+        await api.post("/credits/holds", json={"amount": "2", "hold_id": "c"}, headers=client_headers("r3"))
+    ).status_code == 201
+    many = await asyncio.gather(
+        *[
+            api.post("/credits/holds/c/settle", json={"amount": "2"}, headers=client_headers("r3"))
+            for _ in range(10)
+        ]
+    )
     assert {r.status_code for r in many} == {200} and sum(not r.json()["replayed"] for r in many) == 1
     assert (await account(api, "r3"))["spent"] == "3.500000"
 
@@ -96,8 +115,9 @@ async def test_a_grant_or_debit_retried_with_its_idempotency_key_is_applied_once
     async with lossy(api) as c:
         r = await with_retries(c, "POST", f"/admin/accounts/r4/{kind}", json={"amount": "2"}, headers=headers)
     assert r.status_code == 201 and r.json()["replayed"] is True
-    many = await asyncio.gather(*[api.post(f"/admin/accounts/r4/{kind}", json={"amount": "2"}, headers=headers)
-                                  for _ in range(10)])
+    many = await asyncio.gather(
+        *[api.post(f"/admin/accounts/r4/{kind}", json={"amount": "2"}, headers=headers) for _ in range(10)]
+    )
     assert {x.status_code for x in many} == {201} and all(x.json()["replayed"] for x in many)
     want = "12.000000" if kind == "grants" else "8.000000"
     assert (await account(api, "r4"))["available"] == want

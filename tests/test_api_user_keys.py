@@ -30,7 +30,12 @@ async def test_a_user_key_naming_another_user_is_403(api):
     await grant(api, "lena", "5")
     key = await issue(api, "lena")
     for path, body in (("/credits/balance", None), ("/credits/holds", {"amount": "1"})):
-        r = await api.request("GET" if body is None else "POST", path, json=body, headers=bearer(key, **{"X-User-Id": "mallory"}))
+        r = await api.request(
+            "GET" if body is None else "POST",
+            path,
+            json=body,
+            headers=bearer(key, **{"X-User-Id": "mallory"}),
+        )
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     assert (await api.get("/credits/balance", headers=client_headers("lena"))).json()["held"] == "0.000000"
 
@@ -38,8 +43,12 @@ async def test_a_user_key_naming_another_user_is_403(api):
 async def test_a_user_key_places_settles_and_releases_its_users_holds(api):
     await grant(api, "mia", "5")
     key = await issue(api, "mia")
-    assert (await api.post("/credits/holds", json={"amount": "2", "hold_id": "a"}, headers=bearer(key))).status_code == 201
-    assert (await api.post("/credits/holds", json={"amount": "1", "hold_id": "b"}, headers=bearer(key))).status_code == 201
+    assert (
+        await api.post("/credits/holds", json={"amount": "2", "hold_id": "a"}, headers=bearer(key))
+    ).status_code == 201
+    assert (
+        await api.post("/credits/holds", json={"amount": "1", "hold_id": "b"}, headers=bearer(key))
+    ).status_code == 201
     r = await api.post("/credits/holds/a/settle", json={"amount": "1.5"}, headers=bearer(key))
     assert r.status_code == 200 and r.json()["charged"] == "1.500000"
     assert (await api.post("/credits/holds/b/release", headers=bearer(key))).json()["status"] == "released"

@@ -49,8 +49,13 @@ class FaultCluster:
 
     async def run(self, cmd: str, port: int) -> None:
         proc = await asyncio.create_subprocess_exec(
-            "bash", str(SCRIPT), cmd, str(self.base), str(port),
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            "bash",
+            str(SCRIPT),
+            cmd,
+            str(self.base),
+            str(port),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         _, err = await proc.communicate()
         assert proc.returncode == 0, f"redis-cluster.sh {cmd} {port}: {err.decode()}"
@@ -88,15 +93,32 @@ def fault_cluster(tmp_path_factory):
         unavailable("redis-server / redis-cli are not installed")
     base = tmp_path_factory.mktemp("fault-cluster")
     p0 = free_port_run(3)
-    up = subprocess.run(["bash", str(SCRIPT), "up", str(base), str(p0), "3"], capture_output=True, text=True, timeout=60,
-                        check=False)
+    up = subprocess.run(
+        ["bash", str(SCRIPT), "up", str(base), str(p0), "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     if up.returncode != 0:
-        subprocess.run(["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            ["bash", str(SCRIPT), "down", str(base), str(p0), "3"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
         unavailable(f"redis cluster did not start: {up.stderr[-500:]}")
     yield FaultCluster(base, p0)
     for port in range(p0, p0 + 3):  # a node left paused would never shut down
-        subprocess.run(["bash", str(SCRIPT), "resume", str(base), str(port)], capture_output=True, timeout=10, check=False)
-    subprocess.run(["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60, check=False)
+        subprocess.run(
+            ["bash", str(SCRIPT), "resume", str(base), str(port)],
+            capture_output=True,
+            timeout=10,
+            check=False,
+        )
+    subprocess.run(
+        ["bash", str(SCRIPT), "down", str(base), str(p0), "3"], capture_output=True, timeout=60, check=False
+    )
 
 
 @dataclass
@@ -119,15 +141,19 @@ class Gateway:
 @pytest_asyncio.fixture
 async def gw(fault_cluster):
     await fault_cluster.restore()
-    settings = Settings(redis_url=fault_cluster.url, redis_cluster=True, redis_timeout_seconds=TIMEOUT, partitions=16)
+    settings = Settings(
+        redis_url=fault_cluster.url, redis_cluster=True, redis_timeout_seconds=TIMEOUT, partitions=16
+    )
     client = make_redis(settings)
     await client.initialize()
     engine = CreditEngine(client, keys=make_keys(settings))
     users = [f"fu{i}" for i in range(48)]
     node_of = {u: int(client.get_node_from_key(engine.keys.account_keys(u)[0]).port) for u in users}
     assert set(node_of.values()) == set(fault_cluster.ports)  # users on every node
-    partition_node = {p: int(client.get_node_from_key(engine.keys.partition(p).events).port)
-                      for p in range(engine.keys.partitions)}
+    partition_node = {
+        p: int(client.get_node_from_key(engine.keys.partition(p).events).port)
+        for p in range(engine.keys.partitions)
+    }
     yield Gateway(engine, users, node_of, partition_node)
     await client.aclose()
 
@@ -159,7 +185,7 @@ class Load:
         t = time.monotonic()
         try:
             await coro
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded and checked
+        except Exception as exc:
             side.failures.append((exc, time.monotonic() - t))
             return False
         side.ok += 1
@@ -252,7 +278,9 @@ async def test_a_dead_primary_fails_its_slots_fast_the_rest_carries_on_and_all_h
 
         async def lost_answers_state_lost():
             try:
-                await engine.reserve(probe_user, "0.01", hold_id=f"probe-{time.monotonic_ns()}", ttl_seconds=60)
+                await engine.reserve(
+                    probe_user, "0.01", hold_id=f"probe-{time.monotonic_ns()}", ttl_seconds=60
+                )
             except StateLost:
                 return True
             except UNAVAILABLE:
@@ -262,7 +290,9 @@ async def test_a_dead_primary_fails_its_slots_fast_the_rest_carries_on_and_all_h
         await _wait_for(lost_answers_state_lost, "the restarted node answers its slots")
         await load.stop(running)
         assert load.healthy_side.failures == []
-        assert all(isinstance(e, (*UNAVAILABLE, StateLost)) for e, _ in load.lost_side.failures), load.lost_side.kinds()
+        assert all(isinstance(e, (*UNAVAILABLE, StateLost)) for e, _ in load.lost_side.failures), (
+            load.lost_side.kinds()
+        )
         assert load.lost_side.slowest_failure <= 3 * TIMEOUT
 
         missing = await engine.missing_partitions()
@@ -280,7 +310,9 @@ async def test_a_dead_primary_fails_its_slots_fast_the_rest_carries_on_and_all_h
         await store.close()
 
 
-async def test_a_hung_primary_times_out_then_fails_at_once_and_answers_again_when_it_resumes(gw, fault_cluster):
+async def test_a_hung_primary_times_out_then_fails_at_once_and_answers_again_when_it_resumes(
+    gw, fault_cluster
+):
     engine = gw.engine
     for p in range(engine.keys.partitions):
         await engine.mark_ready(p)
@@ -289,7 +321,9 @@ async def test_a_hung_primary_times_out_then_fails_at_once_and_answers_again_whe
     victim = fault_cluster.ports[2]
     lost = set(gw.on(victim))
 
-    lost_ready = engine.keys.partition(next(p for p, port in gw.partition_node.items() if port == victim)).ready
+    lost_ready = engine.keys.partition(
+        next(p for p, port in gw.partition_node.items() if port == victim)
+    ).ready
 
     await fault_cluster.run("pause", victim)  # connections stay open; nothing answers
     try:

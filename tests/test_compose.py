@@ -27,13 +27,20 @@ def compose_config() -> dict:
     env.pop("CREDIT_GATEWAY_CONFIG_FILE", None)
     exe = shutil.which("docker-compose")
     if exe:
-        r = subprocess.run([exe, "-f", str(REPO / "docker-compose.yml"), "config"], env=env,
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [exe, "-f", str(REPO / "docker-compose.yml"), "config"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 0, r.stderr
         return yaml.safe_load(r.stdout)
     # Without docker-compose: the file as written, with the ${VAR:-default} forms it uses resolved.
     text = (REPO / "docker-compose.yml").read_text()
-    text = text.replace("${CREDIT_ADMIN_KEYS:?set CREDIT_ADMIN_KEYS}", KEY).replace("${CREDIT_CLIENT_KEYS:-}", "")
+    text = text.replace("${CREDIT_ADMIN_KEYS:?set CREDIT_ADMIN_KEYS}", KEY).replace(
+        "${CREDIT_CLIENT_KEYS:-}", ""
+    )
     text = text.replace("${CREDIT_GATEWAY_CONFIG_FILE:-./examples/gateway.toml}", "./examples/gateway.toml")
     assert "${" not in text, "a variable the test does not resolve"
     return yaml.safe_load(text)
@@ -66,7 +73,9 @@ def test_compose_file_mounts_the_proxy_config_and_checks_readiness():
     proxy = load_config(str(host_path), env={k: str(v) for k, v in env.items()})
     assert [u.base_url for u in proxy.upstreams] == ["http://mock-upstream:9100"]
     mock_cmd = services["mock-upstream"]["command"]
-    assert mock_cmd[:2] == ["credit-gateway", "mock-upstream"] and "0.0.0.0" in mock_cmd and "9100" in mock_cmd
+    assert (
+        mock_cmd[:2] == ["credit-gateway", "mock-upstream"] and "0.0.0.0" in mock_cmd and "9100" in mock_cmd
+    )
     test = gw["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"] and "/readyz" in test[3]
     assert gw["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -75,7 +84,7 @@ def test_compose_file_mounts_the_proxy_config_and_checks_readiness():
 class _Readyz(http.server.BaseHTTPRequestHandler):
     status = 200
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.send_response(self.status if self.path == "/readyz" else 404)
         self.end_headers()
         self.wfile.write(b"{}")

@@ -56,13 +56,22 @@ def test_toml_with_environment_overrides(tmp_path):
     path = write(tmp_path, "gw.toml", TOML)
     cfg = load_config(path, env={"MY_OPENAI_KEY": "sk-env"})
     oa, cl = cfg.upstreams
-    assert (oa.base_url, oa.api_key, oa.timeout_seconds, oa.models) == ("https://api.example.com", "sk-env", 60, ("gpt-x",))
+    assert (oa.base_url, oa.api_key, oa.timeout_seconds, oa.models) == (
+        "https://api.example.com",
+        "sk-env",
+        60,
+        ("gpt-x",),
+    )
     assert cl.api_key == "in-file-key" and cl.headers["anthropic-version"]
     assert cfg.rate_limits.requests_per_minute == 600 and cfg.rate_limits.tokens_per_minute == 0
     assert cfg.min_output_tokens == 8 and cfg.hold_margin_seconds == 10
     # CREDIT_UPSTREAM_<NAME>_* win over the file (non-alphanumerics in the name become _).
-    env = {"MY_OPENAI_KEY": "sk-env", "CREDIT_UPSTREAM_OPEN_AI_BASE_URL": "https://proxy.internal",
-           "CREDIT_UPSTREAM_OPEN_AI_API_KEY": "sk-override", "CREDIT_UPSTREAM_OPEN_AI_TIMEOUT": "5"}
+    env = {
+        "MY_OPENAI_KEY": "sk-env",
+        "CREDIT_UPSTREAM_OPEN_AI_BASE_URL": "https://proxy.internal",
+        "CREDIT_UPSTREAM_OPEN_AI_API_KEY": "sk-override",
+        "CREDIT_UPSTREAM_OPEN_AI_TIMEOUT": "5",
+    }
     oa = load_config(path, env=env).upstreams[0]
     assert (oa.base_url, oa.api_key, oa.timeout_seconds) == ("https://proxy.internal", "sk-override", 5)
 
@@ -73,16 +82,19 @@ def test_yaml(tmp_path):
     assert "m" in cfg.pricing.models
 
 
-@pytest.mark.parametrize("bad", [
-    TOML + "\n[surprise]\nx = 1\n",
-    TOML.replace('base_url = "https://api.example.com/"', 'base_url = "file:///etc/passwd"'),
-    TOML.replace("timeout_seconds = 60", "timeout_seconds = 0"),
-    TOML.replace("requests_per_minute = 600", "requests_per_minute = -1"),
-    TOML.replace("requests_per_minute = 600", "requests_per_second = 10"),
-    TOML.replace('kind = "anthropic"', 'kind = "gemini"'),
-    TOML.replace('name = "claude"', 'name = "open-ai"'),
-    "this is not toml [",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        TOML + "\n[surprise]\nx = 1\n",
+        TOML.replace('base_url = "https://api.example.com/"', 'base_url = "file:///etc/passwd"'),
+        TOML.replace("timeout_seconds = 60", "timeout_seconds = 0"),
+        TOML.replace("requests_per_minute = 600", "requests_per_minute = -1"),
+        TOML.replace("requests_per_minute = 600", "requests_per_second = 10"),
+        TOML.replace('kind = "anthropic"', 'kind = "gemini"'),
+        TOML.replace('name = "claude"', 'name = "open-ai"'),
+        "this is not toml [",
+    ],
+)
 def test_bad_files_are_refused_at_start(tmp_path, bad):
     with pytest.raises(ConfigError):
         load_config(write(tmp_path, "gw.toml", bad), env={"MY_OPENAI_KEY": "k"})

@@ -18,7 +18,9 @@ from gateway.core.recovery import reconcile, replay_ledger
 
 
 async def last_event(engine, user: str) -> dict:
-    (_, fields), = await engine.redis.xrevrange(engine.keys.partition(engine.keys.partition_of(user)).events, count=1)
+    ((_, fields),) = await engine.redis.xrevrange(
+        engine.keys.partition(engine.keys.partition_of(user)).events, count=1
+    )
     return json.loads(fields[b"e"])
 
 
@@ -43,7 +45,9 @@ async def test_debit_with_allow_debt_on_an_account_already_in_debt_adds_to_it(en
     await engine.grant("deep", "0.1", op_id="g1")
     await engine.debit("deep", "0.3", op_id="d1", allow_debt=True)
     r = await engine.debit("deep", "0.4", op_id="d2", allow_debt=True)
-    assert r.debt_added == Decimal("0.4") and r.state.debt == Decimal("0.6") and r.state.spent == Decimal("0.1")
+    assert (
+        r.debt_added == Decimal("0.4") and r.state.debt == Decimal("0.6") and r.state.spent == Decimal("0.1")
+    )
 
 
 async def test_debit_with_allow_debt_is_idempotent_and_distinct_from_a_refusing_debit(engine):
@@ -73,6 +77,11 @@ async def test_ledger_with_debt_from_debits_replays_to_the_balances(engine, stor
     await engine.debit("led", "2", op_id="d2", allow_debt=True)  # 0.8 covered, 1.2 debt
     await Worker(engine, store).run(burst=True)
     entries = [e async for e in store.ledger_all("led")]
-    assert replay_ledger(entries) == {"granted": 1_300_000, "spent": 1_300_000, "expired": 0, "held": 0,
-                                      "debt": 1_200_000}
+    assert replay_ledger(entries) == {
+        "granted": 1_300_000,
+        "spent": 1_300_000,
+        "expired": 0,
+        "held": 0,
+        "debt": 1_200_000,
+    }
     assert await reconcile(engine, store) == []

@@ -19,6 +19,7 @@ from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from gateway.embedded_keys import KeysFileError, ensure_keys
 from tests.support.serve_process import clean_env, serve
+
 ADMIN = "admin-" + "e" * 40
 CLIENT = "client-" + "e" * 40
 
@@ -33,16 +34,25 @@ async def wait_for(predicate, timeout=10.0):
 
 
 async def test_embedded_app_persists_through_its_in_process_worker_and_survives_restart(tmp_path):
-    settings = Settings(admin_keys=ADMIN, client_keys=CLIENT, sqlite_path=str(tmp_path / "e.db"),
-                        audit_path=str(tmp_path / "a.jsonl"), sweep_interval_seconds=0.2)
+    settings = Settings(
+        admin_keys=ADMIN,
+        client_keys=CLIENT,
+        sqlite_path=str(tmp_path / "e.db"),
+        audit_path=str(tmp_path / "a.jsonl"),
+        sweep_interval_seconds=0.2,
+    )
     assert settings.embedded
     admin = {"Authorization": f"Bearer {ADMIN}"}
     user = {"Authorization": f"Bearer {CLIENT}", "X-User-Id": "emb"}
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-            assert (await c.post("/admin/accounts/emb/grants", json={"amount": "5"}, headers=admin)).status_code == 201
-            assert (await c.post("/credits/holds", json={"amount": "2", "hold_id": "h1"}, headers=user)).status_code == 201
+            assert (
+                await c.post("/admin/accounts/emb/grants", json={"amount": "5"}, headers=admin)
+            ).status_code == 201
+            assert (
+                await c.post("/credits/holds", json={"amount": "2", "hold_id": "h1"}, headers=user)
+            ).status_code == 201
 
             async def ledger_has_two():
                 r = await c.get("/admin/accounts/emb/ledger", headers=admin)
@@ -65,7 +75,9 @@ def _keys_shown(output: str) -> dict[str, str]:
 
 
 def test_serve_without_keys_makes_admin_and_client_keys_once_and_they_survive_a_restart(tmp_path):
-    env = clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "serve.db"), CREDIT_AUDIT_PATH=str(tmp_path / "serve.jsonl"))
+    env = clean_env(
+        CREDIT_SQLITE_PATH=str(tmp_path / "serve.db"), CREDIT_AUDIT_PATH=str(tmp_path / "serve.jsonl")
+    )
     keyfile = tmp_path / "serve.db.keys"
 
     # First start: both keys generated, shown once, only their digests kept (owner-only file).
@@ -78,11 +90,19 @@ def test_serve_without_keys_makes_admin_and_client_keys_once_and_they_survive_a_
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
             assert c.get("/readyz").status_code == 200
             assert c.get("/admin/accounts/x").status_code == 401
-            assert c.post("/admin/accounts/newcomer/grants", json={"amount": "5"}, headers=admin).status_code == 201
+            assert (
+                c.post("/admin/accounts/newcomer/grants", json={"amount": "5"}, headers=admin).status_code
+                == 201
+            )
             r = c.post("/credits/holds", json={"amount": "2", "hold_id": "first"}, headers=user)
             assert r.status_code == 201, r.text
-            assert c.get("/credits/balance", headers={"Authorization": f"Bearer {keys['admin']}",
-                                                      "X-User-Id": "newcomer"}).status_code == 401
+            assert (
+                c.get(
+                    "/credits/balance",
+                    headers={"Authorization": f"Bearer {keys['admin']}", "X-User-Id": "newcomer"},
+                ).status_code
+                == 401
+            )
     finally:
         first_output = proc.stop()
     assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
@@ -111,8 +131,14 @@ def test_configured_keys_win_over_the_keys_file_and_keys_new_replaces_them(tmp_p
     old = _keys_shown(proc.stop())
     assert set(old) == {"admin", "client"}
 
-    out = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "--new", "admin"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "--new", "admin"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     new = _keys_shown(out)
     assert set(new) == {"admin"} and new["admin"] != old["admin"]
 
@@ -121,20 +147,32 @@ def test_configured_keys_win_over_the_keys_file_and_keys_new_replaces_them(tmp_p
     try:
         assert not _keys_shown(proc.output)
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+
             def grant(key):
-                return c.post("/admin/accounts/u/grants", json={"amount": "1"},
-                              headers={"Authorization": f"Bearer {key}"}).status_code
+                return c.post(
+                    "/admin/accounts/u/grants",
+                    json={"amount": "1"},
+                    headers={"Authorization": f"Bearer {key}"},
+                ).status_code
 
             def balance(key):
-                return c.get("/credits/balance", headers={"Authorization": f"Bearer {key}", "X-User-Id": "u"}).status_code
+                return c.get(
+                    "/credits/balance", headers={"Authorization": f"Bearer {key}", "X-User-Id": "u"}
+                ).status_code
 
             assert grant(old["admin"]) == 401 and grant(new["admin"]) == 201
             assert balance(old["client"]) == 401 and balance(configured_client) == 200
     finally:
         output = proc.stop()
     assert new["admin"] not in output
-    listing = subprocess.run([sys.executable, "-m", "gateway.cli", "keys"], env=env, cwd=tmp_path,
-                             capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "k.db.keys" in listing and new["admin"] not in listing and old["client"] not in listing
 
 
@@ -149,21 +187,34 @@ def test_a_malformed_keys_file_stops_serve_with_a_message_naming_it(tmp_path):
 
 
 def test_serve_refuses_several_workers_in_embedded_mode(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--workers", "2"], cwd=tmp_path,
-                       env=clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "w.db")), capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "w.db")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "one process only" in r.stderr
 
 
 async def test_a_burst_beyond_the_connection_pool_waits_rather_than_failing(tmp_path):
-    settings = Settings(admin_keys=ADMIN, client_keys=CLIENT, sqlite_path=str(tmp_path / "b.db"), audit_path=None,
-                        redis_max_connections=8)
+    settings = Settings(
+        admin_keys=ADMIN,
+        client_keys=CLIENT,
+        sqlite_path=str(tmp_path / "b.db"),
+        audit_path=None,
+        redis_max_connections=8,
+    )
     admin = {"Authorization": f"Bearer {ADMIN}"}
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-            assert (await c.post("/admin/accounts/b/grants", json={"amount": "100"}, headers=admin)).status_code == 201
+            assert (
+                await c.post("/admin/accounts/b/grants", json={"amount": "100"}, headers=admin)
+            ).status_code == 201
             user = {"Authorization": f"Bearer {CLIENT}", "X-User-Id": "b"}
-            replies = await asyncio.gather(*(c.post("/credits/holds", json={"amount": "0.1"}, headers=user)
-                                             for _ in range(150)))
+            replies = await asyncio.gather(
+                *(c.post("/credits/holds", json={"amount": "0.1"}, headers=user) for _ in range(150))
+            )
             assert [r.status_code for r in replies] == [201] * 150

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -60,7 +60,7 @@ async def snapshot(engine: CreditEngine, *users: str):
 
 def at(clock, seconds: float) -> datetime:
     """An aware datetime `seconds` after the clock's now."""
-    return datetime.fromtimestamp(clock() + seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(clock() + seconds, tz=UTC)
 
 
 def free_by_id(view) -> dict[str, tuple[Decimal, Decimal]]:
@@ -117,8 +117,10 @@ async def test_concurrent_reserves_never_overdraw_random_amounts(pooled, clock):
     amounts = [from_units(rng.randint(1, 3_000_000)) for _ in range(1000)]
     results = await reserve_all(engine, "alice", amounts)
 
-    ok = [(a, r) for a, r in zip(amounts, results) if isinstance(r, Hold)]
-    refused = [(a, r) for a, r in zip(amounts, results) if isinstance(r, errors.InsufficientCredits)]
+    ok = [(a, r) for a, r in zip(amounts, results, strict=False) if isinstance(r, Hold)]
+    refused = [
+        (a, r) for a, r in zip(amounts, results, strict=False) if isinstance(r, errors.InsufficientCredits)
+    ]
     assert len(ok) + len(refused) == 1000, {type(r) for r in results}
     held = sum((a for a, _ in ok), D(0))
     assert all(r.amount == a and r.state.available >= 0 for a, r in ok)
@@ -151,9 +153,15 @@ async def test_replayed_operations_change_nothing(engine, clock):
     u = "alice"
     exp = at(clock, 3600)
     g = await engine.grant(u, "10", op_id="g1", expires_at=exp, priority=7, source="payment")
-    await same_again(g, lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=7, source="payment"), u)
-    await conflicts(lambda: engine.grant(u, "11", op_id="g1", expires_at=exp, priority=7, source="payment"), u)
-    await conflicts(lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=8, source="payment"), u)
+    await same_again(
+        g, lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=7, source="payment"), u
+    )
+    await conflicts(
+        lambda: engine.grant(u, "11", op_id="g1", expires_at=exp, priority=7, source="payment"), u
+    )
+    await conflicts(
+        lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=8, source="payment"), u
+    )
     await conflicts(lambda: engine.grant(u, "10", op_id="g1", priority=7, source="payment"), u)
     await conflicts(lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=7, source="promo"), u)
 
@@ -181,7 +189,9 @@ async def test_replayed_operations_change_nothing(engine, clock):
     await engine.grant(u, "5", op_id="g2")
     clock.advance(120)
     await engine.sweep()
-    await same_again(g, lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=7, source="payment"), u)
+    await same_again(
+        g, lambda: engine.grant(u, "10", op_id="g1", expires_at=exp, priority=7, source="payment"), u
+    )
     await same_again(h, lambda: engine.reserve(u, "3", hold_id="h1", ttl_seconds=60), u)
     await same_again(s, lambda: engine.settle(u, "h1", "2"), u)
     # op ids are per account: another user may use the same id
@@ -225,14 +235,19 @@ async def test_hold_resolves_once(engine, clock):
     # racing resolutions of one hold: exactly one wins
     await engine.reserve(u, "2", hold_id="h4", ttl_seconds=60)
     results = await asyncio.gather(
-        engine.settle(u, "h4", "1", op_id="s-a"), engine.settle(u, "h4", "2", op_id="s-b"),
-        engine.release(u, "h4", op_id="r-a"), engine.release(u, "h4", op_id="r-b"),
+        engine.settle(u, "h4", "1", op_id="s-a"),
+        engine.settle(u, "h4", "2", op_id="s-b"),
+        engine.release(u, "h4", op_id="r-a"),
+        engine.release(u, "h4", op_id="r-b"),
         return_exceptions=True,
     )
     winners = [r for r in results if not isinstance(r, Exception)]
     assert len(winners) == 1
-    assert all(isinstance(r, (errors.HoldAlreadySettled, errors.HoldAlreadyReleased))
-               for r in results if isinstance(r, Exception))
+    assert all(
+        isinstance(r, (errors.HoldAlreadySettled, errors.HoldAlreadyReleased))
+        for r in results
+        if isinstance(r, Exception)
+    )
     await assert_conserved(engine, u, D(1) + winners[0].charged)
 
 
@@ -252,7 +267,7 @@ async def test_no_hold_outlives_its_timeout(engine, clock):
         for when in (t - 0.001, t):
             clock.t = when
             await engine.sweep()
-            now = datetime.fromtimestamp(engine.now_ms() / 1000, tz=timezone.utc)
+            now = datetime.fromtimestamp(engine.now_ms() / 1000, tz=UTC)
             for u in users:
                 open_ = {h.hold_id for h in (await engine.account(u)).holds}
                 for (uu, hid), d in deadlines.items():
@@ -310,7 +325,7 @@ async def test_one_sweep_expires_every_due_hold_beyond_the_batch_limit(engine, c
 async def test_hold_lasts_exactly_its_timeout(engine, clock):
     await engine.grant("alice", "10", op_id="g")
     h = await engine.reserve("alice", "1", hold_id="h", ttl_seconds=1.001)
-    assert h.expires_at - datetime.fromtimestamp(clock(), tz=timezone.utc) == timedelta(milliseconds=1001)
+    assert h.expires_at - datetime.fromtimestamp(clock(), tz=UTC) == timedelta(milliseconds=1001)
 
 
 # -- spend order ------------------------------------------------------------------------
@@ -331,9 +346,17 @@ async def test_spend_order_expiring_first_then_priority_then_oldest(engine, cloc
     ]
     for op, exp, pri in grants:
         await engine.grant(u, "1", op_id=op, expires_at=at(clock, exp) if exp else None, priority=pri)
-    expected = ["e50-p900", "e100-p10-old", "e100-p10-new", "e100-p500",
-                "never-p0-old", "never-p0-new", "never-p5", "never-p1000"]
-    assert [g.grant_id for g in (await engine.account(u)).grants] == ["e10-p0"] + expected
+    expected = [
+        "e50-p900",
+        "e100-p10-old",
+        "e100-p10-new",
+        "e100-p500",
+        "never-p0-old",
+        "never-p0-new",
+        "never-p5",
+        "never-p1000",
+    ]
+    assert [g.grant_id for g in (await engine.account(u)).grants] == ["e10-p0", *expected]
 
     clock.advance(10)  # exactly its expiry: e10-p0 is expired, never drawn
     # a reserve earmarks in that order...
@@ -346,7 +369,7 @@ async def test_spend_order_expiring_first_then_priority_then_oldest(engine, cloc
     for i, gid in enumerate(expected):
         await engine.debit(u, "1", op_id=f"d{i}")
         left = [g.grant_id for g in (await engine.account(u)).grants]
-        assert left == ["e10-p0"] + expected[i + 1:], (gid, left)
+        assert left == ["e10-p0", *expected[i + 1 :]], (gid, left)
     with pytest.raises(errors.InsufficientCredits):
         await engine.debit(u, "0.000001", op_id="d-last")
     await assert_conserved(engine, u, D(8))
@@ -377,10 +400,14 @@ async def test_amount_validation_of_settle_units(engine):
         await assert_conserved(engine, "alice")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: lib.lua acct_state reads totals with tonumber (a double): past 2^53 micro-credits "
-    "(~9.007e9 credits on one account) `granted`/`available` are reported rounded "
-    "(Redis holds 9999999999999989, the answer says 9999999999.999988)"))
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: lib.lua acct_state reads totals with tonumber (a double): past 2^53 micro-credits "
+        "(~9.007e9 credits on one account) `granted`/`available` are reported rounded "
+        "(Redis holds 9999999999999989, the answer says 9999999999.999988)"
+    ),
+)
 async def test_totals_stay_exact_beyond_2_pow_53_units(engine):
     total = 0
     for i in range(10):
@@ -414,12 +441,13 @@ async def test_cluster_keeps_the_guarantees(cluster, clock):
     results = await asyncio.gather(*[reserve(u, i) for u, i in calls], return_exceptions=True)
     assert sum(isinstance(r, Hold) for r in results) == 15 * len(users)
     assert all(isinstance(r, (Hold, errors.InsufficientCredits)) for r in results), {
-        repr(r) for r in results if not isinstance(r, (Hold, errors.InsufficientCredits))}
+        repr(r) for r in results if not isinstance(r, (Hold, errors.InsufficientCredits))
+    }
     for u in users:
         bal = await engine.balance(u)
         assert (bal.available, bal.held) == (D(0), D(15))
     # which reserves won was a race: release them all (concurrently too), then a fixed flow
-    won = [(u, r.hold_id) for (u, _), r in zip(calls, results) if isinstance(r, Hold)]
+    won = [(u, r.hold_id) for (u, _), r in zip(calls, results, strict=False) if isinstance(r, Hold)]
     released = await asyncio.gather(*[engine.release(u, h) for u, h in won])
     assert all(r.status == "released" for r in released)
     for u in users:
@@ -458,14 +486,14 @@ async def test_cluster_keeps_the_guarantees(cluster, clock):
 
 
 async def test_far_future_expiry_is_spent_before_never_and_beyond_2248_refused(engine):
-    far = datetime(2200, 1, 1, tzinfo=timezone.utc)
+    far = datetime(2200, 1, 1, tzinfo=UTC)
     await engine.grant("zed", "1", op_id="never")
     await engine.grant("zed", "1", op_id="far", expires_at=far, priority=1000)
     await engine.debit("zed", "1", op_id="d")
     grants = (await engine.account("zed")).grants
     assert [(g.grant_id, g.free) for g in grants] == [("never", D("1"))]
     with pytest.raises(ValueError):
-        await engine.grant("zed", "1", op_id="too-far", expires_at=datetime(2300, 1, 1, tzinfo=timezone.utc))
+        await engine.grant("zed", "1", op_id="too-far", expires_at=datetime(2300, 1, 1, tzinfo=UTC))
 
 
 async def test_earmarks_on_a_grant_that_expired_meanwhile_lapse_at_release_and_settle(engine, clock):

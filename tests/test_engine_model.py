@@ -19,14 +19,19 @@ import asyncio
 import collections
 import math
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, seed, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
 )
 
 from gateway.core import errors
@@ -42,7 +47,7 @@ PARTITIONS = 16
 # change of strategies that stops exercising a path fails loudly instead of passing idly.
 COVERAGE: collections.Counter = collections.Counter()
 USERS = ["alice", "bob", "carol"]
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 SOURCES = ["payment", "plan", "promo", "admin", "refund"]
 
 
@@ -58,24 +63,40 @@ def dt_ms(dt: datetime | None) -> int:
 
 def state_dict(s: AccountState) -> dict[str, int]:
     return {
-        "version": s.version, "available": units(s.available), "held": units(s.held), "debt": units(s.debt),
-        "granted": units(s.granted), "spent": units(s.spent), "expired": units(s.expired),
+        "version": s.version,
+        "available": units(s.available),
+        "held": units(s.held),
+        "debt": units(s.debt),
+        "granted": units(s.granted),
+        "spent": units(s.spent),
+        "expired": units(s.expired),
     }
 
 
 def as_answer(r) -> Ok:
     """An engine result in the model's shape (integers of micro-credits, ms times)."""
     if isinstance(r, GrantResult):
-        d = {"grant_seq": r.grant_seq, "amount": units(r.amount), "debt_repaid": units(r.debt_repaid),
-             "expires_at": dt_ms(r.expires_at)}
+        d = {
+            "grant_seq": r.grant_seq,
+            "amount": units(r.amount),
+            "debt_repaid": units(r.debt_repaid),
+            "expires_at": dt_ms(r.expires_at),
+        }
     elif isinstance(r, Hold):
         assert r.amount_units == units(r.amount)
         d = {"hold_id": r.hold_id, "amount": units(r.amount), "expires_at": dt_ms(r.expires_at)}
     elif isinstance(r, HoldResolution):
         assert r.charged_units == units(r.charged)
-        d = {"hold_id": r.hold_id, "status": r.status, "charged": units(r.charged),
-             "held_amount": units(r.held_amount), "returned": units(r.returned), "lapsed": units(r.lapsed),
-             "debt_added": units(r.debt_added), "debt_repaid": units(r.debt_repaid)}
+        d = {
+            "hold_id": r.hold_id,
+            "status": r.status,
+            "charged": units(r.charged),
+            "held_amount": units(r.held_amount),
+            "returned": units(r.returned),
+            "lapsed": units(r.lapsed),
+            "debt_added": units(r.debt_added),
+            "debt_repaid": units(r.debt_repaid),
+        }
     elif isinstance(r, DebitResult):
         d = {"amount": units(r.amount), "debt_added": units(r.debt_added)}
     else:  # pragma: no cover
@@ -132,7 +153,7 @@ class EngineVsModel(RuleBasedStateMachine):
     def open_accounts(self, n_users, amounts, expiries):
         """2-3 users, each with a first grant (so the first steps have credit to hold)."""
         self.users = USERS[:n_users]
-        for user, amount, expiry in zip(self.users, amounts, expiries):
+        for user, amount, expiry in zip(self.users, amounts, expiries, strict=False):
             self.grant_to(user, amount, expiry, 100, "payment")
 
     # -- one call, on both sides -------------------------------------------------------
@@ -146,22 +167,37 @@ class EngineVsModel(RuleBasedStateMachine):
         a = dict(args)
         if kind == "grant":
             exp_s = a.pop("exp_s")
-            exp = datetime.fromtimestamp(exp_s, tz=timezone.utc) if exp_s else None
-            coro = e.grant(a["user"], from_units(a["amount"]), op_id=a["op_id"], source=a["source"],
-                           expires_at=exp, priority=a["priority"])
+            exp = datetime.fromtimestamp(exp_s, tz=UTC) if exp_s else None
+            coro = e.grant(
+                a["user"],
+                from_units(a["amount"]),
+                op_id=a["op_id"],
+                source=a["source"],
+                expires_at=exp,
+                priority=a["priority"],
+            )
             want = self.model.grant(now, exp_ms=exp_s * 1000, **a)
         elif kind == "reserve":
-            coro = e.reserve(a["user"], from_units(a["amount"]), hold_id=a["hold_id"],
-                             ttl_seconds=a["ttl_ms"] / 1000, op_id=a["op_id"])
+            coro = e.reserve(
+                a["user"],
+                from_units(a["amount"]),
+                hold_id=a["hold_id"],
+                ttl_seconds=a["ttl_ms"] / 1000,
+                op_id=a["op_id"],
+            )
             want = self.model.reserve(now, **a)
         elif kind == "settle":
-            coro = e.settle(a["user"], a["hold_id"], from_units(a["charge"]), op_id=self.engine_op(a["op_id"]))
+            coro = e.settle(
+                a["user"], a["hold_id"], from_units(a["charge"]), op_id=self.engine_op(a["op_id"])
+            )
             want = self.model.settle(now, **a)
         elif kind == "release":
             coro = e.release(a["user"], a["hold_id"], op_id=self.engine_op(a["op_id"]))
             want = self.model.release(now, **a)
         elif kind == "debit":
-            coro = e.debit(a["user"], from_units(a["amount"]), op_id=a["op_id"], allow_debt=a.get("allow_debt", False))
+            coro = e.debit(
+                a["user"], from_units(a["amount"]), op_id=a["op_id"], allow_debt=a.get("allow_debt", False)
+            )
             want = self.model.debit(now, **a)
         else:  # pragma: no cover
             raise ValueError(kind)
@@ -209,8 +245,17 @@ class EngineVsModel(RuleBasedStateMachine):
     def grant_to(self, user, amount, expiry, priority, source):
         # whole-second expiries (see the module docstring); `expiry` seconds after the next second
         exp_s = 0 if expiry is None else math.ceil(self.clock()) + expiry
-        self.call("grant", {"user": user, "op_id": self.fresh("g"), "amount": amount, "exp_s": exp_s,
-                            "priority": priority, "source": source})
+        self.call(
+            "grant",
+            {
+                "user": user,
+                "op_id": self.fresh("g"),
+                "amount": amount,
+                "exp_s": exp_s,
+                "priority": priority,
+                "source": source,
+            },
+        )
 
     @rule(
         u=st.integers(0, 2),
@@ -230,8 +275,9 @@ class EngineVsModel(RuleBasedStateMachine):
         # now and then a hold id that is taken already (hold_exists, or a conflict on its op id)
         hold_id = held[reuse % len(held)] if held and reuse < 3 else self.fresh("h")
         op_id = self.fresh("r") if own_op else hold_id
-        self.call("reserve", {"user": user, "op_id": op_id, "hold_id": hold_id, "amount": amount,
-                              "ttl_ms": ttl_ms})
+        self.call(
+            "reserve", {"user": user, "op_id": op_id, "hold_id": hold_id, "amount": amount, "ttl_ms": ttl_ms}
+        )
 
     def _pick_hold(self, u: int, pick: int) -> tuple[str, str, int]:
         """Mostly an open hold of any user; else a resolved one, or one that does not exist."""
@@ -255,8 +301,13 @@ class EngineVsModel(RuleBasedStateMachine):
     )
     def settle(self, u, pick, how, frac, own_op):
         user, hid, amt = self._pick_hold(u, pick)
-        charge = {"zero": 0, "below": amt * frac // 100, "equal": amt, "above": amt + amt * frac // 100 + 1,
-                  "far_above": amt + frac * 1_000_000}[how]
+        charge = {
+            "zero": 0,
+            "below": amt * frac // 100,
+            "equal": amt,
+            "above": amt + amt * frac // 100 + 1,
+            "far_above": amt + frac * 1_000_000,
+        }[how]
         op_id = self.fresh("s") if own_op else f"!settle:{hid}"
         self.call("settle", {"user": user, "op_id": op_id, "hold_id": hid, "charge": charge})
 
@@ -276,16 +327,22 @@ class EngineVsModel(RuleBasedStateMachine):
         # A hold resolved before, settled or released again under an id of its own:
         # already_settled / already_released / hold_expired (rare in the rules above, which
         # mostly pick open holds, so asked for directly).
-        resolved = [(u, hid) for u in self.users for hid, h in sorted(self.model.acct(u).holds.items())
-                    if h.status != "open"]
+        resolved = [
+            (u, hid)
+            for u in self.users
+            for hid, h in sorted(self.model.acct(u).holds.items())
+            if h.status != "open"
+        ]
         user, hid = resolved[pick % len(resolved)]
         if settle:
             self.call("settle", {"user": user, "op_id": self.fresh("s"), "hold_id": hid, "charge": charge})
         else:
             self.call("release", {"user": user, "op_id": self.fresh("l"), "hold_id": hid})
 
-    @rule(u=st.integers(0, 2), amount=st.one_of(st.integers(1, 3).map(lambda c: c * 1_000_000),
-                                                st.integers(1, 8_000_000)))
+    @rule(
+        u=st.integers(0, 2),
+        amount=st.one_of(st.integers(1, 3).map(lambda c: c * 1_000_000), st.integers(1, 8_000_000)),
+    )
     def debit(self, u, amount):
         user = self.users[u % len(self.users)]
         self.call("debit", {"user": user, "op_id": self.fresh("d"), "amount": amount})
@@ -346,8 +403,10 @@ class EngineVsModel(RuleBasedStateMachine):
             m = self.model.acct(user)
             assert state_dict(view.state) == m.state(now), user
             assert units(view.debt_total) == m.debt_total, user
-            rows = {int(g.seq): (units(g.free), units(g.earmarked), dt_ms(g.expires_at), g.priority)
-                    for g in view.grants}
+            rows = {
+                int(g.seq): (units(g.free), units(g.earmarked), dt_ms(g.expires_at), g.priority)
+                for g in view.grants
+            }
             assert rows == m.grant_rows(), user
             assert [int(g.seq) for g in view.grants] == m.spend_order(), user
             assert all(g.expired == m.grants[int(g.seq)].expired(now) for g in view.grants)
@@ -355,8 +414,9 @@ class EngineVsModel(RuleBasedStateMachine):
             assert holds == m.open_holds(), user
             # conservation, on the engine's own numbers
             s = view.state
-            assert units(s.granted) == (sum(rows[k][0] + rows[k][1] for k in rows)
-                                        + units(s.spent) + units(s.expired)), user
+            assert units(s.granted) == (
+                sum(rows[k][0] + rows[k][1] for k in rows) + units(s.spent) + units(s.expired)
+            ), user
             assert units(s.held) == sum(r[1] for r in rows.values()) == sum(a for a, _ in holds.values())
             assert units(s.spent) + units(s.debt) == m.charges, user
             assert s.available >= 0 and s.debt >= 0
@@ -381,16 +441,38 @@ SEED = os.environ.get("CREDIT_MODEL_SEED", "4")
 # tests/test_engine_guarantees.py checks directly, and release:debt_repaid, which
 # tests/test_engine_repayment.py checks directly.)
 MUST_REACH = [
-    "grant:ok", "grant:replayed", "grant:op_conflict", "grant:debt_repaid",
-    "reserve:ok", "reserve:replayed", "reserve:op_conflict", "reserve:hold_exists",
-    "reserve:insufficient_credits", "reserve:in_debt",
-    "settle:below", "settle:equal", "settle:above", "settle:debt_added", "settle:debt_repaid",
-    "settle:replayed", "settle:op_conflict", "settle:hold_not_found", "settle:hold_expired",
+    "grant:ok",
+    "grant:replayed",
+    "grant:op_conflict",
+    "grant:debt_repaid",
+    "reserve:ok",
+    "reserve:replayed",
+    "reserve:op_conflict",
+    "reserve:hold_exists",
+    "reserve:insufficient_credits",
+    "reserve:in_debt",
+    "settle:below",
+    "settle:equal",
+    "settle:above",
+    "settle:debt_added",
+    "settle:debt_repaid",
+    "settle:replayed",
+    "settle:op_conflict",
+    "settle:hold_not_found",
+    "settle:hold_expired",
     "settle:already_settled",
-    "release:ok", "release:replayed", "release:already_released", "release:hold_expired",
+    "release:ok",
+    "release:replayed",
+    "release:already_released",
+    "release:hold_expired",
     "release:already_settled",
-    "debit:ok", "debit:replayed", "debit:op_conflict", "debit:insufficient_credits", "debit:debt_added",
-    "sweep:holds", "sweep:grants",
+    "debit:ok",
+    "debit:replayed",
+    "debit:op_conflict",
+    "debit:insufficient_credits",
+    "debit:debt_added",
+    "sweep:holds",
+    "sweep:grants",
 ]
 
 
@@ -411,8 +493,11 @@ def test_engine_matches_the_model_after_every_step(redis_url):
         run_state_machine_as_test(
             machine,
             settings=settings(
-                max_examples=int(os.environ.get("CREDIT_MODEL_EXAMPLES", "100")), stateful_step_count=40,
-                deadline=None, database=None, suppress_health_check=list(HealthCheck),
+                max_examples=int(os.environ.get("CREDIT_MODEL_EXAMPLES", "100")),
+                stateful_step_count=40,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
             ),
         )
 

@@ -13,8 +13,8 @@ import pytest
 
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
-from gateway.core.recovery import reconcile
 from gateway.core.events import decode
+from gateway.core.recovery import reconcile
 from tests.test_engine_guarantees import assert_conserved, at, events_of
 
 D = Decimal

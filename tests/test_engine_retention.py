@@ -26,8 +26,13 @@ from gateway.core.recovery import rehydrate
 from tests.conftest import ready_engine
 
 D = Decimal
-META = {"request_id": "req_" + "0" * 32, "model": "gpt-4o-mini", "path": "/v1/chat/completions",
-        "upstream": "openai", "usage": {"input": 812, "output": 164}}  # above 64 bytes as JSON
+META = {
+    "request_id": "req_" + "0" * 32,
+    "model": "gpt-4o-mini",
+    "path": "/v1/chat/completions",
+    "upstream": "openai",
+    "usage": {"input": 812, "output": 164},
+}  # above 64 bytes as JSON
 
 
 def _s(x):
@@ -101,8 +106,9 @@ async def test_a_resolved_hold_keeps_one_small_key_and_answers_every_replay(engi
     n_op_keys = len(await op_keys(engine))  # the grant's
     first = {}
     for hid in ("hs", "hr", "hx"):
-        first[hid, "reserve"] = await engine.reserve(u, "5", hold_id=hid, ttl_seconds=5 if hid == "hx" else 60,
-                                                     metadata=META)
+        first[hid, "reserve"] = await engine.reserve(
+            u, "5", hold_id=hid, ttl_seconds=5 if hid == "hx" else 60, metadata=META
+        )
     first["hs", "settle"] = await engine.settle(u, "hs", "2", metadata=META)
     first["hr", "release"] = await engine.release(u, "hr", metadata=META)
     clock.advance(5)
@@ -110,8 +116,11 @@ async def test_a_resolved_hold_keeps_one_small_key_and_answers_every_replay(engi
 
     # no operation-id key for operations under their default ids
     assert len(await op_keys(engine)) == n_op_keys
-    for hid, kept in (("hs", {"st", "rf", "ra", "rs", "qf", "qa", "qs"}), ("hr", {"st", "rf", "ra", "rs", "qf", "qa", "qs"}),
-                      ("hx", {"st", "rf", "ra", "rs"})):
+    for hid, kept in (
+        ("hs", {"st", "rf", "ra", "rs", "qf", "qa", "qs"}),
+        ("hr", {"st", "rf", "ra", "rs", "qf", "qa", "qs"}),
+        ("hx", {"st", "rf", "ra", "rs"}),
+    ):
         h = await hold_hash(engine, u, hid)
         assert set(h) == kept, (hid, h)
         # small values only: Redis keeps the hash in its compact encoding
@@ -199,7 +208,9 @@ async def test_replays_answer_the_same_after_a_rebuild_and_from_a_rebuilt_key(en
     assert (await engine.remembered(u, "!settle:h1"))[0] == "settle|h1|1000000"
 
 
-async def test_restore_operation_writes_the_compact_records_where_the_scripts_keep_them(engine, redis, store, clock):
+async def test_restore_operation_writes_the_compact_records_where_the_scripts_keep_them(
+    engine, redis, store, clock
+):
     u = "gus"
     await engine.grant(u, "10", op_id="g1")
     first = [
@@ -214,7 +225,9 @@ async def test_restore_operation_writes_the_compact_records_where_the_scripts_ke
     for p in range(engine.keys.partitions):
         await engine.mark_ready(p)
     snap = await store.snapshot(u)
-    assert await engine.restore_account(u, snap.version, {**snap.totals, "grants": snap.grants, "holds": snap.holds}, [])
+    assert await engine.restore_account(
+        u, snap.version, {**snap.totals, "grants": snap.grants, "holds": snap.holds}, []
+    )
     ops = [o async for o in store.operations_since(0)]
     for o in ops:
         assert await engine.restore_operation(o.user, o.op_id, o.fingerprint, o.result, 3600)
@@ -226,7 +239,9 @@ async def test_restore_operation_writes_the_compact_records_where_the_scripts_ke
     assert [k.rsplit("|", 1)[1] for k in await op_keys(engine)] == ["g1", "r-3", "rel-3"]
     h1 = await hold_hash(engine, u, "h1")
     assert h1["st"] == "settled" and 0 < await redis.ttl(engine.keys.hold_key(u, "h1")) <= 3600
-    assert (await hold_hash(engine, u, "h2"))["st"] == "open" and await redis.ttl(engine.keys.hold_key(u, "h2")) == -1
+    assert (await hold_hash(engine, u, "h2"))["st"] == "open" and await redis.ttl(
+        engine.keys.hold_key(u, "h2")
+    ) == -1
     clock.advance(60)
     again = [
         await engine.reserve(u, "3", hold_id="h1", ttl_seconds=600),

@@ -112,8 +112,13 @@ def make_app(engine, settler=None, **options) -> FastAPI:
         from gateway.library import UsageError
 
         refused = []
-        for kwargs in ({"model": "unpriced", "input_tokens": 5}, {"cost": 0.002}, {"model": "m", "input_tokens": -1},
-                       {"cost": "0.0000001"}, {"model": "m", "input_tokens": 1.5}):
+        for kwargs in (
+            {"model": "unpriced", "input_tokens": 5},
+            {"cost": 0.002},
+            {"model": "m", "input_tokens": -1},
+            {"cost": "0.0000001"},
+            {"model": "m", "input_tokens": 1.5},
+        ):
             try:
                 add_llm_usage(**kwargs)
             except UsageError as exc:
@@ -151,7 +156,9 @@ async def client(engine, settler):
 
 async def events_of(engine: CreditEngine, user: str) -> list[dict]:
     pk = engine.keys.partition(engine.keys.partition_of(user))
-    return [e for e in (json.loads(f[b"e"]) for _, f in await engine.redis.xrange(pk.events)) if e["u"] == user]
+    return [
+        e for e in (json.loads(f[b"e"]) for _, f in await engine.redis.xrange(pk.events)) if e["u"] == user
+    ]
 
 
 # -- charging what the handler recorded -------------------------------------------------
@@ -201,8 +208,13 @@ async def test_a_handler_that_raises_after_a_paid_call_still_pays_for_it(client,
 async def test_refusals_are_json_errors(client, engine):
     r = await client.post("/summarise", headers={"X-User-Id": "broke"})
     assert r.status_code == 402
-    assert r.json() == {"error": {"code": "insufficient_credits", "message": "not enough credits for this request",
-                                  "available": "0.000000"}}
+    assert r.json() == {
+        "error": {
+            "code": "insufficient_credits",
+            "message": "not enough credits for this request",
+            "available": "0.000000",
+        }
+    }
     r = await client.post("/summarise")
     assert r.status_code == 401 and r.json()["error"]["code"] == "missing_user"
 
@@ -248,11 +260,16 @@ async def test_an_event_stream_ends_with_the_charge_in_an_sse_comment(client, en
     r = await client.post("/sse", headers={"X-User-Id": "sse"})
     assert "x-credits-charged" not in r.headers
     rid = r.headers["x-request-id"]
-    assert r.text == f"data: one\n\ndata: two\n\n: credits charged=0.002000 remaining=0.998000 request_id={rid}\n\n"
+    assert (
+        r.text
+        == f"data: one\n\ndata: two\n\n: credits charged=0.002000 remaining=0.998000 request_id={rid}\n\n"
+    )
     assert (await engine.balance("sse")).spent == Decimal("0.002")
 
 
-async def test_background_task_usage_is_charged_after_the_header_under_the_same_request_id(client, engine, settler):
+async def test_background_task_usage_is_charged_after_the_header_under_the_same_request_id(
+    client, engine, settler
+):
     await engine.grant("bg", "1", op_id="g")
     r = await client.post("/background", headers={"X-User-Id": "bg"})
     await settler.drain(timeout=10)
@@ -299,10 +316,21 @@ async def run_asgi(app, scope: dict) -> list[dict]:
 
 def http_scope(path: str, user: str, *, trailers: bool, te: bool) -> dict:
     headers = [(b"host", b"app"), (b"x-user-id", user.encode())] + ([(b"te", b"trailers")] if te else [])
-    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "root_path": "", "headers": headers, "client": ("127.0.0.1", 1), "server": ("app", 80),
-            "extensions": {"http.response.trailers": {}} if trailers else {}}
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("app", 80),
+        "extensions": {"http.response.trailers": {}} if trailers else {},
+    }
 
 
 async def test_a_stream_carries_the_charge_in_trailers_when_server_and_client_take_them(engine, settler):
@@ -314,8 +342,11 @@ async def test_a_stream_carries_the_charge_in_trailers_when_server_and_client_ta
     assert (b"trailer", b"x-credits-charged, x-credits-remaining") in start["headers"]
     assert b"x-credits-charged" not in dict(start["headers"])
     assert sent[-2]["type"] == "http.response.body" and not sent[-2].get("more_body")
-    assert sent[-1] == {"type": "http.response.trailers", "more_trailers": False,
-                        "headers": [(b"x-credits-charged", b"0.002000"), (b"x-credits-remaining", b"0.998000")]}
+    assert sent[-1] == {
+        "type": "http.response.trailers",
+        "more_trailers": False,
+        "headers": [(b"x-credits-charged", b"0.002000"), (b"x-credits-remaining", b"0.998000")],
+    }
     # A server without the extension, or a client that did not ask: no trailers at all.
     for trailers, te in ((False, True), (True, False)):
         sent = await run_asgi(app, http_scope("/stream", "trl", trailers=trailers, te=te))
@@ -369,7 +400,9 @@ async def test_docs_openapi_and_health_are_not_metered_by_default(client):
         r = await client.get(path)
         assert r.status_code == 200, path
         assert "x-request-id" not in r.headers
-    r = await client.options("/summarise", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"})
+    r = await client.options(
+        "/summarise", headers={"Origin": "http://x", "Access-Control-Request-Method": "POST"}
+    )
     assert r.status_code != 401  # a CORS preflight is not metered
 
 
@@ -444,8 +477,9 @@ async def lifespan_of(app):
     """Runs the app's ASGI lifespan through its whole middleware stack (as uvicorn does)."""
     to_app: asyncio.Queue = asyncio.Queue()
     from_app: asyncio.Queue = asyncio.Queue()
-    task = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}},
-                                   to_app.get, from_app.put))
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, to_app.get, from_app.put)
+    )
     await to_app.put({"type": "lifespan.startup"})
     msg = await from_app.get()
     assert msg["type"] == "lifespan.startup.complete", msg
@@ -511,7 +545,9 @@ async def flaky_engine(engine, flaky):
     await client.aclose()
 
 
-async def test_a_settle_whose_reply_is_lost_is_charged_once_and_the_header_is_right(flaky_engine, flaky, engine):
+async def test_a_settle_whose_reply_is_lost_is_charged_once_and_the_header_is_right(
+    flaky_engine, flaky, engine
+):
     from gateway.core.settlement import Settler
 
     await engine.grant("flaky", "1", op_id="g")
@@ -551,7 +587,9 @@ async def test_a_settle_redis_does_not_confirm_shows_no_figure_and_lands_later(f
     assert (b.spent, b.held) == (Decimal("0.003"), 0)
 
 
-async def test_a_reserve_redis_does_not_answer_is_a_503_and_its_hold_is_given_back(flaky_engine, flaky, engine):
+async def test_a_reserve_redis_does_not_answer_is_a_503_and_its_hold_is_given_back(
+    flaky_engine, flaky, engine
+):
     from gateway.core.settlement import Settler
 
     await engine.grant("nored", "1", op_id="g")

@@ -30,7 +30,7 @@ async def mux(redis_url, redis):
 
 
 async def test_concurrent_calls_get_their_own_replies(mux, redis):
-    sha = (await redis.script_load(ECHO))
+    sha = await redis.script_load(ECHO)
     sha = sha.decode() if isinstance(sha, bytes) else sha
 
     async def one(i: int):

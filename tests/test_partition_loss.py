@@ -22,9 +22,17 @@ from worker.runner import Worker
 ADMIN = "admin-" + "a" * 40
 
 
-async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(redis, redis_url, tmp_path, monkeypatch):
-    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, partitions=16, sqlite_path=str(tmp_path / "s.db"),
-                        audit_path=None, sweep_interval_seconds=0.05)
+async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(
+    redis, redis_url, tmp_path, monkeypatch
+):
+    settings = Settings(
+        redis_url=redis_url,
+        admin_keys=ADMIN,
+        partitions=16,
+        sqlite_path=str(tmp_path / "s.db"),
+        audit_path=None,
+        sweep_interval_seconds=0.05,
+    )
     store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, run_worker=False)  # no worker anywhere
     monkeypatch.setattr(recovery, "GATEWAY_REBUILD_GRACE_S", 3600, raising=False)  # hold the gateway back
@@ -38,8 +46,13 @@ async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(redis,
             await redis.flushall()
             r = await api.get("/readyz")
             assert r.status_code == 503 and r.headers["Retry-After"]
-            assert r.json()["partitions"] == {"total": 16, "not_ready": 16, "lost": list(range(16)), "rebuilding": [],
-                                              "unreachable": []}
+            assert r.json()["partitions"] == {
+                "total": 16,
+                "not_ready": 16,
+                "lost": list(range(16)),
+                "rebuilding": [],
+                "unreachable": [],
+            }
             held = [0, 1, 2]  # another process is rebuilding these (it holds their lease)
             for p in held:
                 await redis.set(engine.keys.partition(p).rebuild, "someone-else", px=60_000)
@@ -47,8 +60,13 @@ async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(redis,
             assert r.status_code == 503 and r.headers["Retry-After"]
             body = r.json()
             assert body["checks"] == {"redis": True, "store": True, "state": False}
-            assert body["partitions"] == {"total": 16, "not_ready": 16, "lost": list(range(3, 16)), "rebuilding": held,
-                                          "unreachable": []}
+            assert body["partitions"] == {
+                "total": 16,
+                "not_ready": 16,
+                "lost": list(range(3, 16)),
+                "rebuilding": held,
+                "unreachable": [],
+            }
             assert body["error"]["code"] == "state_lost" and body["error"]["partitions"] == list(range(16))
 
             # Nobody rebuilds the lost ones: the gateway does, and leaves the others' to them.
@@ -118,14 +136,22 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
     users = users_on_distinct_partitions(engine, engine.keys.partitions, "node")
     for u in users:
         await engine.grant(u, "10", op_id=f"g1-{u}")
-    w = Worker(engine, store, sweep_interval=0.05, idle_seconds=0.01,
-               rehydrate=partial(rehydrate, engine, store, only_missing=True))
+    w = Worker(
+        engine,
+        store,
+        sweep_interval=0.05,
+        idle_seconds=0.01,
+        rehydrate=partial(rehydrate, engine, store, only_missing=True),
+    )
     task = asyncio.create_task(w.run())
     try:
         await until(lambda: _eq(ledger_count(store, users), len(users)), "the first grants stored")
         node = cluster.get_primaries()[0]
-        on_node = [u for u in users
-                   if cluster.get_node_from_key(engine.keys.partition(engine.keys.partition_of(u)).events) == node]
+        on_node = [
+            u
+            for u in users
+            if cluster.get_node_from_key(engine.keys.partition(engine.keys.partition_of(u)).events) == node
+        ]
         elsewhere = [u for u in users if u not in on_node]
         assert on_node and elsewhere
         # The node comes back without its data; someone else holds the rebuild of its partitions
@@ -135,7 +161,9 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
             await cluster.set(engine.keys.partition(engine.keys.partition_of(u)).rebuild, "other", px=60_000)
         for u in elsewhere:
             await engine.grant(u, "1", op_id=f"g2-{u}")
-        await until(lambda: _eq(ledger_count(store, elsewhere), 2 * len(elsewhere)), "the other nodes drained")
+        await until(
+            lambda: _eq(ledger_count(store, elsewhere), 2 * len(elsewhere)), "the other nodes drained"
+        )
         # The other rebuilder goes away: this worker rebuilds the node's partitions and
         # persists their new events, without a restart.
         for u in on_node:
@@ -143,7 +171,9 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
         await until(lambda: _eq(engine.missing_partitions(), []), "the node's partitions rebuilt")
         for u in on_node:
             await engine.grant(u, "1", op_id=f"g2-{u}")
-        await until(lambda: _eq(ledger_count(store, on_node), 2 * len(on_node)), "the node's partitions drained")
+        await until(
+            lambda: _eq(ledger_count(store, on_node), 2 * len(on_node)), "the node's partitions drained"
+        )
     finally:
         w.stop()
         await task

@@ -8,8 +8,8 @@ import contextlib
 import json
 import socket
 import sys
-from pathlib import Path
 from decimal import Decimal
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -103,19 +103,29 @@ class Gateway:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(redis_url, tmp_path, extra_config: str = "", fake: FakeUpstream | None = None,
-                          db: str = "p.db"):
+async def running_gateway(
+    redis_url, tmp_path, extra_config: str = "", fake: FakeUpstream | None = None, db: str = "p.db"
+):
     """A gateway (uvicorn, in this process) in front of a fake upstream (its own unless given)."""
     own_fake = fake is None
     fake = fake or FakeUpstream()
     url = await fake.start() if own_fake else f"http://127.0.0.1:{fake.port}"
     cfg = tmp_path / f"gateway-{free_port()}.toml"
     cfg.write_text(CONFIG.format(url=url, timeout=2) + extra_config)
-    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
-                        sqlite_path=str(tmp_path / db), audit_path=None, gateway_config=str(cfg))
+    settings = Settings(
+        redis_url=redis_url,
+        admin_keys=ADMIN,
+        client_keys=CLIENT,
+        partitions=16,
+        sqlite_path=str(tmp_path / db),
+        audit_path=None,
+        gateway_config=str(cfg),
+    )
     app = create_app(settings, run_worker=False)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     task = asyncio.create_task(server.serve())
     while not server.started:
         await asyncio.sleep(0.02)
@@ -148,9 +158,12 @@ def charged(headers) -> Decimal:
 async def test_exact_charge_for_known_usage_openai_chat(gw):
     await gw.grant("alice", "1")
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
-    status, h, raw = await post(gw, "/v1/chat/completions", body, **{"X-Fake-Input-Tokens": "100",
-                                                                     "X-Fake-Output-Tokens": "30",
-                                                                     "X-Fake-Cached-Tokens": "20"})
+    status, h, raw = await post(
+        gw,
+        "/v1/chat/completions",
+        body,
+        **{"X-Fake-Input-Tokens": "100", "X-Fake-Output-Tokens": "30", "X-Fake-Cached-Tokens": "20"},
+    )
     assert status == 200, raw
     # 80 uncached x 1 + 20 cached x 0.5 + 30 out x 2 = 150 micro-credits
     assert charged(h) == Decimal("0.000150")
@@ -160,25 +173,48 @@ async def test_exact_charge_for_known_usage_openai_chat(gw):
     assert b.available == Decimal("0.999850") and b.held == 0
 
 
-@pytest.mark.parametrize("path, model, body, expect", [
-    ("/v1/messages", "claude-test", {"max_tokens": 40, "messages": [{"role": "user", "content": "x"}]}, 12 + 2 * 7),
-    ("/v1/embeddings", "embed-test", {"input": "x"}, 12),
-    ("/v1/responses", "gpt-test", {"input": "x", "max_output_tokens": 40}, 12 + 2 * 7),
-    ("/v1/completions", "gpt-test", {"prompt": "x", "max_tokens": 40}, 12 + 2 * 7),
-])
+@pytest.mark.parametrize(
+    ("path", "model", "body", "expect"),
+    [
+        (
+            "/v1/messages",
+            "claude-test",
+            {"max_tokens": 40, "messages": [{"role": "user", "content": "x"}]},
+            12 + 2 * 7,
+        ),
+        ("/v1/embeddings", "embed-test", {"input": "x"}, 12),
+        ("/v1/responses", "gpt-test", {"input": "x", "max_output_tokens": 40}, 12 + 2 * 7),
+        ("/v1/completions", "gpt-test", {"prompt": "x", "max_tokens": 40}, 12 + 2 * 7),
+    ],
+)
 async def test_exact_charge_on_every_metered_route(gw, path, model, body, expect):
     await gw.grant("bob", "1")
-    status, h, raw = await post(gw, path, {"model": model, **body}, user="bob",
-                                **{"X-Fake-Input-Tokens": "12", "X-Fake-Output-Tokens": "7"})
+    status, h, raw = await post(
+        gw,
+        path,
+        {"model": model, **body},
+        user="bob",
+        **{"X-Fake-Input-Tokens": "12", "X-Fake-Output-Tokens": "7"},
+    )
     assert status == 200, raw
     assert charged(h) == Decimal(expect) / 1_000_000
 
 
 async def test_streaming_settles_the_final_usage_and_strips_the_injected_chunk(gw):
     await gw.grant("carol", "1")
-    body = {"model": "gpt-test", "stream": True, "max_tokens": 50, "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/chat/completions", body, user="carol",
-                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "max_tokens": 50,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    status, _h, raw = await post(
+        gw,
+        "/v1/chat/completions",
+        body,
+        user="carol",
+        **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"},
+    )
     assert status == 200
     text = raw.decode()
     assert '"usage"' not in text  # the client did not ask for the usage chunk
@@ -191,18 +227,33 @@ async def test_streaming_settles_the_final_usage_and_strips_the_injected_chunk(g
 
 async def test_streaming_keeps_the_usage_chunk_when_the_client_asked(gw):
     await gw.grant("dan", "1")
-    body = {"model": "gpt-test", "stream": True, "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/chat/completions", body, user="dan",
-                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    _status, _h, raw = await post(
+        gw,
+        "/v1/chat/completions",
+        body,
+        user="dan",
+        **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"},
+    )
     assert '"usage"' in raw.decode() and ": credits charged=0.000020" in raw.decode()
 
 
 async def test_anthropic_stream_settles_message_delta_usage(gw):
     await gw.grant("erin", "1")
-    body = {"model": "claude-test", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/messages", body, user="erin",
-                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "6"})
+    body = {
+        "model": "claude-test",
+        "stream": True,
+        "max_tokens": 30,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    status, _h, raw = await post(
+        gw, "/v1/messages", body, user="erin", **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "6"}
+    )
     assert status == 200 and "message_stop" in raw.decode()
     assert ": credits charged=0.000022" in raw.decode()
 
@@ -211,7 +262,7 @@ async def test_anthropic_stream_settles_message_delta_usage(gw):
 async def test_upstream_error_or_timeout_charges_nothing(gw, headers):
     await gw.grant("fay", "1")
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/chat/completions", body, user="fay", **headers)
+    status, _h, _raw = await post(gw, "/v1/chat/completions", body, user="fay", **headers)
     assert status in (500, 504)
     b = await gw.balance("fay")
     assert b.available == Decimal("1") and b.held == 0
@@ -220,16 +271,24 @@ async def test_upstream_error_or_timeout_charges_nothing(gw, headers):
 async def test_unreachable_upstream_charges_nothing(gw, tmp_path):
     await gw.fake.stop()
     await gw.grant("gus", "1")
-    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="gus")
+    status, _h, raw = await post(
+        gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="gus"
+    )
     assert status == 502 and b'"upstream_unreachable"' in raw
     assert (await gw.balance("gus")).held == 0
 
 
 async def test_client_disconnect_mid_stream_charges_only_what_was_produced(gw):
     await gw.grant("hal", "1")
-    body = {"model": "gpt-test", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
-    headers = gw.headers("hal", **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "100",
-                                   "X-Fake-Chunk-Delay-Ms": "20"})
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    headers = gw.headers(
+        "hal", **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "100", "X-Fake-Chunk-Delay-Ms": "20"}
+    )
     got = 0
     async with aiohttp.ClientSession() as s:
         async with s.post(gw.base + "/v1/chat/completions", json=body, headers=headers) as r:
@@ -251,9 +310,19 @@ async def test_client_disconnect_mid_stream_charges_only_what_was_produced(gw):
 
 async def test_mid_stream_upstream_failure_settles_what_was_streamed(gw):
     await gw.grant("ian", "1")
-    body = {"model": "gpt-test", "stream": True, "max_tokens": 100, "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/chat/completions", body, user="ian",
-                                **{"X-Fake-Output-Tokens": "50", "X-Fake-Fail-After": "4"})
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "max_tokens": 100,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    _status, _h, _raw = await post(
+        gw,
+        "/v1/chat/completions",
+        body,
+        user="ian",
+        **{"X-Fake-Output-Tokens": "50", "X-Fake-Fail-After": "4"},
+    )
     b = await gw.balance("ian")
     assert b.held == 0 and 0 < 1_000_000 - b.available_units < 100 + 2 * 10
 
@@ -261,22 +330,37 @@ async def test_mid_stream_upstream_failure_settles_what_was_streamed(gw):
 async def test_unaffordable_request_is_clamped_or_refused_with_402_in_upstream_format(gw):
     await gw.grant("jo", "0.000100")  # 100 micro-credits
     body = {"model": "gpt-test", "max_tokens": 1000, "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/chat/completions", body, user="jo", **{"X-Fake-Output-Tokens": "1000"})
+    status, h, raw = await post(
+        gw, "/v1/chat/completions", body, user="jo", **{"X-Fake-Output-Tokens": "1000"}
+    )
     assert status == 200, raw  # clamped: max_tokens lowered to what 100 micro-credits pay for
     import json as _json
+
     sent = _json.loads(gw.fake.requests[-1]["body"])
     assert 4 <= sent["max_tokens"] < 50
     status, h, raw = await post(gw, "/v1/chat/completions", body, user="nobody")
     assert status == 402 and _json.loads(raw)["error"]["code"] == "insufficient_credits"
-    status, h, raw = await post(gw, "/v1/messages", {"model": "claude-test", "max_tokens": 10, "messages": []}, user="nobody")
+    status, _h, raw = await post(
+        gw, "/v1/messages", {"model": "claude-test", "max_tokens": 10, "messages": []}, user="nobody"
+    )
     assert status == 402 and _json.loads(raw)["type"] == "error"
 
 
 async def test_500_concurrent_requests_never_overdraw_and_ledger_matches_headers(redis, redis_url, tmp_path):
     # Funded for 100 calls at most (10,000 micro-credits; a call costs >= 100): 500 at once.
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.support.proxy_burst", redis_url, str(tmp_path), "kim", "0.010000", "500",
-        cwd=str(REPO), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "tests.support.proxy_burst",
+        redis_url,
+        str(tmp_path),
+        "kim",
+        "0.010000",
+        "500",
+        cwd=str(REPO),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()[-3000:]
     report = json.loads(out.decode().strip().splitlines()[-1])
@@ -316,8 +400,15 @@ async def test_forged_or_missing_keys_are_refused(gw, auth):
 
 async def test_client_credentials_never_reach_the_upstream_and_the_gateway_injects_its_own(gw):
     await gw.grant("max", "1")
-    await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="max",
-               Cookie="session=abc", Connection="keep-alive, X-Secret-Hop", **{"X-Secret-Hop": "1"})
+    await post(
+        gw,
+        "/v1/chat/completions",
+        {"model": "gpt-test", "messages": []},
+        user="max",
+        Cookie="session=abc",
+        Connection="keep-alive, X-Secret-Hop",
+        **{"X-Secret-Hop": "1"},
+    )
     sent = {k.lower(): v for k, v in gw.fake.requests[-1]["headers"].items()}
     assert sent["authorization"] == "Bearer sk-upstream-secret"
     assert CLIENT not in str(sent) and "cookie" not in sent and "x-user-id" not in sent
@@ -333,8 +424,14 @@ async def test_a_request_naming_an_upstream_url_cannot_reach_it(gw):
     other_url = await other.start()
     try:
         body = {"model": "gpt-test", "messages": [], "base_url": other_url, "url": other_url}
-        await post(gw, "/v1/chat/completions", body, user="ned", Host=other_url.split("//")[1],
-                   **{"X-Forwarded-Host": other_url.split("//")[1], "X-Upstream": other_url})
+        await post(
+            gw,
+            "/v1/chat/completions",
+            body,
+            user="ned",
+            Host=other_url.split("//")[1],
+            **{"X-Forwarded-Host": other_url.split("//")[1], "X-Upstream": other_url},
+        )
         async with aiohttp.ClientSession() as s:
             async with s.get(gw.base + f"/{other_url}/v1/models", headers=gw.headers("ned")) as r:
                 assert r.status == 404
@@ -357,9 +454,15 @@ async def test_flat_priced_route_charges_its_price(gw):
 
 async def test_pricing_change_applies_at_once_on_every_process(gw, redis_url, tmp_path):
     # A second gateway process (app) on the same Redis sees the change.
-    settings = Settings(redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16,
-                        sqlite_path=str(tmp_path / "p2.db"), audit_path=None,
-                        gateway_config=gw.services.settings.gateway_config)
+    settings = Settings(
+        redis_url=redis_url,
+        admin_keys=ADMIN,
+        client_keys=CLIENT,
+        partitions=16,
+        sqlite_path=str(tmp_path / "p2.db"),
+        audit_path=None,
+        gateway_config=gw.services.settings.gateway_config,
+    )
     other = create_app(settings, run_worker=False)
     async with other.router.lifespan_context(other):
         async with aiohttp.ClientSession() as s:
@@ -376,14 +479,21 @@ async def test_pricing_change_applies_at_once_on_every_process(gw, redis_url, tm
             await asyncio.sleep(0.02)
         assert other.state.services.pricing.table.models["gpt-test"].output == 3_000_000
     await gw.grant("pia", "1")
-    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="pia",
-                                **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
+    _status, h, _raw = await post(
+        gw,
+        "/v1/chat/completions",
+        {"model": "gpt-test", "messages": []},
+        user="pia",
+        **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"},
+    )
     assert charged(h) == Decimal("0.000025")
 
 
 async def test_unknown_model_is_refused(gw):
     await gw.grant("quinn", "1")
-    status, h, raw = await post(gw, "/v1/chat/completions", {"model": "gpt-unpriced", "messages": []}, user="quinn")
+    status, _h, _raw = await post(
+        gw, "/v1/chat/completions", {"model": "gpt-unpriced", "messages": []}, user="quinn"
+    )
     assert status == 404 and (await gw.balance("quinn")).held == 0
 
 
@@ -392,9 +502,15 @@ async def test_hard_cap_stops_a_stream_before_it_puts_the_user_into_debt(gw):
     await gw.grant("rex", "0.000100")  # 100 micro-credits: the hold (~70) and little beside it
     # The upstream reports far more input than the body suggests: the cost passes what the
     # user holds in all as soon as message_start arrives.
-    body = {"model": "claude-test", "stream": True, "max_tokens": 30, "messages": [{"role": "user", "content": "x"}]}
-    status, h, raw = await post(gw, "/v1/messages", body, user="rex",
-                                **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"})
+    body = {
+        "model": "claude-test",
+        "stream": True,
+        "max_tokens": 30,
+        "messages": [{"role": "user", "content": "x"}],
+    }
+    status, h, raw = await post(
+        gw, "/v1/messages", body, user="rex", **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"}
+    )
     text = raw.decode()
     assert "stopped at the credit cap" in text
     assert text.count("text_delta") < 30 and "message_stop" not in text
@@ -402,8 +518,13 @@ async def test_hard_cap_stops_a_stream_before_it_puts_the_user_into_debt(gw):
     assert b.held == 0 and b.available == 0
     # A user with credit to spare is never cut: the overage is drawn from it.
     await gw.grant("rex-rich", "1")
-    status, h, raw = await post(gw, "/v1/messages", body, user="rex-rich",
-                                **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"})
+    _status, _h, raw = await post(
+        gw,
+        "/v1/messages",
+        body,
+        user="rex-rich",
+        **{"X-Fake-Input-Tokens": "500", "X-Fake-Output-Tokens": "30"},
+    )
     assert "message_stop" in raw.decode() and ": credits charged=0.000560" in raw.decode()
     assert (await gw.balance("rex-rich")).debt == 0
 
@@ -444,7 +565,9 @@ async def test_redis_faults_on_the_hot_path_never_charge_twice_or_strand_a_hold(
 
     monkeypatch.setattr(engine, "reserve_units", reserve_answer_lost)
     status, h, raw = await post(gw, "/v1/chat/completions", body, user="fay", **fake)
-    assert status == 503 and json.loads(raw)["error"]["code"] == "credit_store_unavailable" and h["Retry-After"]
+    assert (
+        status == 503 and json.loads(raw)["error"]["code"] == "credit_store_unavailable" and h["Retry-After"]
+    )
     await gw.services.proxy.drain()
     assert (await gw.balance("fay")).held == 0
 
@@ -467,8 +590,13 @@ async def test_redis_faults_on_the_hot_path_never_charge_twice_or_strand_a_hold(
 async def test_the_ledger_traces_a_charge_to_its_request_and_the_hold_outlives_the_upstream_timeout(gw):
     await gw.grant("tia", "1")
     body = {"model": "gpt-test", "messages": [], "max_tokens": 10}
-    status, h, _ = await post(gw, "/v1/chat/completions", body, user="tia",
-                              **{"X-Fake-Input-Tokens": "7", "X-Fake-Output-Tokens": "3"})
+    status, h, _ = await post(
+        gw,
+        "/v1/chat/completions",
+        body,
+        user="tia",
+        **{"X-Fake-Input-Tokens": "7", "X-Fake-Output-Tokens": "3"},
+    )
     assert status == 200
     rid = h["X-Request-Id"]
     await Worker(gw.services.engine, gw.services.store).run(burst=True)
@@ -517,23 +645,37 @@ async def test_usage_missing_is_counted_with_the_models_tokenizer(redis, redis_u
             # A stream cut before its usage: the prompt and the streamed text counted exactly.
             await gw.grant("cut", "1")
             body = {"model": "gpt-4o", "stream": True, "max_tokens": 100, "messages": messages}
-            status, h, raw = await post(gw, "/v1/chat/completions", body, user="cut",
-                                        **{"X-Fake-Output-Tokens": "50", "X-Fake-Fail-After": "6"})
+            status, h, raw = await post(
+                gw,
+                "/v1/chat/completions",
+                body,
+                user="cut",
+                **{"X-Fake-Output-Tokens": "50", "X-Fake-Fail-After": "6"},
+            )
             assert b"broke off" in raw
             b = await gw.balance("cut")
             assert b.held == 0
             assert 1_000_000 - b.available_units == prompt + 2 * counter.count_text("gpt-4o", "tok " * 6)
             # A whole answer without usage: its text counted.
             await gw.grant("whole", "1")
-            await post(gw, "/v1/chat/completions", {"model": "gpt-4o", "messages": messages, "max_tokens": 7},
-                       user="whole", **{"X-Fake-No-Usage": "1"})
+            await post(
+                gw,
+                "/v1/chat/completions",
+                {"model": "gpt-4o", "messages": messages, "max_tokens": 7},
+                user="whole",
+                **{"X-Fake-No-Usage": "1"},
+            )
             b = await gw.balance("whole")
             assert 1_000_000 - b.available_units == prompt + 2 * counter.count_text("gpt-4o", "tok " * 7)
             # Embeddings without usage: the input counted, text and token arrays alike.
             await gw.grant("emb", "1")
-            status, h, raw = await post(gw, "/v1/embeddings", {"model": "text-embedding-3-small",
-                                                               "input": ["hello world", [1, 2, 3]]},
-                                        user="emb", **{"X-Fake-No-Usage": "1"})
+            status, h, raw = await post(
+                gw,
+                "/v1/embeddings",
+                {"model": "text-embedding-3-small", "input": ["hello world", [1, 2, 3]]},
+                user="emb",
+                **{"X-Fake-No-Usage": "1"},
+            )
             assert status == 200 and charged(h) == Decimal("0.000005")
     finally:
         await fake.stop()
@@ -558,7 +700,12 @@ async def test_a_client_closing_at_done_does_not_cancel_the_streams_settle(gw, m
         return await real(*a, **kw)
 
     monkeypatch.setattr(engine, "settle_units", slow_settle)
-    body = {"model": "gpt-test", "stream": True, "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    body = {
+        "model": "gpt-test",
+        "stream": True,
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "x"}],
+    }
     headers = gw.headers("zed", **{"X-Fake-Input-Tokens": "10", "X-Fake-Output-Tokens": "5"})
     async with aiohttp.ClientSession() as s:
         async with s.post(gw.base + "/v1/chat/completions", json=body, headers=headers) as r:
@@ -577,10 +724,14 @@ async def test_pricing_can_be_put_back_as_read_and_is_never_emptied_or_overwritt
     async with aiohttp.ClientSession() as s:
         async with s.get(gw.base + "/admin/pricing", headers=adm) as r:
             table = await r.json()
-        async with s.put(gw.base + "/admin/pricing", json=table, headers=adm) as r:  # as read, version and all
+        async with s.put(
+            gw.base + "/admin/pricing", json=table, headers=adm
+        ) as r:  # as read, version and all
             assert r.status == 200, await r.text()
             assert (await r.json())["version"] > table["version"]
-        async with s.put(gw.base + "/admin/pricing", json=table, headers=adm) as r:  # made from an old version
+        async with s.put(
+            gw.base + "/admin/pricing", json=table, headers=adm
+        ) as r:  # made from an old version
             assert r.status == 409 and (await r.json())["error"]["code"] == "version_conflict"
         async with s.put(gw.base + "/admin/pricing", json={}, headers=adm) as r:
             assert r.status == 422 and (await r.json())["error"]["code"] == "invalid_pricing"

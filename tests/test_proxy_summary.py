@@ -62,23 +62,37 @@ async def _settle() -> None:
 async def test_start_logs_upstreams_and_routes_without_any_credential(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("SUMMARY_TEST_KEY", SECRET_ENV_KEY)
     (tmp_path / "gw.toml").write_text(CONFIG)
-    settings = Settings(gateway_config=str(tmp_path / "gw.toml"), sqlite_path=str(tmp_path / "p.db"),
-                        audit_path=None, admin_keys="a" * 40)
+    settings = Settings(
+        gateway_config=str(tmp_path / "gw.toml"),
+        sqlite_path=str(tmp_path / "p.db"),
+        audit_path=None,
+        admin_keys="a" * 40,
+    )
     app = create_app(settings)
     with caplog.at_level(logging.INFO, logger="credit.gateway"):
         async with app.router.lifespan_context(app):
             await _settle()
     lines = [r.getMessage() for r in caplog.records if r.name == "credit.gateway"]
     text = "\n".join(lines)
-    assert "proxy upstream primary: kind openai, https://***@llm.example.com:8443/openai, timeout 120 s, models: gpt-x, gpt-y" in lines
-    assert "proxy upstream claude: kind anthropic, https://anthropic.example.com, timeout 120 s, models: *" in lines
-    assert ("proxy metered routes (POST): /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
-            "/v1/messages") in lines
+    assert (
+        "proxy upstream primary: kind openai, https://***@llm.example.com:8443/openai, timeout 120 s, models: gpt-x, gpt-y"
+        in lines
+    )
+    assert (
+        "proxy upstream claude: kind anthropic, https://anthropic.example.com, timeout 120 s, models: *"
+        in lines
+    )
+    assert (
+        "proxy metered routes (POST): /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, "
+        "/v1/messages"
+    ) in lines
     assert "proxy extra route GET /v1/models -> primary: free" in lines
     assert "proxy extra route POST /v1/files -> primary: refused" in lines
     assert "proxy extra route POST /v1/images/generations -> primary: 0.050000 credits per request" in lines
-    assert any(line.startswith("proxy priced models") and "gpt-x" in line and "other models: refused" in line
-               for line in lines)
+    assert any(
+        line.startswith("proxy priced models") and "gpt-x" in line and "other models: refused" in line
+        for line in lines
+    )
     for secret in (SECRET_ENV_KEY, SECRET_FILE_KEY, SECRET_HEADER, SECRET_URL_PASSWORD, "user:"):
         assert secret not in caplog.text, secret
     assert "X-Org-Token" not in text

@@ -25,7 +25,7 @@ SECTION = "## Quick start"
 def quickstart_blocks(readme: str) -> list[str]:
     start = readme.index(SECTION)
     end = readme.find("\n## ", start + len(SECTION))
-    section = readme[start:end if end != -1 else None]
+    section = readme[start : end if end != -1 else None]
     return re.findall(r"^```bash\n(.*?)^```", section, re.M | re.S)
 
 
@@ -43,8 +43,14 @@ def test_the_readme_quick_start_runs_as_written(tmp_path):
     blocks = quickstart_blocks((REPO / "README.md").read_text())
     assert len(blocks) >= 4, "the quick start lost its blocks"
     script = "\n".join(blocks)
-    for needed in ("credit-gateway mock-upstream", "credit-gateway serve", "/admin/accounts/alice/grants",
-                   "/v1/chat/completions", "/credits/balance", "/ledger"):
+    for needed in (
+        "credit-gateway mock-upstream",
+        "credit-gateway serve",
+        "/admin/accounts/alice/grants",
+        "/v1/chat/completions",
+        "/credits/balance",
+        "/ledger",
+    ):
         assert needed in script, needed
     expected = [line.split("# =>", 1)[1].strip() for line in script.splitlines() if line.startswith("# =>")]
     assert expected
@@ -61,8 +67,15 @@ def test_the_readme_quick_start_runs_as_written(tmp_path):
     # -e: a failing command fails the walk; the trap stops what it started in the background
     # even when a step fails.
     prelude = "set -e\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
-    proc = subprocess.Popen(["bash", "-c", prelude + script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", prelude + script],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:

@@ -19,8 +19,13 @@ CLIENT = "client-" + "s" * 40
 
 
 def _env(tmp_path, **extra):
-    return clean_env(CREDIT_SQLITE_PATH=str(tmp_path / "s.db"), CREDIT_AUDIT_PATH="",
-                     CREDIT_ADMIN_KEYS=ADMIN, CREDIT_CLIENT_KEYS=CLIENT, **extra)
+    return clean_env(
+        CREDIT_SQLITE_PATH=str(tmp_path / "s.db"),
+        CREDIT_AUDIT_PATH="",
+        CREDIT_ADMIN_KEYS=ADMIN,
+        CREDIT_CLIENT_KEYS=CLIENT,
+        **extra,
+    )
 
 
 def _closed_by_server(sock: socket.socket, within: float, trickle: bytes | None = None) -> bool:
@@ -33,7 +38,7 @@ def _closed_by_server(sock: socket.socket, within: float, trickle: bytes | None 
                 sock.sendall(trickle)
             if sock.recv(4096) == b"":
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except (ConnectionResetError, BrokenPipeError):
             return True
@@ -41,8 +46,9 @@ def _closed_by_server(sock: socket.socket, within: float, trickle: bytes | None 
 
 
 def test_slow_request_heads_and_idle_connections_are_closed_by_the_server(tmp_path):
-    proc, port = serve(_env(tmp_path, CREDIT_HTTP_HEADER_TIMEOUT_SECONDS="1", CREDIT_HTTP_KEEPALIVE_SECONDS="1"),
-                       tmp_path)
+    proc, port = serve(
+        _env(tmp_path, CREDIT_HTTP_HEADER_TIMEOUT_SECONDS="1", CREDIT_HTTP_KEEPALIVE_SECONDS="1"), tmp_path
+    )
     try:
         slow = []
         for i in range(20):
@@ -79,8 +85,9 @@ def test_slow_request_heads_and_idle_connections_are_closed_by_the_server(tmp_pa
 
 
 def test_connections_beyond_the_limit_are_answered_503_with_retry_after(tmp_path):
-    proc, port = serve(_env(tmp_path, CREDIT_HTTP_MAX_CONNECTIONS="3", CREDIT_HTTP_HEADER_TIMEOUT_SECONDS="60"),
-                       tmp_path)
+    proc, port = serve(
+        _env(tmp_path, CREDIT_HTTP_MAX_CONNECTIONS="3", CREDIT_HTTP_HEADER_TIMEOUT_SECONDS="60"), tmp_path
+    )
     try:
         held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
         held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # within the limit: served
@@ -104,7 +111,9 @@ def test_connections_beyond_the_limit_are_answered_503_with_retry_after(tmp_path
 
 @pytest.mark.redis
 def test_serve_with_workers_runs_that_many_processes_on_one_port(tmp_path, redis_url):
-    proc, port = serve(_env(tmp_path, CREDIT_REDIS_URL=redis_url, CREDIT_KEY_PREFIX="wk"), tmp_path, "--workers", "2")
+    proc, port = serve(
+        _env(tmp_path, CREDIT_REDIS_URL=redis_url, CREDIT_KEY_PREFIX="wk"), tmp_path, "--workers", "2"
+    )
     try:
         deadline = time.time() + 60
         while proc.output.count("Application startup complete") < 2 and time.time() < deadline:
@@ -116,7 +125,9 @@ def test_serve_with_workers_runs_that_many_processes_on_one_port(tmp_path, redis
             admin = {"Authorization": f"Bearer {ADMIN}"}
             assert c.post("/admin/accounts/wk/grants", json={"amount": "2"}, headers=admin).status_code == 201
             for _ in range(4):  # whichever worker answers sees the same account
-                r = c.get("/credits/balance", headers={"Authorization": f"Bearer {CLIENT}", "X-User-Id": "wk"})
+                r = c.get(
+                    "/credits/balance", headers={"Authorization": f"Bearer {CLIENT}", "X-User-Id": "wk"}
+                )
                 assert json.loads(r.text)["available"] == "2.000000"
     finally:
         proc.stop()
@@ -125,8 +136,10 @@ def test_serve_with_workers_runs_that_many_processes_on_one_port(tmp_path, redis
 def test_a_request_the_server_cannot_parse_is_answered_in_json(tmp_path):
     proc, port = serve(_env(tmp_path), tmp_path)
     try:
-        for raw in (b"POST /credits/holds HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
-                    "GET /admin/accounts/a/ledger?limit=\u0661 HTTP/1.1\r\nHost: x\r\n\r\n".encode()):
+        for raw in (
+            b"POST /credits/holds HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+            "GET /admin/accounts/a/ledger?limit=\u0661 HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        ):
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
                 s.sendall(raw)
                 reply = b""

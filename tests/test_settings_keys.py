@@ -18,17 +18,20 @@ SECRET_SHORT = "shortButSecretQ9"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("raw, says", [
-    ("   ", "holds no key"),
-    (" , ,", "holds no key"),
-    ("a" + " " * 30 + "b", "no spaces"),
-    ("k" * 20 + "\t" + "k" * 20, "no spaces"),
-    ("k" * 20 + "\x00" + "k" * 20, "control"),
-    ("k" * 20 + "\u00e9" + "k" * 20, "printable ASCII"),
-    (f"{GOOD},{SECRET_SHORT}", "at least 32"),
-    ("sha256:" + "g" * 64, "64 hex digits"),
-    ("sha256:" + "a" * 63, "64 hex digits"),
-])
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("   ", "holds no key"),
+        (" , ,", "holds no key"),
+        ("a" + " " * 30 + "b", "no spaces"),
+        ("k" * 20 + "\t" + "k" * 20, "no spaces"),
+        ("k" * 20 + "\x00" + "k" * 20, "control"),
+        ("k" * 20 + "\u00e9" + "k" * 20, "printable ASCII"),
+        (f"{GOOD},{SECRET_SHORT}", "at least 32"),
+        ("sha256:" + "g" * 64, "64 hex digits"),
+        ("sha256:" + "a" * 63, "64 hex digits"),
+    ],
+)
 def test_bad_key_lists_are_refused_without_echoing_them(raw, says):
     with pytest.raises(ValidationError) as info:
         Settings(admin_keys=raw)
@@ -38,7 +41,9 @@ def test_bad_key_lists_are_refused_without_echoing_them(raw, says):
 
 
 def test_good_key_lists_parse():
-    assert len(parse_keys(f"{GOOD}, {GOOD[::-1]},")) == 2  # spaces around entries and a trailing comma are fine
+    assert (
+        len(parse_keys(f"{GOOD}, {GOOD[::-1]},")) == 2
+    )  # spaces around entries and a trailing comma are fine
     assert parse_keys("") == []
     assert len(parse_keys("sha256:" + "ab" * 32)) == 1
 
@@ -48,18 +53,27 @@ def _cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "gateway.cli"]
 
 
-@pytest.mark.parametrize("env", [
-    {"CREDIT_ADMIN_KEYS": f"{GOOD},{SECRET_SHORT}"},
-    {"CREDIT_CLIENT_KEYS": f"{SECRET_SHORT}{' ' * 20}{SECRET_SHORT}"},
-    {"CREDIT_ADMIN_KEYS": f"{GOOD},{SECRET_SHORT}", "CREDIT_PORT": "not-a-port"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CREDIT_ADMIN_KEYS": f"{GOOD},{SECRET_SHORT}"},
+        {"CREDIT_CLIENT_KEYS": f"{SECRET_SHORT}{' ' * 20}{SECRET_SHORT}"},
+        {"CREDIT_ADMIN_KEYS": f"{GOOD},{SECRET_SHORT}", "CREDIT_PORT": "not-a-port"},
+    ],
+)
 @pytest.mark.parametrize("command", [["serve"], ["worker"], ["-m", "worker"]])
 def test_a_bad_key_exits_naming_the_variable_never_the_key(tmp_path, env, command):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_")}
     clean["PYTHONPATH"] = str(ROOT)  # this checkout's code, whatever the venv has installed
     argv = [sys.executable, *command] if command[0] == "-m" else [*_cli(), *command]
-    p = subprocess.run(argv, env={**clean, "CREDIT_REDIS_URL": "redis://127.0.0.1:1/0", **env}, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        argv,
+        env={**clean, "CREDIT_REDIS_URL": "redis://127.0.0.1:1/0", **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode != 0
     out = p.stdout + p.stderr
     name = next(iter(env))
@@ -76,4 +90,6 @@ def test_library_mode_refuses_a_bad_key_list_without_echoing_it(monkeypatch):
     monkeypatch.setenv("CREDIT_ADMIN_KEYS", f"{GOOD},{SECRET_SHORT}")
     with pytest.raises(SettingsError) as e:
         credit_engine()
-    assert "CREDIT_ADMIN_KEYS" in str(e.value) and SECRET_SHORT not in str(e.value) and GOOD not in str(e.value)
+    assert (
+        "CREDIT_ADMIN_KEYS" in str(e.value) and SECRET_SHORT not in str(e.value) and GOOD not in str(e.value)
+    )

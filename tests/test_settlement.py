@@ -93,8 +93,9 @@ async def test_a_settle_redis_does_not_confirm_lands_from_the_background_once(en
     hold = await open_hold(direct, "down")
     settler = Settler(engine_via, retry_interval_seconds=0.1)
     flaky.down()
-    r = await settler.settle("down", hold.hold_id, 20_000, expires_at_ms=hold.expires_at_ms,
-                             metadata={"request_id": "r1"})
+    r = await settler.settle(
+        "down", hold.hold_id, 20_000, expires_at_ms=hold.expires_at_ms, metadata={"request_id": "r1"}
+    )
     assert r is None and settler.pending == 1  # unconfirmed: the caller shows no figure
     # Redis comes back, but the first background try's answer is lost again.
     flaky.lose_reply_to(engine_via.scripts["settle"].sha.encode())
@@ -117,7 +118,9 @@ async def test_a_settle_on_a_partition_being_rebuilt_lands_once_it_is_ready(engi
     await assert_charged_once(direct, "rebuilt", 5_000)
 
 
-async def test_a_settle_that_lands_only_after_its_hold_expired_is_charged_as_a_debit(engine_via, direct, flaky):
+async def test_a_settle_that_lands_only_after_its_hold_expired_is_charged_as_a_debit(
+    engine_via, direct, flaky
+):
     hold = await open_hold(direct, "gone", ttl=1.0)
     settler = Settler(engine_via, retry_interval_seconds=0.1)
     flaky.down()
@@ -139,10 +142,16 @@ async def test_a_settle_never_confirmed_is_given_up_in_the_end_and_says_so(engin
         assert await settler.settle("given-up", hold.hold_id, 7_000, expires_at_ms=hold.expires_at_ms) is None
         assert await settler.drain(timeout=30) == 0  # ended by itself
     lost = [r for r in caplog.records if "never confirmed" in r.getMessage()]
-    assert len(lost) == 1 and "7000 micro-credits" in lost[0].getMessage() and "h-given-up" in lost[0].getMessage()
+    assert (
+        len(lost) == 1
+        and "7000 micro-credits" in lost[0].getMessage()
+        and "h-given-up" in lost[0].getMessage()
+    )
 
 
-async def test_drain_cancels_what_is_left_after_its_timeout_and_logs_the_amount(engine_via, direct, flaky, caplog):
+async def test_drain_cancels_what_is_left_after_its_timeout_and_logs_the_amount(
+    engine_via, direct, flaky, caplog
+):
     hold = await open_hold(direct, "shut")
     settler = Settler(engine_via, retry_interval_seconds=0.1)
     flaky.down()
@@ -150,7 +159,9 @@ async def test_drain_cancels_what_is_left_after_its_timeout_and_logs_the_amount(
     with caplog.at_level(logging.ERROR, logger="credit.settlement"):
         assert await settler.drain(timeout=0.3) == 1
     assert settler.pending == 0
-    assert any("before shutdown" in r.getMessage() and "3000 micro-credits" in r.getMessage() for r in caplog.records)
+    assert any(
+        "before shutdown" in r.getMessage() and "3000 micro-credits" in r.getMessage() for r in caplog.records
+    )
 
 
 async def test_a_late_usage_debit_redis_does_not_confirm_lands_once_with_its_debt(engine_via, direct, flaky):
@@ -176,7 +187,9 @@ async def test_release_retries_and_answers_none_when_redis_stays_away(engine_via
     assert await Settler(engine_via).release("rel", hold2.hold_id) is None
 
 
-async def test_a_release_redis_does_not_confirm_is_tried_again_until_the_hold_would_expire(engine_via, direct, flaky):
+async def test_a_release_redis_does_not_confirm_is_tried_again_until_the_hold_would_expire(
+    engine_via, direct, flaky
+):
     hold = await open_hold(direct, "giveback")
     settler = Settler(engine_via, retry_interval_seconds=0.1)
     flaky.down()

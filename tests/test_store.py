@@ -8,11 +8,11 @@ store holds with what Redis holds; the last test rebuilds Redis from the store.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
-import asyncio
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -66,7 +66,7 @@ async def store(new_store):
 
 
 def at(clock, seconds: float) -> datetime:
-    return datetime.fromtimestamp(clock() + seconds, tz=timezone.utc)
+    return datetime.fromtimestamp(clock() + seconds, tz=UTC)
 
 
 async def run_history(engine: CreditEngine, clock) -> None:
@@ -74,7 +74,9 @@ async def run_history(engine: CreditEngine, clock) -> None:
     # and an open hold left at the end.
     await engine.grant("alice", "10", op_id="a-g1", source="payment", metadata={"order": "o-1", "n": 3})
     await engine.grant("alice", "5", op_id="a-g2", source="promo", priority=5, expires_at=at(clock, 3600))
-    await engine.reserve("alice", "3.5", hold_id="a-h1", ttl_seconds=60, metadata={"model": "gpt", "req": "r1"})
+    await engine.reserve(
+        "alice", "3.5", hold_id="a-h1", ttl_seconds=60, metadata={"model": "gpt", "req": "r1"}
+    )
     clock.advance(1)
     await engine.settle("alice", "a-h1", "2", op_id="a-s1", metadata={"usage": 123})
     await engine.reserve("alice", "2", hold_id="a-h2", ttl_seconds=30)
@@ -130,26 +132,53 @@ def _s(x: Any) -> str:
 async def redis_view(engine: CreditEngine, user: str) -> dict[str, Any]:
     """What Redis holds for the account, in the normalized shape of `store_view`."""
     keys = engine.keys.account_keys(user)
-    _, r = await engine.scripts.call_json(engine.redis, "account", [keys[0], keys[1], keys[3]], [engine.now_ms(), "1"])
+    _, r = await engine.scripts.call_json(
+        engine.redis, "account", [keys[0], keys[1], keys[3]], [engine.now_ms(), "1"]
+    )
     acct = {_s(k): _s(v) for k, v in (await engine.redis.hgetall(engine.keys.account_keys(user)[0])).items()}
-    totals = {k: int(r.get(k) or 0) for k in ("available", "held", "debt", "granted", "spent", "expired", "seq",
-                                                "debt_total")}
+    totals = {
+        k: int(r.get(k) or 0)
+        for k in ("available", "held", "debt", "granted", "spent", "expired", "seq", "debt_total")
+    }
     grants = {}
     for g in r.get("grants") or []:
         meta = json.loads(g["meta"])
-        grants[g["seq"]] = {"r": int(g["free"]), "e": int(g["earmarked"]), "x": int(g["expires_at"]),
-                            "pri": int(meta["pri"]), "m": meta}
+        grants[g["seq"]] = {
+            "r": int(g["free"]),
+            "e": int(g["earmarked"]),
+            "x": int(g["expires_at"]),
+            "pri": int(meta["pri"]),
+            "m": meta,
+        }
     holds = {}
     for h in r.get("holds") or []:
-        hh = {_s(k): _s(v) for k, v in (await engine.redis.hgetall(engine.keys.hold_key(user, h["hold_id"]))).items()}
+        hh = {
+            _s(k): _s(v)
+            for k, v in (await engine.redis.hgetall(engine.keys.hold_key(user, h["hold_id"]))).items()
+        }
         assert hh["st"] == "open"
-        holds[h["hold_id"]] = {"amt": int(h["amount"]), "exp": int(h["expires_at"]), "ear": hh["ear"],
-                               "at": int(hh["at"]), "op": hh["op"], "x": json.loads(hh["x"])}
+        holds[h["hold_id"]] = {
+            "amt": int(h["amount"]),
+            "exp": int(h["expires_at"]),
+            "ear": hh["ear"],
+            "at": int(hh["at"]),
+            "op": hh["op"],
+            "x": json.loads(hh["x"]),
+        }
     return {"version": int(acct["v"]), "totals": totals, "grants": grants, "holds": holds}
 
 
 def store_view(snap) -> dict[str, Any]:
-    assert set(snap.totals) == {"available", "held", "debt", "debt_total", "granted", "spent", "expired", "seq"}
+    assert set(snap.totals) == {
+        "available",
+        "held",
+        "debt",
+        "debt_total",
+        "granted",
+        "spent",
+        "expired",
+        "seq",
+    }
     for g in snap.grants:
         assert set(g) == {"seq", "r", "e", "x", "pri", "m"}
         assert isinstance(g["m"], str) and all(isinstance(g[k], int) for k in ("r", "e", "x", "pri"))
@@ -159,10 +188,21 @@ def store_view(snap) -> dict[str, Any]:
     return {
         "version": snap.version,
         "totals": dict(snap.totals),
-        "grants": {g["seq"]: {"r": g["r"], "e": g["e"], "x": g["x"], "pri": g["pri"], "m": json.loads(g["m"])}
-                   for g in snap.grants},
-        "holds": {h["id"]: {"amt": h["amt"], "exp": h["exp"], "ear": h["ear"], "at": h["at"], "op": h["op"],
-                            "x": json.loads(h["x"])} for h in snap.holds},
+        "grants": {
+            g["seq"]: {"r": g["r"], "e": g["e"], "x": g["x"], "pri": g["pri"], "m": json.loads(g["m"])}
+            for g in snap.grants
+        },
+        "holds": {
+            h["id"]: {
+                "amt": h["amt"],
+                "exp": h["exp"],
+                "ear": h["ear"],
+                "at": h["at"],
+                "op": h["op"],
+                "x": json.loads(h["x"]),
+            }
+            for h in snap.holds
+        },
     }
 
 
@@ -236,12 +276,12 @@ def orderings(events: list[Event]) -> dict[str, list[list[Event]]]:
     rnd.shuffle(shuffled)
     shuffled2 = events[:]
     random.Random(11).shuffle(shuffled2)
-    chunks = [events[i:i + 3] for i in range(0, len(events), 3)]
+    chunks = [events[i : i + 3] for i in range(0, len(events), 3)]
     return {
         "reversed": [events[::-1]],
         "shuffled": [shuffled],
         "batches of 3, reversed": chunks[::-1],
-        "batches of 4, shuffled": [shuffled2[i:i + 4] for i in range(0, len(shuffled2), 4)],
+        "batches of 4, shuffled": [shuffled2[i : i + 4] for i in range(0, len(shuffled2), 4)],
         "one by one, shuffled": [[e] for e in shuffled2],
         "newest last alone": [events[:-1], events[-1:]],
     }
@@ -290,16 +330,24 @@ async def test_late_creation_event_fills_metadata(events, store):
     assert metas["000000000002"]["pri"] == "5"
     assert {g["seq"]: g["pri"] for g in snap.grants} == {"000000000001": 100, "000000000002": 5}
     # the hold's opening fields arrive with its creation event, whatever came before
-    opening = [e for e in alice if e.type == "hold_open" and e.hold_id == "a-h3"][0]
-    assert snap.holds == [{"id": "a-h3", "amt": 4_000_000, "exp": int(opening.hold["exp"]),
-                           "ear": opening.hold["ear"], "at": opening.ts_ms, "op": "a-h3",
-                           "x": json.dumps({"req": "open"}, separators=(",", ":"))}]
+    opening = next(e for e in alice if e.type == "hold_open" and e.hold_id == "a-h3")
+    assert snap.holds == [
+        {
+            "id": "a-h3",
+            "amt": 4_000_000,
+            "exp": int(opening.hold["exp"]),
+            "ear": opening.hold["ear"],
+            "at": opening.ts_ms,
+            "op": "a-h3",
+            "x": json.dumps({"req": "open"}, separators=(",", ":")),
+        }
+    ]
 
 
 async def test_hold_caller_metadata_survives_later_events(events, store):
     # the settle event carries the settle's metadata in `x`: it must not replace the hold's
     alice = [e for e in events if e.user == "alice"]
-    settle = [e for e in alice if e.op_id == "a-s1"][0]
+    settle = next(e for e in alice if e.op_id == "a-s1")
     assert settle.extra == {"usage": 123}
     await store.write_events([settle])
     await store.write_events(alice)
@@ -335,7 +383,12 @@ async def test_ledger_pages_newest_first(engine, clock, events, store):
     for entry in everything:
         ev = by_key[(entry.user, entry.op_id)]
         assert (entry.type, entry.version, entry.ts_ms, entry.amount, entry.hold_id) == (
-            ev.type, ev.version, ev.ts_ms, ev.amount, ev.hold_id)
+            ev.type,
+            ev.version,
+            ev.ts_ms,
+            ev.amount,
+            ev.hold_id,
+        )
         assert entry.event == ev.raw
     # a hold's entries carry its id
     bob = [e async for e in store.ledger_all("bob")]
@@ -440,8 +493,8 @@ async def test_rate_limit_overrides_are_replaced_and_removed(store):
 
 async def test_an_op_id_reused_after_redis_forgot_it_keeps_the_ledger_complete(redis, store, clock):
     from gateway.core.recovery import reconcile
-    from worker.runner import Worker
     from tests.conftest import ready_engine
+    from worker.runner import Worker
 
     engine = await ready_engine(redis, clock)
     engine.retention_s = 1  # Redis forgets operation ids after 1 s
@@ -462,8 +515,13 @@ async def test_an_op_id_reused_after_redis_forgot_it_keeps_the_ledger_complete(r
 async def test_resolved_holds_since(engine, events, store, clock):
     await store.write_events(events)
     got = {(h.user, h.hold_id): h.status async for h in store.resolved_holds_since(0)}
-    assert got == {("alice", "a-h1"): "settled", ("alice", "a-h2"): "released", ("bob", "b-h1"): "settled",
-                   ("carol", "c-h1"): "expired", ("dave", "d-h1"): "settled"}
+    assert got == {
+        ("alice", "a-h1"): "settled",
+        ("alice", "a-h2"): "released",
+        ("bob", "b-h1"): "settled",
+        ("carol", "c-h1"): "expired",
+        ("dave", "d-h1"): "settled",
+    }
     # by deadline: carol's hold (5 s, placed 20 s ago) is the only one past it 10 s ago
     late = [h async for h in store.resolved_holds_since(int(clock() * 1000) - 10_000)]
     assert {h.hold_id for h in late} == {"a-h1", "a-h2", "b-h1", "d-h1"}

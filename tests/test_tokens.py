@@ -30,19 +30,47 @@ def counter() -> TokenCounter:
 # -- which encoding a model uses ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model, expected", [
-    ("gpt-4o", O200K), ("gpt-4o-mini", O200K), ("gpt-4o-2024-08-06", O200K), ("chatgpt-4o-latest", O200K),
-    ("gpt-4.1", O200K), ("gpt-4.1-nano", O200K), ("gpt-5", O200K), ("gpt-5-mini", O200K), ("gpt-5.1", O200K),
-    ("o1", O200K), ("o1-mini", O200K), ("o3", O200K), ("o3-pro", O200K), ("o4-mini", O200K),
-    ("o4-mini-2025-04-16", O200K), ("ft:gpt-4o-mini-2024-07-18:acme::abc123", O200K),
-    ("gpt-4", CL100K), ("gpt-4-0613", CL100K), ("gpt-4-turbo", CL100K), ("gpt-4-32k", CL100K),
-    ("gpt-3.5-turbo", CL100K), ("gpt-3.5-turbo-0125", CL100K), ("gpt-35-turbo-16k", CL100K),
-    ("text-embedding-3-small", CL100K), ("text-embedding-3-large", CL100K), ("text-embedding-ada-002", CL100K),
-    ("ft:gpt-3.5-turbo-0125:acme::x", CL100K),
-    # No offline tokenizer: Anthropic publishes none; unknown names are not guessed.
-    ("claude-3-5-sonnet-20241022", None), ("claude-sonnet-4-5", None), ("gpt-test", None), ("llama-3", None),
-    ("o1x", None), ("gpt-40", None), ("", None), (None, None),
-])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-4o", O200K),
+        ("gpt-4o-mini", O200K),
+        ("gpt-4o-2024-08-06", O200K),
+        ("chatgpt-4o-latest", O200K),
+        ("gpt-4.1", O200K),
+        ("gpt-4.1-nano", O200K),
+        ("gpt-5", O200K),
+        ("gpt-5-mini", O200K),
+        ("gpt-5.1", O200K),
+        ("o1", O200K),
+        ("o1-mini", O200K),
+        ("o3", O200K),
+        ("o3-pro", O200K),
+        ("o4-mini", O200K),
+        ("o4-mini-2025-04-16", O200K),
+        ("ft:gpt-4o-mini-2024-07-18:acme::abc123", O200K),
+        ("gpt-4", CL100K),
+        ("gpt-4-0613", CL100K),
+        ("gpt-4-turbo", CL100K),
+        ("gpt-4-32k", CL100K),
+        ("gpt-3.5-turbo", CL100K),
+        ("gpt-3.5-turbo-0125", CL100K),
+        ("gpt-35-turbo-16k", CL100K),
+        ("text-embedding-3-small", CL100K),
+        ("text-embedding-3-large", CL100K),
+        ("text-embedding-ada-002", CL100K),
+        ("ft:gpt-3.5-turbo-0125:acme::x", CL100K),
+        # No offline tokenizer: Anthropic publishes none; unknown names are not guessed.
+        ("claude-3-5-sonnet-20241022", None),
+        ("claude-sonnet-4-5", None),
+        ("gpt-test", None),
+        ("llama-3", None),
+        ("o1x", None),
+        ("gpt-40", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_encoding_for_model(model, expected):
     assert encoding_for(model) == expected
 
@@ -52,13 +80,19 @@ def test_encoding_for_model(model, expected):
 
 # The OpenAI cookbook "How to count tokens with tiktoken" (its printed outputs), and
 # "hello world" = [15339, 1917] in cl100k_base.
-@pytest.mark.parametrize("model, text, expected", [
-    ("gpt-4", "hello world", 2),
-    ("gpt-4o", "tiktoken is great!", 6),
-    ("gpt-4", "antidisestablishmentarianism", 6), ("gpt-4o", "antidisestablishmentarianism", 6),
-    ("gpt-4", "2 + 2 = 4", 7), ("gpt-4o", "2 + 2 = 4", 7),
-    ("gpt-4", "お誕生日おめでとう", 9), ("gpt-4o", "お誕生日おめでとう", 8),
-])
+@pytest.mark.parametrize(
+    ("model", "text", "expected"),
+    [
+        ("gpt-4", "hello world", 2),
+        ("gpt-4o", "tiktoken is great!", 6),
+        ("gpt-4", "antidisestablishmentarianism", 6),
+        ("gpt-4o", "antidisestablishmentarianism", 6),
+        ("gpt-4", "2 + 2 = 4", 7),
+        ("gpt-4o", "2 + 2 = 4", 7),
+        ("gpt-4", "お誕生日おめでとう", 9),
+        ("gpt-4o", "お誕生日おめでとう", 8),
+    ],
+)
 def test_published_counts(counter, model, text, expected):
     assert counter.count_text(model, text) == expected
 
@@ -77,7 +111,7 @@ TIKTOKEN_COUNTS = [
 ]
 
 
-@pytest.mark.parametrize("text, cl100k, o200k", TIKTOKEN_COUNTS)
+@pytest.mark.parametrize(("text", "cl100k", "o200k"), TIKTOKEN_COUNTS)
 def test_counts_equal_tiktoken(counter, text, cl100k, o200k):
     assert counter.count_text("gpt-4", text) == cl100k
     assert counter.count_text("gpt-4o-mini", text) == o200k
@@ -91,9 +125,17 @@ def test_lone_surrogates_count_as_replacement_characters(counter):
 def test_unknown_model_is_not_counted(counter):
     assert counter.count_text("claude-3-5-sonnet-20241022", "hello") is None
     assert counter.count_text("gpt-test", "hello") is None
-    assert counter.count_prompt(CHAT, {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}) is None
-    assert counter.count_prompt("/v1/messages", {"model": "claude-3-5-sonnet-20241022",
-                                                 "messages": [{"role": "user", "content": "x"}]}) is None
+    assert (
+        counter.count_prompt(CHAT, {"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]})
+        is None
+    )
+    assert (
+        counter.count_prompt(
+            "/v1/messages",
+            {"model": "claude-3-5-sonnet-20241022", "messages": [{"role": "user", "content": "x"}]},
+        )
+        is None
+    )
     assert counter.count_prompt(CHAT, {"messages": [{"role": "user", "content": "x"}]}) is None  # no model
 
 
@@ -101,69 +143,162 @@ def test_unknown_model_is_not_counted(counter):
 
 
 COOKBOOK_MESSAGES = [
-    {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate "
-                                  "jargon into plain English."},
+    {
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate "
+        "jargon into plain English.",
+    },
     {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
-    {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
-    {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch "
-                                                          "base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to "
-                                                               "do better."},
-    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client "
-                                "deliverable."},
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch "
+        "base on opportunities for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client deliverable.",
+    },
 ]
-COOKBOOK_TOOLS = [{"type": "function", "function": {
-    "name": "get_current_weather", "description": "Get the current weather in a given location",
-    "parameters": {"type": "object", "properties": {
-        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
-        "unit": {"type": "string", "description": "The unit of temperature to return", "enum": ["celsius", "fahrenheit"]},
-    }, "required": ["location"]}}}]
+COOKBOOK_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {
+                        "type": "string",
+                        "description": "The city and state, e.g. San Francisco, CA",
+                    },
+                    "unit": {
+                        "type": "string",
+                        "description": "The unit of temperature to return",
+                        "enum": ["celsius", "fahrenheit"],
+                    },
+                },
+                "required": ["location"],
+            },
+        },
+    }
+]
 COOKBOOK_TOOL_MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant that can answer to questions about the weather."},
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that can answer to questions about the weather.",
+    },
     {"role": "user", "content": "What's the weather like in San Francisco?"},
 ]
 
 
 # The prompt_tokens the OpenAI API reported for these requests (printed in the cookbook).
-@pytest.mark.parametrize("model, expected", [
-    ("gpt-3.5-turbo", 129), ("gpt-4", 129), ("gpt-4-0613", 129), ("gpt-4o", 124), ("gpt-4o-mini", 124),
-])
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ("gpt-3.5-turbo", 129),
+        ("gpt-4", 129),
+        ("gpt-4-0613", 129),
+        ("gpt-4o", 124),
+        ("gpt-4o-mini", 124),
+    ],
+)
 def test_chat_prompt_matches_the_apis_prompt_tokens(counter, model, expected):
     assert counter.count_prompt(CHAT, {"model": model, "messages": COOKBOOK_MESSAGES}) == expected
 
 
-@pytest.mark.parametrize("model, expected", [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101),
-                                             ("gpt-4o-mini", 101)])
+@pytest.mark.parametrize(
+    ("model", "expected"), [("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101)]
+)
 def test_chat_prompt_with_tools_matches_the_apis_prompt_tokens(counter, model, expected):
     body = {"model": model, "messages": COOKBOOK_TOOL_MESSAGES, "tools": COOKBOOK_TOOLS}
     assert counter.count_prompt(CHAT, body) == expected
     # the legacy functions field is the same definitions
-    legacy = {"model": model, "messages": COOKBOOK_TOOL_MESSAGES, "functions": [COOKBOOK_TOOLS[0]["function"]]}
+    legacy = {
+        "model": model,
+        "messages": COOKBOOK_TOOL_MESSAGES,
+        "functions": [COOKBOOK_TOOLS[0]["function"]],
+    }
     assert counter.count_prompt(CHAT, legacy) == expected
 
 
 def test_chat_content_parts_count_as_their_text_and_images_are_not_counted(counter):
     text = "tiktoken is great!"
-    as_string = counter.count_prompt(CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]})
-    as_parts = counter.count_prompt(CHAT, {"model": "gpt-4o", "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "tiktoken is"}, {"type": "text", "text": " great!"}]}]})
+    as_string = counter.count_prompt(
+        CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": text}]}
+    )
+    as_parts = counter.count_prompt(
+        CHAT,
+        {
+            "model": "gpt-4o",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "tiktoken is"}, {"type": "text", "text": " great!"}],
+                }
+            ],
+        },
+    )
     assert as_string == 3 + 1 + 6 + 3  # message, "user", the text, reply priming
     assert as_parts == as_string
-    image = {"model": "gpt-4o", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}
+    image = {
+        "model": "gpt-4o",
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": text},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+                ],
+            }
+        ],
+    }
     assert counter.count_prompt(CHAT, image) is None  # the caller estimates
 
 
 def test_chat_assistant_tool_calls_and_tool_results_are_counted(counter):
     count = lambda t: counter.count_text("gpt-4o", t)  # noqa: E731
-    body = {"model": "gpt-4o", "messages": [
-        {"role": "assistant", "content": None, "refusal": None, "annotations": [],
-         "tool_calls": [{"id": "call_1", "type": "function",
-                         "function": {"name": "get_current_weather", "arguments": '{"location":"Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
-    ]}
-    expected = (3 + count("assistant") + count("get_current_weather") + count('{"location":"Paris"}')
-                + 3 + count("tool") + count("call_1") + count("22 C") + 3)
+    body = {
+        "model": "gpt-4o",
+        "messages": [
+            {
+                "role": "assistant",
+                "content": None,
+                "refusal": None,
+                "annotations": [],
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_current_weather", "arguments": '{"location":"Paris"}'},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": "22 C"},
+        ],
+    }
+    expected = (
+        3
+        + count("assistant")
+        + count("get_current_weather")
+        + count('{"location":"Paris"}')
+        + 3
+        + count("tool")
+        + count("call_1")
+        + count("22 C")
+        + 3
+    )
     assert counter.count_prompt(CHAT, body) == expected
 
 
@@ -182,14 +317,22 @@ def test_responses_input(counter):
     count = lambda t: counter.count_text("gpt-4o", t)  # noqa: E731
     r = lambda body: counter.count_prompt("/v1/responses", {"model": "gpt-4o", **body})  # noqa: E731
     as_text = r({"input": "tiktoken is great!"})
-    assert as_text == counter.count_prompt(CHAT, {"model": "gpt-4o",
-                                                  "messages": [{"role": "user", "content": "tiktoken is great!"}]})
-    items = r({"instructions": "Be brief.", "input": [
-        {"role": "user", "content": [{"type": "input_text", "text": "tiktoken is great!"}]}]})
+    assert as_text == counter.count_prompt(
+        CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "tiktoken is great!"}]}
+    )
+    items = r(
+        {
+            "instructions": "Be brief.",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "tiktoken is great!"}]}],
+        }
+    )
     assert items == as_text + 3 + count("developer") + count("Be brief.")
     # input the proxy cannot see, or cannot count
     assert r({"input": "hi", "previous_response_id": "resp_1"}) is None
-    assert r({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}) is None
+    assert (
+        r({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]})
+        is None
+    )
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -219,10 +362,25 @@ def test_first_load_never_touches_the_network(tmp_path):
         assert "toktok" not in sys.modules, "loaded before first use"
         print(c.count_text("gpt-4", "hello world"), c.count_text("gpt-4o", "tiktoken is great!"))
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TIKTOKEN_CACHE_DIR": str(tmp_path),
-           "XDG_CACHE_HOME": str(tmp_path), "HOME": str(tmp_path), "no_proxy": "", "http_proxy": "http://0.0.0.0:9",
-           "https_proxy": "http://0.0.0.0:9"}
-    out = subprocess.run([*_without_network(), sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TIKTOKEN_CACHE_DIR": str(tmp_path),
+        "XDG_CACHE_HOME": str(tmp_path),
+        "HOME": str(tmp_path),
+        "no_proxy": "",
+        "http_proxy": "http://0.0.0.0:9",
+        "https_proxy": "http://0.0.0.0:9",
+    }
+    out = subprocess.run(
+        [*_without_network(), sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "6"]
     assert list(tmp_path.iterdir()) == []  # nothing cached or downloaded
@@ -241,7 +399,9 @@ def test_missing_tokenizer_package_estimates_and_logs_once(fresh_loader, monkeyp
     with caplog.at_level(logging.WARNING, logger="credit.proxy.tokens"):
         assert c.count_text("gpt-4o", "hello") is None
         assert c.count_text("gpt-4", "hello") is None
-        assert c.count_prompt(CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}) is None
+        assert (
+            c.count_prompt(CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}) is None
+        )
         assert c.available("gpt-4o") is False
     warnings = [r for r in caplog.records if "no tokenizer package" in r.getMessage()]
     assert len(warnings) == 1
@@ -270,7 +430,9 @@ def test_an_encoding_loads_once_per_process(fresh_loader, monkeypatch):
 
 
 def _chat_event(text: str, index: int = 0) -> str:
-    return json.dumps({"object": "chat.completion.chunk", "choices": [{"index": index, "delta": {"content": text}}]})
+    return json.dumps(
+        {"object": "chat.completion.chunk", "choices": [{"index": index, "delta": {"content": text}}]}
+    )
 
 
 def test_a_cut_stream_is_counted_from_its_text(counter):
@@ -296,29 +458,70 @@ def test_unknown_model_output_is_estimated_as_before():
 
 def test_each_choice_and_block_is_kept_apart(counter):
     m = StreamMeter(OPENAI)
-    for a, b in zip(("2 +", " 2 =", " 4"), ("hello", " world", "")):
+    for a, b in zip(("2 +", " 2 =", " 4"), ("hello", " world", ""), strict=False):
         m.feed(_chat_event(a, 0))
         m.feed(_chat_event(b, 1))
     assert m.texts() == ["2 + 2 = 4", "hello world"]
     assert m.output_tokens(lambda t: counter.count_text("gpt-4o", t), 4) == 7 + 2
     a = StreamMeter(ANTHROPIC)
     for i, text in ((0, "Let me think"), (1, "The answer"), (0, " more"), (1, " is 4")):
-        a.feed(json.dumps({"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": text}}))
+        a.feed(
+            json.dumps(
+                {"type": "content_block_delta", "index": i, "delta": {"type": "text_delta", "text": text}}
+            )
+        )
     assert a.texts() == ["Let me think more", "The answer is 4"]
 
 
 def test_tool_call_arguments_and_refusals_are_output():
     m = StreamMeter(OPENAI)
-    m.feed(json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None, "tool_calls": [
-        {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]}))
+    m.feed(
+        json.dumps(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "role": "assistant",
+                            "content": None,
+                            "tool_calls": [
+                                {
+                                    "index": 0,
+                                    "id": "call_1",
+                                    "type": "function",
+                                    "function": {"name": "get_weather", "arguments": ""},
+                                }
+                            ],
+                        },
+                    }
+                ]
+            }
+        )
+    )
     for piece in ('{"loc', 'ation":', '"Paris"}'):
-        m.feed(json.dumps({"choices": [{"index": 0, "delta": {"tool_calls": [
-            {"index": 0, "function": {"arguments": piece}}]}}]}))
+        m.feed(
+            json.dumps(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]},
+                        }
+                    ]
+                }
+            )
+        )
     m.feed(json.dumps({"choices": [{"index": 1, "delta": {"refusal": "I can't"}}]}))
     assert m.texts() == ['get_weather{"location":"Paris"}', "I can't"]
     r = StreamMeter(OPENAI)
-    r.feed(json.dumps({"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "Hi"}))
-    r.feed(json.dumps({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": '{"a":1}'}))
+    r.feed(
+        json.dumps(
+            {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "Hi"}
+        )
+    )
+    r.feed(
+        json.dumps({"type": "response.function_call_arguments.delta", "output_index": 1, "delta": '{"a":1}'})
+    )
     assert r.texts() == ["Hi", '{"a":1}'] and r.text_chars == 9
 
 
@@ -335,7 +538,11 @@ def test_many_small_deltas_are_joined_without_losing_text():
     m = StreamMeter(ANTHROPIC)
     pieces = [f"w{i} " for i in range(5000)]
     for p in pieces:
-        m.feed(json.dumps({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}))
+        m.feed(
+            json.dumps(
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}}
+            )
+        )
     assert m.texts() == ["".join(pieces)]
     assert len(m._parts[0]) < 512 and len(m._chunks[0]) == 5000 // 512
 
@@ -344,21 +551,48 @@ def test_many_small_deltas_are_joined_without_losing_text():
 
 
 def test_answer_texts_of_whole_answers():
-    chat = {"object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": "Hello", "refusal": None}},
-        {"index": 1, "message": {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}
+    chat = {
+        "object": "chat.completion",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello", "refusal": None}},
+            {
+                "index": 1,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+                    ],
+                },
+            },
+        ],
+    }
     assert answer_texts(OPENAI, chat) == ["Hello", "f", "{}"]
-    assert answer_texts(OPENAI, {"object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}) == ["Hi"]
-    responses = {"object": "response", "output": [
-        {"type": "reasoning", "summary": []},
-        {"type": "message", "content": [{"type": "output_text", "text": "Hi"}, {"type": "refusal", "refusal": "No"}]},
-        {"type": "function_call", "name": "f", "arguments": "{}"}]}
+    assert answer_texts(OPENAI, {"object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}) == [
+        "Hi"
+    ]
+    responses = {
+        "object": "response",
+        "output": [
+            {"type": "reasoning", "summary": []},
+            {
+                "type": "message",
+                "content": [{"type": "output_text", "text": "Hi"}, {"type": "refusal", "refusal": "No"}],
+            },
+            {"type": "function_call", "name": "f", "arguments": "{}"},
+        ],
+    }
     assert answer_texts(OPENAI, responses) == ["Hi", "No", "f", "{}"]
     embeddings = {"object": "list", "data": [{"object": "embedding", "embedding": [0.1] * 1536}]}
     assert answer_texts(OPENAI, embeddings) == []  # vectors are not output tokens
-    anthropic = {"type": "message", "content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Hi"},
-                                                {"type": "tool_use", "name": "f", "input": {"a": "é"}}]}
+    anthropic = {
+        "type": "message",
+        "content": [
+            {"type": "thinking", "thinking": "hmm"},
+            {"type": "text", "text": "Hi"},
+            {"type": "tool_use", "name": "f", "input": {"a": "é"}},
+        ],
+    }
     assert answer_texts(ANTHROPIC, anthropic) == ["hmm", "Hi", "f", '{"a":"é"}']
     assert answer_texts(OPENAI, {"something": "else"}) is None
     assert answer_texts(OPENAI, [1, 2]) is None
@@ -379,5 +613,7 @@ def test_a_failing_tokenizer_means_an_estimate_not_an_error(fresh_loader, monkey
     c = TokenCounter()
     with caplog.at_level(logging.ERROR, logger="credit.proxy.tokens"):
         assert c.count_text("gpt-4o", "hello") is None
-        assert c.count_prompt(CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}) is None
+        assert (
+            c.count_prompt(CHAT, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}) is None
+        )
     assert len(caplog.records) == 2

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -183,7 +183,7 @@ async def test_trim_never_drops_pending_or_undelivered_entries(engine, store):
 
 async def test_flushall_then_rehydrate_restores_every_balance_and_open_hold(engine, store, clock):
     await make_traffic(engine, rounds=7)
-    in_an_hour = datetime.fromtimestamp(clock() + 3600, timezone.utc)
+    in_an_hour = datetime.fromtimestamp(clock() + 3600, UTC)
     await engine.grant("u1", "5", op_id="exp-grant", expires_at=in_an_hour, priority=7)
     await Worker(engine, store).run(burst=True)
     before = {u: await engine.account(u) for u in ("u1", "u2", "u3", "u4")}
@@ -231,8 +231,14 @@ async def test_reconcile_reports_planted_drift(engine, store):
 
 
 def worker_env(redis_url, db, **extra):
-    env = {**os.environ, "CREDIT_REDIS_URL": redis_url, "CREDIT_SQLITE_PATH": str(db), "CREDIT_PARTITIONS": "16",
-           "CREDIT_AUDIT_PATH": "", "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "CREDIT_REDIS_URL": redis_url,
+        "CREDIT_SQLITE_PATH": str(db),
+        "CREDIT_PARTITIONS": "16",
+        "CREDIT_AUDIT_PATH": "",
+        "PYTHONPATH": str(REPO),
+    }
     env.pop("CREDIT_AUDIT_PATH")
     env["CREDIT_AUDIT_PATH"] = str(Path(db).with_suffix(".jsonl"))
     env.update({k: str(v) for k, v in extra.items()})
@@ -258,8 +264,14 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
         proc.wait(10)
         stored = await ledger_count(store, users)
         assert 0 < stored < n, "the kill must land mid-drain"
-        done = subprocess.run([sys.executable, "-m", "worker", "--burst"], env=env, cwd=REPO, timeout=120,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "worker", "--burst"],
+            env=env,
+            cwd=REPO,
+            timeout=120,
+            capture_output=True,
+            text=True,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert await ledger_count(store, users) == n
         for u in users:
@@ -272,7 +284,9 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
 
 def test_worker_stops_cleanly_on_sigterm(redis_url, tmp_path):
     env = worker_env(redis_url, tmp_path / "term.db")
-    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(20) == 0
@@ -319,17 +333,23 @@ async def test_a_running_worker_persists_again_after_redis_loses_its_data(engine
     users = users_on_distinct_partitions(engine, 6, "lost")
     for u in users:
         await engine.grant(u, "10", op_id=f"g1-{u}")
-    w = Worker(engine, store, sweep_interval=0.05, idle_seconds=0.01, rehydrate=partial(rehydrate, engine, store))
+    w = Worker(
+        engine, store, sweep_interval=0.05, idle_seconds=0.01, rehydrate=partial(rehydrate, engine, store)
+    )
     task = asyncio.create_task(w.run())
     try:
         await until(lambda: _eq(ledger_count(store, users), len(users)), "the first grants stored")
         await engine.redis.flushall()  # streams, consumer group, accounts, ready markers: all gone
-        await until(lambda: _eq(engine.missing_partitions(), []), "the worker's upkeep rebuilt the partitions")
+        await until(
+            lambda: _eq(engine.missing_partitions(), []), "the worker's upkeep rebuilt the partitions"
+        )
         for u in users:
             await engine.grant(u, "1", op_id=f"g2-{u}")
             await engine.reserve(u, "2", hold_id=f"h-{u}", ttl_seconds=60)
         # No restart: the same worker stores what was written after the loss.
-        await until(lambda: _eq(ledger_count(store, users), 3 * len(users)), "the events after the loss stored")
+        await until(
+            lambda: _eq(ledger_count(store, users), 3 * len(users)), "the events after the loss stored"
+        )
     finally:
         w.stop()
         await task

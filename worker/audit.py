@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from gateway.core.events import Event
 
@@ -24,7 +24,9 @@ class AuditLog:
         lines = [
             f'{{"stream_id":"{e.stream_id}","partition":{e.partition},{e.raw_json[1:]}'
             if e.raw_json.startswith("{") and len(e.raw_json) > 2
-            else json.dumps({"stream_id": e.stream_id, "partition": e.partition, **e.raw}, separators=(",", ":"))
+            else json.dumps(
+                {"stream_id": e.stream_id, "partition": e.partition, **e.raw}, separators=(",", ":")
+            )
             for e in events
         ]
         if not lines:

@@ -17,13 +17,15 @@ destroyed it) gets it back at once, from the start of the stream (see ensure_gro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
@@ -127,11 +129,21 @@ class Worker:
         if level > was:
             self._backlog_alerts[p] = level
             if level == 2:
-                log.error("partition %d: backlog of %d events reached CREDIT_MAX_BACKLOG (%d): new holds are "
-                          "refused (503 backlog_full) until the store catches up", p, entries, limit)
+                log.error(
+                    "partition %d: backlog of %d events reached CREDIT_MAX_BACKLOG (%d): new holds are "
+                    "refused (503 backlog_full) until the store catches up",
+                    p,
+                    entries,
+                    limit,
+                )
             else:
-                log.warning("partition %d: backlog of %d events is past half of CREDIT_MAX_BACKLOG (%d): is the "
-                            "store slow or down?", p, entries, limit)
+                log.warning(
+                    "partition %d: backlog of %d events is past half of CREDIT_MAX_BACKLOG (%d): is the "
+                    "store slow or down?",
+                    p,
+                    entries,
+                    limit,
+                )
         elif was and entries * 4 < limit:
             del self._backlog_alerts[p]
             log.info("partition %d: backlog down to %d events", p, entries)
@@ -157,7 +169,7 @@ class Worker:
             pipe.xgroup_create(self._streams[p], GROUP, id="0", mkstream=True)
         replies = await pipe.execute(raise_on_error=False)
         have = []
-        for p, reply in zip(parts, replies):
+        for p, reply in zip(parts, replies, strict=False):
             if not isinstance(reply, Exception) or "BUSYGROUP" in str(reply):
                 have.append(p)
                 self._healed(p, "creating its consumer group")
@@ -166,8 +178,11 @@ class Worker:
         return have
 
     async def _regroup(self, parts: list[int]) -> list[int]:
-        log.warning("partitions %s had no consumer group (Redis lost it?): creating it again from "
-                    "the start of their streams", parts)
+        log.warning(
+            "partitions %s had no consumer group (Redis lost it?): creating it again from "
+            "the start of their streams",
+            parts,
+        )
         return await self.ensure_groups(parts)
 
     # -- one round ---------------------------------------------------------------------
@@ -187,7 +202,10 @@ class Worker:
             if len(parts) == 1:
                 raise
         replies = await asyncio.gather(
-            *(self.redis.xreadgroup(GROUP, self.consumer, {self._streams[p]: start}, count=counts[p]) for p in parts),
+            *(
+                self.redis.xreadgroup(GROUP, self.consumer, {self._streams[p]: start}, count=counts[p])
+                for p in parts
+            ),
             return_exceptions=True,
         )
         if all(isinstance(r, Exception) for r in replies):
@@ -201,11 +219,13 @@ class Worker:
         found without its consumer group gets it back and is read again at once."""
         parts = list(range(len(self._streams)))
         replies = await self._read_partitions(start, parts)
-        regroup = [p for p, r in zip(parts, replies) if isinstance(r, Exception) and _no_group(r)]
+        regroup = [
+            p for p, r in zip(parts, replies, strict=False) if isinstance(r, Exception) and _no_group(r)
+        ]
         if regroup:
             again = await self._regroup(regroup)
             if again:
-                for p, r in zip(again, await self._read_partitions(start, again)):
+                for p, r in zip(again, await self._read_partitions(start, again), strict=False):
                     replies[p] = r
         counts = self._counts
         out = []
@@ -220,14 +240,18 @@ class Worker:
                 for sid, fields in entries:
                     # fields None: deleted while pending; nothing to store, only to ack.
                     out.append((p, _s(sid), fields or {}))
-            counts[p] = min(self.batch, counts[p] * 2) if got >= counts[p] else max(self._min_count, counts[p] // 2)
+            counts[p] = (
+                min(self.batch, counts[p] * 2) if got >= counts[p] else max(self._min_count, counts[p] // 2)
+            )
         total = sum(counts)
         if total > 2 * self.batch:  # many busy partitions: share the round between them
             for p, c in enumerate(counts):
                 counts[p] = max(self._min_count, c * 2 * self.batch // total)
         return out
 
-    def _prepare(self, entries: list[tuple[int, str, dict]]) -> tuple[list[Event], list, dict[int, list[str]]]:
+    def _prepare(
+        self, entries: list[tuple[int, str, dict]]
+    ) -> tuple[list[Event], list, dict[int, list[str]]]:
         """Decodes a read: the events, the undecodable entries, and every id to acknowledge."""
         good: list[Event] = []
         dead: list[tuple[int, str, dict, str]] = []
@@ -263,7 +287,7 @@ class Worker:
         for p in parts:
             pipe.xack(self._streams[p], GROUP, *ack[p])
         # An XACK that fails leaves its entries pending: claimed and stored again (idempotent).
-        for p, reply in zip(parts, await pipe.execute(raise_on_error=False)):
+        for p, reply in zip(parts, await pipe.execute(raise_on_error=False), strict=False):
             if isinstance(reply, Exception):
                 self._fault(p, "acknowledging", reply)
             else:
@@ -275,7 +299,7 @@ class Worker:
     async def _store_answers(self) -> bool:
         try:
             return bool(await self.store.ping())
-        except Exception:  # noqa: BLE001 - a ping answers, it does not raise
+        except Exception:
             return False
 
     async def _one_by_one(self, events: list[Event]) -> tuple[int, list[tuple[int, str, dict, str]]]:
@@ -289,8 +313,14 @@ class Worker:
             except Exception as exc:
                 if not await self._store_answers():
                     raise
-                poison.append((ev.partition, ev.stream_id, {"e": ev.raw_json or orjson.dumps(ev.raw).decode()},
-                               f"the store refuses it: {type(exc).__name__}: {exc}"))
+                poison.append(
+                    (
+                        ev.partition,
+                        ev.stream_id,
+                        {"e": ev.raw_json or orjson.dumps(ev.raw).decode()},
+                        f"the store refuses it: {type(exc).__name__}: {exc}",
+                    )
+                )
         return new, poison
 
     async def _process(self, entries: list[tuple[int, str, dict]]) -> int:
@@ -332,7 +362,7 @@ class Worker:
                     if cursor == "0-0" or not entries:
                         break
                 self._healed(p, "claiming stale entries")
-            except Exception as exc:  # noqa: BLE001 - this partition's alone
+            except Exception as exc:
                 if _no_group(exc):
                     regroup.append(p)
                 else:
@@ -359,13 +389,18 @@ class Worker:
             self.audit.write(good)
         try:
             new, poison = await self._one_by_one(good)
-        except Exception:  # noqa: BLE001 - the store went down meanwhile: left pending
-            log.exception("writing entries delivered more than %d times failed; they stay pending",
-                          self.max_deliveries)
+        except Exception:
+            log.exception(
+                "writing entries delivered more than %d times failed; they stay pending", self.max_deliveries
+            )
             return
         if poison:
-            await self._dead_letter([(p, sid, fields, f"delivered more than {self.max_deliveries} times; {why}")
-                                     for p, sid, fields, why in poison])
+            await self._dead_letter(
+                [
+                    (p, sid, fields, f"delivered more than {self.max_deliveries} times; {why}")
+                    for p, sid, fields, why in poison
+                ]
+            )
         pipe = self.redis.pipeline(transaction=False)
         for p, ids in ack.items():
             pipe.xack(self._streams[p], GROUP, *ids)
@@ -387,7 +422,7 @@ class Worker:
                 removed += await self._trim_one(s)
                 self._healed(p, "trimming")
                 self._watch_backlog(p, await self.redis.xlen(s))
-            except Exception as exc:  # noqa: BLE001 - this partition's alone
+            except Exception as exc:
                 if not _no_key(exc):  # no stream: nothing to trim
                     self._fault(p, "trimming", exc)
         self.stats.trimmed += removed
@@ -425,13 +460,13 @@ class Worker:
                 self._healed(p, "sweeping")
             except StateLost:
                 continue
-            except Exception as exc:  # noqa: BLE001 - this partition's alone
+            except Exception as exc:
                 self._fault(p, "sweeping", exc)
 
     async def _rebuild_job(self) -> None:
         try:
             await self.rebuild_lost()
-        except Exception:  # noqa: BLE001 - Redis or the store down: tried again next time
+        except Exception:
             log.exception("worker upkeep (rebuild_lost) failed; carrying on")
 
     async def rebuild_lost(self) -> None:
@@ -453,7 +488,7 @@ class Worker:
         for job in (self.sweep, self.claim_stale, self.trim):
             try:
                 await job()
-            except Exception:  # noqa: BLE001 - Redis or the store down: tried again next time
+            except Exception:
                 log.exception("worker upkeep (%s) failed; carrying on", job.__name__)
 
     # -- loop --------------------------------------------------------------------------
@@ -495,10 +530,8 @@ class Worker:
                         if not await self.claim_stale():
                             await asyncio.sleep(self.idle_seconds)
                         continue
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.stop_event.wait(), self.idle_seconds)
-                    except asyncio.TimeoutError:
-                        pass
         finally:
             await _finish(writing)
             if self._rebuilding is not None:  # not cut half way (its lease would do, but why)

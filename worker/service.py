@@ -62,7 +62,9 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker", description="Persist credit events to the store.")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker", description="Persist credit events to the store."
+    )
     parser.add_argument("--burst", action="store_true", help="drain every stream, then exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.middleware.errors import ServerErrorMiddleware
@@ -109,8 +110,12 @@ def create_app(
         mux = make_script_client(settings) if redis is None else None
         engine = make_engine(settings, r, script_redis=mux, clock=clock)
         services = Services(
-            settings=settings, redis=r, store=s, engine=engine,
-            admin_keys=KeyRing(settings.admin_key_digests), client_keys=KeyRing(settings.client_key_digests),
+            settings=settings,
+            redis=r,
+            store=s,
+            engine=engine,
+            admin_keys=KeyRing(settings.admin_key_digests),
+            client_keys=KeyRing(settings.client_key_digests),
         )
         services.api_keys = ApiKeys(r, engine.keys, s, cache_seconds=settings.api_key_cache_seconds)
         app.state.services = services
@@ -135,10 +140,15 @@ def create_app(
             # One pooled upstream client per process (aiohttp: measured several times httpx's rate).
             session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                auto_decompress=False, skip_auto_headers=("User-Agent",),
+                auto_decompress=False,
+                skip_auto_headers=("User-Agent",),
             )
             services.proxy = MeteringProxy(
-                engine, proxy_config, services.pricing, Identity(services.client_keys, services.api_keys), session
+                engine,
+                proxy_config,
+                services.pricing,
+                Identity(services.client_keys, services.api_keys),
+                session,
             )
             from ..proxy.summary import summary_lines
 
@@ -152,8 +162,9 @@ def create_app(
             services.background.append(asyncio.create_task(services.worker.run(), name="credit-worker"))
         else:
             # Rebuilds a partition Redis lost should no worker do it (recovery.watch_partitions).
-            watch = asyncio.create_task(watch_partitions(engine, s, settings.sweep_interval_seconds),
-                                        name="credit-partition-watch")
+            watch = asyncio.create_task(
+                watch_partitions(engine, s, settings.sweep_interval_seconds), name="credit-partition-watch"
+            )
         try:
             yield
         finally:
@@ -190,7 +201,8 @@ def create_app(
     install_error_handlers(app)
     llm_cap = proxy_config.max_body_bytes if proxy_config else settings.max_body_bytes
     app.add_middleware(
-        BodyLimitMiddleware, limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes
+        BodyLimitMiddleware,
+        limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
     for module in (health, admin, access, holds, pricing):
         app.include_router(module.router)
@@ -210,6 +222,10 @@ def create_app(
             return request.app.state.services.proxy.not_served(request)
 
         # Last: every other /v1/ path or method is refused in the upstream's error format.
-        app.add_route("/v1/{rest:path}", not_served, include_in_schema=False,
-                      methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+        app.add_route(
+            "/v1/{rest:path}",
+            not_served,
+            include_in_schema=False,
+            methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+        )
     return app

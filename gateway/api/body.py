@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Any, Callable
+from typing import Any
 
 from fastapi import Request
 from fastapi.routing import APIRoute
@@ -33,7 +34,9 @@ class BodyLimitMiddleware:
                 except ValueError:
                     too_big = True
                 if too_big:
-                    await error_response(413, "body_too_large", f"request body above {cap} bytes")(scope, receive, send)
+                    await error_response(413, "body_too_large", f"request body above {cap} bytes")(
+                        scope, receive, send
+                    )
                     return
         seen = 0
 
@@ -51,7 +54,9 @@ class BodyLimitMiddleware:
         except BodyTooLarge:
             # Only reached when nothing in between answered it (the app's exception
             # handlers do, as a 413, when it is raised while a route reads the body).
-            await error_response(413, "body_too_large", f"request body above {cap} bytes")(scope, receive, send)
+            await error_response(413, "body_too_large", f"request body above {cap} bytes")(
+                scope, receive, send
+            )
 
 
 class BodyTooLarge(HTTPException):

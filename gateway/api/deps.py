@@ -50,16 +50,22 @@ class Caller:
 def require_admin(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
     key_id = services.admin_keys.match(bearer(authorization))
     if key_id is None:
-        raise ApiError(401, "unauthorized", "a valid admin key is required (Authorization: Bearer <key>)", _CHALLENGE)
+        raise ApiError(
+            401, "unauthorized", "a valid admin key is required (Authorization: Bearer <key>)", _CHALLENGE
+        )
     return Caller(key_id)
 
 
 async def require_client_user(
     request: Request,
     services: ServicesDep,
-    authorization: Annotated[str | None, Header(description="Bearer <client key> or Bearer <the user's cgk_ key>")] = None,
+    authorization: Annotated[
+        str | None, Header(description="Bearer <client key> or Bearer <the user's cgk_ key>")
+    ] = None,
     x_user_id: Annotated[str | None, Header(description="the user; required with a client key")] = None,
-    x_api_key: Annotated[str | None, Header(alias="x-api-key", description="the user's cgk_ key (instead of Authorization)")] = None,
+    x_api_key: Annotated[
+        str | None, Header(alias="x-api-key", description="the user's cgk_ key (instead of Authorization)")
+    ] = None,
 ) -> Caller:
     """A client key with X-User-Id naming the user, or the user's own API key (cgk_..., as
     a bearer token or x-api-key), which names its user by itself: with it, X-User-Id may be
@@ -72,10 +78,17 @@ async def require_client_user(
         client_key = services.client_keys.match(bearer(authorization) or x_api_key)
         if client_key is not None:  # a good client key: what is wrong is the X-User-Id
             if not x_user_id:
-                raise ApiError(400, "missing_user", "the X-User-Id header is required with a client key") from None
+                raise ApiError(
+                    400, "missing_user", "the X-User-Id header is required with a client key"
+                ) from None
             raise ApiError(400, "invalid_user", str(exc)) from None
-        raise ApiError(401, "unauthorized", "a valid client key (with X-User-Id) or the user's own API key is "
-                       "required (Authorization: Bearer <key>)", _CHALLENGE) from None
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a valid client key (with X-User-Id) or the user's own API key is "
+            "required (Authorization: Bearer <key>)",
+            _CHALLENGE,
+        ) from None
     key_id = services.client_keys.match(bearer(authorization))
     return Caller(key_id or "user-key", user)
 

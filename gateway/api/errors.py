@@ -31,8 +31,12 @@ RETRY_AFTER_S = "1"
 # raise the same classes: ConnectionError (BusyLoadingError, a full pool, a refused or
 # lost connection) and TimeoutError; a cluster adds its failover answers.
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis_errors.ConnectionError, redis_errors.TimeoutError, redis_errors.ClusterDownError,
-    redis_errors.TryAgainError, redis_errors.MasterDownError, redis_errors.ReadOnlyError,
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+    redis_errors.MasterDownError,
+    redis_errors.ReadOnlyError,
 )
 
 # The durable store did not answer (SQLite busy or failing I/O; MongoDB unreachable or slow).
@@ -50,8 +54,9 @@ _RESERVED = {"code", "message"}
 _RENAMED = {"status": "hold_status"}
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None, /,
-                   **details: Any) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, /, **details: Any
+) -> JSONResponse:
     body: dict[str, Any] = {"code": code, "message": message}
     for k, v in details.items():
         k = _RENAMED.get(k, k)
@@ -65,9 +70,17 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 class ApiError(Exception):
     """A refusal raised by route code."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None, /, **details: Any) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict | None = None, /, **details: Any
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.headers, self.details = status, code, message, headers, details
+        self.status, self.code, self.message, self.headers, self.details = (
+            status,
+            code,
+            message,
+            headers,
+            details,
+        )
 
 
 # Error types of the API's own validators (gateway/api/schemas.py) that are also its codes.
@@ -101,7 +114,7 @@ def _validation_message(exc: RequestValidationError, content_type: str) -> tuple
         kind = e.get("type")
         msg = str(e.get("msg", "invalid"))
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if kind == "json_invalid":
             problems.append({"field": "", "problem": _json_error_message(e, exc.body)})
             continue
@@ -132,7 +145,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CreditError)
     async def _credit(_: Request, exc: CreditError):
         details = {k: v for k, v in exc.details.items() if k != "reason"}
-        return error_response(exc.http_status, exc.code, str(exc.details.get("reason") or exc), None, **details)
+        return error_response(
+            exc.http_status, exc.code, str(exc.details.get("reason") or exc), None, **details
+        )
 
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError):
@@ -153,19 +168,39 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):
-        codes = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail), getattr(exc, "headers", None))
+        codes = {
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "body_too_large",
+        }
+        return error_response(
+            exc.status_code,
+            codes.get(exc.status_code, "http_error"),
+            str(exc.detail),
+            getattr(exc, "headers", None),
+        )
 
     async def _redis_down(request: Request, exc: Exception):
-        log.warning("%s %s: Redis did not answer: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-        return error_response(503, "credit_store_unavailable", "the credit store (Redis) did not answer; retry shortly")
+        log.warning(
+            "%s %s: Redis did not answer: %s: %s", request.method, request.url.path, type(exc).__name__, exc
+        )
+        return error_response(
+            503, "credit_store_unavailable", "the credit store (Redis) did not answer; retry shortly"
+        )
 
     async def _store_down(request: Request, exc: Exception):
-        log.warning("%s %s: the store did not answer: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        log.warning(
+            "%s %s: the store did not answer: %s: %s",
+            request.method,
+            request.url.path,
+            type(exc).__name__,
+            exc,
+        )
         return error_response(503, "store_unavailable", "the durable store did not answer; retry shortly")
 
     for cls in REDIS_UNAVAILABLE:
         app.add_exception_handler(cls, _redis_down)
     for cls in STORE_UNAVAILABLE:
         app.add_exception_handler(cls, _store_down)
-

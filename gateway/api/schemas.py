@@ -59,12 +59,15 @@ def _expiry(v: Any) -> Any:
     if v is None:
         return None
     if not isinstance(v, str):
-        raise PydanticCustomError("invalid_expiry", "expires_at must be an ISO 8601 date-time string with a timezone")
+        raise PydanticCustomError(
+            "invalid_expiry", "expires_at must be an ISO 8601 date-time string with a timezone"
+        )
     try:
         dt = datetime.fromisoformat(v)
     except ValueError:
         raise PydanticCustomError(
-            "invalid_expiry", "expires_at is not an ISO 8601 date-time (e.g. 2030-01-01T00:00:00Z)") from None
+            "invalid_expiry", "expires_at is not an ISO 8601 date-time (e.g. 2030-01-01T00:00:00Z)"
+        ) from None
     if dt.tzinfo is None:
         raise PydanticCustomError("invalid_expiry", "expires_at needs a timezone (e.g. 2030-01-01T00:00:00Z)")
     try:
@@ -85,7 +88,9 @@ class GrantRequest(Body):
     amount: Credits
     source: Literal["payment", "plan", "promo", "admin", "refund"] = "admin"
     expires_at: Expiry = Field(None, description="ISO 8601 with a timezone, in the future; none = never")
-    priority: Count = Field(100, ge=0, le=1000, description="lower is spent first among grants expiring together")
+    priority: Count = Field(
+        100, ge=0, le=1000, description="lower is spent first among grants expiring together"
+    )
     description: str | None = Field(None, max_length=500)
 
 

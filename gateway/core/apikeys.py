@@ -50,8 +50,9 @@ class IssuedKey:
 
 
 class ApiKeys:
-    def __init__(self, redis: Any, keys: KeySpace, store: Store, *, cache_seconds: float = 10.0,
-                 clock=time.time) -> None:
+    def __init__(
+        self, redis: Any, keys: KeySpace, store: Store, *, cache_seconds: float = 10.0, clock=time.time
+    ) -> None:
         self.redis = redis
         self.keys = keys
         self.store = store
@@ -76,8 +77,12 @@ class ApiKeys:
             raise ValueError(f"name must be at most {MAX_NAME} printable characters")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         rec = ApiKeyRecord(
-            key_id=f"key_{secrets.token_hex(8)}", user=user, digest=digest_of(token), prefix=token[:10],
-            name=name, created_ms=int(self.clock() * 1000),
+            key_id=f"key_{secrets.token_hex(8)}",
+            user=user,
+            digest=digest_of(token),
+            prefix=token[:10],
+            name=name,
+            created_ms=int(self.clock() * 1000),
         )
         await self.store.add_api_key(rec)
         try:
@@ -142,10 +147,12 @@ class ApiKeys:
         self._cache.clear()
 
 
-async def restore_api_keys(redis: Any, keys: KeySpace, store: Store, partitions: set[int],
-                           *, batch: int = 1000) -> int:
+async def restore_api_keys(
+    redis: Any, keys: KeySpace, store: Store, partitions: set[int], *, batch: int = 1000
+) -> int:
     """Writes the store's live keys of the given partitions back to Redis (rehydrate), in
     pipelines of `batch`."""
+
     def queue(pipe: Any, rec: ApiKeyRecord) -> bool:
         if keys.api_key_partition(rec.digest) not in partitions:
             return False

@@ -12,7 +12,8 @@ import asyncio
 import contextlib
 import inspect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("credit.channel")
 
@@ -26,9 +27,16 @@ async def _call(fn: Callable | None, *args: Any) -> None:
 
 
 class Subscription:
-    def __init__(self, redis: Any, channel: str, *, on_message: Callable[[Any], Any],
-                 on_subscribe: Callable[[], Any] | None = None, on_idle: Callable[[], Any] | None = None,
-                 idle_seconds: float = 10.0) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        channel: str,
+        *,
+        on_message: Callable[[Any], Any],
+        on_subscribe: Callable[[], Any] | None = None,
+        on_idle: Callable[[], Any] | None = None,
+        idle_seconds: float = 10.0,
+    ) -> None:
         self.redis = redis
         self.channel = channel
         self.on_message = on_message

@@ -237,8 +237,9 @@ class GatewayRedisCluster(RedisCluster):
         for conn in tuple(node._free):
             conn.mark_for_reconnect()
 
-    def _node_failed(self, node: ClusterNode, health: _NodeHealth, probe: bool, exc: BaseException,
-                     *, weight: int) -> None:
+    def _node_failed(
+        self, node: ClusterNode, health: _NodeHealth, probe: bool, exc: BaseException, *, weight: int
+    ) -> None:
         health.failed(probe, time.monotonic(), exc, weight)
         self._reconnect_all(node)
         if health.open_until:
@@ -254,8 +255,12 @@ class GatewayRedisCluster(RedisCluster):
         now = time.monotonic()
         if now - self._last_internal_log > 10:
             self._last_internal_log = now
-            log.warning("redis-py failed inside a cluster call (%s: %s); answered as a connection error",
-                        type(exc).__name__, exc, exc_info=exc)
+            log.warning(
+                "redis-py failed inside a cluster call (%s: %s); answered as a connection error",
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
+            )
         self._refresh_soon()
         return ClusterUnavailable(f"Redis Cluster call {_name(args)} failed: {type(exc).__name__}: {exc}")
 
@@ -280,7 +285,9 @@ class GatewayRedisCluster(RedisCluster):
         if self._refresh_task is not None and not self._refresh_task.done():
             return
         delay = max(0.0, self._last_refresh + REFRESH_INTERVAL - time.monotonic())
-        self._refresh_task = asyncio.get_running_loop().create_task(self._refresh(delay), name="redis-cluster-refresh")
+        self._refresh_task = asyncio.get_running_loop().create_task(
+            self._refresh(delay), name="redis-cluster-refresh"
+        )
 
     async def _refresh(self, delay: float) -> None:
         if delay:

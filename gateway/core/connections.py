@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .engine import CreditEngine
 from .keys import KeySpace
@@ -15,13 +16,15 @@ def make_redis(settings: Settings) -> Any:
     """A redis-py asyncio client: plain, cluster, or in-process fakeredis (embedded mode)."""
     if settings.embedded:
         import fakeredis
-
         import redis.asyncio as aioredis
 
         # As for a real Redis: a burst waits for a free connection (redis-py's own pool
         # refuses the 101st at once).
-        return fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), max_connections=settings.redis_max_connections,
-                                        connection_pool_class=aioredis.BlockingConnectionPool)
+        return fakeredis.FakeAsyncRedis(
+            server=fakeredis.FakeServer(),
+            max_connections=settings.redis_max_connections,
+            connection_pool_class=aioredis.BlockingConnectionPool,
+        )
     if settings.redis_cluster:
         from .cluster import GatewayRedisCluster
 
@@ -50,8 +53,11 @@ def make_script_client(settings: Settings) -> Any | None:
         return None  # TLS and other schemes stay on redis-py
     from .multiplex import MultiplexedRedis
 
-    return MultiplexedRedis(settings.redis_url, connections=settings.redis_multiplex_connections,
-                            timeout=settings.redis_timeout_seconds)
+    return MultiplexedRedis(
+        settings.redis_url,
+        connections=settings.redis_multiplex_connections,
+        timeout=settings.redis_timeout_seconds,
+    )
 
 
 def make_store(settings: Settings) -> Store:
@@ -68,13 +74,19 @@ def make_keys(settings: Settings) -> KeySpace:
     return KeySpace(settings.key_prefix, settings.partitions)
 
 
-def make_engine(settings: Settings, redis: Any, *, script_redis: Any = None,
-                clock: Callable[[], float] | None = None) -> CreditEngine:
+def make_engine(
+    settings: Settings, redis: Any, *, script_redis: Any = None, clock: Callable[[], float] | None = None
+) -> CreditEngine:
     """The credit engine a Settings describes, on `redis` (script calls on `script_redis`
     when given: the multiplexed client)."""
-    return CreditEngine(redis, keys=make_keys(settings), retention_s=settings.retention_seconds,
-                        max_backlog=settings.max_backlog, script_redis=script_redis,
-                        **({"clock": clock} if clock else {}))
+    return CreditEngine(
+        redis,
+        keys=make_keys(settings),
+        retention_s=settings.retention_seconds,
+        max_backlog=settings.max_backlog,
+        script_redis=script_redis,
+        **({"clock": clock} if clock else {}),
+    )
 
 
 def describe(settings: Settings) -> str:
@@ -83,5 +95,9 @@ def describe(settings: Settings) -> str:
         redis = "embedded (in-process fakeredis, state lives in this process only)"
     else:
         redis = ("cluster " if settings.redis_cluster else "") + public_url(settings.redis_url or "")
-    store = f"MongoDB {public_url(settings.mongo_uri)}/{settings.mongo_db}" if settings.mongo_uri else f"SQLite {settings.sqlite_path}"
+    store = (
+        f"MongoDB {public_url(settings.mongo_uri)}/{settings.mongo_db}"
+        if settings.mongo_uri
+        else f"SQLite {settings.sqlite_path}"
+    )
     return f"redis: {redis}; store: {store}"

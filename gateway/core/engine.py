@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -44,7 +45,7 @@ MAX_TTL_S = 7 * 86400
 
 # Lua scores grant expiry in ms below 2^43 (year 2248); later dates are refused.
 MAX_EXPIRY_MS = 2**43 - 2
-LATEST_EXPIRY = datetime.fromtimestamp(MAX_EXPIRY_MS / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+LATEST_EXPIRY = datetime.fromtimestamp(MAX_EXPIRY_MS / 1000, tz=UTC).isoformat(timespec="milliseconds")
 
 
 def grant_expiry_ms(expires_at: datetime | None) -> int:
@@ -103,8 +104,15 @@ def _meta(metadata: dict[str, Any] | None) -> str | bytes:
 
 def _resolution(r: dict, replayed: bool) -> HoldResolution:
     return HoldResolution(
-        r["hold_id"], r["status"], int(r["charged"]), int(r["held_amount"]), int(r["returned"]),
-        int(r["lapsed"]), int(r.get("debt_added") or 0), AccountState.from_wire(r["state"]), replayed,
+        r["hold_id"],
+        r["status"],
+        int(r["charged"]),
+        int(r["held_amount"]),
+        int(r["returned"]),
+        int(r["lapsed"]),
+        int(r.get("debt_added") or 0),
+        AccountState.from_wire(r["state"]),
+        replayed,
         int(r.get("debt_repaid") or 0),
     )
 
@@ -175,8 +183,13 @@ class CreditEngine:
     ) -> GrantResult:
         """Adds `amount` credits to `user` as a grant (repaying debt first)."""
         return await self.grant_units(
-            user, to_units(amount), op_id=op_id, source=source, expires_at=expires_at,
-            priority=priority, metadata=metadata,
+            user,
+            to_units(amount),
+            op_id=op_id,
+            source=source,
+            expires_at=expires_at,
+            priority=priority,
+            metadata=metadata,
         )
 
     async def grant_units(
@@ -204,30 +217,50 @@ class CreditEngine:
             [*self._base(user, op_id), units, exp_ms, priority, source, _meta(metadata)],
         )
         return GrantResult(
-            r["grant_seq"], int(r["amount"]), int(r["debt_repaid"]), int(r["expires_at"]),
-            AccountState.from_wire(r["state"]), replayed,
+            r["grant_seq"],
+            int(r["amount"]),
+            int(r["debt_repaid"]),
+            int(r["expires_at"]),
+            AccountState.from_wire(r["state"]),
+            replayed,
         )
 
     async def debit(
-        self, user: str, amount: Decimal | str | int, *, op_id: str, metadata: dict[str, Any] | None = None,
+        self,
+        user: str,
+        amount: Decimal | str | int,
+        *,
+        op_id: str,
+        metadata: dict[str, Any] | None = None,
         allow_debt: bool = False,
     ) -> DebitResult:
         """Charges `amount` at once. Without `allow_debt` (admin) it is refused when the free
         credit is short; with it, what free credit cannot cover becomes debt (the overage
         policy of a settle: for usage reported after its request settled)."""
-        return await self.debit_units(user, to_units(amount), op_id=op_id, metadata=metadata, allow_debt=allow_debt)
+        return await self.debit_units(
+            user, to_units(amount), op_id=op_id, metadata=metadata, allow_debt=allow_debt
+        )
 
     async def debit_units(
-        self, user: str, units: int, *, op_id: str, metadata: dict[str, Any] | None = None, allow_debt: bool = False,
+        self,
+        user: str,
+        units: int,
+        *,
+        op_id: str,
+        metadata: dict[str, Any] | None = None,
+        allow_debt: bool = False,
     ) -> DebitResult:
         check_id("user_id", user)
         check_id("op_id", op_id)
         _units_arg(units)
         r, replayed = await self._run(
-            "debit", self.keys.account_keys(user, op_id, op_id),
+            "debit",
+            self.keys.account_keys(user, op_id, op_id),
             [*self._base(user, op_id), units, _meta(metadata), "1" if allow_debt else ""],
         )
-        return DebitResult(int(r["amount"]), AccountState.from_wire(r["state"]), replayed, int(r.get("debt_added") or 0))
+        return DebitResult(
+            int(r["amount"]), AccountState.from_wire(r["state"]), replayed, int(r.get("debt_added") or 0)
+        )
 
     # -- holds -------------------------------------------------------------------------
 
@@ -245,7 +278,12 @@ class CreditEngine:
         """Holds `amount` credits for at most `ttl_seconds`. The op id defaults to the hold id.
         With `rate`, the call also counts against the per-minute limits (RateLimited)."""
         return await self.reserve_units(
-            user, to_units(amount), hold_id=hold_id, ttl_seconds=ttl_seconds, op_id=op_id, metadata=metadata,
+            user,
+            to_units(amount),
+            hold_id=hold_id,
+            ttl_seconds=ttl_seconds,
+            op_id=op_id,
+            metadata=metadata,
             rate=rate,
         )
 
@@ -278,7 +316,9 @@ class CreditEngine:
             self._hold_keys(user, op_id, hold_id, hold_id),
             [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits, self.max_backlog],
         )
-        return Hold(r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed)
+        return Hold(
+            r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed
+        )
 
     async def settle(
         self,
@@ -321,7 +361,12 @@ class CreditEngine:
         return _resolution(r, replayed)
 
     async def release(
-        self, user: str, hold_id: str, *, op_id: str | None = None, metadata: dict[str, Any] | None = None,
+        self,
+        user: str,
+        hold_id: str,
+        *,
+        op_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
         void_if_unknown: bool = False,
     ) -> HoldResolution:
         """Voids the hold: every earmarked credit returns. `void_if_unknown`: for giving back
@@ -343,7 +388,9 @@ class CreditEngine:
         check_id("user_id", user)
         keys = self.keys.account_keys(user)
         code, r = await self.scripts.call_json(
-            self.script_redis, "account", [keys[0], keys[1], keys[3]],
+            self.script_redis,
+            "account",
+            [keys[0], keys[1], keys[3]],
             [self.now_ms(), "1" if detail else "0", "1" if rebuilding else "0"],
         )
         if code != "ok":
@@ -397,7 +444,9 @@ class CreditEngine:
     def _record_keys(self, user: str, op_id: str) -> tuple[list[str], str, str]:
         # The op key, and the hold hash that keeps the record of a hold operation under its
         # default id: "!settle:<hold>" / "!release:<hold>", else the hold named by the id.
-        kind, _, hold_id = op_id.partition(":") if op_id.startswith(("!settle:", "!release:")) else ("", "", op_id)
+        kind, _, hold_id = (
+            op_id.partition(":") if op_id.startswith(("!settle:", "!release:")) else ("", "", op_id)
+        )
         keys = [self.keys.op_key(user, op_id), self.keys.hold_key(user, hold_id)]
         return keys, hold_id, kind[1:] or "reserve"
 
@@ -421,7 +470,9 @@ class CreditEngine:
             if code != "ok":
                 raise_for(code, r)
             total = SweepResult(
-                total.holds + r["holds"], total.grants + r["grants"], total.credits + from_units(r["credits"]),
+                total.holds + r["holds"],
+                total.grants + r["grants"],
+                total.credits + from_units(r["credits"]),
                 total.due_left,
             )
         return total
@@ -447,7 +498,9 @@ class CreditEngine:
     async def mark_ready(self, partition: int) -> None:
         await self.redis.set(self.keys.partition(partition).ready, "1")
 
-    async def restore_operation(self, user: str, op_id: str, fingerprint: str, answer: str, ttl_s: int) -> bool:
+    async def restore_operation(
+        self, user: str, op_id: str, fingerprint: str, answer: str, ttl_s: int
+    ) -> bool:
         """Makes Redis remember an operation again after it lost its data (the store's
         OperationRecord: fingerprint and answer JSON), in the compact form and place the
         scripts keep it, for `ttl_s` seconds. False when Redis remembers it already."""

@@ -106,8 +106,18 @@ class StateLost(CreditError):
 _BY_CODE = {
     cls.code: cls
     for cls in (
-        InsufficientCredits, AccountInDebt, HoldNotFound, HoldExists, HoldAlreadySettled,
-        HoldAlreadyReleased, HoldExpired, OperationConflict, InvalidExpiry, InvalidAmount, RateLimited, StateLost,
+        InsufficientCredits,
+        AccountInDebt,
+        HoldNotFound,
+        HoldExists,
+        HoldAlreadySettled,
+        HoldAlreadyReleased,
+        HoldExpired,
+        OperationConflict,
+        InvalidExpiry,
+        InvalidAmount,
+        RateLimited,
+        StateLost,
         BacklogFull,
     )
 }

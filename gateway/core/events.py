@@ -9,8 +9,9 @@ back debt (absent = 0). Amounts are decimal strings of micro-credits; here they 
 
 from __future__ import annotations
 
-import orjson
 from typing import Any
+
+import orjson
 
 # Event types (`t`).
 GRANT = "grant"
@@ -36,8 +37,20 @@ class Event:
     since the worker needs them only for the newest event of each account.
     `grants[seq]` is {"r", "e"} ints, or None when the grant is gone."""
 
-    __slots__ = ("stream_id", "partition", "user", "op_id", "type", "version", "ts_ms", "amount",
-                 "hold_id", "fingerprint", "raw", "raw_json")
+    __slots__ = (
+        "amount",
+        "fingerprint",
+        "hold_id",
+        "op_id",
+        "partition",
+        "raw",
+        "raw_json",
+        "stream_id",
+        "ts_ms",
+        "type",
+        "user",
+        "version",
+    )
 
     def __init__(self, stream_id: str, partition: int, raw: dict[str, Any], raw_json: str = "") -> None:
         t = raw["t"]
@@ -65,8 +78,10 @@ class Event:
 
     @property
     def grants(self) -> dict[str, dict[str, int] | None]:
-        return {seq: None if g == "gone" else {"r": int(g["r"]), "e": int(g["e"])}
-                for seq, g in _map(self.raw.get("g")).items()}
+        return {
+            seq: None if g == "gone" else {"r": int(g["r"]), "e": int(g["e"])}
+            for seq, g in _map(self.raw.get("g")).items()
+        }
 
     @property
     def grant_meta(self) -> dict[str, dict[str, Any]]:

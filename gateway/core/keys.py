@@ -111,9 +111,17 @@ class KeySpace:
         pk = self._parts[self.partition_of(user)]
         t = pk.tag
         return [
-            f"{t}:acct:{user}", f"{t}:gord:{user}", pk.events, pk.ready, f"{t}:op:{user}|{op_id}",
-            f"{t}:hold:{user}|{hold_id}", pk.hold_expiry, pk.grant_expiry, pk.users,
-            f"{t}:lim:{user}", f"{t}:rl:{user}",
+            f"{t}:acct:{user}",
+            f"{t}:gord:{user}",
+            pk.events,
+            pk.ready,
+            f"{t}:op:{user}|{op_id}",
+            f"{t}:hold:{user}|{hold_id}",
+            pk.hold_expiry,
+            pk.grant_expiry,
+            pk.users,
+            f"{t}:lim:{user}",
+            f"{t}:rl:{user}",
         ]
 
     def rate_keys(self, user: str) -> list[str]:

@@ -31,16 +31,18 @@ class AmountError(ValueError):
 
 def parse_amount(value: Decimal | str | int) -> Decimal:
     """An amount as a Decimal, refusing floats, booleans and anything but plain notation."""
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, (bool, float)):
         # JSON numbers reach this as Decimal; a Python float is inexact, a boolean no number.
-        raise AmountError(f"an amount is a decimal string, an integer or a Decimal, not a {type(value).__name__}")
+        raise AmountError(
+            f"an amount is a decimal string, an integer or a Decimal, not a {type(value).__name__}"
+        )
     if isinstance(value, Decimal):
         d = value
     elif isinstance(value, int):
         d = Decimal(value)
     elif isinstance(value, str):
         if not AMOUNT_TEXT.fullmatch(value):
-            raise AmountError(f"not a plain decimal number: {value[:40]!r} (write it like \"1.25\")")
+            raise AmountError(f'not a plain decimal number: {value[:40]!r} (write it like "1.25")')
         try:
             d = Decimal(value)
         except InvalidOperation as exc:  # pragma: no cover - the pattern admits only valid text

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import socket
 from typing import Any
@@ -32,13 +33,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-
 try:  # redis-py's own mapping of error replies (LOADING -> BusyLoadingError, a ConnectionError...)
     from redis._parsers.base import BaseParser
 
     def _error(reply: hiredis.ReplyError) -> Exception:
         return BaseParser.parse_error(str(reply))
 except ImportError:  # pragma: no cover - an older/newer redis-py layout
+
     def _error(reply: hiredis.ReplyError) -> Exception:
         msg = str(reply)
         return NoScriptError(msg) if msg.startswith("NOSCRIPT") else ResponseError(msg)
@@ -58,10 +59,8 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            except OSError:
-                pass
 
     def close(self, exc: Exception) -> None:
         """Fails what is in flight and drops the connection (a later call reconnects)."""
@@ -133,7 +132,9 @@ class MultiplexedRedis:
         self._port = parts.port or 6379
         self._user = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
-        db = parse_qs(parts.query).get("db", [""])[0] or (parts.path.lstrip("/") if parts.scheme == "redis" else "")
+        db = parse_qs(parts.query).get("db", [""])[0] or (
+            parts.path.lstrip("/") if parts.scheme == "redis" else ""
+        )
         if not db.isdigit() and db:
             raise ValueError(f"bad database number in the Redis URL: {db!r}")
         self._db = int(db) if db else 0
@@ -184,7 +185,9 @@ class MultiplexedRedis:
                     _, conn = await loop.create_connection(_Connection, self._host, self._port)
                 hello = []
                 if self._password:
-                    hello.append(("AUTH", self._user, self._password) if self._user else ("AUTH", self._password))
+                    hello.append(
+                        ("AUTH", self._user, self._password) if self._user else ("AUTH", self._password)
+                    )
                 if self._db:
                     hello.append(("SELECT", self._db))
                 for cmd in hello:

@@ -7,8 +7,9 @@ multiply-and-divide, rounded up to the unit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .money import AmountError, from_units, to_units
 
@@ -56,7 +57,9 @@ class ModelPrice:
         `budget` micro-credits in all; -1 when the input alone costs more. Exact:
         cost(u with k output tokens) <= budget exactly when k <= this."""
         uncached = max(u.input - u.cached_input, 0) + u.cache_write
-        room = (budget - self.request) * 1_000_000 - (uncached * self.input + u.cached_input * self.cached_input)
+        room = (budget - self.request) * 1_000_000 - (
+            uncached * self.input + u.cached_input * self.cached_input
+        )
         if room < 0:
             return -1
         return room // self.output if self.output else 1 << 62

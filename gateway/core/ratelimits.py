@@ -22,7 +22,9 @@ def check_limit(name: str, value: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_LIMIT:
-        raise ValueError(f"{name} must be a whole number from 0 (no limit) to {MAX_LIMIT}, or null (the default)")
+        raise ValueError(
+            f"{name} must be a whole number from 0 (no limit) to {MAX_LIMIT}, or null (the default)"
+        )
     return value
 
 
@@ -45,7 +47,9 @@ async def _write(redis: Any, keys: KeySpace, o: RateLimitOverride) -> None:
     await pipe.execute()
 
 
-async def set_rate_limits(redis: Any, keys: KeySpace, store: Store, override: RateLimitOverride) -> RateLimitOverride:
+async def set_rate_limits(
+    redis: Any, keys: KeySpace, store: Store, override: RateLimitOverride
+) -> RateLimitOverride:
     """Stores an account's override (both None: back to the defaults) and applies it."""
     check_limit("requests_per_minute", override.requests_per_minute)
     check_limit("tokens_per_minute", override.tokens_per_minute)
@@ -58,10 +62,12 @@ async def set_rate_limits(redis: Any, keys: KeySpace, store: Store, override: Ra
     return override
 
 
-async def restore_rate_limits(redis: Any, keys: KeySpace, store: Store, partitions: set[int],
-                              *, batch: int = 1000) -> int:
+async def restore_rate_limits(
+    redis: Any, keys: KeySpace, store: Store, partitions: set[int], *, batch: int = 1000
+) -> int:
     """Writes the store's overrides of the given partitions back to Redis (rehydrate), in
     pipelines of about `batch` accounts."""
+
     def queue(pipe: Any, o: RateLimitOverride) -> bool:
         if keys.partition_of(o.user) not in partitions:
             return False

@@ -18,20 +18,27 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Coroutine
+from typing import Any
 
 import orjson
 from redis.exceptions import NoScriptError
 
 from .apikeys import restore_api_keys
 from .engine import CreditEngine
-from .keys import InvalidId, KeySpace
-from .ratelimits import restore_rate_limits
-from .money import to_units
 from .events import (
-    DEBIT, GRANT, GRANT_EXPIRED, HOLD_EXPIRED, HOLD_OPEN, HOLD_RELEASED, HOLD_SETTLED,
+    DEBIT,
+    GRANT,
+    GRANT_EXPIRED,
+    HOLD_EXPIRED,
+    HOLD_OPEN,
+    HOLD_RELEASED,
+    HOLD_SETTLED,
 )
+from .keys import InvalidId, KeySpace
+from .money import to_units
+from .ratelimits import restore_rate_limits
 from .store.base import AccountSnapshot, LedgerEntry, Store
 
 log = logging.getLogger("credit.recovery")
@@ -87,7 +94,7 @@ async def partition_status(redis: Any, keys: KeySpace) -> PartitionStatus:
     n = len(parts)
     try:
         flags = await pipe.execute()
-    except Exception:  # noqa: BLE001 - asked partition by partition below
+    except Exception:
         return await _partition_status_one_by_one(redis, keys)
     lost = [p for p in range(n) if not flags[p] and not flags[n + p]]
     rebuilding = [p for p in range(n) if not flags[p] and flags[n + p]]
@@ -118,14 +125,31 @@ async def _partition_status_one_by_one(redis: Any, keys: KeySpace) -> PartitionS
 def _restore_state(snap: AccountSnapshot) -> dict[str, Any]:
     t = snap.totals
     return {
-        **{k: str(int(t.get(k, 0))) for k in ("seq", "held", "debt", "debt_total", "granted", "spent", "expired")},
+        **{
+            k: str(int(t.get(k, 0)))
+            for k in ("seq", "held", "debt", "debt_total", "granted", "spent", "expired")
+        },
         "grants": [
-            {"seq": g["seq"], "r": str(g["r"]), "e": str(g["e"]), "x": str(g["x"]), "pri": int(g["pri"]), "m": g["m"]}
+            {
+                "seq": g["seq"],
+                "r": str(g["r"]),
+                "e": str(g["e"]),
+                "x": str(g["x"]),
+                "pri": int(g["pri"]),
+                "m": g["m"],
+            }
             for g in snap.grants
         ],
         "holds": [
-            {"id": h["id"], "amt": str(h["amt"]), "exp": str(h["exp"]), "ear": h.get("ear") or "",
-             "at": str(h.get("at") or 0), "op": h.get("op") or h["id"], "x": h.get("x") or "{}"}
+            {
+                "id": h["id"],
+                "amt": str(h["amt"]),
+                "exp": str(h["exp"]),
+                "ear": h.get("ear") or "",
+                "at": str(h.get("at") or 0),
+                "op": h.get("op") or h["id"],
+                "x": h.get("x") or "{}",
+            }
             for h in snap.holds
         ],
     }
@@ -145,7 +169,7 @@ async def _scripts(engine: CreditEngine, name: str, calls: list[tuple[list[str],
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     replies = await pipe.execute(raise_on_error=False)
     out = []
-    for (keys, args), reply in zip(calls, replies):
+    for (keys, args), reply in zip(calls, replies, strict=False):
         if isinstance(reply, NoScriptError):
             reply = await engine.scripts.call(engine.redis, name, keys, args)
         elif isinstance(reply, Exception):
@@ -213,22 +237,24 @@ class _Leases:
         """(taken, busy): the partitions now ours, those another process is rebuilding;
         with even_if_ready False, partitions found ready are neither."""
         got = await self._run("take", parts, "1" if even_if_ready else "")
-        return [p for p, r in zip(parts, got) if r == 1], [p for p, r in zip(parts, got) if r == 0]
+        return [p for p, r in zip(parts, got, strict=False) if r == 1], [
+            p for p, r in zip(parts, got, strict=False) if r == 0
+        ]
 
     async def keep(self, parts: list[int]) -> None:
         """Renews the leases until cancelled."""
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             try:
-                lost = [p for p, r in zip(parts, await self._run("renew", parts)) if r != 1]
+                lost = [p for p, r in zip(parts, await self._run("renew", parts), strict=False) if r != 1]
                 if lost:
                     log.warning("rebuild lease of partitions %s lost (Redis lost them again?)", lost)
-            except Exception:  # noqa: BLE001 - retried at the next period; done() decides
+            except Exception:
                 log.exception("renewing the rebuild leases failed")
 
     async def done(self, parts: list[int]) -> list[int]:
         """Sets the ready marker of each partition still ours; returns those."""
-        return [p for p, r in zip(parts, await self._run("done", parts)) if r == 1]
+        return [p for p, r in zip(parts, await self._run("done", parts), strict=False) if r == 1]
 
     async def drop(self, parts: list[int]) -> None:
         await self._run("drop", parts)
@@ -246,7 +272,9 @@ async def _snapshots(store: Store, keys: KeySpace, wanted: set[int]) -> AsyncIte
                 yield snap
 
 
-async def _restore_accounts(engine: CreditEngine, snaps: list[AccountSnapshot], report: RehydrateReport) -> None:
+async def _restore_accounts(
+    engine: CreditEngine, snaps: list[AccountSnapshot], report: RehydrateReport
+) -> None:
     # The holds Redis still lists as open, per account (a partial loss leaves some): restore
     # deletes those the store does not know. The account script reads them from the 'o:' fields.
     pipe = engine.redis.pipeline(transaction=False)
@@ -254,7 +282,7 @@ async def _restore_accounts(engine: CreditEngine, snaps: list[AccountSnapshot], 
         pipe.hkeys(engine.keys.account_keys(snap.user)[0])
     fields = await pipe.execute()
     calls = []
-    for snap, names in zip(snaps, fields):
+    for snap, names in zip(snaps, fields, strict=False):
         stale = [f[2:] for f in map(_s, names) if f.startswith("o:")]
         calls.append(engine.restore_call(snap.user, snap.version, _restore_state(snap), stale))
     for code, _ in await _scripts(engine, "restore", calls):
@@ -264,15 +292,18 @@ async def _restore_accounts(engine: CreditEngine, snaps: list[AccountSnapshot], 
             report.skipped += 1
 
 
-async def _restore_holds(engine: CreditEngine, holds: list[tuple[str, tuple[str, int]]],
-                         report: RehydrateReport) -> None:
-    await engine.scripts.call(engine.redis, "restore_holds", [k for k, _ in holds],
-                              [orjson.dumps([v for _, v in holds])])
+async def _restore_holds(
+    engine: CreditEngine, holds: list[tuple[str, tuple[str, int]]], report: RehydrateReport
+) -> None:
+    await engine.scripts.call(
+        engine.redis, "restore_holds", [k for k, _ in holds], [orjson.dumps([v for _, v in holds])]
+    )
     report.resolved_holds += len(holds)
 
 
-async def _restore_ops(engine: CreditEngine, ops: list[tuple[str, str, str, str, int]],
-                       report: RehydrateReport) -> None:
+async def _restore_ops(
+    engine: CreditEngine, ops: list[tuple[str, str, str, str, int]], report: RehydrateReport
+) -> None:
     # One script call per partition's chunk: redis-py spends ~20 us of CPU per pipelined
     # command, which a million SETs would pay a million times.
     keys, args = engine.restore_ops_call(ops)
@@ -380,8 +411,11 @@ async def rehydrate(
     report.partitions = len(marked)
     report.unfinished = sorted(wanted - set(marked))
     if report.unfinished:
-        log.warning("partitions %s lost their rebuild lease (Redis lost them again?): left not ready, "
-                    "to be rebuilt again", report.unfinished)
+        log.warning(
+            "partitions %s lost their rebuild lease (Redis lost them again?): left not ready, "
+            "to be rebuilt again",
+            report.unfinished,
+        )
     log.info("rehydrated %s", report)
     return report
 
@@ -413,10 +447,14 @@ async def watch_partitions(engine: CreditEngine, store: Store, interval: float) 
             lost_since = {p: lost_since.get(p, now) for p in status.lost}
             due = [p for p, t in lost_since.items() if now - t >= GATEWAY_REBUILD_GRACE_S]
             if due:
-                log.warning("partitions %s have been lost for %.0f s with nobody rebuilding them: "
-                            "rebuilding them here", due, GATEWAY_REBUILD_GRACE_S)
+                log.warning(
+                    "partitions %s have been lost for %.0f s with nobody rebuilding them: "
+                    "rebuilding them here",
+                    due,
+                    GATEWAY_REBUILD_GRACE_S,
+                )
                 await rehydrate(engine, store, due, only_missing=True)
-        except Exception:  # noqa: BLE001 - Redis or the store down: tried again next time
+        except Exception:
             log.exception("checking or rebuilding lost partitions failed")
 
 
@@ -487,7 +525,10 @@ async def reconcile(engine: CreditEngine, store: Store) -> list[Drift]:
             have, want = getattr(view.state, f"{k}_units"), int(snap.totals.get(k, 0))
             if have != want:
                 drift.append(Drift(user, k, have, want))
-        rg = {g.seq: (to_units(g.free, allow_zero=True), to_units(g.earmarked, allow_zero=True)) for g in view.grants}
+        rg = {
+            g.seq: (to_units(g.free, allow_zero=True), to_units(g.earmarked, allow_zero=True))
+            for g in view.grants
+        }
         sg = {g["seq"]: (int(g["r"]), int(g["e"])) for g in snap.grants}
         if rg != sg:
             drift.append(Drift(user, "grants", rg, sg))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -12,7 +12,7 @@ from .money import from_units
 
 def ms_to_dt(ms: int | str | None) -> datetime | None:
     ms = int(ms or 0)
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+    return datetime.fromtimestamp(ms / 1000, tz=UTC) if ms else None
 
 
 def _credits(name: str) -> property:
@@ -54,8 +54,15 @@ class AccountState:
         return cls(s)
 
     def _key(self) -> tuple[int, ...]:
-        return (self.version, self.available_units, self.held_units, self.debt_units,
-                self.granted_units, self.spent_units, self.expired_units)
+        return (
+            self.version,
+            self.available_units,
+            self.held_units,
+            self.debt_units,
+            self.granted_units,
+            self.spent_units,
+            self.expired_units,
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AccountState) and self._key() == other._key()
@@ -64,8 +71,10 @@ class AccountState:
         return hash(self._key())
 
     def __repr__(self) -> str:
-        return (f"AccountState(version={self.version}, available={self.available}, held={self.held}, "
-                f"debt={self.debt}, granted={self.granted}, spent={self.spent}, expired={self.expired})")
+        return (
+            f"AccountState(version={self.version}, available={self.available}, held={self.held}, "
+            f"debt={self.debt}, granted={self.granted}, spent={self.spent}, expired={self.expired})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

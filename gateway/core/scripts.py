@@ -29,9 +29,7 @@ class Script:
 def _load_sources() -> dict[str, Script]:
     root = resources.files("gateway.lua")
     includes = {
-        f.name[:-4]: f.read_text()
-        for f in root.joinpath("includes").iterdir()
-        if f.name.endswith(".lua")
+        f.name[:-4]: f.read_text() for f in root.joinpath("includes").iterdir() if f.name.endswith(".lua")
     }
     scripts = {}
     for f in root.iterdir():

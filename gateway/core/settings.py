@@ -7,6 +7,7 @@ runner build their clients from it.
 from __future__ import annotations
 
 import hashlib
+
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -33,11 +34,15 @@ def parse_keys(raw: str) -> list[bytes]:
             # A key travels in an Authorization header: printable ASCII, no spaces, or it
             # could never be presented (and "a" + spaces + "b" is no 32-character secret).
             if any(not ("!" <= c <= "~") for c in entry):
-                raise ValueError(f"{where}: keys may contain only printable ASCII characters, "
-                                 "no spaces or control characters")
+                raise ValueError(
+                    f"{where}: keys may contain only printable ASCII characters, "
+                    "no spaces or control characters"
+                )
             if len(entry) < MIN_KEY_LENGTH:
-                raise ValueError(f"{where}: API keys must be at least {MIN_KEY_LENGTH} characters "
-                                 f"(this one has {len(entry)})")
+                raise ValueError(
+                    f"{where}: API keys must be at least {MIN_KEY_LENGTH} characters "
+                    f"(this one has {len(entry)})"
+                )
             digests.append(hashlib.sha256(entry.encode()).digest())
     if raw and not digests:
         raise ValueError("the list is set but holds no key (only spaces and commas); unset it for none")
@@ -55,7 +60,9 @@ class Settings(BaseSettings):
     # (gateway/core/multiplex.py): several times less client CPU per call than redis-py.
     redis_multiplex: bool = True
     redis_multiplex_connections: int = Field(2, ge=1, le=64)
-    redis_timeout_seconds: float = Field(5.0, gt=0, description="a script call without an answer by then fails")
+    redis_timeout_seconds: float = Field(
+        5.0, gt=0, description="a script call without an answer by then fails"
+    )
     key_prefix: str = "cg"
     partitions: int = Field(64, ge=1, le=16384, description="fixed for the life of a deployment")
 
@@ -71,12 +78,16 @@ class Settings(BaseSettings):
     # Operations.
     retention_seconds: int = Field(86400, ge=3600, description="op-id and resolved-hold memory in Redis")
     max_backlog: int = Field(
-        10_000, ge=0, description="stream entries per partition before new holds are refused (backlog_full, 503); 0 = none"
+        10_000,
+        ge=0,
+        description="stream entries per partition before new holds are refused (backlog_full, 503); 0 = none",
     )
     max_hold_ttl_seconds: int = Field(86400, ge=1)
     max_body_bytes: int = Field(64 * 1024, ge=1024)
     api_key_cache_seconds: float = Field(
-        10.0, ge=0, description="how long a process trusts a cached per-user key lookup (revocations also arrive by pub/sub)"
+        10.0,
+        ge=0,
+        description="how long a process trusts a cached per-user key lookup (revocations also arrive by pub/sub)",
     )
 
     # Worker.
@@ -98,7 +109,9 @@ class Settings(BaseSettings):
     http_header_timeout_seconds: float = Field(
         10.0, gt=0, description="a connection whose request head is not complete by then is closed"
     )
-    http_keepalive_seconds: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    http_keepalive_seconds: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this"
+    )
     http_max_connections: int = Field(
         0, ge=0, description="open connections beyond it are answered 503; 0 = from the open-file limit"
     )

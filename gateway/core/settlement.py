@@ -26,7 +26,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -121,13 +122,24 @@ class Settler:
         into debt: what was used is owed. Other refusals are raised."""
 
         def call() -> Awaitable[HoldResolution]:
-            return self.engine.settle_units(user, hold_id, units, op_id=op_id, metadata=metadata, tokens=tokens)
+            return self.engine.settle_units(
+                user, hold_id, units, op_id=op_id, metadata=metadata, tokens=tokens
+            )
 
         async def late() -> DebitResult | None:
-            log.warning("hold %s of %s is gone uncharged (expired, or lost with Redis's data) before its settle "
-                        "of %d micro-credits landed; charging it as a debit", hold_id, user, units)
-            return await self.debit(user, units, op_id=late_op_id(hold_id),
-                                    metadata={**(metadata or {}), "hold_id": hold_id, "reason": "hold_expired"})
+            log.warning(
+                "hold %s of %s is gone uncharged (expired, or lost with Redis's data) before its settle "
+                "of %d micro-credits landed; charging it as a debit",
+                hold_id,
+                user,
+                units,
+            )
+            return await self.debit(
+                user,
+                units,
+                op_id=late_op_id(hold_id),
+                metadata={**(metadata or {}), "hold_id": hold_id, "reason": "hold_expired"},
+            )
 
         what = f"settle of {hold_id} for {user} at {units} micro-credits"
         # Tried until the hold is sure to have expired and a debit's own window after that:
@@ -171,13 +183,20 @@ class Settler:
         (HoldNotFound too, also with void_if_unknown); in the background they end it."""
 
         def call() -> Awaitable[HoldResolution]:
-            return self.engine.release(user, hold_id, op_id=op_id, metadata=metadata, void_if_unknown=void_if_unknown)
+            return self.engine.release(
+                user, hold_id, op_id=op_id, metadata=metadata, void_if_unknown=void_if_unknown
+            )
 
         try:
             return await retrying(call, self.attempts, self.backoff_seconds)
         except RETRY_LATER as exc:
-            log.warning("release of %s for %s not confirmed by Redis (%r)%s", hold_id, user, exc,
-                        "; trying again in the background" if until_ms else "; the hold expires by itself")
+            log.warning(
+                "release of %s for %s not confirmed by Redis (%r)%s",
+                hold_id,
+                user,
+                exc,
+                "; trying again in the background" if until_ms else "; the hold expires by itself",
+            )
             if until_ms is not None:
                 self.spawn(self._release_later(call, f"release of {hold_id} for {user}", until_ms))
             return None
@@ -225,8 +244,13 @@ class Settler:
             log.info("%s confirmed on a later try", what)
             return
 
-    async def _charge(self, call: Callable[[], Awaitable[T]], what: str, deadline_ms: int,
-                      on_expired: Callable[[], Awaitable[Any]] | None = None) -> Any:
+    async def _charge(
+        self,
+        call: Callable[[], Awaitable[T]],
+        what: str,
+        deadline_ms: int,
+        on_expired: Callable[[], Awaitable[Any]] | None = None,
+    ) -> Any:
         try:
             return await retrying(call, self.attempts, self.backoff_seconds)
         except UNCHARGED:
@@ -238,8 +262,13 @@ class Settler:
             self.spawn(self._later(call, what, deadline_ms, on_expired))
             return None
 
-    async def _later(self, call: Callable[[], Awaitable[Any]], what: str, deadline_ms: int,
-                     on_expired: Callable[[], Awaitable[Any]] | None) -> None:
+    async def _later(
+        self,
+        call: Callable[[], Awaitable[Any]],
+        what: str,
+        deadline_ms: int,
+        on_expired: Callable[[], Awaitable[Any]] | None,
+    ) -> None:
         try:
             while True:
                 await asyncio.sleep(self.retry_interval_seconds)

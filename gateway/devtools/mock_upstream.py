@@ -34,7 +34,6 @@ from typing import Any
 
 from aiohttp import web
 
-
 # The output cap each route obeys (chat: max_completion_tokens first, as OpenAI reads it).
 CAP_FIELDS = {
     "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
@@ -70,7 +69,11 @@ def _choices(path: str, body: dict, lenient: bool = False) -> tuple[int, int]:
     if not lenient and path not in ("/v1/chat/completions", "/v1/completions"):
         return 1, 1
     n = body.get("n") if isinstance(body.get("n"), int) else 1
-    best_of = body.get("best_of") if (lenient or path == "/v1/completions") and isinstance(body.get("best_of"), int) else n
+    best_of = (
+        body.get("best_of")
+        if (lenient or path == "/v1/completions") and isinstance(body.get("best_of"), int)
+        else n
+    )
     return n, max(n, best_of)
 
 
@@ -80,7 +83,13 @@ class MockUpstream:
         self.record = record
         self.app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_upstream_headers])
         r = self.app.router
-        for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages"):
+        for path in (
+            "/v1/chat/completions",
+            "/v1/completions",
+            "/v1/embeddings",
+            "/v1/responses",
+            "/v1/messages",
+        ):
             r.add_post(path, self.llm)
         r.add_get("/v1/models", self.models)
         r.add_get("/v1/redirect", self.redirect)
@@ -121,8 +130,14 @@ class MockUpstream:
 
     def _record(self, request: web.Request, raw: bytes) -> None:
         if self.record:
-            self.requests.append({"method": request.method, "path": request.path_qs,
-                                  "headers": dict(request.headers), "body": raw.decode(errors="replace")})
+            self.requests.append(
+                {
+                    "method": request.method,
+                    "path": request.path_qs,
+                    "headers": dict(request.headers),
+                    "body": raw.decode(errors="replace"),
+                }
+            )
 
     async def llm(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
@@ -155,34 +170,71 @@ class MockUpstream:
         choices, billed = _choices(request.path, body, lenient="X-Fake-Cap-Field" in h)
         if body.get("stream"):
             return await self._stream(request, body, anthropic, model, n_in, n_out, cached, usage_on, choices)
-        inputs = len(body["input"]) if isinstance(body.get("input"), list) and body["input"] and not isinstance(
-            body["input"][0], int) else 1
-        out = self._whole(request.path, model, n_in, n_out, cached, usage_on, choices, billed, _token_text(request),
-                          inputs)
+        inputs = (
+            len(body["input"])
+            if isinstance(body.get("input"), list) and body["input"] and not isinstance(body["input"][0], int)
+            else 1
+        )
+        out = self._whole(
+            request.path, model, n_in, n_out, cached, usage_on, choices, billed, _token_text(request), inputs
+        )
         if h.get("X-Fake-Usage"):
             out["usage"] = json.loads(urllib.parse.unquote(h["X-Fake-Usage"]))
         return web.json_response(out)
 
-    def _whole(self, path: str, model: str, n_in: int, n_out: int, cached: int, usage_on: bool,
-               choices: int = 1, billed: int = 1, tok: str = "tok ", inputs: int = 1) -> dict:
+    def _whole(
+        self,
+        path: str,
+        model: str,
+        n_in: int,
+        n_out: int,
+        cached: int,
+        usage_on: bool,
+        choices: int = 1,
+        billed: int = 1,
+        tok: str = "tok ",
+        inputs: int = 1,
+    ) -> dict:
         text = tok * n_out
         if path == "/v1/messages":
-            out = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
-                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn"}
+            out = {
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": text}],
+                "stop_reason": "end_turn",
+            }
             if usage_on:
-                out["usage"] = {"input_tokens": n_in - cached, "output_tokens": n_out * billed,
-                                "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+                out["usage"] = {
+                    "input_tokens": n_in - cached,
+                    "output_tokens": n_out * billed,
+                    "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": 0,
+                }
             return out
         if path == "/v1/responses":
-            out = {"id": "resp_fake", "object": "response", "model": model, "status": "completed",
-                   "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}]}
+            out = {
+                "id": "resp_fake",
+                "object": "response",
+                "model": model,
+                "status": "completed",
+                "output": [{"type": "message", "content": [{"type": "output_text", "text": text}]}],
+            }
             if usage_on:
-                out["usage"] = {"input_tokens": n_in, "output_tokens": n_out * billed,
-                                "total_tokens": n_in + n_out * billed, "input_tokens_details": {"cached_tokens": cached}}
+                out["usage"] = {
+                    "input_tokens": n_in,
+                    "output_tokens": n_out * billed,
+                    "total_tokens": n_in + n_out * billed,
+                    "input_tokens_details": {"cached_tokens": cached},
+                }
             return out
         if path == "/v1/embeddings":
-            out = {"object": "list", "model": model, "data": [
-                {"object": "embedding", "index": i, "embedding": [0.0, 0.1]} for i in range(inputs)]}
+            out = {
+                "object": "list",
+                "model": model,
+                "data": [{"object": "embedding", "index": i, "embedding": [0.0, 0.1]} for i in range(inputs)],
+            }
             if usage_on:
                 out["usage"] = {"prompt_tokens": n_in, "total_tokens": n_in}
             return out
@@ -194,16 +246,26 @@ class MockUpstream:
             else:
                 choice["message"] = {"role": "assistant", "content": text}
             out_choices.append(choice)
-        out = {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-               "choices": out_choices}
+        out = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": out_choices,
+        }
         if usage_on:
             total_out = n_out * billed
-            out["usage"] = {"prompt_tokens": n_in, "completion_tokens": total_out, "total_tokens": n_in + total_out,
-                            "prompt_tokens_details": {"cached_tokens": cached}}
+            out["usage"] = {
+                "prompt_tokens": n_in,
+                "completion_tokens": total_out,
+                "total_tokens": n_in + total_out,
+                "prompt_tokens_details": {"cached_tokens": cached},
+            }
         return out
 
-    async def _stream(self, request, body, anthropic, model, n_in, n_out, cached, usage_on,
-                      choices: int = 1) -> web.StreamResponse:
+    async def _stream(
+        self, request, body, anthropic, model, n_in, n_out, cached, usage_on, choices: int = 1
+    ) -> web.StreamResponse:
         h = request.headers
         delay = int(h.get("X-Fake-Chunk-Delay-Ms", 0)) / 1000
         tok = _token_text(request)
@@ -225,16 +287,43 @@ class MockUpstream:
 
         try:
             if anthropic:
-                start_usage = {"input_tokens": n_in - cached, "output_tokens": 1, "cache_read_input_tokens": cached,
-                               "cache_creation_input_tokens": 0}
-                await send("message_start", {"type": "message_start", "message": {
-                    "id": "msg_fake", "type": "message", "role": "assistant", "model": model, "content": [],
-                    **({"usage": start_usage} if usage_on else {})}})
-                await send("content_block_start", {"type": "content_block_start", "index": 0,
-                                                   "content_block": {"type": "text", "text": ""}})
+                start_usage = {
+                    "input_tokens": n_in - cached,
+                    "output_tokens": 1,
+                    "cache_read_input_tokens": cached,
+                    "cache_creation_input_tokens": 0,
+                }
+                await send(
+                    "message_start",
+                    {
+                        "type": "message_start",
+                        "message": {
+                            "id": "msg_fake",
+                            "type": "message",
+                            "role": "assistant",
+                            "model": model,
+                            "content": [],
+                            **({"usage": start_usage} if usage_on else {}),
+                        },
+                    },
+                )
+                await send(
+                    "content_block_start",
+                    {
+                        "type": "content_block_start",
+                        "index": 0,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                )
                 for _ in range(n_out):
-                    await send("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                                       "delta": {"type": "text_delta", "text": tok}})
+                    await send(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": 0,
+                            "delta": {"type": "text_delta", "text": tok},
+                        },
+                    )
                 await send("content_block_stop", {"type": "content_block_stop", "index": 0})
                 delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
                 if usage_on:
@@ -243,14 +332,25 @@ class MockUpstream:
                 await send("message_stop", {"type": "message_stop"})
             elif request.path == "/v1/responses":
                 for _ in range(n_out):
-                    await send("response.output_text.delta", {"type": "response.output_text.delta", "delta": tok})
+                    await send(
+                        "response.output_text.delta", {"type": "response.output_text.delta", "delta": tok}
+                    )
                 done = {"id": "resp_fake", "object": "response", "model": model, "status": "completed"}
                 if usage_on:
-                    done["usage"] = {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
-                                     "input_tokens_details": {"cached_tokens": cached}}
+                    done["usage"] = {
+                        "input_tokens": n_in,
+                        "output_tokens": n_out,
+                        "total_tokens": n_in + n_out,
+                        "input_tokens_details": {"cached_tokens": cached},
+                    }
                 await send("response.completed", {"type": "response.completed", "response": done})
             else:
-                base = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+                base = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": model,
+                }
                 for _ in range(n_out):
                     for c in range(choices):
                         if request.path == "/v1/completions":
@@ -259,13 +359,25 @@ class MockUpstream:
                             ch = {"index": c, "delta": {"content": tok}, "finish_reason": None}
                         await send(None, {**base, "choices": [ch]})
                 for c in range(choices):
-                    await send(None, {**base, "choices": [{"index": c, "delta": {}, "finish_reason": "stop"}]})
+                    await send(
+                        None, {**base, "choices": [{"index": c, "delta": {}, "finish_reason": "stop"}]}
+                    )
                 opts = body.get("stream_options") or {}
                 if usage_on and opts.get("include_usage"):
                     total_out = n_out * choices
-                    await send(None, {**base, "choices": [], "usage": {
-                        "prompt_tokens": n_in, "completion_tokens": total_out, "total_tokens": n_in + total_out,
-                        "prompt_tokens_details": {"cached_tokens": cached}}})
+                    await send(
+                        None,
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": n_in,
+                                "completion_tokens": total_out,
+                                "total_tokens": n_in + total_out,
+                                "prompt_tokens_details": {"cached_tokens": cached},
+                            },
+                        },
+                    )
                 await send(None, "[DONE]")
             await resp.write_eof()
         except _Drop:
@@ -283,7 +395,10 @@ class _Drop(Exception):
 
 def run(args: argparse.Namespace) -> int:
     mock = MockUpstream(record=not args.no_record)
-    print(f"mock LLM upstream on http://{args.host}:{args.port} (OpenAI and Anthropic routes, any model)", flush=True)
+    print(
+        f"mock LLM upstream on http://{args.host}:{args.port} (OpenAI and Anthropic routes, any model)",
+        flush=True,
+    )
     web.run_app(mock.app, host=args.host, port=args.port, access_log=None, print=lambda *_: None)
     return 0
 

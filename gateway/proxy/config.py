@@ -56,8 +56,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..core.money import AmountError, to_units
-from ..core.ratelimits import check_limit
 from ..core.pricing import PricingTable
+from ..core.ratelimits import check_limit
 from ..core.redact import public_url
 from .features import FEATURES
 from .worst_case import CHAT_CAP_FIELDS
@@ -132,8 +132,10 @@ def _rate_limits(rl: Any) -> RateLimits:
     if not isinstance(rl, dict) or set(rl) - {"requests_per_minute", "tokens_per_minute"}:
         raise ConfigError("rate_limits takes requests_per_minute and tokens_per_minute")
     try:
-        return RateLimits(check_limit("requests_per_minute", rl.get("requests_per_minute", 0)),
-                          check_limit("tokens_per_minute", rl.get("tokens_per_minute", 0)))
+        return RateLimits(
+            check_limit("requests_per_minute", rl.get("requests_per_minute", 0)),
+            check_limit("tokens_per_minute", rl.get("tokens_per_minute", 0)),
+        )
     except ValueError as exc:
         raise ConfigError(f"rate_limits: {exc}") from exc
 
@@ -177,7 +179,9 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
         raise ConfigError(f"upstream {name}: base_url is required")
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise ConfigError(f"upstream {name}: base_url must be an http(s) URL without query: {public_url(base_url)}")
+        raise ConfigError(
+            f"upstream {name}: base_url must be an http(s) URL without query: {public_url(base_url)}"
+        )
     key = env.get(f"{prefix}_API_KEY")
     if key is None and raw.get("api_key_env"):
         key = env.get(str(raw["api_key_env"]))
@@ -206,9 +210,18 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
     allow = raw.get("allow_features") or []
     if not isinstance(allow, list) or not set(allow) <= FEATURES:
         raise ConfigError(f"upstream {name}: allow_features must be a list of {sorted(FEATURES)}")
-    return Upstream(name, kind, base_url.rstrip("/"), key, timeout, tuple(str(m) for m in models),
-                    {str(k): str(v) for k, v in headers.items()}, cap_field,
-                    tuple(h.strip().lower() for h in fwd), frozenset(allow))
+    return Upstream(
+        name,
+        kind,
+        base_url.rstrip("/"),
+        key,
+        timeout,
+        tuple(str(m) for m in models),
+        {str(k): str(v) for k, v in headers.items()},
+        cap_field,
+        tuple(h.strip().lower() for h in fwd),
+        frozenset(allow),
+    )
 
 
 def _flag(section: dict[str, Any], name: str, default: bool) -> bool:

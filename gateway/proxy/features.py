@@ -16,16 +16,37 @@ from __future__ import annotations
 from typing import Any
 
 # Every feature name an upstream's allow_features may list.
-FEATURES = frozenset({
-    "service_tier", "web_search", "web_fetch", "file_search", "code_interpreter", "code_execution",
-    "computer_use", "image_generation", "mcp", "audio", "background", "stored_context",
-})
+FEATURES = frozenset(
+    {
+        "service_tier",
+        "web_search",
+        "web_fetch",
+        "file_search",
+        "code_interpreter",
+        "code_execution",
+        "computer_use",
+        "image_generation",
+        "mcp",
+        "audio",
+        "background",
+        "stored_context",
+    }
+)
 
 # Built-in tool types (by prefix) and the feature each is.
-_OPENAI_TOOLS = (("web_search", "web_search"), ("file_search", "file_search"),
-                 ("code_interpreter", "code_interpreter"), ("computer_use", "computer_use"),
-                 ("image_generation", "image_generation"), ("mcp", "mcp"))
-_ANTHROPIC_TOOLS = (("web_search", "web_search"), ("web_fetch", "web_fetch"), ("code_execution", "code_execution"))
+_OPENAI_TOOLS = (
+    ("web_search", "web_search"),
+    ("file_search", "file_search"),
+    ("code_interpreter", "code_interpreter"),
+    ("computer_use", "computer_use"),
+    ("image_generation", "image_generation"),
+    ("mcp", "mcp"),
+)
+_ANTHROPIC_TOOLS = (
+    ("web_search", "web_search"),
+    ("web_fetch", "web_fetch"),
+    ("code_execution", "code_execution"),
+)
 
 
 def _tools(body: dict[str, Any], prefixes: tuple[tuple[str, str], ...]) -> set[str]:
@@ -60,6 +81,9 @@ def requested_features(kind: str, path: str, body: dict[str, Any]) -> set[str]:
         found.add("audio")
     if body.get("background"):
         found.add("background")
-    if any(body.get(f) is not None for f in ("previous_response_id", "conversation", "prompt")) and path == "/v1/responses":
+    if (
+        any(body.get(f) is not None for f in ("previous_response_id", "conversation", "prompt"))
+        and path == "/v1/responses"
+    ):
         found.add("stored_context")
     return found

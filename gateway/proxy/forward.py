@@ -15,8 +15,9 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -45,7 +46,15 @@ from .identity import Identity, IdentityError
 from .pricing_cache import PricingCache
 from .tokens import TokenCounter
 from .usage import ANTHROPIC, OPENAI, StreamMeter, answer_texts, count_output, from_json_body
-from .worst_case import COUNT_FIELDS, EMBEDDINGS, BadRequest, OutputPlan, embedding_input_tokens, output_plan, set_output_cap
+from .worst_case import (
+    COUNT_FIELDS,
+    EMBEDDINGS,
+    BadRequest,
+    OutputPlan,
+    embedding_input_tokens,
+    output_plan,
+    set_output_cap,
+)
 
 log = logging.getLogger("credit.proxy")
 
@@ -59,18 +68,51 @@ FORWARDED_HEADERS = {
 }
 # Never forwarded, whatever the configuration allows: credentials, cookies, hop-by-hop
 # headers, the gateway's own, and what the HTTP client sets itself.
-NEVER_FORWARDED = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "host", "content-length", "authorization", "cookie", "x-api-key",
-    "x-user-id", "accept-encoding", "expect", "content-type",
-})
+NEVER_FORWARDED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "authorization",
+        "cookie",
+        "x-api-key",
+        "x-user-id",
+        "accept-encoding",
+        "expect",
+        "content-type",
+    }
+)
 # Never passed back to the client from the upstream.
-DROP_RESPONSE_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-    "transfer-encoding", "upgrade", "content-length", "content-encoding", "set-cookie", "server", "date",
-    # the gateway's upstream account, not the client's business
-    "openai-organization", "openai-project", "anthropic-organization-id",
-})
+DROP_RESPONSE_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        "set-cookie",
+        "server",
+        "date",
+        # the gateway's upstream account, not the client's business
+        "openai-organization",
+        "openai-project",
+        "anthropic-organization-id",
+    }
+)
 # The upstream's names for what the gateway answers itself: passed on under another name.
 RENAMED_RESPONSE_HEADERS = {"x-request-id": "x-upstream-request-id", "request-id": "x-upstream-request-id"}
 DEFAULT_MAX_OUTPUT = 4096
@@ -95,7 +137,6 @@ def forwarded_headers(request: Request, upstream: Upstream) -> dict[str, str]:
         if lk in allowed or lk in upstream.forward_headers or (prefixes and lk.startswith(prefixes)):
             out[lk] = v
     return out
-
 
 
 @dataclass
@@ -123,8 +164,14 @@ class Call:
 
 
 class MeteringProxy:
-    def __init__(self, engine: CreditEngine, config: ProxyConfig, pricing: PricingCache, identity: Identity,
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        engine: CreditEngine,
+        config: ProxyConfig,
+        pricing: PricingCache,
+        identity: Identity,
+        session: aiohttp.ClientSession,
+    ) -> None:
         self.engine = engine
         self.config = config
         self.pricing = pricing
@@ -157,7 +204,9 @@ class MeteringProxy:
             return await self._flat(request, user, kind, request_id)
         raw = await self._body(request)
         if raw is None:
-            return proxy_error(kind, 413, "body_too_large", f"request body above {self.config.max_body_bytes} bytes", rid)
+            return proxy_error(
+                kind, 413, "body_too_large", f"request body above {self.config.max_body_bytes} bytes", rid
+            )
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -168,21 +217,32 @@ class MeteringProxy:
             body = json.loads(raw)  # orjson reads integers past 64 bits as floats: a huge cap is still a cap
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return proxy_error(kind, 400, "invalid_request", "the request names no model (field \"model\")", rid)
+            return proxy_error(
+                kind, 400, "invalid_request", 'the request names no model (field "model")', rid
+            )
         upstream = self.config.upstream_for(kind, model)
         if upstream is None:
-            return proxy_error(kind, 404, "model_not_served", f"no upstream serves model {model!r} on {path}", rid)
+            return proxy_error(
+                kind, 404, "model_not_served", f"no upstream serves model {model!r} on {path}", rid
+            )
         table = self.pricing.table
         price = table.models.get(model or "")
         if price is None and self.config.unknown_model == "default":
             price = table.default
         if price is None:
-            return proxy_error(kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid)
+            return proxy_error(
+                kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid
+            )
         denied = requested_features(kind, path, body) - upstream.allow_features
         if denied:
-            return proxy_error(kind, 400, "feature_not_allowed",
-                               f"this gateway does not meter {', '.join(sorted(denied))}: the request is refused", rid,
-                               features=sorted(denied))
+            return proxy_error(
+                kind,
+                400,
+                "feature_not_allowed",
+                f"this gateway does not meter {', '.join(sorted(denied))}: the request is refused",
+                rid,
+                features=sorted(denied),
+            )
         try:
             call = self._plan(request_id, user, kind, path, model, price, upstream, body, len(raw))
         except BadRequest as exc:
@@ -207,14 +267,28 @@ class MeteringProxy:
 
     # -- planning and reserving --------------------------------------------------------
 
-    def _plan(self, request_id: str, user: str, kind: str, path: str, model: str, price: ModelPrice,
-              upstream: Upstream, body: dict[str, Any], body_len: int) -> Call:
+    def _plan(
+        self,
+        request_id: str,
+        user: str,
+        kind: str,
+        path: str,
+        model: str,
+        price: ModelPrice,
+        upstream: Upstream,
+        body: dict[str, Any],
+        body_len: int,
+    ) -> Call:
         cpt = self.config.chars_per_token
         plan = output_plan(path, body, cpt)
         est_input = max(ceil_div(body_len, cpt), embedding_input_tokens(body) if path == EMBEDDINGS else 0)
         max_out = 0
         if path != EMBEDDINGS:
-            max_out = plan.requested if plan.requested is not None else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
+            max_out = (
+                plan.requested
+                if plan.requested is not None
+                else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
+            )
             # A cap whose worst case is beyond any one operation's amount is lowered to what
             # fits (then to what the user can afford): a clamp, not a refusal.
             max_out = min(max_out, plan.per_choice(price.output_tokens_affordable(MAX_UNITS, est_input)))
@@ -258,8 +332,9 @@ class MeteringProxy:
             tokens = call.est_input + call.plan.total(call.max_output)
             rate = RateCharge(tokens, limits.requests_per_minute, limits.tokens_per_minute)
             try:
-                hold = await self.engine.reserve_units(call.user, worst, hold_id=call.request_id, ttl_seconds=ttl,
-                                                       metadata=call.meta, rate=rate)
+                hold = await self.engine.reserve_units(
+                    call.user, worst, hold_id=call.request_id, ttl_seconds=ttl, metadata=call.meta, rate=rate
+                )
                 call.hold_units, call.hold_expires_ms = worst, hold.expires_at_ms
                 call.budget_units = worst
                 return None
@@ -273,11 +348,19 @@ class MeteringProxy:
                 return _rate_limited(call.kind, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
-                if self._clamp(call, call.price.output_tokens_affordable(available, call.est_input), "credit", clamped):
+                if self._clamp(
+                    call, call.price.output_tokens_affordable(available, call.est_input), "credit", clamped
+                ):
                     worst = self._worst(call)
                     continue
-                return proxy_error(call.kind, 402, "insufficient_credits",
-                                   "not enough credits for this request", rid, available=str(from_units(available)))
+                return proxy_error(
+                    call.kind,
+                    402,
+                    "insufficient_credits",
+                    "not enough credits for this request",
+                    rid,
+                    available=str(from_units(available)),
+                )
             except AccountInDebt:
                 return _in_debt(call.kind, rid)
             except RedisError as exc:
@@ -314,27 +397,36 @@ class MeteringProxy:
         rid = {"X-Request-Id": call.request_id}
         uncharged = {**rid, "X-Credits-Charged": "0"}  # the hold is given back: nothing charged
         try:
-            resp = await self.session.post(url, data=orjson.dumps(call.body), headers=headers,
-                                           allow_redirects=False, timeout=timeout)
-        except asyncio.TimeoutError:
+            resp = await self.session.post(
+                url, data=orjson.dumps(call.body), headers=headers, allow_redirects=False, timeout=timeout
+            )
+        except TimeoutError:
             await self._release(call, "upstream_timeout")
-            return proxy_error(call.kind, 504, "upstream_timeout", "the upstream did not answer in time", uncharged)
+            return proxy_error(
+                call.kind, 504, "upstream_timeout", "the upstream did not answer in time", uncharged
+            )
         except aiohttp.ClientError as exc:
             await self._release(call, "upstream_unreachable")
             log.warning("upstream %s unreachable: %s", call.upstream.name, exc)
-            return proxy_error(call.kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged)
+            return proxy_error(
+                call.kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged
+            )
         if resp.status >= 300:
             try:
                 raw = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 raw = b""
             finally:
                 resp.release()
             await self._release(call, f"upstream_status_{resp.status}")
             return Response(raw, status_code=resp.status, headers={**self._pass_headers(resp), **uncharged})
         if call.stream and resp.content_type == "text/event-stream":
-            return StreamingResponse(self._stream(call, resp), status_code=resp.status,
-                                     headers={**self._pass_headers(resp), **rid}, media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(call, resp),
+                status_code=resp.status,
+                headers={**self._pass_headers(resp), **rid},
+                media_type="text/event-stream",
+            )
         return await self._whole(call, resp)
 
     @staticmethod
@@ -351,11 +443,16 @@ class MeteringProxy:
         rid = {"X-Request-Id": call.request_id}
         try:
             raw = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             resp.release()
             await self._release(call, "upstream_failed")
-            return proxy_error(call.kind, 502, "upstream_failed", "the upstream answer broke off",
-                               {**rid, "X-Credits-Charged": "0"})
+            return proxy_error(
+                call.kind,
+                502,
+                "upstream_failed",
+                "the upstream answer broke off",
+                {**rid, "X-Credits-Charged": "0"},
+            )
         headers = self._pass_headers(resp)
         resp.release()
         usage, answer = None, None
@@ -389,9 +486,14 @@ class MeteringProxy:
                     cut, sep = _event_end(buf)
                     if cut < 0:
                         break
-                    event, buf = buf[: cut + sep], buf[cut + sep:]
+                    event, buf = buf[: cut + sep], buf[cut + sep :]
                     obj = meter.feed(_sse_data(event))
-                    if call.strip_usage_chunk and obj is not None and obj.get("usage") and not obj.get("choices"):
+                    if (
+                        call.strip_usage_chunk
+                        and obj is not None
+                        and obj.get("usage")
+                        and not obj.get("choices")
+                    ):
                         continue  # the usage chunk we asked for on the client's behalf
                     out.append(event)
                     while cap is not None and cap.passed(meter):
@@ -413,13 +515,16 @@ class MeteringProxy:
             resp.close()
             charged, remaining = await self._settle_stream(call, meter, partial=True)
             yield f": stopped at the credit cap; credits charged={_credits(charged)}\n\n".encode()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             # The upstream broke off mid-stream: pay for what was produced, tell the client.
             done = True
             resp.close()
             charged, _ = await self._settle_stream(call, meter, partial=True)
-            why = ("upstream stream timed out (its timeout_seconds)" if isinstance(exc, asyncio.TimeoutError)
-                   else "upstream stream broke off")
+            why = (
+                "upstream stream timed out (its timeout_seconds)"
+                if isinstance(exc, asyncio.TimeoutError)
+                else "upstream stream broke off"
+            )
             yield f": {why}; credits charged={_credits(charged)}\n\n".encode()
         finally:
             resp.release()
@@ -440,12 +545,18 @@ class MeteringProxy:
         """_usage_so_far with the model's tokenizer where it is known: the streamed text, and the
         prompt when no usage came at all; the size estimates where it is not."""
         u = meter.usage
-        output = meter.output_tokens(lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token)
+        output = meter.output_tokens(
+            lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token
+        )
         if u is None:
             counted = self.tokens.count_prompt(call.path, call.body)
             return Usage(input=call.est_input if counted is None else counted, output=output)
-        return Usage(input=u.input, output=max(u.output, output), cached_input=u.cached_input,
-                     cache_write=u.cache_write)
+        return Usage(
+            input=u.input,
+            output=max(u.output, output),
+            cached_input=u.cached_input,
+            cache_write=u.cache_write,
+        )
 
     def _counted_whole(self, call: Call, answer: Any, size: int) -> Usage:
         """A whole answer without usage: its prompt and its generated text counted (or
@@ -454,14 +565,20 @@ class MeteringProxy:
         if texts is None:
             output = ceil_div(size, self.config.chars_per_token)
         else:
-            output = count_output(texts, lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token)
+            output = count_output(
+                texts, lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token
+            )
         counted = self.tokens.count_prompt(call.path, call.body)
         return Usage(input=call.est_input if counted is None else counted, output=output)
 
-    async def _settle_counted(self, call: Call, meter: StreamMeter, *, partial: bool) -> tuple[int | None, int | None]:
+    async def _settle_counted(
+        self, call: Call, meter: StreamMeter, *, partial: bool
+    ) -> tuple[int | None, int | None]:
         return await self._settle(call, await self._final_usage(call, meter), partial=partial)
 
-    def _settle_stream(self, call: Call, meter: StreamMeter, *, partial: bool) -> Awaitable[tuple[int | None, int | None]]:
+    def _settle_stream(
+        self, call: Call, meter: StreamMeter, *, partial: bool
+    ) -> Awaitable[tuple[int | None, int | None]]:
         """Settles a stream in a task of its own, awaited through a shield: a client that
         goes away as the stream ends (SDKs close on [DONE]) cancels the response, which must
         not cancel the settle half way."""
@@ -476,11 +593,19 @@ class MeteringProxy:
         if cost > MAX_UNITS:
             # Beyond what one operation may carry (a billion credits): absurd usage is still
             # charged, as much of it as an operation can hold, and never dropped.
-            log.error("usage of %s for %s costs %d micro-credits, above the per-operation limit; charging %d",
-                      call.request_id, call.user, cost, MAX_UNITS)
+            log.error(
+                "usage of %s for %s costs %d micro-credits, above the per-operation limit; charging %d",
+                call.request_id,
+                call.user,
+                cost,
+                MAX_UNITS,
+            )
             cost = MAX_UNITS
-        meta = {**call.meta, "usage": {"input": usage.input, "output": usage.output,
-                                       "cached_input": usage.cached_input}, "partial": partial}
+        meta = {
+            **call.meta,
+            "usage": {"input": usage.input, "output": usage.output, "cached_input": usage.cached_input},
+            "partial": partial,
+        }
         tokens = usage.input + usage.cache_write + usage.output
         # The cost is posted to the call's holds in order, each up to its amount; the last
         # takes the rest (above all of them: the overage policy).
@@ -492,9 +617,13 @@ class MeteringProxy:
             cost -= part
             try:
                 r = await self.settler.settle(
-                    call.user, hold_id, part, expires_at_ms=expires_ms,
+                    call.user,
+                    hold_id,
+                    part,
+                    expires_at_ms=expires_ms,
                     metadata=meta if i == 0 else {**call.meta, "extends": call.request_id},
-                    tokens=tokens if i == 0 else None)
+                    tokens=tokens if i == 0 else None,
+                )
             except CreditError as exc:
                 log.error("settle of %s for %s failed: %s %s", hold_id, call.user, exc.code, exc.details)
                 continue
@@ -519,8 +648,9 @@ class MeteringProxy:
         meta = {**call.meta, "extends": call.request_id}
         for _ in range(2):
             try:
-                hold = await self.engine.reserve_units(call.user, units, hold_id=hold_id, ttl_seconds=ttl,
-                                                       metadata=meta)
+                hold = await self.engine.reserve_units(
+                    call.user, units, hold_id=hold_id, ttl_seconds=ttl, metadata=meta
+                )
             except InsufficientCredits as exc:
                 units = to_units(exc.details.get("available", 0), allow_zero=True)
                 if units < need or units <= 0:
@@ -536,18 +666,25 @@ class MeteringProxy:
 
     async def _release(self, call: Call, reason: str, *, void_if_unknown: bool = False) -> None:
         until = call.hold_expires_ms or self._hold_end(call.upstream)
-        await self._give_back(call.user, call.request_id, {**call.meta, "reason": reason}, until, void_if_unknown)
+        await self._give_back(
+            call.user, call.request_id, {**call.meta, "reason": reason}, until, void_if_unknown
+        )
 
     def _hold_end(self, upstream: Upstream) -> int:
         """The latest a hold placed now for `upstream` can expire (ms)."""
-        return self.engine.now_ms() + round((upstream.timeout_seconds + self.config.hold_margin_seconds) * 1000)
+        return self.engine.now_ms() + round(
+            (upstream.timeout_seconds + self.config.hold_margin_seconds) * 1000
+        )
 
-    async def _give_back(self, user: str, hold_id: str, meta: dict[str, Any], until_ms: int,
-                         void_if_unknown: bool = False) -> None:
+    async def _give_back(
+        self, user: str, hold_id: str, meta: dict[str, Any], until_ms: int, void_if_unknown: bool = False
+    ) -> None:
         """Releases a hold; a refusal is logged, and a release Redis does not confirm is
         tried again in the background until the hold would have expired by itself."""
         try:
-            await self.settler.release(user, hold_id, metadata=meta, void_if_unknown=void_if_unknown, until_ms=until_ms)
+            await self.settler.release(
+                user, hold_id, metadata=meta, void_if_unknown=void_if_unknown, until_ms=until_ms
+            )
         except HoldNotFound:
             if not void_if_unknown:
                 log.error("release of %s for %s: no such hold", hold_id, user)
@@ -568,7 +705,9 @@ class MeteringProxy:
         kind = ANTHROPIC if path.startswith("/v1/messages") else OPENAI
         rid = {"X-Request-Id": f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"}
         if path in _METERED_ROUTES or self.config.route_for(path) is not None:
-            return proxy_error(kind, 405, "method_not_allowed", f"{request.method} is not served on {path}", rid)
+            return proxy_error(
+                kind, 405, "method_not_allowed", f"{request.method} is not served on {path}", rid
+            )
         return proxy_error(kind, 404, "route_not_served", f"{request.method} {path} is not served", rid)
 
     # -- other configured paths: a flat price, or refused --------------------------------
@@ -577,7 +716,9 @@ class MeteringProxy:
         rid = {"X-Request-Id": request_id}
         route = self.config.route_for(request.url.path)
         if route is None or route.price_units is None or request.method not in route.methods:
-            return proxy_error(kind, 404, "route_not_served", f"{request.method} {request.url.path} is not served", rid)
+            return proxy_error(
+                kind, 404, "route_not_served", f"{request.method} {request.url.path} is not served", rid
+            )
         upstream = self.config.upstream(route.upstream)
         raw = await self._body(request)
         if raw is None:
@@ -588,13 +729,23 @@ class MeteringProxy:
             limits = self.config.rate_limits
             try:
                 hold = await self.engine.reserve_units(
-                    user, route.price_units, hold_id=request_id,
-                    ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds, metadata=meta,
-                    rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute))
+                    user,
+                    route.price_units,
+                    hold_id=request_id,
+                    ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds,
+                    metadata=meta,
+                    rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute),
+                )
                 expires_ms = hold.expires_at_ms
             except InsufficientCredits as exc:
-                return proxy_error(kind, 402, "insufficient_credits", "not enough credits for this request", rid,
-                                   available=str(exc.available))
+                return proxy_error(
+                    kind,
+                    402,
+                    "insufficient_credits",
+                    "not enough credits for this request",
+                    rid,
+                    available=str(exc.available),
+                )
             except AccountInDebt:
                 return _in_debt(kind, rid)
             except RateLimited as exc:
@@ -605,8 +756,9 @@ class MeteringProxy:
                 return _backlog_full(kind, rid)
             except RedisError as exc:
                 log.error("reserve of %s for %s failed: %s", request_id, user, exc)
-                self.settler.spawn(self._give_back(user, request_id, meta, self._hold_end(upstream),
-                                                   void_if_unknown=True))
+                self.settler.spawn(
+                    self._give_back(user, request_id, meta, self._hold_end(upstream), void_if_unknown=True)
+                )
                 return _unavailable(kind, rid)
         headers = self._upstream_headers(request, upstream)
         if raw and request.headers.get("content-type"):
@@ -614,22 +766,34 @@ class MeteringProxy:
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
         uncharged = {**rid, "X-Credits-Charged": "0"}
         try:
-            async with self.session.request(request.method, upstream.base_url + route.path, data=raw or None,
-                                            headers=headers, params=request.query_params,
-                                            allow_redirects=False, timeout=timeout) as resp:
+            async with self.session.request(
+                request.method,
+                upstream.base_url + route.path,
+                data=raw or None,
+                headers=headers,
+                params=request.query_params,
+                allow_redirects=False,
+                timeout=timeout,
+            ) as resp:
                 body = await resp.read()
                 status, passed = resp.status, self._pass_headers(resp)
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             if route.price_units:
                 await self._give_back(user, request_id, meta, expires_ms)
-            return proxy_error(kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged)
+            return proxy_error(
+                kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged
+            )
         if not route.price_units:
             return Response(body, status_code=status, headers={**passed, **uncharged})
         if status >= 300:
-            await self._give_back(user, request_id, {**meta, "reason": f"upstream_status_{status}"}, expires_ms)
+            await self._give_back(
+                user, request_id, {**meta, "reason": f"upstream_status_{status}"}, expires_ms
+            )
             return Response(body, status_code=status, headers={**passed, **uncharged})
         try:
-            r = await self.settler.settle(user, request_id, route.price_units, expires_at_ms=expires_ms, metadata=meta)
+            r = await self.settler.settle(
+                user, request_id, route.price_units, expires_at_ms=expires_ms, metadata=meta
+            )
         except CreditError as exc:
             log.error("settle of %s for %s failed: %s %s", request_id, user, exc.code, exc.details)
             return Response(body, status_code=status, headers={**passed, **uncharged})
@@ -643,11 +807,23 @@ class MeteringProxy:
 def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
     limit, value, wait_ms = exc.details.get("limit"), exc.details.get("value"), exc.retry_after_ms
     if wait_ms < 0:  # this call alone is over the limit: waiting will not help
-        return proxy_error(kind, 429, "request_too_large",
-                           f"this request's tokens exceed the {limit} limit ({value})", rid, limit=limit)
+        return proxy_error(
+            kind,
+            429,
+            "request_too_large",
+            f"this request's tokens exceed the {limit} limit ({value})",
+            rid,
+            limit=limit,
+        )
     retry_after = str(max(1, ceil_div(wait_ms, 1000)))
-    return proxy_error(kind, 429, "rate_limited", f"{limit} limit ({value}) reached; retry after {retry_after} s",
-                       {**rid, "Retry-After": retry_after}, limit=limit)
+    return proxy_error(
+        kind,
+        429,
+        "rate_limited",
+        f"{limit} limit ({value}) reached; retry after {retry_after} s",
+        {**rid, "Retry-After": retry_after},
+        limit=limit,
+    )
 
 
 def _in_debt(kind: str, rid: dict[str, str]) -> Response:
@@ -657,18 +833,33 @@ def _in_debt(kind: str, rid: dict[str, str]) -> Response:
 def _backlog_full(kind: str, rid: dict[str, str]) -> Response:
     # The worker is behind persisting this partition's events (the store is down or slow):
     # no new hold until it catches up; holds in flight still settle.
-    return proxy_error(kind, 503, "backlog_full", "the gateway is behind persisting charges; retry shortly",
-                       {**rid, "Retry-After": "5"})
+    return proxy_error(
+        kind,
+        503,
+        "backlog_full",
+        "the gateway is behind persisting charges; retry shortly",
+        {**rid, "Retry-After": "5"},
+    )
 
 
 def _state_lost(kind: str, rid: dict[str, str]) -> Response:
-    return proxy_error(kind, 503, "state_lost", "the credit store is rebuilding this account's state; retry",
-                       {**rid, "Retry-After": "1"})
+    return proxy_error(
+        kind,
+        503,
+        "state_lost",
+        "the credit store is rebuilding this account's state; retry",
+        {**rid, "Retry-After": "1"},
+    )
 
 
 def _unavailable(kind: str, rid: dict[str, str]) -> Response:
-    return proxy_error(kind, 503, "credit_store_unavailable", "the credit store did not answer; retry shortly",
-                       {**rid, "Retry-After": "1"})
+    return proxy_error(
+        kind,
+        503,
+        "credit_store_unavailable",
+        "the credit store did not answer; retry shortly",
+        {**rid, "Retry-After": "1"},
+    )
 
 
 def _credits(units: int | None) -> str:
@@ -689,8 +880,9 @@ def _usage_so_far(call: Call, meter: StreamMeter, chars_per_token: int) -> Usage
         return Usage(input=call.est_input, output=bound)
     if not meter.final:
         # Usage known so far (Anthropic's message_start): output from what was streamed.
-        return Usage(input=u.input, output=max(u.output, bound), cached_input=u.cached_input,
-                     cache_write=u.cache_write)
+        return Usage(
+            input=u.input, output=max(u.output, bound), cached_input=u.cached_input, cache_write=u.cache_write
+        )
     return u
 
 
@@ -734,5 +926,7 @@ def _event_end(buf: bytes) -> tuple[int, int]:
 
 
 def _sse_data(event: bytes) -> str:
-    lines = [ln[5:].lstrip() for ln in event.decode("utf-8", "replace").splitlines() if ln.startswith("data:")]
+    lines = [
+        ln[5:].lstrip() for ln in event.decode("utf-8", "replace").splitlines() if ln.startswith("data:")
+    ]
     return "\n".join(lines)

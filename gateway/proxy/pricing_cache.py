@@ -26,12 +26,20 @@ class PricingCache:
         self.table = initial
         self._initial = initial
         self.refresh_seconds = refresh_seconds
-        self._sub = Subscription(redis, self.channel, on_message=lambda _: self.reload(),
-                                 on_subscribe=self.reload, on_idle=self.reload, idle_seconds=refresh_seconds)
+        self._sub = Subscription(
+            redis,
+            self.channel,
+            on_message=lambda _: self.reload(),
+            on_subscribe=self.reload,
+            on_idle=self.reload,
+            idle_seconds=refresh_seconds,
+        )
 
     async def start(self) -> None:
         """Seeds Redis with the configured table when it has none, loads it, and listens."""
-        await self.redis.set(self.key, orjson.dumps({"version": 1, "table": self._initial.to_json()}), nx=True)
+        await self.redis.set(
+            self.key, orjson.dumps({"version": 1, "table": self._initial.to_json()}), nx=True
+        )
         await self.reload()
         await self._sub.start()
 

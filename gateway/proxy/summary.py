@@ -13,10 +13,14 @@ def summary_lines(config: ProxyConfig) -> list[str]:
     lines = []
     for u in config.upstreams:
         models = ", ".join(u.models) if u.models else "-"
-        lines.append(f"proxy upstream {u.name}: kind {u.kind}, {public_url(u.base_url)}, "
-                     f"timeout {u.timeout_seconds:g} s, models: {models}")
+        lines.append(
+            f"proxy upstream {u.name}: kind {u.kind}, {public_url(u.base_url)}, "
+            f"timeout {u.timeout_seconds:g} s, models: {models}"
+        )
     kinds = {u.kind for u in config.upstreams}
-    metered = [p for p in OPENAI_ROUTES if "openai" in kinds] + [p for p in ANTHROPIC_ROUTES if "anthropic" in kinds]
+    metered = [p for p in OPENAI_ROUTES if "openai" in kinds] + [
+        p for p in ANTHROPIC_ROUTES if "anthropic" in kinds
+    ]
     lines.append("proxy metered routes (POST): " + (", ".join(metered) if metered else "none (no upstream)"))
     for r in config.routes:
         if r.price_units is None:
@@ -25,6 +29,9 @@ def summary_lines(config: ProxyConfig) -> list[str]:
             price = f"{from_units(r.price_units)} credits per request" if r.price_units else "free"
         lines.append(f"proxy extra route {'/'.join(r.methods)} {r.path} -> {r.upstream}: {price}")
     unknown = "priced by [pricing.default]" if config.unknown_model == "default" else "refused"
-    lines.append("proxy priced models (the file's table; PUT /admin/pricing replaces it): "
-                 + (", ".join(sorted(config.pricing.models)) or "none") + f"; other models: {unknown}")
+    lines.append(
+        "proxy priced models (the file's table; PUT /admin/pricing replaces it): "
+        + (", ".join(sorted(config.pricing.models)) or "none")
+        + f"; other models: {unknown}"
+    )
     return lines

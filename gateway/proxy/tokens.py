@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -29,15 +30,31 @@ CL100K = "cl100k_base"
 # Exact names, then prefixes (first match wins; gpt-4o before gpt-4-). Dated and suffixed
 # variants (gpt-4o-mini-2024-07-18, o3-pro, gpt-5-codex) take their family's encoding.
 _EXACT = {
-    "gpt-4": CL100K, "gpt-3.5-turbo": CL100K, "gpt-3.5": CL100K, "gpt-35-turbo": CL100K,
-    "text-embedding-3-small": CL100K, "text-embedding-3-large": CL100K, "text-embedding-ada-002": CL100K,
-    "davinci-002": CL100K, "babbage-002": CL100K,
-    "o1": O200K, "o3": O200K, "o4-mini": O200K,
+    "gpt-4": CL100K,
+    "gpt-3.5-turbo": CL100K,
+    "gpt-3.5": CL100K,
+    "gpt-35-turbo": CL100K,
+    "text-embedding-3-small": CL100K,
+    "text-embedding-3-large": CL100K,
+    "text-embedding-ada-002": CL100K,
+    "davinci-002": CL100K,
+    "babbage-002": CL100K,
+    "o1": O200K,
+    "o3": O200K,
+    "o4-mini": O200K,
 }
 _PREFIXES = (
-    ("gpt-4o", O200K), ("chatgpt-4o", O200K), ("gpt-4.1", O200K), ("gpt-4.5", O200K), ("gpt-5", O200K),
-    ("o1-", O200K), ("o3-", O200K), ("o4-", O200K),
-    ("gpt-4-", CL100K), ("gpt-3.5-turbo-", CL100K), ("gpt-35-turbo-", CL100K),
+    ("gpt-4o", O200K),
+    ("chatgpt-4o", O200K),
+    ("gpt-4.1", O200K),
+    ("gpt-4.5", O200K),
+    ("gpt-5", O200K),
+    ("o1-", O200K),
+    ("o3-", O200K),
+    ("o4-", O200K),
+    ("gpt-4-", CL100K),
+    ("gpt-3.5-turbo-", CL100K),
+    ("gpt-35-turbo-", CL100K),
 )
 
 # OpenAI's chat format (the cookbook "How to count tokens with tiktoken", checked there
@@ -96,7 +113,9 @@ def _load(name: str) -> Callable[[str], int] | None:
                 fn("")  # loads the encoding now, under the lock
         except ImportError as exc:
             if not _missing_logged:
-                log.warning("no tokenizer package (toktok-rs): token counts are estimated from sizes (%s)", exc)
+                log.warning(
+                    "no tokenizer package (toktok-rs): token counts are estimated from sizes (%s)", exc
+                )
                 _missing_logged = True
             fn = None
         except Exception as exc:  # an incompatible toktok: estimate rather than fail a settle
@@ -313,7 +332,11 @@ def _tools(count: Callable[[str], int], enc: str, functions: list[dict[str, Any]
 def _chat_functions(body: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for tool in body.get("tools") or ():
-        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("function"), dict):
+        if (
+            isinstance(tool, dict)
+            and tool.get("type") == "function"
+            and isinstance(tool.get("function"), dict)
+        ):
             out.append(tool["function"])
         else:
             raise _Unknown  # a custom or built-in tool: no known formula
@@ -357,12 +380,16 @@ def _responses_prompt(count: Callable[[str], int], enc: str, body: dict[str, Any
             raise _Unknown
         kind = item.get("type", "message")
         if kind == "message":
-            total += TOKENS_PER_MESSAGE + _text(count, item.get("role")) + _content(count, item.get("content"))
+            total += (
+                TOKENS_PER_MESSAGE + _text(count, item.get("role")) + _content(count, item.get("content"))
+            )
         elif kind == "function_call":
             total += TOKENS_PER_MESSAGE + _text(count, item.get("name")) + _text(count, item.get("arguments"))
         elif kind == "function_call_output":
             output = item.get("output")
-            total += TOKENS_PER_MESSAGE + (_text(count, output) if isinstance(output, str) else _content(count, output))
+            total += TOKENS_PER_MESSAGE + (
+                _text(count, output) if isinstance(output, str) else _content(count, output)
+            )
         else:  # reasoning items, item references, built-in tool calls: not visible here
             raise _Unknown
     functions = []
@@ -374,4 +401,3 @@ def _responses_prompt(count: Callable[[str], int], enc: str, body: dict[str, Any
     total += _tools(count, enc, functions)
     text = body.get("text")
     return total + (_schema(count, text.get("format")) if isinstance(text, dict) else 0)
-

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
 
 import orjson
 
@@ -57,11 +58,17 @@ def from_openai_usage(u: Any, output_required: bool = True) -> Usage | None:
     def parse(u: dict[str, Any]) -> Usage:
         if "input_tokens" in u or "output_tokens" in u:
             details = u.get("input_tokens_details") or {}
-            return Usage(input=_count(u, "input_tokens", True), output=_count(u, "output_tokens", output_required),
-                         cached_input=_count(details, "cached_tokens") if isinstance(details, dict) else 0)
+            return Usage(
+                input=_count(u, "input_tokens", True),
+                output=_count(u, "output_tokens", output_required),
+                cached_input=_count(details, "cached_tokens") if isinstance(details, dict) else 0,
+            )
         details = u.get("prompt_tokens_details") or {}
-        return Usage(input=_count(u, "prompt_tokens", True), output=_count(u, "completion_tokens", output_required),
-                     cached_input=_count(details, "cached_tokens") if isinstance(details, dict) else 0)
+        return Usage(
+            input=_count(u, "prompt_tokens", True),
+            output=_count(u, "completion_tokens", output_required),
+            cached_input=_count(details, "cached_tokens") if isinstance(details, dict) else 0,
+        )
 
     return _parsed(parse, u)
 
@@ -71,8 +78,12 @@ def from_anthropic_usage(u: Any) -> Usage | None:
 
     def parse(u: dict[str, Any]) -> Usage:
         read = _count(u, "cache_read_input_tokens")
-        return Usage(input=_count(u, "input_tokens", True) + read, output=_count(u, "output_tokens", True),
-                     cached_input=read, cache_write=_count(u, "cache_creation_input_tokens"))
+        return Usage(
+            input=_count(u, "input_tokens", True) + read,
+            output=_count(u, "output_tokens", True),
+            cached_input=read,
+            cache_write=_count(u, "cache_creation_input_tokens"),
+        )
 
     return _parsed(parse, u)
 
@@ -87,9 +98,9 @@ def from_json_body(kind: str, body: Any, path: str = "") -> Usage | None:
     return from_openai_usage(body.get("usage"), output_required=path != "/v1/embeddings")
 
 
-
-def count_output(texts: Iterable[str], count: Callable[[str], int | None], chars_per_token: int,
-                 extra_chars: int = 0) -> int:
+def count_output(
+    texts: Iterable[str], count: Callable[[str], int | None], chars_per_token: int, extra_chars: int = 0
+) -> int:
     """Output tokens of some texts: counted by `count` (None: no tokenizer for the model),
     else, as `extra_chars` always, estimated at ceil(chars / chars_per_token)."""
     texts = list(texts)
@@ -159,7 +170,10 @@ def answer_texts(kind: str, body: Any) -> list[str] | None:
             if item.get("type") == "message":
                 for part in item.get("content") or ():
                     if isinstance(part, dict):
-                        _add(out, part.get("text") if part.get("type") == "output_text" else part.get("refusal"))
+                        _add(
+                            out,
+                            part.get("text") if part.get("type") == "output_text" else part.get("refusal"),
+                        )
             elif item.get("type") == "function_call":
                 _add(out, item.get("name"))
                 _add(out, item.get("arguments"))
@@ -321,5 +335,6 @@ class StreamMeter:
 
 
 # Responses API stream events whose delta is generated text.
-_RESPONSES_TEXT = frozenset({"response.output_text.delta", "response.refusal.delta",
-                             "response.function_call_arguments.delta"})
+_RESPONSES_TEXT = frozenset(
+    {"response.output_text.delta", "response.refusal.delta", "response.function_call_arguments.delta"}
+)

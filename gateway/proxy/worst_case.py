@@ -52,7 +52,6 @@ def _count(body: dict[str, Any], name: str) -> int | None:
     return v
 
 
-
 @dataclass(frozen=True, slots=True)
 class OutputPlan:
     """The output side of a request: the cap per choice it asked for (None: none named),
@@ -90,7 +89,9 @@ def _prediction_tokens(pred: Any, chars_per_token: int) -> int:
     if isinstance(content, str):
         size = len(content.encode())
     elif isinstance(content, list):
-        size = sum(len(p["text"].encode()) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        size = sum(
+            len(p["text"].encode()) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     else:
         return 0
     return ceil_div(size, chars_per_token)

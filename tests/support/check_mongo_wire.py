@@ -19,7 +19,7 @@ import time
 import traceback
 
 import pymongo
-from pymongo import AsyncMongoClient, InsertOne, UpdateOne
+from pymongo import AsyncMongoClient, UpdateOne
 from pymongo.errors import BulkWriteError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -43,7 +43,7 @@ async def check(name, coro_fn) -> None:
         record(name, True, detail or "")
     except AssertionError as e:
         record(name, False, f"assertion: {e}")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         record(name, False, f"{type(e).__name__}: {e}")
 
 
@@ -88,19 +88,29 @@ async def run_checks(uri: str) -> None:
         return f"codes={codes} nInserted=2 total={n}"
 
     async def versioned_upsert():
-        await bal.insert_many([
-            {"_id": "k1", "version": 5, "amount": 500},
-            {"_id": "k2", "version": 5, "amount": 500},
-        ])
+        await bal.insert_many(
+            [
+                {"_id": "k1", "version": 5, "amount": 500},
+                {"_id": "k2", "version": 5, "amount": 500},
+            ]
+        )
         reqs = [
-            UpdateOne({"_id": "k1", "version": {"$lt": 3}}, {"$set": {"version": 3, "amount": 300}}, upsert=True),  # older
-            UpdateOne({"_id": "k2", "version": {"$lt": 7}}, {"$set": {"version": 7, "amount": 700}}, upsert=True),  # newer
-            UpdateOne({"_id": "k3", "version": {"$lt": 1}}, {"$set": {"version": 1, "amount": 100}}, upsert=True),  # new doc
+            UpdateOne(
+                {"_id": "k1", "version": {"$lt": 3}}, {"$set": {"version": 3, "amount": 300}}, upsert=True
+            ),  # older
+            UpdateOne(
+                {"_id": "k2", "version": {"$lt": 7}}, {"$set": {"version": 7, "amount": 700}}, upsert=True
+            ),  # newer
+            UpdateOne(
+                {"_id": "k3", "version": {"$lt": 1}}, {"$set": {"version": 1, "amount": 100}}, upsert=True
+            ),  # new doc
         ]
         detail = ""
         try:
             r = await bal.bulk_write(reqs, ordered=False)
-            detail = f"no error: matched={r.matched_count} modified={r.modified_count} upserted={r.upserted_count}"
+            detail = (
+                f"no error: matched={r.matched_count} modified={r.modified_count} upserted={r.upserted_count}"
+            )
         except BulkWriteError as e:
             errs = e.details.get("writeErrors", [])
             assert [w.get("code") for w in errs] == [11000], e.details
@@ -138,7 +148,9 @@ async def run_checks(uri: str) -> None:
         doc = await c.find_one({"_id": "u1"})
         assert doc == {"_id": "u1", "balance": 13, "ops": 3}, doc
         r = await c.find_one_and_update(
-            {"_id": "u2"}, {"$inc": {"balance": 7}}, upsert=True,
+            {"_id": "u2"},
+            {"$inc": {"balance": 7}},
+            upsert=True,
             return_document=pymongo.ReturnDocument.AFTER,
         )
         assert r == {"_id": "u2", "balance": 7}, r
@@ -159,11 +171,16 @@ async def run_checks(uri: str) -> None:
         return f"{vals} filtered={vals2}"
 
     async def aggregate_sum():
-        rows = [d async for d in await db.ev.aggregate([
-            {"$match": {"ts": {"$gte": 50}}},
-            {"$group": {"_id": "$user", "total": {"$sum": "$ts"}, "n": {"$sum": 1}}},
-            {"$sort": {"_id": 1}},
-        ])]
+        rows = [
+            d
+            async for d in await db.ev.aggregate(
+                [
+                    {"$match": {"ts": {"$gte": 50}}},
+                    {"$group": {"_id": "$user", "total": {"$sum": "$ts"}, "n": {"$sum": 1}}},
+                    {"$sort": {"_id": 1}},
+                ]
+            )
+        ]
         assert rows == [{"_id": "u0", "total": 840, "n": 7}, {"_id": "u1", "total": 960, "n": 8}], rows
         return repr(rows)
 
@@ -187,10 +204,16 @@ async def run_checks(uri: str) -> None:
 def main() -> int:
     print(f"pymongo {pymongo.version}, python {sys.version.split()[0]}", flush=True)
     t0 = time.monotonic()
-    out = subprocess.run(
-        ["bash", os.path.join(HERE, "mongo_venv.sh")],
-        check=True, stdout=subprocess.PIPE, text=True,
-    ).stdout.strip().splitlines()
+    out = (
+        subprocess.run(
+            ["bash", os.path.join(HERE, "mongo_venv.sh")],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     py = out[-1]
     print(f"mongo venv python: {py} ({time.monotonic() - t0:.1f}s)", flush=True)
     port = free_port()
@@ -198,7 +221,8 @@ def main() -> int:
         t0 = time.monotonic()
         proc = subprocess.Popen(
             [py, os.path.join(HERE, "mongo_wire_server.py"), "--port", str(port), "--dir", data],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             line = proc.stdout.readline().strip()

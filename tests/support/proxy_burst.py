@@ -22,15 +22,23 @@ from gateway.core.settings import Settings
 from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
 
 
-async def main(redis_url: str, workdir: str, user: str, funds: str, n: int, config_template: str,
-               admin: str, client: str) -> dict:
+async def main(
+    redis_url: str, workdir: str, user: str, funds: str, n: int, config_template: str, admin: str, client: str
+) -> dict:
     fake = FakeUpstream(record=False)
     url = await fake.start()
     cfg = f"{workdir}/burst.toml"
     with open(cfg, "w") as f:
         f.write(config_template.format(url=url, timeout=5))
-    settings = Settings(redis_url=redis_url, admin_keys=admin, client_keys=client, partitions=16,
-                        sqlite_path=f"{workdir}/burst.db", audit_path=None, gateway_config=cfg)
+    settings = Settings(
+        redis_url=redis_url,
+        admin_keys=admin,
+        client_keys=client,
+        partitions=16,
+        sqlite_path=f"{workdir}/burst.db",
+        audit_path=None,
+        gateway_config=cfg,
+    )
     app = create_app(settings, run_worker=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,8 +50,12 @@ async def main(redis_url: str, workdir: str, user: str, funds: str, n: int, conf
     engine = app.state.services.engine
     await engine.grant(user, funds, op_id=f"burst-{user}")
     body = {"model": "gpt-test", "max_tokens": 40, "messages": [{"role": "user", "content": "x"}]}
-    hdr = {"Authorization": f"Bearer {client}", "X-User-Id": user, "X-Fake-Input-Tokens": "20",
-           "X-Fake-Output-Tokens": "40"}
+    hdr = {
+        "Authorization": f"Bearer {client}",
+        "X-User-Id": user,
+        "X-Fake-Input-Tokens": "20",
+        "X-Fake-Output-Tokens": "40",
+    }
 
     async def one(sess: aiohttp.ClientSession) -> tuple[int, str | None]:
         async with sess.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, headers=hdr) as r:
@@ -59,7 +71,9 @@ async def main(redis_url: str, workdir: str, user: str, funds: str, n: int, conf
     return {
         "statuses": [s for s, _ in results],
         "charged": [c for s, c in results if s == 200],
-        "available": str(b.available), "held": str(b.held), "debt": str(b.debt),
+        "available": str(b.available),
+        "held": str(b.held),
+        "debt": str(b.debt),
         "sum_charged": str(sum((Decimal(c) for s, c in results if s == 200), Decimal(0))),
     }
 

@@ -18,7 +18,9 @@ from ..deps import AdminCaller, EngineDep, ServicesDep
 from ..errors import ApiError
 from ..schemas import Count
 
-router = APIRouter(prefix="/admin/accounts", tags=["access"], route_class=DecimalRoute, strict_content_type=False)
+router = APIRouter(
+    prefix="/admin/accounts", tags=["access"], route_class=DecimalRoute, strict_content_type=False
+)
 
 UserId = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="the account's user id")]
 KeyId = Annotated[str, Path(pattern=r"^key_[0-9a-f]{16}$")]
@@ -38,9 +40,15 @@ class KeyOut(BaseModel):
     revoked_at: datetime | None = None
 
     @classmethod
-    def of(cls, r: ApiKeyRecord) -> "KeyOut":
-        return cls(key_id=r.key_id, user_id=r.user, prefix=r.prefix, name=r.name, created_at=ms_to_dt(r.created_ms),
-                   revoked_at=ms_to_dt(r.revoked_ms) if r.revoked_ms is not None else None)
+    def of(cls, r: ApiKeyRecord) -> KeyOut:
+        return cls(
+            key_id=r.key_id,
+            user_id=r.user,
+            prefix=r.prefix,
+            name=r.name,
+            created_at=ms_to_dt(r.created_ms),
+            revoked_at=ms_to_dt(r.revoked_ms) if r.revoked_ms is not None else None,
+        )
 
 
 class KeyIssued(KeyOut):
@@ -52,7 +60,9 @@ class KeyList(BaseModel):
     keys: list[KeyOut]
 
 
-Limit = Annotated[Count | None, Field(ge=0, le=MAX_LIMIT, description="per minute; 0 = no limit, null = the default")]
+Limit = Annotated[
+    Count | None, Field(ge=0, le=MAX_LIMIT, description="per minute; 0 = no limit, null = the default")
+]
 
 
 class LimitsIn(BaseModel):
@@ -70,8 +80,9 @@ class LimitsOut(BaseModel):
 
 
 @router.post("/{user_id}/keys", status_code=201, response_model=KeyIssued)
-async def issue_key(user_id: UserId, caller: AdminCaller, services: ServicesDep, _: EngineDep,
-                    body: KeyRequest | None = None):
+async def issue_key(
+    user_id: UserId, caller: AdminCaller, services: ServicesDep, _: EngineDep, body: KeyRequest | None = None
+):
     """Issues an API key that identifies this user on the proxy without X-User-Id. The key is
     in this answer only; the gateway keeps its SHA-256 digest."""
     try:
@@ -88,7 +99,9 @@ async def list_keys(user_id: UserId, caller: AdminCaller, services: ServicesDep)
 
 
 @router.delete("/{user_id}/keys/{key_id}", response_model=KeyOut)
-async def revoke_key(user_id: UserId, key_id: KeyId, caller: AdminCaller, services: ServicesDep, _: EngineDep):
+async def revoke_key(
+    user_id: UserId, key_id: KeyId, caller: AdminCaller, services: ServicesDep, _: EngineDep
+):
     """Revokes a key on every gateway process at once. Revoking twice is harmless."""
     rec = await services.api_keys.revoke(user_id, key_id)
     if rec is None:
@@ -102,9 +115,15 @@ def _limits_out(services, user_id: str, o: RateLimitOverride | None) -> LimitsOu
     rpm = o.requests_per_minute if o else None
     tpm = o.tokens_per_minute if o else None
     return LimitsOut(
-        user_id=user_id, requests_per_minute=rpm, tokens_per_minute=tpm,
-        effective_requests_per_minute=rpm if rpm is not None else (defaults.requests_per_minute if defaults else 0),
-        effective_tokens_per_minute=tpm if tpm is not None else (defaults.tokens_per_minute if defaults else 0),
+        user_id=user_id,
+        requests_per_minute=rpm,
+        tokens_per_minute=tpm,
+        effective_requests_per_minute=rpm
+        if rpm is not None
+        else (defaults.requests_per_minute if defaults else 0),
+        effective_tokens_per_minute=tpm
+        if tpm is not None
+        else (defaults.tokens_per_minute if defaults else 0),
     )
 
 
@@ -115,8 +134,12 @@ async def get_limits(user_id: UserId, caller: AdminCaller, services: ServicesDep
 
 
 @router.put("/{user_id}/limits", response_model=LimitsOut)
-async def put_limits(user_id: UserId, body: LimitsIn, caller: AdminCaller, services: ServicesDep, engine: EngineDep):
+async def put_limits(
+    user_id: UserId, body: LimitsIn, caller: AdminCaller, services: ServicesDep, engine: EngineDep
+):
     """Replaces the account's overrides (null: the gateway's default; both null: no override)."""
     o = RateLimitOverride(user_id, body.requests_per_minute, body.tokens_per_minute)
     await set_rate_limits(engine.redis, engine.keys, services.store, o)
-    return _limits_out(services, user_id, o if (o.requests_per_minute, o.tokens_per_minute) != (None, None) else None)
+    return _limits_out(
+        services, user_id, o if (o.requests_per_minute, o.tokens_per_minute) != (None, None) else None
+    )

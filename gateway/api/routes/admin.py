@@ -12,15 +12,26 @@ from ...core.errors import InvalidExpiry
 from ...core.keys import ID_PATTERN
 from ...core.money import from_units
 from ...core.results import ms_to_dt
-from ..deps import AdminCaller, EngineDep, IdempotencyKey, StoreDep, idempotency_op_id
 from ..body import DecimalRoute
+from ..deps import AdminCaller, EngineDep, IdempotencyKey, StoreDep, idempotency_op_id
 from ..errors import ApiError
 from ..schemas import (
-    AccountResponse, Balance, DebitRequest, DebitResponse, GrantOut, GrantRequest, GrantResponse,
-    HoldOut, LedgerItem, LedgerPage, QueryCount,
+    AccountResponse,
+    Balance,
+    DebitRequest,
+    DebitResponse,
+    GrantOut,
+    GrantRequest,
+    GrantResponse,
+    HoldOut,
+    LedgerItem,
+    LedgerPage,
+    QueryCount,
 )
 
-router = APIRouter(prefix="/admin/accounts", tags=["admin"], route_class=DecimalRoute, strict_content_type=False)
+router = APIRouter(
+    prefix="/admin/accounts", tags=["admin"], route_class=DecimalRoute, strict_content_type=False
+)
 
 UserId = Annotated[str, Path(pattern=ID_PATTERN.pattern, description="the account's user id")]
 CURSOR = re.compile(r"[0-9]{1,18}", re.ASCII)
@@ -33,7 +44,11 @@ def _replayed(response: Response, replayed: bool) -> None:
 
 @router.post("/{user_id}/grants", status_code=201, response_model=GrantResponse)
 async def add_grant(
-    user_id: UserId, body: GrantRequest, caller: AdminCaller, engine: EngineDep, response: Response,
+    user_id: UserId,
+    body: GrantRequest,
+    caller: AdminCaller,
+    engine: EngineDep,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
 ):
     """Adds credits to an account as a grant (repays any debt first)."""
@@ -43,22 +58,38 @@ async def add_grant(
         meta["idempotency_key"] = idempotency_key
     try:
         r = await engine.grant(
-            user_id, body.amount, op_id=op_id, source=body.source, expires_at=body.expires_at,
-            priority=body.priority, metadata=meta,
+            user_id,
+            body.amount,
+            op_id=op_id,
+            source=body.source,
+            expires_at=body.expires_at,
+            priority=body.priority,
+            metadata=meta,
         )
     except InvalidExpiry:
         # The schema checked the range; what the script refuses is a date not after its clock.
-        raise ApiError(422, "invalid_expiry", f"expires_at {body.expires_at.isoformat()} is in the past") from None
+        raise ApiError(
+            422, "invalid_expiry", f"expires_at {body.expires_at.isoformat()} is in the past"
+        ) from None
     _replayed(response, r.replayed)
     return GrantResponse(
-        **Balance.of(user_id, r.state).model_dump(), grant_id=op_id, grant_seq=r.grant_seq, amount=r.amount,
-        debt_repaid=r.debt_repaid, expires_at=r.expires_at, replayed=r.replayed,
+        **Balance.of(user_id, r.state).model_dump(),
+        grant_id=op_id,
+        grant_seq=r.grant_seq,
+        amount=r.amount,
+        debt_repaid=r.debt_repaid,
+        expires_at=r.expires_at,
+        replayed=r.replayed,
     )
 
 
 @router.post("/{user_id}/debits", status_code=201, response_model=DebitResponse)
 async def add_debit(
-    user_id: UserId, body: DebitRequest, caller: AdminCaller, engine: EngineDep, response: Response,
+    user_id: UserId,
+    body: DebitRequest,
+    caller: AdminCaller,
+    engine: EngineDep,
+    response: Response,
     idempotency_key: IdempotencyKey = None,
 ):
     """Charges credits at once; 402 when the account's free credit is short."""
@@ -68,7 +99,9 @@ async def add_debit(
         meta["idempotency_key"] = idempotency_key
     r = await engine.debit(user_id, body.amount, op_id=op_id, metadata=meta)
     _replayed(response, r.replayed)
-    return DebitResponse(**Balance.of(user_id, r.state).model_dump(), debit_id=op_id, amount=r.amount, replayed=r.replayed)
+    return DebitResponse(
+        **Balance.of(user_id, r.state).model_dump(), debit_id=op_id, amount=r.amount, replayed=r.replayed
+    )
 
 
 @router.get("/{user_id}", response_model=AccountResponse)
@@ -77,12 +110,23 @@ async def get_account(user_id: UserId, caller: AdminCaller, engine: EngineDep):
     v = await engine.account(user_id)
     s = v.state
     return AccountResponse(
-        **Balance.of(user_id, s).model_dump(), granted=s.granted, spent=s.spent, expired=s.expired,
+        **Balance.of(user_id, s).model_dump(),
+        granted=s.granted,
+        spent=s.spent,
+        expired=s.expired,
         grants=[
             GrantOut(
-                seq=g.seq, grant_id=g.grant_id, source=g.source, amount=g.amount, remaining=g.free,
-                held=g.earmarked, priority=g.priority, expires_at=g.expires_at, expired=g.expired,
-                granted_at=g.granted_at, description=g.metadata.get("description"),
+                seq=g.seq,
+                grant_id=g.grant_id,
+                source=g.source,
+                amount=g.amount,
+                remaining=g.free,
+                held=g.earmarked,
+                priority=g.priority,
+                expires_at=g.expires_at,
+                expired=g.expired,
+                granted_at=g.granted_at,
+                description=g.metadata.get("description"),
             )
             for g in v.grants
         ],
@@ -119,14 +163,18 @@ def _details(event: dict[str, Any]) -> dict[str, Any]:
     out = {k: (_credits(v) if k in _AMOUNTS else v) for k, v in event.items() if k not in _HIDDEN}
     h = out.get("h")
     if isinstance(h, dict):
-        out["h"] = {k: (_credits(v) if k in _HOLD_AMOUNTS else _earmarks(v) if k == "ear" else v)
-                    for k, v in h.items()}
+        out["h"] = {
+            k: (_credits(v) if k in _HOLD_AMOUNTS else _earmarks(v) if k == "ear" else v)
+            for k, v in h.items()
+        }
     return out
 
 
 @router.get("/{user_id}/ledger", response_model=LedgerPage)
 async def get_ledger(
-    user_id: UserId, caller: AdminCaller, store: StoreDep,
+    user_id: UserId,
+    caller: AdminCaller,
+    store: StoreDep,
     limit: Annotated[QueryCount, Query(ge=1, le=500)] = 50,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ):
@@ -142,8 +190,14 @@ async def get_ledger(
         a = e.event.get("a") or {}
         items.append(
             LedgerItem(
-                op_id=e.op_id, type=e.type, version=e.version, at=ms_to_dt(e.ts_ms), amount=from_units(e.amount),
-                hold_id=e.hold_id, available=from_units(a.get("available", 0)), held=from_units(a.get("held", 0)),
+                op_id=e.op_id,
+                type=e.type,
+                version=e.version,
+                at=ms_to_dt(e.ts_ms),
+                amount=from_units(e.amount),
+                hold_id=e.hold_id,
+                available=from_units(a.get("available", 0)),
+                held=from_units(a.get("held", 0)),
                 debt=from_units(a.get("debt", 0)),
                 details=_details(e.event),
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -36,21 +37,27 @@ async def readyz(services: ServicesDep):
     checks = {"redis": False, "store": False, "state": False}
     status = None
     try:
-        status = await asyncio.wait_for(partition_status(services.redis, services.engine.keys), CHECK_TIMEOUT_S)
+        status = await asyncio.wait_for(
+            partition_status(services.redis, services.engine.keys), CHECK_TIMEOUT_S
+        )
         checks["redis"] = True
         checks["state"] = services.ready and not status.not_ready
-    except Exception:  # noqa: BLE001 - Redis did not answer: reported below
+    except Exception:
         pass
-    try:
+    with contextlib.suppress(Exception):
         checks["store"] = bool(await asyncio.wait_for(services.store.ping(), CHECK_TIMEOUT_S))
-    except Exception:  # noqa: BLE001
-        pass
     body: dict = {"checks": checks}
     if status is not None:
-        body["partitions"] = {"total": status.total, "not_ready": len(status.not_ready), "lost": status.lost,
-                              "rebuilding": status.rebuilding, "unreachable": status.unreachable}
-    serving = (status is not None and checks["store"] and services.ready
-               and len(status.unavailable) < status.total)
+        body["partitions"] = {
+            "total": status.total,
+            "not_ready": len(status.not_ready),
+            "lost": status.lost,
+            "rebuilding": status.rebuilding,
+            "unreachable": status.unreachable,
+        }
+    serving = (
+        status is not None and checks["store"] and services.ready and len(status.unavailable) < status.total
+    )
     if serving:
         body["status"] = "degraded" if status.unavailable else "ready"
         return JSONResponse(body)
@@ -61,9 +68,11 @@ async def readyz(services: ServicesDep):
         error = {"code": "not_ready", "message": "the gateway is still rebuilding its state"}
     elif status.not_ready:
         n = len(status.not_ready)
-        error = {"code": "state_lost",
-                 "message": f"{n} of {status.total} partitions lost by Redis are not rebuilt yet",
-                 "partitions": status.not_ready}
+        error = {
+            "code": "state_lost",
+            "message": f"{n} of {status.total} partitions lost by Redis are not rebuilt yet",
+            "partitions": status.not_ready,
+        }
     else:
         error = {"code": "store_unavailable", "message": "the store did not answer"}
     body["error"] = error

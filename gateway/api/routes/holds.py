@@ -10,8 +10,8 @@ from fastapi import APIRouter, Path, Response
 from ...core.errors import HoldNotFound
 from ...core.keys import ID_PATTERN, METERED_HOLD_PREFIXES, is_metered_hold
 from ...core.results import HoldResolution
-from ..deps import ClientCaller, EngineDep, ServicesDep
 from ..body import DecimalRoute
+from ..deps import ClientCaller, EngineDep, ServicesDep
 from ..errors import ApiError
 from ..schemas import Balance, HoldRequest, HoldResponse, ResolutionResponse, SettleRequest
 
@@ -31,40 +31,66 @@ def _resolution(user: str, r: HoldResolution, response: Response) -> ResolutionR
     if r.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return ResolutionResponse(
-        **Balance.of(user, r.state).model_dump(), hold_id=r.hold_id, status=r.status, charged=r.charged,
-        returned=r.returned, lapsed=r.lapsed, debt_added=r.debt_added, debt_repaid=r.debt_repaid,
+        **Balance.of(user, r.state).model_dump(),
+        hold_id=r.hold_id,
+        status=r.status,
+        charged=r.charged,
+        returned=r.returned,
+        lapsed=r.lapsed,
+        debt_added=r.debt_added,
+        debt_repaid=r.debt_repaid,
         replayed=r.replayed,
     )
 
 
 @router.post("/holds", status_code=201, response_model=HoldResponse)
-async def create_hold(body: HoldRequest, caller: ClientCaller, engine: EngineDep, services: ServicesDep, response: Response):
+async def create_hold(
+    body: HoldRequest, caller: ClientCaller, engine: EngineDep, services: ServicesDep, response: Response
+):
     """Reserves credits; 402 when the user cannot afford it. Retrying with the same hold_id is safe."""
     if body.ttl_seconds > services.settings.max_hold_ttl_seconds:
         problem = f"above the limit of {services.settings.max_hold_ttl_seconds}"
-        raise ApiError(422, "invalid_request", f"ttl_seconds: {problem}",
-                       problems=[{"field": "ttl_seconds", "problem": problem}])
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"ttl_seconds: {problem}",
+            problems=[{"field": "ttl_seconds", "problem": problem}],
+        )
     if body.hold_id is not None and is_metered_hold(body.hold_id):
-        raise ApiError(422, "invalid_id", f"hold ids beginning with {' or '.join(METERED_HOLD_PREFIXES)} are the "
-                                          "gateway's own (its metered calls)")
+        raise ApiError(
+            422,
+            "invalid_id",
+            f"hold ids beginning with {' or '.join(METERED_HOLD_PREFIXES)} are the "
+            "gateway's own (its metered calls)",
+        )
     hold_id = body.hold_id or f"h-{uuid.uuid4().hex}"
     h = await engine.reserve(
-        caller.user_id, body.amount, hold_id=hold_id, ttl_seconds=body.ttl_seconds,
+        caller.user_id,
+        body.amount,
+        hold_id=hold_id,
+        ttl_seconds=body.ttl_seconds,
         metadata={"description": body.description} if body.description else None,
     )
     if h.replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return HoldResponse(
-        **Balance.of(caller.user_id, h.state).model_dump(), hold_id=h.hold_id, amount=h.amount,
-        expires_at=h.expires_at, replayed=h.replayed,
+        **Balance.of(caller.user_id, h.state).model_dump(),
+        hold_id=h.hold_id,
+        amount=h.amount,
+        expires_at=h.expires_at,
+        replayed=h.replayed,
     )
 
 
 @router.post("/holds/{hold_id}/settle", response_model=ResolutionResponse)
-async def settle_hold(hold_id: HoldId, body: SettleRequest, caller: ClientCaller, engine: EngineDep, response: Response):
+async def settle_hold(
+    hold_id: HoldId, body: SettleRequest, caller: ClientCaller, engine: EngineDep, response: Response
+):
     """Charges the real cost; the rest of the hold returns. Above the hold, see the overage policy."""
     r = await engine.settle(
-        caller.user_id, _own(hold_id), body.amount,
+        caller.user_id,
+        _own(hold_id),
+        body.amount,
         metadata={"description": body.description} if body.description else None,
     )
     return _resolution(caller.user_id, r, response)

@@ -14,7 +14,10 @@ from ..deps import AdminCaller, ServicesDep
 from ..errors import ApiError
 from ..schemas import Count, CreditsOrZero
 
-router = APIRouter(prefix="/admin/pricing", tags=["pricing"], route_class=DecimalRoute, strict_content_type=False)
+router = APIRouter(
+    prefix="/admin/pricing", tags=["pricing"], route_class=DecimalRoute, strict_content_type=False
+)
+
 
 class PriceIn(BaseModel):
     """Credits per million tokens, and per request; decimal strings are safest."""
@@ -31,8 +34,11 @@ class PricingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: dict[str, PriceIn] = Field(default_factory=dict)
     default: PriceIn | None = None
-    version: Count | None = Field(None, description="the version this change was made from (GET's): refused with "
-                                                    "409 if the table changed since; omit to replace whatever is there")
+    version: Count | None = Field(
+        None,
+        description="the version this change was made from (GET's): refused with "
+        "409 if the table changed since; omit to replace whatever is there",
+    )
 
 
 def _require(services) -> Any:
@@ -54,17 +60,27 @@ async def put_pricing(body: PricingIn, caller: AdminCaller, services: ServicesDe
     """Replaces the whole table."""
     cache = _require(services)
     if not body.models and body.default is None:
-        raise ApiError(422, "invalid_pricing", "the table would price no model: every metered call would be refused")
+        raise ApiError(
+            422, "invalid_pricing", "the table would price no model: every metered call would be refused"
+        )
     try:
         table = PricingTable.from_json(body.model_dump(exclude_none=True, exclude={"version"}))
     except (ValueError, TypeError) as exc:
         raise ApiError(422, "invalid_pricing", str(exc)) from exc
-    if services.proxy is not None and services.proxy.config.unknown_model == "default" and table.default is None:
+    if (
+        services.proxy is not None
+        and services.proxy.config.unknown_model == "default"
+        and table.default is None
+    ):
         raise ApiError(422, "invalid_pricing", "unknown_model = 'default' needs a default price")
     if body.version is not None:
         await cache.reload()
         if cache.table.version != body.version:
-            raise ApiError(409, "version_conflict", f"the table is at version {cache.table.version} now, not "
-                                                    f"{body.version}: GET it again and redo the change")
+            raise ApiError(
+                409,
+                "version_conflict",
+                f"the table is at version {cache.table.version} now, not "
+                f"{body.version}: GET it again and redo the change",
+            )
     table = await cache.replace(table)
     return {"version": table.version, **table.to_json()}

@@ -8,8 +8,9 @@ with a newer account version, so events may arrive twice and in any order.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 from ..events import Event
 
@@ -106,7 +107,9 @@ class Store(ABC):
         """Records a batch idempotently; returns how many ledger entries were new."""
 
     @abstractmethod
-    async def ledger(self, user: str, *, before_version: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+    async def ledger(
+        self, user: str, *, before_version: int | None = None, limit: int = 50
+    ) -> list[LedgerEntry]:
         """An account's ledger, newest first; `before_version` is the pagination cursor."""
 
     @abstractmethod

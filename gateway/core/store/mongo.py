@@ -15,7 +15,8 @@ neither finds a document without it.
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from bson import Int64
@@ -45,13 +46,21 @@ L = Int64
 def _only_duplicates(exc: BulkWriteError) -> bool:
     d = exc.details or {}
     errs = d.get("writeErrors") or []
-    return bool(errs) and all(e.get("code") == DUPLICATE_KEY for e in errs) and not d.get("writeConcernErrors")
+    return (
+        bool(errs) and all(e.get("code") == DUPLICATE_KEY for e in errs) and not d.get("writeConcernErrors")
+    )
 
 
 def _ledger_entry(d: dict) -> LedgerEntry:
     return LedgerEntry(
-        d["user_id"], d["op_id"], d["type"], int(d["version"]), int(d["ts_ms"]), int(d["amount"]),
-        d.get("hold_id"), json.loads(d["event"]),
+        d["user_id"],
+        d["op_id"],
+        d["type"],
+        int(d["version"]),
+        int(d["ts_ms"]),
+        int(d["amount"]),
+        d.get("hold_id"),
+        json.loads(d["event"]),
     )
 
 
@@ -90,7 +99,7 @@ class MongoStore(Store):
         try:
             r = await self._client.admin.command("ping") if self._client else {}
             return bool(r.get("ok"))
-        except Exception:  # noqa: BLE001 - a ping answers, it does not raise
+        except Exception:
             return False
 
     # -- writes -----------------------------------------------------------------------------
@@ -109,8 +118,17 @@ class MongoStore(Store):
         """Inserts ledger rows (as `collapse` makes them); those already there (unique user +
         op id) are skipped. Returns how many were new."""
         docs = [
-            {"user_id": u, "op_id": o, "type": t, "version": L(v), "ts_ms": L(ts), "amount": L(a),
-             "hold_id": h, "fp": fp, "event": e}
+            {
+                "user_id": u,
+                "op_id": o,
+                "type": t,
+                "version": L(v),
+                "ts_ms": L(ts),
+                "amount": L(a),
+                "hold_id": h,
+                "fp": fp,
+                "event": e,
+            }
             for u, o, t, v, ts, a, h, fp, e in rows
         ]
         try:
@@ -138,49 +156,90 @@ class MongoStore(Store):
         accounts = []
         for user, ev in b.accounts.items():
             t = ev.state
-            accounts.append(UpdateOne(
-                {"_id": user, "version": {"$lt": L(ev.version)}},
-                {"$set": {"version": L(ev.version), "partition": ev.partition,
-                          **{k: L(t[k]) for k in TOTAL_FIELDS}, "state_debt_total": L(t["debt_total"])}},
-                upsert=True,
-            ))
+            accounts.append(
+                UpdateOne(
+                    {"_id": user, "version": {"$lt": L(ev.version)}},
+                    {
+                        "$set": {
+                            "version": L(ev.version),
+                            "partition": ev.partition,
+                            **{k: L(t[k]) for k in TOTAL_FIELDS},
+                            "state_debt_total": L(t["debt_total"]),
+                        }
+                    },
+                    upsert=True,
+                )
+            )
         grants = []
         for g in b.grants.values():
             k = f"{g.user}|{g.seq}"
             if g.version:
-                grants.append(UpdateOne(
-                    {"_id": k, "version": {"$lt": L(g.version)}},
-                    {"$set": {"user_id": g.user, "seq": g.seq, "version": L(g.version),
-                              "r": L(g.r), "e": L(g.e), "gone": g.gone}},
-                    upsert=True,
-                ))
+                grants.append(
+                    UpdateOne(
+                        {"_id": k, "version": {"$lt": L(g.version)}},
+                        {
+                            "$set": {
+                                "user_id": g.user,
+                                "seq": g.seq,
+                                "version": L(g.version),
+                                "r": L(g.r),
+                                "e": L(g.e),
+                                "gone": g.gone,
+                            }
+                        },
+                        upsert=True,
+                    )
+                )
             if g.meta is not None:
-                grants.append(UpdateOne(
-                    {"_id": k},
-                    {"$set": {"m": g.meta, "x": L(g.x), "pri": g.pri},
-                     "$setOnInsert": {"user_id": g.user, "seq": g.seq, "version": L(0), "gone": False}},
-                    upsert=True,
-                ))
+                grants.append(
+                    UpdateOne(
+                        {"_id": k},
+                        {
+                            "$set": {"m": g.meta, "x": L(g.x), "pri": g.pri},
+                            "$setOnInsert": {"user_id": g.user, "seq": g.seq, "version": L(0), "gone": False},
+                        },
+                        upsert=True,
+                    )
+                )
         holds = []
         for h in b.holds.values():
             k = f"{h.user}|{h.hold_id}"
             if h.version:
-                holds.append(UpdateOne(
-                    {"_id": k, "version": {"$lt": L(h.version)}},
-                    {"$set": {"user_id": h.user, "hold_id": h.hold_id, "version": L(h.version),
-                              "st": h.st, "amt": L(h.amt), "exp": L(h.exp),
-                              "fin": None if h.fin is None else L(h.fin)},
-                     "$setOnInsert": {"open_version": L(0)}},
-                    upsert=True,
-                ))
+                holds.append(
+                    UpdateOne(
+                        {"_id": k, "version": {"$lt": L(h.version)}},
+                        {
+                            "$set": {
+                                "user_id": h.user,
+                                "hold_id": h.hold_id,
+                                "version": L(h.version),
+                                "st": h.st,
+                                "amt": L(h.amt),
+                                "exp": L(h.exp),
+                                "fin": None if h.fin is None else L(h.fin),
+                            },
+                            "$setOnInsert": {"open_version": L(0)},
+                        },
+                        upsert=True,
+                    )
+                )
             if h.open_version:
-                holds.append(UpdateOne(
-                    {"_id": k, "open_version": {"$lt": L(h.open_version)}},
-                    {"$set": {"open_version": L(h.open_version), "ear": h.ear, "at": L(h.at), "op": h.op,
-                              "x": h.x},
-                     "$setOnInsert": {"user_id": h.user, "hold_id": h.hold_id, "version": L(0)}},
-                    upsert=True,
-                ))
+                holds.append(
+                    UpdateOne(
+                        {"_id": k, "open_version": {"$lt": L(h.open_version)}},
+                        {
+                            "$set": {
+                                "open_version": L(h.open_version),
+                                "ear": h.ear,
+                                "at": L(h.at),
+                                "op": h.op,
+                                "x": h.x,
+                            },
+                            "$setOnInsert": {"user_id": h.user, "hold_id": h.hold_id, "version": L(0)},
+                        },
+                        upsert=True,
+                    )
+                )
         await self._bulk(db.accounts, accounts)
         await self._bulk(db.grants, grants)
         await self._bulk(db.holds, holds)
@@ -188,7 +247,9 @@ class MongoStore(Store):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def ledger(self, user: str, *, before_version: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+    async def ledger(
+        self, user: str, *, before_version: int | None = None, limit: int = 50
+    ) -> list[LedgerEntry]:
         q: dict[str, Any] = {"user_id": user}
         if before_version is not None:
             q["version"] = {"$lt": L(before_version)}
@@ -248,14 +309,28 @@ class MongoStore(Store):
     @staticmethod
     def _key_of(d: dict) -> ApiKeyRecord:
         revoked = d.get("revoked_ms")
-        return ApiKeyRecord(d["_id"], d["user_id"], d["digest"], d["prefix"], d["name"], int(d["created_ms"]),
-                            None if revoked is None else int(revoked))
+        return ApiKeyRecord(
+            d["_id"],
+            d["user_id"],
+            d["digest"],
+            d["prefix"],
+            d["name"],
+            int(d["created_ms"]),
+            None if revoked is None else int(revoked),
+        )
 
     async def add_api_key(self, key: ApiKeyRecord) -> None:
-        await self.db.api_keys.insert_one({
-            "_id": key.key_id, "user_id": key.user, "digest": key.digest, "prefix": key.prefix,
-            "name": key.name, "created_ms": L(key.created_ms), "revoked_ms": None,
-        })
+        await self.db.api_keys.insert_one(
+            {
+                "_id": key.key_id,
+                "user_id": key.user,
+                "digest": key.digest,
+                "prefix": key.prefix,
+                "name": key.name,
+                "created_ms": L(key.created_ms),
+                "revoked_ms": None,
+            }
+        )
 
     async def revoke_api_key(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
         # Only the first revocation sets the time: the filter needs revoked_ms still null.
@@ -279,13 +354,17 @@ class MongoStore(Store):
             await self.db.rate_limits.delete_one({"_id": o.user})
             return
         await self.db.rate_limits.replace_one(
-            {"_id": o.user}, {"_id": o.user, "rpm": o.requests_per_minute, "tpm": o.tokens_per_minute}, upsert=True
+            {"_id": o.user},
+            {"_id": o.user, "rpm": o.requests_per_minute, "tpm": o.tokens_per_minute},
+            upsert=True,
         )
 
     @staticmethod
     def _limits_of(d: dict) -> RateLimitOverride:
         rpm, tpm = d.get("rpm"), d.get("tpm")
-        return RateLimitOverride(d["_id"], None if rpm is None else int(rpm), None if tpm is None else int(tpm))
+        return RateLimitOverride(
+            d["_id"], None if rpm is None else int(rpm), None if tpm is None else int(tpm)
+        )
 
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
         d = await self.db.rate_limits.find_one({"_id": user})

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-
-import orjson
 import sqlite3
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, TypeVar
+
+import orjson
 
 from ..events import Event, answer_of
 from .base import (
@@ -102,10 +103,19 @@ def collapse(events: list[Event]) -> Batch:
     ledger, accounts, grants, holds = b.ledger, b.accounts, b.grants, b.holds
     for ev in events:
         user, v, raw = ev.user, ev.version, ev.raw
-        ledger.append((
-            user, ev.op_id, ev.type, v, ev.ts_ms, ev.amount, ev.hold_id, ev.fingerprint,
-            ev.raw_json or _dumps(raw),
-        ))
+        ledger.append(
+            (
+                user,
+                ev.op_id,
+                ev.type,
+                v,
+                ev.ts_ms,
+                ev.amount,
+                ev.hold_id,
+                ev.fingerprint,
+                ev.raw_json or _dumps(raw),
+            )
+        )
         cur = accounts.get(user)
         if cur is None or v > cur.version:
             accounts[user] = ev
@@ -163,8 +173,15 @@ def reissued(rows: list[tuple], stored: dict[tuple[str, str], int]) -> list[tupl
     for row in rows:
         v = stored.get((row[0], row[1]))
         if v is not None and v != row[3]:
-            log.warning("operation id %s of %s was applied again after Redis forgot it (retention); "
-                        "its event (version %d) is kept as %s#v%d", row[1], row[0], row[3], row[1], row[3])
+            log.warning(
+                "operation id %s of %s was applied again after Redis forgot it (retention); "
+                "its event (version %d) is kept as %s#v%d",
+                row[1],
+                row[0],
+                row[3],
+                row[1],
+                row[3],
+            )
             out.append((row[0], f"{row[1]}#v{row[3]}", *row[2:]))
     return out
 
@@ -173,9 +190,18 @@ def grant_out(seq: str, r: int, e: int, x: int | None, pri: int | None, meta: st
     return {"seq": seq, "r": int(r), "e": int(e), "x": int(x or 0), "pri": int(pri or 0), "m": meta or "{}"}
 
 
-def hold_out(hid: str, amt: int, exp: int, ear: str | None, at: int | None, op: str | None, x: str | None) -> dict:
-    return {"id": hid, "amt": int(amt), "exp": int(exp), "ear": ear or "", "at": int(at or 0),
-            "op": op or hid, "x": x or "{}"}
+def hold_out(
+    hid: str, amt: int, exp: int, ear: str | None, at: int | None, op: str | None, x: str | None
+) -> dict:
+    return {
+        "id": hid,
+        "amt": int(amt),
+        "exp": int(exp),
+        "ear": ear or "",
+        "at": int(at or 0),
+        "op": op or hid,
+        "x": x or "{}",
+    }
 
 
 # -- SQLite --------------------------------------------------------------------------------
@@ -340,7 +366,7 @@ class SQLiteStore(Store):
     async def ping(self) -> bool:
         try:
             return await self._call(lambda: self.db.execute("SELECT 1").fetchone() == (1,))
-        except Exception:  # noqa: BLE001 - a ping answers, it does not raise
+        except Exception:
             return False
 
     # -- writes -----------------------------------------------------------------------------
@@ -355,28 +381,51 @@ class SQLiteStore(Store):
             if new < len(b.ledger):  # some rows were there already: redeliveries, or reused op ids
                 stored = {}
                 for user, op_id, *_ in b.ledger:
-                    row = db.execute("SELECT version FROM ledger WHERE user = ? AND op_id = ?", (user, op_id)).fetchone()
+                    row = db.execute(
+                        "SELECT version FROM ledger WHERE user = ? AND op_id = ?", (user, op_id)
+                    ).fetchone()
                     stored[(user, op_id)] = row[0]
                 again = reissued(b.ledger, stored)
                 if again:
                     before = db.total_changes
                     db.executemany(INSERT_LEDGER, again)
                     new += db.total_changes - before
-            db.executemany(UPSERT_ACCOUNT, [
-                (u, ev.version, ev.partition, *(t[k] for k in TOTAL_FIELDS), t["debt_total"])
-                for u, ev in b.accounts.items()
-                for t in (ev.state,)
-            ])
-            db.executemany(UPSERT_GRANT, [
-                (g.user, g.seq, g.version, g.r, g.e, int(g.gone), g.meta, g.x, g.pri)
-                for g in b.grants.values()
-            ])
+            db.executemany(
+                UPSERT_ACCOUNT,
+                [
+                    (u, ev.version, ev.partition, *(t[k] for k in TOTAL_FIELDS), t["debt_total"])
+                    for u, ev in b.accounts.items()
+                    for t in (ev.state,)
+                ],
+            )
+            db.executemany(
+                UPSERT_GRANT,
+                [
+                    (g.user, g.seq, g.version, g.r, g.e, int(g.gone), g.meta, g.x, g.pri)
+                    for g in b.grants.values()
+                ],
+            )
             if b.holds:
-                db.executemany(UPSERT_HOLD, [
-                    (h.user, h.hold_id, h.version, h.st, h.amt, h.exp, h.fin, h.open_version,
-                     h.ear, h.at, h.op, h.x)
-                    for h in b.holds.values()
-                ])
+                db.executemany(
+                    UPSERT_HOLD,
+                    [
+                        (
+                            h.user,
+                            h.hold_id,
+                            h.version,
+                            h.st,
+                            h.amt,
+                            h.exp,
+                            h.fin,
+                            h.open_version,
+                            h.ear,
+                            h.at,
+                            h.op,
+                            h.x,
+                        )
+                        for h in b.holds.values()
+                    ],
+                )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -408,7 +457,9 @@ class SQLiteStore(Store):
             ).fetchall()
         return [_ledger_entry(r) for r in rows]
 
-    async def ledger(self, user: str, *, before_version: int | None = None, limit: int = 50) -> list[LedgerEntry]:
+    async def ledger(
+        self, user: str, *, before_version: int | None = None, limit: int = 50
+    ) -> list[LedgerEntry]:
         return await self._call(self._ledger, user, before_version, limit)
 
     def _ledger_page(self, user: str, after: int) -> list[LedgerEntry]:
@@ -431,7 +482,7 @@ class SQLiteStore(Store):
     def _snapshot_of(self, row: tuple) -> AccountSnapshot:
         db = self.db
         user, version, _partition, *vals, debt_total = row
-        totals = dict(zip(TOTAL_FIELDS, vals))
+        totals = dict(zip(TOTAL_FIELDS, vals, strict=False))
         totals["debt_total"] = debt_total
         grants = [
             grant_out(*r)
@@ -586,7 +637,9 @@ class SQLiteStore(Store):
 
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
         row = await self._call(
-            lambda: self.db.execute("SELECT user, rpm, tpm FROM rate_limits WHERE user = ?", (user,)).fetchone()
+            lambda: self.db.execute(
+                "SELECT user, rpm, tpm FROM rate_limits WHERE user = ?", (user,)
+            ).fetchone()
         )
         return RateLimitOverride(*row) if row else None
 
