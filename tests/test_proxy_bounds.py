@@ -349,9 +349,7 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
             text = (
                 "x" * n if i % 3 else "\u00e9\ud83d\ude00" * (n // 4 + 1)
             )  # ASCII, and text dense in tokens
-            meter.feed(
-                f'{{"type":"content_block_delta","delta":{{"type":"text_delta","text":"{text}"}}}}'
-            )
+            meter.feed(f'{{"type":"content_block_delta","delta":{{"type":"text_delta","text":"{text}"}}}}')
             exact = price.cost(_usage_so_far(call, meter, cpt)) > budget
             assert cap.passed(meter) == exact
             if exact:
@@ -434,6 +432,22 @@ async def test_a_stream_past_its_hold_holds_more_of_a_users_credit_and_is_charge
     assert b"stopped at the credit cap" in raw
     b2 = await gw.balance("rich")
     assert b2.held == 0 and b2.debt == 0 and b2.spent - b.spent < Decimal("0.001")
+
+
+async def test_a_streams_final_usage_past_its_hold_is_delivered_whole_and_charged_as_overage(gw):
+    # The upstream's total arrives when generation is over: nothing is left to stop, so the
+    # stream is neither cut nor extended there; the settle charges it (overage as debt).
+    await gw.grant("tight", "0.000100")
+    body = {"model": "gpt-test", "stream": True, "max_tokens": 20, "messages": MSG}
+    status, _h, raw = await post(
+        gw, "/v1/chat/completions", body, user="tight", **{"X-Fake-Input-Tokens": "500"}
+    )
+    text = raw.decode()
+    assert status == 200
+    assert "stopped at the credit cap" not in text and "[DONE]" in text
+    assert ": credits charged=0.000520" in text  # 500 input + 10 output x 2
+    b = await gw.balance("tight")
+    assert (b.spent, b.held, b.debt) == (Decimal("0.000520"), 0, Decimal("0.000420"))
 
 
 async def test_text_dense_in_tokens_cannot_slip_under_the_hard_cap(redis, redis_url, tmp_path):

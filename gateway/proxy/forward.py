@@ -902,6 +902,11 @@ class _CreditCap:
     def passed(self, meter: StreamMeter) -> bool:
         if meter.ascii_chars + meter.other_bytes * self.cpt <= self.units and meter.usage is self.usage:
             return False
+        if meter.final:
+            # The upstream's own total has arrived: generation is over, so there is nothing
+            # left to stop and the settle charges it (overage past the hold as debt).
+            self._bound(meter)
+            return False
         if self.call.price.cost(_usage_so_far(self.call, meter, self.cpt)) > self.call.budget_units:
             return True
         self._bound(meter)
