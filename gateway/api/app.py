@@ -18,10 +18,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..core.apikeys import ApiKeys
 from ..core.connections import describe, make_engine, make_redis, make_script_client, make_store
+from ..core.keyring import KeyRing
 from ..core.recovery import ensure_ready, watch_partitions
 from ..core.settings import Settings
 from ..core.store.base import Store
-from .auth import KeyRing
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .routes import access, admin, health, holds, pricing

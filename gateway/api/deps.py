@@ -9,9 +9,9 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 
 from ..core.engine import CreditEngine
+from ..core.keyring import bearer
 from ..core.store.base import Store
 from ..proxy.identity import Identity, IdentityError
-from .auth import bearer
 from .errors import ApiError
 from .services import Services
 

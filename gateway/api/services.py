@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.engine import CreditEngine
+from ..core.keyring import KeyRing
 from ..core.settings import Settings
 from ..core.store.base import Store
-from .auth import KeyRing
 
 
 @dataclass

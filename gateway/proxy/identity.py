@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from ..api.auth import KeyRing, bearer
 from ..core.apikeys import TOKEN_PREFIX, ApiKeys
+from ..core.keyring import KeyRing, bearer
 from ..core.keys import InvalidId, check_id
 
 

@@ -1,4 +1,4 @@
-"""API keys: bearer tokens checked against SHA-256 digests, in constant time."""
+"""API keys: a ring of SHA-256 digests that bearer tokens are checked against, in constant time."""
 
 from __future__ import annotations
 
