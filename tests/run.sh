@@ -10,6 +10,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 bash tests/support/mongo_venv.sh >/dev/null || echo "tests/run.sh: MongoDB wire server unavailable; the mongo suite will skip" >&2
 exec .venv/bin/python -m pytest "$@"
