@@ -420,7 +420,8 @@ class CreditMiddleware:
             self._settlers.append(s)
         return s
 
-    async def drain(self, timeout: float | None = None) -> int:
+    # A deadline, not a timeout on the call: what is left past it is cancelled and counted.
+    async def drain(self, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Waits for charges still being retried or late usage still being charged."""
         cancelled = 0
         for s in self._settlers:

@@ -122,7 +122,10 @@ def _validation_message(exc: RequestValidationError, content_type: str) -> tuple
             msg = "a JSON body is required"
         elif loc == ("body",) and kind in _NOT_AN_OBJECT:
             if content_type and "json" not in content_type.lower():
-                msg = f"the body must be a JSON object sent with Content-Type: application/json (not {content_type[:60]})"
+                msg = (
+                    "the body must be a JSON object sent with Content-Type: application/json "
+                    f"(not {content_type[:60]})"
+                )
             else:
                 msg = "the body must be a JSON object"
         elif kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == ID_PATTERN.pattern:

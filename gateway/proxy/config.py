@@ -60,7 +60,7 @@ from ..core.pricing import PricingTable
 from ..core.ratelimits import check_limit
 from ..core.redact import public_url
 from .features import FEATURES
-from .kinds import ADAPTERS, Adapter, adapter, metered_routes
+from .kinds import ADAPTERS, FALLBACK, Adapter, adapter, metered_routes
 
 
 class ConfigError(ValueError):
@@ -173,7 +173,7 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
     if not isinstance(name, str) or not name:
         raise ConfigError("every [[upstreams]] needs a name")
     prefix = _env_name(name)
-    kind = raw.get("kind", "openai")
+    kind = raw.get("kind", FALLBACK.name)
     if kind not in ADAPTERS:
         raise ConfigError(f"upstream {name}: kind must be one of {tuple(ADAPTERS)}")
     kind_adapter = ADAPTERS[kind]

@@ -557,7 +557,8 @@ class MeteringProxy:
         except CreditError as exc:
             log.error("release of %s for %s failed: %s", hold_id, user, exc.code)
 
-    async def drain(self, timeout: float = 30.0) -> None:
+    # A deadline, not a timeout on the call: what is left past it is given up and logged.
+    async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Waits for settlements still running (at shutdown), at most `timeout` seconds: what
         is left then is given up and logged with its amount."""
         left = await self.settler.drain(timeout)

@@ -96,7 +96,7 @@ class OpenAI(Adapter):
     def ask_stream_usage(self, path: str, body: dict[str, Any]) -> bool:
         if path not in (CHAT, COMPLETIONS):
             return False
-        opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
+        opts = body["stream_options"] if isinstance(body.get("stream_options"), dict) else {}
         if opts.get("include_usage"):
             return False
         body["stream_options"] = {**opts, "include_usage": True}
