@@ -744,9 +744,8 @@ async def test_flat_priced_route_refuses_an_account_in_debt_as_the_metered_route
     body = {"model": "gpt-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
     status, _h, raw = await post(gw, "/v1/chat/completions", body, user="pat")
     metered = json.loads(raw)["error"]
-    async with aiohttp.ClientSession() as s:
-        async with s.get(gw.base + "/v1/models", headers=gw.headers("pat")) as r:
-            flat_status, flat = r.status, (await r.json())["error"]
+    async with aiohttp.ClientSession() as s, s.get(gw.base + "/v1/models", headers=gw.headers("pat")) as r:
+        flat_status, flat = r.status, (await r.json())["error"]
     assert (status, metered["code"]) == (402, "in_debt")
     assert (flat_status, flat["code"]) == (402, "in_debt")
     assert flat == metered
