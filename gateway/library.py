@@ -22,12 +22,13 @@ gateway/core/settlement.py: retried under the same operation id when Redis falte
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from typing import Any
@@ -41,8 +42,10 @@ from .core.errors import AccountInDebt, BacklogFull, CreditError, InsufficientCr
 from .core.keys import LIBRARY_HOLD_PREFIX, InvalidId, check_id
 from .core.money import AmountError, from_units, to_units
 from .core.pricing import PricingTable, Usage
+from .core.results import DebitResult
 from .core.settings import Settings, settings_from_env
 from .core.settlement import Settler
+from .http_errors import error_body, status_of
 
 log = logging.getLogger("credit.library")
 
@@ -274,7 +277,11 @@ class RequestMeter:
             )
         return price.cost(Usage(input=input_tokens, output=output_tokens, cached_input=cached_input_tokens))
 
-    def record(self, units: int, call: dict[str, Any]) -> Awaitable[Any] | None:
+    def record(
+        self, units: int, call: dict[str, Any]
+    ) -> asyncio.Task[DebitResult | None] | concurrent.futures.Future[DebitResult | None] | None:
+        """None while the request has not settled; after that the late debit's task (on the
+        request's loop) or future (from another thread)."""
         with self._lock:
             if not self.settled:
                 self.units += units
@@ -300,10 +307,10 @@ class RequestMeter:
             self.settled = True
             return self.units, list(self.calls), self.n_calls
 
-    async def _spawned(self, coro: Awaitable[Any]) -> Any:
+    async def _spawned(self, coro: Coroutine[Any, Any, DebitResult | None]) -> DebitResult | None:
         return await self.settler.spawn(coro)
 
-    async def _charge_late(self, units: int, call: dict[str, Any], n: int) -> Any:
+    async def _charge_late(self, units: int, call: dict[str, Any], n: int) -> DebitResult | None:
         """Usage recorded after the request settled: a debit of its own (free credit first,
         the rest as debt), never dropped."""
         try:
@@ -332,13 +339,19 @@ class RequestMeter:
 def _error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: Any
 ) -> tuple[Message, Message]:
-    raw = orjson.dumps({"error": {"code": code, "message": message, **details}})
+    raw = orjson.dumps(error_body(code, message, details))
     hs = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     hs += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     return (
         {"type": "http.response.start", "status": status, "headers": hs},
         {"type": "http.response.body", "body": raw},
     )
+
+
+def _refusal(
+    exc: CreditError, message: str, headers: dict[str, str] | None = None, **details: Any
+) -> tuple[Message, Message]:
+    return _error(status_of(exc), exc.code, message, headers, **details)
 
 
 def _path_matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
@@ -407,7 +420,8 @@ class CreditMiddleware:
             self._settlers.append(s)
         return s
 
-    async def drain(self, timeout: float | None = None) -> int:
+    # A deadline, not a timeout on the call: what is left past it is cancelled and counted.
+    async def drain(self, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Waits for charges still being retried or late usage still being charged."""
         cancelled = 0
         for s in self._settlers:
@@ -455,22 +469,14 @@ class CreditMiddleware:
                 user, self.reserve_units, hold_id=hold_id, ttl_seconds=self.ttl_seconds
             )
         except InsufficientCredits as exc:
-            return _error(
-                402,
-                "insufficient_credits",
-                "not enough credits for this request",
-                available=str(exc.available),
-            )
-        except AccountInDebt:
-            return _error(402, "in_debt", "the account owes credits; top up to continue")
-        except StateLost:
-            return _error(503, "state_lost", "the credit store is being rebuilt; retry", {"Retry-After": "1"})
-        except BacklogFull:
-            return _error(
-                503,
-                "backlog_full",
-                "the gateway is behind persisting charges; retry shortly",
-                {"Retry-After": "5"},
+            return _refusal(exc, "not enough credits for this request", available=str(exc.available))
+        except AccountInDebt as exc:
+            return _refusal(exc, "the account owes credits; top up to continue")
+        except StateLost as exc:
+            return _refusal(exc, "the credit store is being rebuilt; retry", {"Retry-After": "1"})
+        except BacklogFull as exc:
+            return _refusal(
+                exc, "the gateway is behind persisting charges; retry shortly", {"Retry-After": "5"}
             )
         except RedisError as exc:
             # The hold may exist: give it back once Redis answers (it would expire anyway).

@@ -23,6 +23,7 @@ from gateway.core import errors
 from gateway.core.engine import CreditEngine
 from gateway.core.events import decode
 from gateway.core.recovery import rehydrate
+from gateway.http_errors import status_of
 from tests.conftest import ready_engine
 
 D = Decimal
@@ -65,7 +66,7 @@ async def test_reads_answer_state_lost_while_the_partition_is_lost(engine, redis
     await redis.flushall()  # Redis lost everything, the ready markers too
     with pytest.raises(errors.StateLost) as exc:
         await engine.balance("alice")
-    assert exc.value.http_status == 503
+    assert status_of(exc.value) == 503
     with pytest.raises(errors.StateLost):
         await engine.account("alice")
     with pytest.raises(errors.StateLost):  # an account never seen: no zeros either
@@ -273,7 +274,7 @@ async def test_reserve_is_refused_past_the_backlog_limit_and_nothing_else_is(red
     before = await engine.account(u)
     with pytest.raises(errors.BacklogFull) as exc:
         await engine.reserve(u, "1", hold_id="h9", ttl_seconds=60)
-    assert exc.value.http_status == 503 and exc.value.details == {"backlog": 6, "limit": 6}
+    assert status_of(exc.value) == 503 and exc.value.details == {"backlog": 6, "limit": 6}
     assert await engine.account(u) == before and await redis.xlen(stream) == 6
     # a replay adds nothing to the stream: it still answers
     assert (await engine.reserve(u, "1", hold_id="h0", ttl_seconds=60)).replayed

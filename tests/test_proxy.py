@@ -735,3 +735,18 @@ async def test_pricing_can_be_put_back_as_read_and_is_never_emptied_or_overwritt
             assert r.status == 409 and (await r.json())["error"]["code"] == "version_conflict"
         async with s.put(gw.base + "/admin/pricing", json={}, headers=adm) as r:
             assert r.status == 422 and (await r.json())["error"]["code"] == "invalid_pricing"
+
+
+async def test_flat_priced_route_refuses_an_account_in_debt_as_the_metered_route_does(gw):
+    # An account owing credits: no new hold on any route, and the same answer on both.
+    await gw.services.engine.debit("pat", "0.000001", op_id="pat-debt", allow_debt=True)
+    assert (await gw.balance("pat")).debt > 0
+    body = {"model": "gpt-test", "max_tokens": 10, "messages": [{"role": "user", "content": "x"}]}
+    status, _h, raw = await post(gw, "/v1/chat/completions", body, user="pat")
+    metered = json.loads(raw)["error"]
+    async with aiohttp.ClientSession() as s, s.get(gw.base + "/v1/models", headers=gw.headers("pat")) as r:
+        flat_status, flat = r.status, (await r.json())["error"]
+    assert (status, metered["code"]) == (402, "in_debt")
+    assert (flat_status, flat["code"]) == (402, "in_debt")
+    assert flat == metered
+    assert gw.fake.requests == []  # neither reached the upstream

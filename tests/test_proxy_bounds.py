@@ -258,27 +258,25 @@ async def test_clear_refusals_for_a_missing_model_and_unserved_paths(gw):
     ],
 )
 def test_usage_that_is_not_counts_is_treated_as_missing_and_counted(usage):
-    from gateway.proxy.usage import StreamMeter, from_json_body, from_openai_usage
+    from gateway.proxy.kinds import adapter
+    from gateway.proxy.kinds.openai import from_openai_usage
 
     assert from_openai_usage(usage) is None
-    assert from_json_body("openai", {"usage": usage}, "/v1/chat/completions") is None
-    meter = StreamMeter("openai")
+    assert adapter("openai").usage_of("/v1/chat/completions", {"usage": usage}) is None
+    meter = adapter("openai").stream_meter()
     meter.feed(json.dumps({"choices": [], "usage": usage}))
     assert meter.usage is None and not meter.final
 
 
 def test_well_formed_usage_is_read_as_is():
-    from gateway.proxy.usage import StreamMeter, from_json_body
+    from gateway.proxy.kinds import adapter
 
-    u = from_json_body(
-        "openai", {"usage": {"prompt_tokens": 5, "completion_tokens": 7.0}}, "/v1/chat/completions"
-    )
+    openai = adapter("openai")
+    u = openai.usage_of("/v1/chat/completions", {"usage": {"prompt_tokens": 5, "completion_tokens": 7.0}})
     assert (u.input, u.output) == (5, 7)
-    assert (
-        from_json_body("openai", {"usage": {"prompt_tokens": 5, "total_tokens": 5}}, "/v1/embeddings").input
-        == 5
-    )
-    meter = StreamMeter("anthropic")
+    embedded = openai.usage_of("/v1/embeddings", {"usage": {"prompt_tokens": 5, "total_tokens": 5}})
+    assert embedded.input == 5
+    meter = adapter("anthropic").stream_meter()
     meter.feed('{"type":"message_start","message":{"usage":{"input_tokens":9,"output_tokens":1}}}')
     meter.feed('{"type":"message_delta","usage":{"output_tokens":"lots"}}')  # malformed: counted instead
     assert meter.usage is None and not meter.final
@@ -307,8 +305,9 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
     from hypothesis import strategies as st
 
     from gateway.core.pricing import ModelPrice, Usage
-    from gateway.proxy.forward import Call, _CreditCap, _usage_so_far
-    from gateway.proxy.usage import StreamMeter
+    from gateway.proxy.call import Call
+    from gateway.proxy.credit_cap import CreditCap, usage_so_far
+    from gateway.proxy.kinds import adapter
     from gateway.proxy.worst_case import OutputPlan
 
     @settings(max_examples=300, deadline=None)
@@ -327,7 +326,7 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
         call = Call(
             "r",
             "u",
-            "anthropic",
+            adapter("anthropic"),
             "/v1/messages",
             "m",
             price,
@@ -338,19 +337,19 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
             100,
             budget_units=budget,
         )
-        meter = StreamMeter("anthropic")
+        meter = adapter("anthropic").stream_meter()
         if start_in is not None:  # the real prompt, reported at the start
             meter.feed(
                 '{"type":"message_start","message":{"usage":{"input_tokens":%d,"output_tokens":1}}}'
                 % start_in
             )
-        cap = _CreditCap(call, meter, cpt)
+        cap = CreditCap(call, meter, cpt)
         for i, n in enumerate(deltas):
             text = (
                 "x" * n if i % 3 else "\u00e9\ud83d\ude00" * (n // 4 + 1)
             )  # ASCII, and text dense in tokens
             meter.feed(f'{{"type":"content_block_delta","delta":{{"type":"text_delta","text":"{text}"}}}}')
-            exact = price.cost(_usage_so_far(call, meter, cpt)) > budget
+            exact = price.cost(usage_so_far(call, meter, cpt)) > budget
             assert cap.passed(meter) == exact
             if exact:
                 break

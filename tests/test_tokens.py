@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from gateway.proxy import tokens as tokens_mod
+from gateway.proxy.kinds import adapter
 from gateway.proxy.tokens import CL100K, O200K, TokenCounter, encoding_for
-from gateway.proxy.usage import ANTHROPIC, OPENAI, StreamMeter, answer_texts, count_output
+from gateway.proxy.usage import count_output
+
+OPENAI, ANTHROPIC = adapter("openai"), adapter("anthropic")
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
@@ -437,19 +440,19 @@ def _chat_event(text: str, index: int = 0) -> str:
 
 def test_a_cut_stream_is_counted_from_its_text(counter):
     """The issue's case: a stream cut before its usage chunk was charged ceil(chars / 4)."""
-    m = StreamMeter(OPENAI)
+    m = OPENAI.stream_meter()
     for piece in ("お誕生", "日おめ", "でとう"):
         m.feed(_chat_event(piece))
     assert m.usage is None and m.texts() == ["お誕生日おめでとう"]
     assert m.output_tokens(lambda t: counter.count_text("gpt-4o", t), 4) == 8  # was ceil(9 / 4) = 3
-    m = StreamMeter(OPENAI)
+    m = OPENAI.stream_meter()
     for piece in ("anti", "dis", "establishment", "arianism"):
         m.feed(_chat_event(piece))
     assert m.output_tokens(lambda t: counter.count_text("gpt-4", t), 4) == 6  # was ceil(28 / 4) = 7
 
 
 def test_unknown_model_output_is_estimated_as_before():
-    m = StreamMeter(OPENAI)
+    m = OPENAI.stream_meter()
     for piece in ("tok ",) * 9:
         m.feed(_chat_event(piece))
     assert m.text_chars == 36
@@ -457,13 +460,13 @@ def test_unknown_model_output_is_estimated_as_before():
 
 
 def test_each_choice_and_block_is_kept_apart(counter):
-    m = StreamMeter(OPENAI)
+    m = OPENAI.stream_meter()
     for a, b in zip(("2 +", " 2 =", " 4"), ("hello", " world", ""), strict=False):
         m.feed(_chat_event(a, 0))
         m.feed(_chat_event(b, 1))
     assert m.texts() == ["2 + 2 = 4", "hello world"]
     assert m.output_tokens(lambda t: counter.count_text("gpt-4o", t), 4) == 7 + 2
-    a = StreamMeter(ANTHROPIC)
+    a = ANTHROPIC.stream_meter()
     for i, text in ((0, "Let me think"), (1, "The answer"), (0, " more"), (1, " is 4")):
         a.feed(
             json.dumps(
@@ -474,7 +477,7 @@ def test_each_choice_and_block_is_kept_apart(counter):
 
 
 def test_tool_call_arguments_and_refusals_are_output():
-    m = StreamMeter(OPENAI)
+    m = OPENAI.stream_meter()
     m.feed(
         json.dumps(
             {
@@ -513,7 +516,7 @@ def test_tool_call_arguments_and_refusals_are_output():
         )
     m.feed(json.dumps({"choices": [{"index": 1, "delta": {"refusal": "I can't"}}]}))
     assert m.texts() == ['get_weather{"location":"Paris"}', "I can't"]
-    r = StreamMeter(OPENAI)
+    r = OPENAI.stream_meter()
     r.feed(
         json.dumps(
             {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "Hi"}
@@ -526,7 +529,7 @@ def test_tool_call_arguments_and_refusals_are_output():
 
 
 def test_kept_text_is_capped_and_the_rest_estimated(counter):
-    m = StreamMeter(OPENAI, keep_chars=11)
+    m = OPENAI.stream_meter(keep_chars=11)
     for piece in ("hello", " world", " and", " more", " text"):
         m.feed(_chat_event(piece))
     assert m.texts() == ["hello world"] and m.kept_chars == 11 and m.text_chars == 25
@@ -535,7 +538,7 @@ def test_kept_text_is_capped_and_the_rest_estimated(counter):
 
 
 def test_many_small_deltas_are_joined_without_losing_text():
-    m = StreamMeter(ANTHROPIC)
+    m = ANTHROPIC.stream_meter()
     pieces = [f"w{i} " for i in range(5000)]
     for p in pieces:
         m.feed(
@@ -567,8 +570,8 @@ def test_answer_texts_of_whole_answers():
             },
         ],
     }
-    assert answer_texts(OPENAI, chat) == ["Hello", "f", "{}"]
-    assert answer_texts(OPENAI, {"object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}) == [
+    assert OPENAI.answer_texts(chat) == ["Hello", "f", "{}"]
+    assert OPENAI.answer_texts({"object": "text_completion", "choices": [{"index": 0, "text": "Hi"}]}) == [
         "Hi"
     ]
     responses = {
@@ -582,9 +585,9 @@ def test_answer_texts_of_whole_answers():
             {"type": "function_call", "name": "f", "arguments": "{}"},
         ],
     }
-    assert answer_texts(OPENAI, responses) == ["Hi", "No", "f", "{}"]
+    assert OPENAI.answer_texts(responses) == ["Hi", "No", "f", "{}"]
     embeddings = {"object": "list", "data": [{"object": "embedding", "embedding": [0.1] * 1536}]}
-    assert answer_texts(OPENAI, embeddings) == []  # vectors are not output tokens
+    assert OPENAI.answer_texts(embeddings) == []  # vectors are not output tokens
     anthropic = {
         "type": "message",
         "content": [
@@ -593,9 +596,9 @@ def test_answer_texts_of_whole_answers():
             {"type": "tool_use", "name": "f", "input": {"a": "é"}},
         ],
     }
-    assert answer_texts(ANTHROPIC, anthropic) == ["hmm", "Hi", "f", '{"a":"é"}']
-    assert answer_texts(OPENAI, {"something": "else"}) is None
-    assert answer_texts(OPENAI, [1, 2]) is None
+    assert ANTHROPIC.answer_texts(anthropic) == ["hmm", "Hi", "f", '{"a":"é"}']
+    assert OPENAI.answer_texts({"something": "else"}) is None
+    assert OPENAI.answer_texts([1, 2]) is None
 
 
 def test_count_output(counter):

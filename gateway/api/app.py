@@ -207,14 +207,14 @@ def create_app(
     for module in (health, admin, access, holds, pricing):
         app.include_router(module.router)
     if proxy_config is not None:
-        from ..proxy.config import ANTHROPIC_ROUTES, OPENAI_ROUTES
+        from ..proxy.kinds import metered_routes
 
         async def proxied(request):
             return await request.app.state.services.proxy.handle(request)
 
-        for path in OPENAI_ROUTES + ANTHROPIC_ROUTES:
+        for path in metered_routes():
             app.add_route(path, proxied, methods=["POST"], include_in_schema=False)
-        app.proxy_paths = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)  # POSTs there skip FastAPI's stack
+        app.proxy_paths = frozenset(metered_routes())  # POSTs there skip FastAPI's stack
         for route in proxy_config.routes:
             app.add_route(route.path, proxied, methods=list(route.methods), include_in_schema=False)
 

@@ -1,4 +1,7 @@
-"""One JSON error shape for every refusal: {"error": {"code", "message", ...details}}.
+"""The API's refusals: every exception a route may raise, answered as one JSON error shape
+({"error": {"code", "message", ...details}}, built by gateway/http_errors.py).
+
+Domain refusals (gateway/core/errors.py) get their HTTP status here, from http_errors.
 
 Every 503 carries Retry-After. Redis not answering (a connection refused or lost, a timeout,
 a cluster failing over) is 503 `credit_store_unavailable`; the durable store not answering
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from decimal import Decimal
+from collections.abc import Mapping
 from typing import Any
 
 import redis.exceptions as redis_errors
@@ -22,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..core.errors import CreditError
 from ..core.keys import ID_CHARS, ID_PATTERN, InvalidId
 from ..core.money import AmountError
+from ..http_errors import error_body, status_of
 
 log = logging.getLogger("credit.api")
 
@@ -48,30 +52,26 @@ try:
 except ImportError:  # pragma: no cover - pymongo is optional (SQLite deployments)
     pass
 
-# Details that must not replace the body's own keys, and the script detail renamed so it
-# is not read as the HTTP status (already_settled & co. carry the hold's status).
-_RESERVED = {"code", "message"}
-_RENAMED = {"status": "hold_status"}
-
 
 def error_response(
-    status: int, code: str, message: str, headers: dict | None = None, /, **details: Any
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None, /, **details: Any
 ) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    for k, v in details.items():
-        k = _RENAMED.get(k, k)
-        if k not in _RESERVED:
-            body[k] = str(v) if isinstance(v, Decimal) else v
     if status == 503 and not any(h.lower() == "retry-after" for h in (headers or {})):
         headers = {**(headers or {}), "Retry-After": RETRY_AFTER_S}
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
 class ApiError(Exception):
     """A refusal raised by route code."""
 
     def __init__(
-        self, status: int, code: str, message: str, headers: dict | None = None, /, **details: Any
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        /,
+        **details: Any,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers, self.details = (
@@ -122,7 +122,10 @@ def _validation_message(exc: RequestValidationError, content_type: str) -> tuple
             msg = "a JSON body is required"
         elif loc == ("body",) and kind in _NOT_AN_OBJECT:
             if content_type and "json" not in content_type.lower():
-                msg = f"the body must be a JSON object sent with Content-Type: application/json (not {content_type[:60]})"
+                msg = (
+                    "the body must be a JSON object sent with Content-Type: application/json "
+                    f"(not {content_type[:60]})"
+                )
             else:
                 msg = "the body must be a JSON object"
         elif kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == ID_PATTERN.pattern:
@@ -146,7 +149,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _credit(_: Request, exc: CreditError):
         details = {k: v for k, v in exc.details.items() if k != "reason"}
         return error_response(
-            exc.http_status, exc.code, str(exc.details.get("reason") or exc), None, **details
+            status_of(exc), exc.code, str(exc.details.get("reason") or exc), None, **details
         )
 
     @app.exception_handler(ApiError)

@@ -1,9 +1,12 @@
-"""Named result codes of the Lua scripts, mapped to exceptions in one place."""
+"""Named result codes of the Lua scripts, mapped to exceptions in one place.
+
+These are domain refusals: they carry a code and details, never an HTTP status (the web
+layers map them: gateway/http_errors.py)."""
 
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any
+from typing import Any, NoReturn
 
 from .money import from_units
 
@@ -12,16 +15,14 @@ class CreditError(Exception):
     """An operation the engine refused. `code` is the script's named result."""
 
     code = "credit_error"
-    http_status = 400
 
-    def __init__(self, message: str = "", **details: Any) -> None:
+    def __init__(self, message: str = "", /, **details: Any) -> None:
         super().__init__(message or self.code.replace("_", " "))
         self.details = details
 
 
 class InsufficientCredits(CreditError):
     code = "insufficient_credits"
-    http_status = 402
 
     @property
     def available(self) -> Decimal:
@@ -30,49 +31,40 @@ class InsufficientCredits(CreditError):
 
 class AccountInDebt(CreditError):
     code = "in_debt"
-    http_status = 402
 
 
 class HoldNotFound(CreditError):
     code = "hold_not_found"
-    http_status = 404
 
 
 class HoldExists(CreditError):
     code = "hold_exists"
-    http_status = 409
 
 
 class HoldAlreadySettled(CreditError):
     code = "already_settled"
-    http_status = 409
 
 
 class HoldAlreadyReleased(CreditError):
     code = "already_released"
-    http_status = 409
 
 
 class HoldExpired(CreditError):
     code = "hold_expired"
-    http_status = 409
 
 
 class OperationConflict(CreditError):
     """The operation id was used before with other fields."""
 
     code = "op_conflict"
-    http_status = 422
 
 
 class InvalidExpiry(CreditError):
     code = "invalid_expiry"
-    http_status = 400
 
 
 class InvalidAmount(CreditError):
     code = "invalid_amount"
-    http_status = 422
 
 
 class RateLimited(CreditError):
@@ -80,7 +72,6 @@ class RateLimited(CreditError):
     (-1: this call alone exceeds the limit and can never pass)."""
 
     code = "rate_limited"
-    http_status = 429
 
     @property
     def retry_after_ms(self) -> int:
@@ -93,17 +84,15 @@ class BacklogFull(CreditError):
     details: backlog, limit (entries)."""
 
     code = "backlog_full"
-    http_status = 503
 
 
 class StateLost(CreditError):
     """Redis lost this partition's data and it has not been rebuilt yet: retry later."""
 
     code = "state_lost"
-    http_status = 503
 
 
-_BY_CODE = {
+_BY_CODE: dict[str, type[CreditError]] = {
     cls.code: cls
     for cls in (
         InsufficientCredits,
@@ -124,7 +113,7 @@ _BY_CODE = {
 _AMOUNT_FIELDS = {"available", "debt"}
 
 
-def raise_for(code: str, payload: dict) -> None:
+def raise_for(code: str, payload: dict[str, Any]) -> NoReturn:
     """Raises the exception named by a script's result code."""
     cls = _BY_CODE.get(code)
     details = {k: (from_units(v) if k in _AMOUNT_FIELDS else v) for k, v in payload.items()}

@@ -68,11 +68,10 @@ def _choices(path: str, body: dict, lenient: bool = False) -> tuple[int, int]:
     (`lenient`: on any route, as a loosely compatible server might)."""
     if not lenient and path not in ("/v1/chat/completions", "/v1/completions"):
         return 1, 1
-    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    n_field, best_of_field = body.get("n"), body.get("best_of")
+    n = n_field if isinstance(n_field, int) else 1
     best_of = (
-        body.get("best_of")
-        if (lenient or path == "/v1/completions") and isinstance(body.get("best_of"), int)
-        else n
+        best_of_field if (lenient or path == "/v1/completions") and isinstance(best_of_field, int) else n
     )
     return n, max(n, best_of)
 
@@ -196,6 +195,7 @@ class MockUpstream:
         inputs: int = 1,
     ) -> dict:
         text = tok * n_out
+        out: dict[str, Any]
         if path == "/v1/messages":
             out = {
                 "id": "msg_fake",

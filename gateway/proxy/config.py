@@ -14,15 +14,15 @@ and CREDIT_UPSTREAM_<NAME>_BASE_URL / _API_KEY / _TIMEOUT override per upstream.
 
     [[upstreams]]
     name = "openai"
-    kind = "openai"                 # or "anthropic"
+    kind = "openai"                 # a registered kind (gateway/proxy/kinds/): "openai", "anthropic"
     base_url = "https://api.openai.com"
     api_key_env = "OPENAI_API_KEY"
     timeout_seconds = 120
     models = ["gpt-4o", "gpt-4o-mini"]   # which models it serves ("*" = any)
     chat_cap_field = "max_completion_tokens"  # or "max_tokens": the output cap the upstream obeys on
                                     # chat requests that name none (OpenAI: max_completion_tokens)
-    forward_headers = []            # client headers passed on beyond the kind's own (accept,
-                                    # content-type, openai-beta); "x-foo-*" matches a prefix
+    forward_headers = []            # client headers passed on beyond the kind's own (OpenAI:
+                                    # accept, openai-beta); "x-foo-*" matches a prefix
     headers = {}                    # headers the gateway sends (they win over the client's)
     allow_features = []             # request features billed beyond tokens that are let through
                                     # (service_tier, web_search, code_execution, background...:
@@ -60,11 +60,7 @@ from ..core.pricing import PricingTable
 from ..core.ratelimits import check_limit
 from ..core.redact import public_url
 from .features import FEATURES
-from .worst_case import CHAT_CAP_FIELDS
-
-OPENAI_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
-ANTHROPIC_ROUTES = ("/v1/messages",)
-KINDS = ("openai", "anthropic")
+from .kinds import ADAPTERS, FALLBACK, Adapter, adapter, metered_routes
 
 
 class ConfigError(ValueError):
@@ -83,6 +79,10 @@ class Upstream:
     chat_cap_field: str = "max_completion_tokens"
     forward_headers: tuple[str, ...] = ()  # lower-case names; "x-foo-*" matches a prefix
     allow_features: frozenset[str] = frozenset()  # billed beyond tokens, yet allowed (features.py)
+
+    @property
+    def adapter(self) -> Adapter:
+        return adapter(self.kind)
 
     def serves(self, model: str | None) -> bool:
         return "*" in self.models or (model is not None and model in self.models)
@@ -115,9 +115,10 @@ class ProxyConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     rate_limits: RateLimits = field(default_factory=RateLimits)
 
-    def upstream_for(self, kind: str, model: str | None) -> Upstream | None:
+    def upstream_for(self, path: str, model: str | None) -> Upstream | None:
+        """The first upstream whose kind meters `path` and that serves `model`."""
         for u in self.upstreams:
-            if u.kind == kind and u.serves(model):
+            if path in u.adapter.routes and u.serves(model):
                 return u
         return None
 
@@ -133,8 +134,9 @@ def _rate_limits(rl: Any) -> RateLimits:
         raise ConfigError("rate_limits takes requests_per_minute and tokens_per_minute")
     try:
         return RateLimits(
-            check_limit("requests_per_minute", rl.get("requests_per_minute", 0)),
-            check_limit("tokens_per_minute", rl.get("tokens_per_minute", 0)),
+            # null (YAML) is the default: no limit
+            check_limit("requests_per_minute", rl.get("requests_per_minute")) or 0,
+            check_limit("tokens_per_minute", rl.get("tokens_per_minute")) or 0,
         )
     except ValueError as exc:
         raise ConfigError(f"rate_limits: {exc}") from exc
@@ -171,9 +173,10 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
     if not isinstance(name, str) or not name:
         raise ConfigError("every [[upstreams]] needs a name")
     prefix = _env_name(name)
-    kind = raw.get("kind", "openai")
-    if kind not in KINDS:
-        raise ConfigError(f"upstream {name}: kind must be one of {KINDS}")
+    kind = raw.get("kind", FALLBACK.name)
+    if kind not in ADAPTERS:
+        raise ConfigError(f"upstream {name}: kind must be one of {tuple(ADAPTERS)}")
+    kind_adapter = ADAPTERS[kind]
     base_url = env.get(f"{prefix}_BASE_URL") or raw.get("base_url")
     if not isinstance(base_url, str):
         raise ConfigError(f"upstream {name}: base_url is required")
@@ -199,11 +202,15 @@ def _upstream(raw: dict[str, Any], env: dict[str, str]) -> Upstream:
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict):
         raise ConfigError(f"upstream {name}: headers must be a table of name = value")
-    if kind == "anthropic":
-        headers = {"anthropic-version": "2023-06-01", **headers}
-    cap_field = raw.get("chat_cap_field", "max_completion_tokens")
-    if cap_field not in CHAT_CAP_FIELDS:
-        raise ConfigError(f"upstream {name}: chat_cap_field must be one of {CHAT_CAP_FIELDS}")
+    headers = {**kind_adapter.default_headers, **headers}
+    choices = kind_adapter.chat_cap_fields
+    cap_field = raw.get("chat_cap_field", choices[0] if choices else "")
+    if "chat_cap_field" in raw and cap_field not in choices:
+        raise ConfigError(
+            f"upstream {name}: chat_cap_field must be one of {choices}"
+            if choices
+            else f"upstream {name}: kind {kind} takes no chat_cap_field"
+        )
     fwd = raw.get("forward_headers") or []
     if not isinstance(fwd, list) or not all(isinstance(h, str) and h.strip() for h in fwd):
         raise ConfigError(f"upstream {name}: forward_headers must be a list of header names")
@@ -250,7 +257,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyCon
         rp, up = r.get("path"), r.get("upstream")
         if not isinstance(rp, str) or not rp.startswith("/"):
             raise ConfigError(f"route {rp!r}: path must start with /")
-        if rp in OPENAI_ROUTES + ANTHROPIC_ROUTES:
+        if rp in metered_routes():
             raise ConfigError(f"route {rp}: metered LLM routes are built in")
         if up not in names:
             raise ConfigError(f"route {rp}: unknown upstream {up!r}")

@@ -16,7 +16,6 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -39,128 +38,27 @@ from ..core.keys import PROXY_HOLD_PREFIX
 from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import ModelPrice, Usage, ceil_div
 from ..core.settlement import Settler
-from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig, Upstream
-from .errors import proxy_error
-from .features import requested_features
+from .call import Call
+from .config import ProxyConfig, Upstream
+from .credit_cap import CreditCap, usage_so_far
+from .errors import insufficient_credits, proxy_error, reserve_refusal, state_lost, unavailable
+from .headers import passed_headers, upstream_headers
 from .identity import Identity, IdentityError
+from .kinds import Adapter, for_path, for_route, metered_routes
 from .pricing_cache import PricingCache
+from .sse import event_end, sse_data
+from .stream_meter import StreamMeter
 from .tokens import TokenCounter
-from .usage import ANTHROPIC, OPENAI, StreamMeter, answer_texts, count_output, from_json_body
-from .worst_case import (
-    COUNT_FIELDS,
-    EMBEDDINGS,
-    BadRequest,
-    OutputPlan,
-    embedding_input_tokens,
-    output_plan,
-    set_output_cap,
-)
+from .usage import count_output
+from .worst_case import BadRequest
 
 log = logging.getLogger("credit.proxy")
 
-# The client headers an upstream kind gets: an allow-list. Anything else could change who
-# is billed upstream (openai-organization, openai-project), what is billed (anthropic-beta
-# features priced at other rates) or tell the upstream about the client (user-agent,
-# x-forwarded-for). An upstream's `forward_headers` adds to it; its `headers` win.
-FORWARDED_HEADERS = {
-    OPENAI: frozenset({"accept", "openai-beta"}),
-    ANTHROPIC: frozenset({"accept"}),
-}
-# Never forwarded, whatever the configuration allows: credentials, cookies, hop-by-hop
-# headers, the gateway's own, and what the HTTP client sets itself.
-NEVER_FORWARDED = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "authorization",
-        "cookie",
-        "x-api-key",
-        "x-user-id",
-        "accept-encoding",
-        "expect",
-        "content-type",
-    }
-)
-# Never passed back to the client from the upstream.
-DROP_RESPONSE_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-encoding",
-        "set-cookie",
-        "server",
-        "date",
-        # the gateway's upstream account, not the client's business
-        "openai-organization",
-        "openai-project",
-        "anthropic-organization-id",
-    }
-)
-# The upstream's names for what the gateway answers itself: passed on under another name.
-RENAMED_RESPONSE_HEADERS = {"x-request-id": "x-upstream-request-id", "request-id": "x-upstream-request-id"}
 DEFAULT_MAX_OUTPUT = 4096
 # How many times a stream past its hold may hold more credit before it is cut (each time at
 # least the first hold's amount): bounds what an upstream ignoring the cap can spend.
 MAX_EXTENSIONS = 8
-_METERED_ROUTES = frozenset(OPENAI_ROUTES + ANTHROPIC_ROUTES)
-
-
-def forwarded_headers(request: Request, upstream: Upstream) -> dict[str, str]:
-    """The client's headers that `upstream` may see (its configured headers not included)."""
-    allowed = FORWARDED_HEADERS[upstream.kind]
-    prefixes = tuple(h[:-1] for h in upstream.forward_headers if h.endswith("*"))
-    named_by_connection = {
-        t.strip().lower() for t in request.headers.get("connection", "").split(",") if t.strip()
-    }
-    out = {}
-    for k, v in request.headers.items():
-        lk = k.lower()
-        if lk in NEVER_FORWARDED or lk in named_by_connection or lk.startswith(("x-credit", "proxy-")):
-            continue
-        if lk in allowed or lk in upstream.forward_headers or (prefixes and lk.startswith(prefixes)):
-            out[lk] = v
-    return out
-
-
-@dataclass
-class Call:
-    """One metered call on its way through."""
-
-    request_id: str
-    user: str
-    kind: str
-    path: str
-    model: str | None
-    price: ModelPrice
-    upstream: Upstream
-    body: dict[str, Any]
-    est_input: int
-    plan: OutputPlan
-    max_output: int  # the output cap per choice that the hold pays for (and the upstream gets)
-    hold_units: int = 0
-    hold_expires_ms: int = 0
-    budget_units: int = 0  # all the call holds: its hold and its extensions (a stream's hard cap)
-    extensions: list[tuple[str, int, int]] = field(default_factory=list)  # (hold id, units, expires ms)
-    stream: bool = False
-    strip_usage_chunk: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
+_METERED_ROUTES = frozenset(metered_routes())
 
 
 class MeteringProxy:
@@ -187,7 +85,7 @@ class MeteringProxy:
         # metered routes it equals request.url.path; any other path goes to _flat, which
         # uses request.url as before.
         path = request.scope["path"]
-        kind = ANTHROPIC if path in ANTHROPIC_ROUTES else OPENAI
+        kind = for_route(path)
         request_id = f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"
         rid = {"X-Request-Id": request_id}
         try:
@@ -196,10 +94,10 @@ class MeteringProxy:
             code = "unauthorized" if exc.status == 401 else "forbidden"
             return proxy_error(kind, exc.status, code, str(exc), rid)
         except StateLost:
-            return _state_lost(kind, rid)
+            return state_lost(kind, rid)
         except RedisError as exc:
             log.error("API key lookup failed: %s", exc)
-            return _unavailable(kind, rid)
+            return unavailable(kind, rid)
         if path not in _METERED_ROUTES:
             return await self._flat(request, user, kind, request_id)
         raw = await self._body(request)
@@ -213,27 +111,28 @@ class MeteringProxy:
             return proxy_error(kind, 400, "malformed_json", "the request body is not valid JSON", rid)
         if not isinstance(body, dict):
             return proxy_error(kind, 400, "invalid_request", "the request body must be a JSON object", rid)
-        if any(isinstance(body.get(f), float) and body[f] >= 2**63 for f in COUNT_FIELDS):
+        if any(isinstance(body.get(f), float) and body[f] >= 2**63 for f in kind.count_fields):
             body = json.loads(raw)  # orjson reads integers past 64 bits as floats: a huge cap is still a cap
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return proxy_error(
                 kind, 400, "invalid_request", 'the request names no model (field "model")', rid
             )
-        upstream = self.config.upstream_for(kind, model)
+        upstream = self.config.upstream_for(path, model)
         if upstream is None:
             return proxy_error(
                 kind, 404, "model_not_served", f"no upstream serves model {model!r} on {path}", rid
             )
+        kind = upstream.adapter
         table = self.pricing.table
-        price = table.models.get(model or "")
+        price = table.models.get(model)
         if price is None and self.config.unknown_model == "default":
             price = table.default
         if price is None:
             return proxy_error(
                 kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid
             )
-        denied = requested_features(kind, path, body) - upstream.allow_features
+        denied = kind.features(path, body) - upstream.allow_features
         if denied:
             return proxy_error(
                 kind,
@@ -271,7 +170,7 @@ class MeteringProxy:
         self,
         request_id: str,
         user: str,
-        kind: str,
+        kind: Adapter,
         path: str,
         model: str,
         price: ModelPrice,
@@ -280,10 +179,11 @@ class MeteringProxy:
         body_len: int,
     ) -> Call:
         cpt = self.config.chars_per_token
-        plan = output_plan(path, body, cpt)
-        est_input = max(ceil_div(body_len, cpt), embedding_input_tokens(body) if path == EMBEDDINGS else 0)
+        plan = kind.output_plan(path, body, cpt)
+        est_input = max(ceil_div(body_len, cpt), kind.exact_input_tokens(path, body))
         max_out = 0
-        if path != EMBEDDINGS:
+        output = kind.generates_output(path)
+        if output:
             max_out = (
                 plan.requested
                 if plan.requested is not None
@@ -293,15 +193,12 @@ class MeteringProxy:
             # fits (then to what the user can afford): a clamp, not a refusal.
             max_out = min(max_out, plan.per_choice(price.output_tokens_affordable(MAX_UNITS, est_input)))
         call = Call(request_id, user, kind, path, model, price, upstream, body, est_input, plan, max_out)
-        if path != EMBEDDINGS:
-            set_output_cap(path, body, max_out, upstream.chat_cap_field)
+        if output:
+            kind.set_output_cap(path, body, max_out, upstream.chat_cap_field)
         call.stream = bool(body.get("stream"))
-        if call.stream and kind == OPENAI and path in ("/v1/chat/completions", "/v1/completions"):
-            opts = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
-            if not opts.get("include_usage"):
-                # Ask for the usage chunk, and keep it from a client that did not ask for it.
-                body["stream_options"] = {**opts, "include_usage": True}
-                call.strip_usage_chunk = True
+        if call.stream:
+            # Usage asked for on the client's behalf is kept from a client that did not ask.
+            call.strip_usage_chunk = kind.ask_stream_usage(path, body)
         call.meta = {"request_id": request_id, "model": model, "path": path, "upstream": upstream.name}
         return call
 
@@ -318,7 +215,7 @@ class MeteringProxy:
             return False
         clamped.add(why)
         call.max_output = tokens
-        set_output_cap(call.path, call.body, tokens, call.upstream.chat_cap_field)
+        call.kind.set_output_cap(call.path, call.body, tokens, call.upstream.chat_cap_field)
         return True
 
     async def _reserve(self, call: Call) -> Response | None:
@@ -345,7 +242,7 @@ class MeteringProxy:
                     if self._clamp(call, fit, "tpm", clamped):
                         worst = self._worst(call)
                         continue
-                return _rate_limited(call.kind, exc, rid)
+                return reserve_refusal(call.kind, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
                 if self._clamp(
@@ -353,45 +250,29 @@ class MeteringProxy:
                 ):
                     worst = self._worst(call)
                     continue
-                return proxy_error(
-                    call.kind,
-                    402,
-                    "insufficient_credits",
-                    "not enough credits for this request",
-                    rid,
-                    available=str(from_units(available)),
-                )
-            except AccountInDebt:
-                return _in_debt(call.kind, rid)
+                return reserve_refusal(call.kind, exc, rid)
+            except (AccountInDebt, StateLost, BacklogFull) as exc:
+                return reserve_refusal(call.kind, exc, rid)
             except RedisError as exc:
-                # The hold may or may not exist: give it back when Redis answers again (it
-                # would expire by itself anyway), and tell the client to retry.
-                log.error("reserve of %s for %s failed: %s", call.request_id, call.user, exc)
-                self.settler.spawn(self._release(call, "reserve_unconfirmed", void_if_unknown=True))
-                return _unavailable(call.kind, rid)
-            except StateLost:
-                return _state_lost(call.kind, rid)
-            except BacklogFull:
-                return _backlog_full(call.kind, rid)
-        return proxy_error(call.kind, 402, "insufficient_credits", "not enough credits for this request", rid)
+                return self._reserve_unconfirmed(call.kind, call.user, call.request_id, call.meta, exc, ttl)
+        return insufficient_credits(call.kind, rid)
+
+    def _reserve_unconfirmed(
+        self, kind: Adapter, user: str, hold_id: str, meta: dict[str, Any], exc: RedisError, ttl: float
+    ) -> Response:
+        """Redis did not confirm a reserve: the hold may or may not exist. It is given back
+        when Redis answers again (it would expire by itself anyway); the client retries."""
+        log.error("reserve of %s for %s failed: %s", hold_id, user, exc)
+        until = self.engine.now_ms() + round(ttl * 1000)
+        meta = {**meta, "reason": "reserve_unconfirmed"}
+        self.settler.spawn(self._give_back(user, hold_id, meta, until, void_if_unknown=True))
+        return unavailable(kind, {"X-Request-Id": hold_id})
 
     # -- forwarding --------------------------------------------------------------------
 
-    def _upstream_headers(self, request: Request, upstream: Upstream) -> dict[str, str]:
-        headers = forwarded_headers(request, upstream)
-        for k, v in upstream.headers.items():
-            headers[k.lower()] = v  # the configured value wins over the client's
-        headers["accept-encoding"] = "identity"
-        if upstream.api_key:
-            if upstream.kind == ANTHROPIC:
-                headers["x-api-key"] = upstream.api_key
-            else:
-                headers["authorization"] = f"Bearer {upstream.api_key}"
-        return headers
-
     async def _forward(self, request: Request, call: Call) -> Response:
         url = call.upstream.base_url + call.path
-        headers = self._upstream_headers(request, call.upstream)
+        headers = upstream_headers(request, call.upstream)
         headers["content-type"] = "application/json"
         timeout = aiohttp.ClientTimeout(total=call.upstream.timeout_seconds)
         rid = {"X-Request-Id": call.request_id}
@@ -419,25 +300,15 @@ class MeteringProxy:
             finally:
                 resp.release()
             await self._release(call, f"upstream_status_{resp.status}")
-            return Response(raw, status_code=resp.status, headers={**self._pass_headers(resp), **uncharged})
+            return Response(raw, status_code=resp.status, headers={**passed_headers(resp), **uncharged})
         if call.stream and resp.content_type == "text/event-stream":
             return StreamingResponse(
                 self._stream(call, resp),
                 status_code=resp.status,
-                headers={**self._pass_headers(resp), **rid},
+                headers={**passed_headers(resp), **rid},
                 media_type="text/event-stream",
             )
         return await self._whole(call, resp)
-
-    @staticmethod
-    def _pass_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
-        out = {}
-        for k, v in resp.headers.items():
-            lk = k.lower()
-            if lk in DROP_RESPONSE_HEADERS or lk.startswith("x-credits-"):
-                continue
-            out[RENAMED_RESPONSE_HEADERS.get(lk, lk)] = v
-        return out
 
     async def _whole(self, call: Call, resp: aiohttp.ClientResponse) -> Response:
         rid = {"X-Request-Id": call.request_id}
@@ -453,12 +324,12 @@ class MeteringProxy:
                 "the upstream answer broke off",
                 {**rid, "X-Credits-Charged": "0"},
             )
-        headers = self._pass_headers(resp)
+        headers = passed_headers(resp)
         resp.release()
         usage, answer = None, None
         try:
             answer = orjson.loads(raw)
-            usage = from_json_body(call.kind, answer, call.path)
+            usage = call.kind.usage_of(call.path, answer)
         except orjson.JSONDecodeError:
             pass
         if usage is None:  # no usage reported: count the prompt and the answer's text
@@ -472,8 +343,8 @@ class MeteringProxy:
         return Response(raw, status_code=resp.status, headers=headers)
 
     async def _stream(self, call: Call, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        meter = StreamMeter(call.kind)
-        cap = _CreditCap(call, meter, self.config.chars_per_token) if self.config.hard_cap else None
+        meter = call.kind.stream_meter()
+        cap = CreditCap(call, meter, self.config.chars_per_token) if self.config.hard_cap else None
         done = False
         try:
             buf = b""
@@ -483,17 +354,12 @@ class MeteringProxy:
                 # event through Starlette and uvicorn was the largest cost of a stream.
                 out = []
                 while True:
-                    cut, sep = _event_end(buf)
+                    cut, sep = event_end(buf)
                     if cut < 0:
                         break
                     event, buf = buf[: cut + sep], buf[cut + sep :]
-                    obj = meter.feed(_sse_data(event))
-                    if (
-                        call.strip_usage_chunk
-                        and obj is not None
-                        and obj.get("usage")
-                        and not obj.get("choices")
-                    ):
+                    obj = meter.feed(sse_data(event))
+                    if call.strip_usage_chunk and obj is not None and call.kind.is_asked_usage_event(obj):
                         continue  # the usage chunk we asked for on the client's behalf
                     out.append(event)
                     while cap is not None and cap.passed(meter):
@@ -542,7 +408,7 @@ class MeteringProxy:
         return await asyncio.to_thread(self._counted_usage, call, meter)
 
     def _counted_usage(self, call: Call, meter: StreamMeter) -> Usage:
-        """_usage_so_far with the model's tokenizer where it is known: the streamed text, and the
+        """usage_so_far with the model's tokenizer where it is known: the streamed text, and the
         prompt when no usage came at all; the size estimates where it is not."""
         u = meter.usage
         output = meter.output_tokens(
@@ -561,7 +427,7 @@ class MeteringProxy:
     def _counted_whole(self, call: Call, answer: Any, size: int) -> Usage:
         """A whole answer without usage: its prompt and its generated text counted (or
         estimated), its size when it is not an answer shape known here."""
-        texts = answer_texts(call.kind, answer)
+        texts = call.kind.answer_texts(answer)
         if texts is None:
             output = ceil_div(size, self.config.chars_per_token)
         else:
@@ -641,7 +507,7 @@ class MeteringProxy:
         (the stream is cut there)."""
         if len(call.extensions) >= MAX_EXTENSIONS:
             return False
-        need = call.price.cost(_usage_so_far(call, meter, self.config.chars_per_token)) - call.budget_units
+        need = call.price.cost(usage_so_far(call, meter, self.config.chars_per_token)) - call.budget_units
         units = max(call.hold_units, need, 1)
         hold_id = f"{call.request_id}.x{len(call.extensions) + 1}"
         ttl = max(call.hold_expires_ms - self.engine.now_ms(), 1000) / 1000
@@ -691,7 +557,8 @@ class MeteringProxy:
         except CreditError as exc:
             log.error("release of %s for %s failed: %s", hold_id, user, exc.code)
 
-    async def drain(self, timeout: float = 30.0) -> None:
+    # A deadline, not a timeout on the call: what is left past it is given up and logged.
+    async def drain(self, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Waits for settlements still running (at shutdown), at most `timeout` seconds: what
         is left then is given up and logged with its amount."""
         left = await self.settler.drain(timeout)
@@ -702,7 +569,7 @@ class MeteringProxy:
         """Any other /v1/ path or method: refused in the upstream's error format (the caller
         is an LLM client, whose SDK reads that format)."""
         path = request.scope["path"]
-        kind = ANTHROPIC if path.startswith("/v1/messages") else OPENAI
+        kind = for_path(path)
         rid = {"X-Request-Id": f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"}
         if path in _METERED_ROUTES or self.config.route_for(path) is not None:
             return proxy_error(
@@ -712,7 +579,7 @@ class MeteringProxy:
 
     # -- other configured paths: a flat price, or refused --------------------------------
 
-    async def _flat(self, request: Request, user: str, kind: str, request_id: str) -> Response:
+    async def _flat(self, request: Request, user: str, kind: Adapter, request_id: str) -> Response:
         rid = {"X-Request-Id": request_id}
         route = self.config.route_for(request.url.path)
         if route is None or route.price_units is None or request.method not in route.methods:
@@ -720,47 +587,32 @@ class MeteringProxy:
                 kind, 404, "route_not_served", f"{request.method} {request.url.path} is not served", rid
             )
         upstream = self.config.upstream(route.upstream)
+        if upstream is None:  # the configuration checks every route's upstream at load
+            return proxy_error(kind, 404, "route_not_served", f"{route.path} names no upstream", rid)
         raw = await self._body(request)
         if raw is None:
             return proxy_error(kind, 413, "body_too_large", "request body too large", rid)
         meta = {"request_id": request_id, "path": route.path, "upstream": upstream.name}
         expires_ms = 0
         if route.price_units:
+            # The same hold as a metered call's, at the route's price and with no tokens.
+            ttl = upstream.timeout_seconds + self.config.hold_margin_seconds
             limits = self.config.rate_limits
             try:
                 hold = await self.engine.reserve_units(
                     user,
                     route.price_units,
                     hold_id=request_id,
-                    ttl_seconds=upstream.timeout_seconds + self.config.hold_margin_seconds,
+                    ttl_seconds=ttl,
                     metadata=meta,
                     rate=RateCharge(0, limits.requests_per_minute, limits.tokens_per_minute),
                 )
                 expires_ms = hold.expires_at_ms
-            except InsufficientCredits as exc:
-                return proxy_error(
-                    kind,
-                    402,
-                    "insufficient_credits",
-                    "not enough credits for this request",
-                    rid,
-                    available=str(exc.available),
-                )
-            except AccountInDebt:
-                return _in_debt(kind, rid)
-            except RateLimited as exc:
-                return _rate_limited(kind, exc, rid)
-            except StateLost:
-                return _state_lost(kind, rid)
-            except BacklogFull:
-                return _backlog_full(kind, rid)
+            except (InsufficientCredits, AccountInDebt, RateLimited, StateLost, BacklogFull) as exc:
+                return reserve_refusal(kind, exc, rid)
             except RedisError as exc:
-                log.error("reserve of %s for %s failed: %s", request_id, user, exc)
-                self.settler.spawn(
-                    self._give_back(user, request_id, meta, self._hold_end(upstream), void_if_unknown=True)
-                )
-                return _unavailable(kind, rid)
-        headers = self._upstream_headers(request, upstream)
+                return self._reserve_unconfirmed(kind, user, request_id, meta, exc, ttl)
+        headers = upstream_headers(request, upstream)
         if raw and request.headers.get("content-type"):
             headers["content-type"] = request.headers["content-type"]
         timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
@@ -776,7 +628,7 @@ class MeteringProxy:
                 timeout=timeout,
             ) as resp:
                 body = await resp.read()
-                status, passed = resp.status, self._pass_headers(resp)
+                status, passed = resp.status, passed_headers(resp)
         except (TimeoutError, aiohttp.ClientError):
             if route.price_units:
                 await self._give_back(user, request_id, meta, expires_ms)
@@ -799,67 +651,9 @@ class MeteringProxy:
             return Response(body, status_code=status, headers={**passed, **uncharged})
         headers = {**passed, **rid}
         if r is not None:  # unconfirmed: no figure rather than a wrong one
-            headers["X-Credits-Charged"] = str(r.charged)
-            headers["X-Credits-Remaining"] = str(r.state.available)
+            headers["X-Credits-Charged"] = str(from_units(r.charged_units))
+            headers["X-Credits-Remaining"] = str(from_units(r.state.available_units))
         return Response(body, status_code=status, headers=headers)
-
-
-def _rate_limited(kind: str, exc: RateLimited, rid: dict[str, str]) -> Response:
-    limit, value, wait_ms = exc.details.get("limit"), exc.details.get("value"), exc.retry_after_ms
-    if wait_ms < 0:  # this call alone is over the limit: waiting will not help
-        return proxy_error(
-            kind,
-            429,
-            "request_too_large",
-            f"this request's tokens exceed the {limit} limit ({value})",
-            rid,
-            limit=limit,
-        )
-    retry_after = str(max(1, ceil_div(wait_ms, 1000)))
-    return proxy_error(
-        kind,
-        429,
-        "rate_limited",
-        f"{limit} limit ({value}) reached; retry after {retry_after} s",
-        {**rid, "Retry-After": retry_after},
-        limit=limit,
-    )
-
-
-def _in_debt(kind: str, rid: dict[str, str]) -> Response:
-    return proxy_error(kind, 402, "in_debt", "the account owes credits; top up to continue", rid)
-
-
-def _backlog_full(kind: str, rid: dict[str, str]) -> Response:
-    # The worker is behind persisting this partition's events (the store is down or slow):
-    # no new hold until it catches up; holds in flight still settle.
-    return proxy_error(
-        kind,
-        503,
-        "backlog_full",
-        "the gateway is behind persisting charges; retry shortly",
-        {**rid, "Retry-After": "5"},
-    )
-
-
-def _state_lost(kind: str, rid: dict[str, str]) -> Response:
-    return proxy_error(
-        kind,
-        503,
-        "state_lost",
-        "the credit store is rebuilding this account's state; retry",
-        {**rid, "Retry-After": "1"},
-    )
-
-
-def _unavailable(kind: str, rid: dict[str, str]) -> Response:
-    return proxy_error(
-        kind,
-        503,
-        "credit_store_unavailable",
-        "the credit store did not answer; retry shortly",
-        {**rid, "Retry-After": "1"},
-    )
 
 
 def _credits(units: int | None) -> str:
@@ -868,70 +662,3 @@ def _credits(units: int | None) -> str:
 
 class _HardCap(Exception):
     pass
-
-
-def _usage_so_far(call: Call, meter: StreamMeter, chars_per_token: int) -> Usage:
-    """The usage of a stream so far, cheaply and on the high side: what the upstream
-    reported, with the output bounded from the streamed text until its final usage arrives
-    (ASCII at chars_per_token, other text at a token per byte)."""
-    u = meter.usage
-    bound = meter.bound_tokens(chars_per_token)
-    if u is None:
-        return Usage(input=call.est_input, output=bound)
-    if not meter.final:
-        # Usage known so far (Anthropic's message_start): output from what was streamed.
-        return Usage(
-            input=u.input, output=max(u.output, bound), cached_input=u.cached_input, cache_write=u.cache_write
-        )
-    return u
-
-
-class _CreditCap:
-    """The hard cap of one stream: has the cost of what it streamed passed what the call
-    holds (its hold and any extensions)? Checked after every event, so cheaply: with the
-    usage known so far, the streamed text may grow to `units` (ASCII characters, plus
-    chars_per_token for each byte of other text) before the cost can pass the budget, and
-    the cost is computed only past that or when new usage arrives."""
-
-    __slots__ = ("call", "cpt", "units", "usage")
-
-    def __init__(self, call: Call, meter: StreamMeter, chars_per_token: int) -> None:
-        self.call, self.cpt = call, chars_per_token
-        self._bound(meter)
-
-    def passed(self, meter: StreamMeter) -> bool:
-        if meter.ascii_chars + meter.other_bytes * self.cpt <= self.units and meter.usage is self.usage:
-            return False
-        if meter.final:
-            # The upstream's own total has arrived: generation is over, so there is nothing
-            # left to stop and the settle charges it (overage past the hold as debt).
-            self._bound(meter)
-            return False
-        if self.call.price.cost(_usage_so_far(self.call, meter, self.cpt)) > self.call.budget_units:
-            return True
-        self._bound(meter)
-        return False
-
-    def _bound(self, meter: StreamMeter) -> None:
-        u = self.usage = meter.usage
-        if u is not None and meter.final:  # the upstream's own total: the text no longer counts
-            self.units = 1 << 62
-            return
-        known = Usage(input=self.call.est_input) if u is None else u
-        self.units = self.call.price.output_tokens_within(self.call.budget_units, known) * self.cpt
-
-
-def _event_end(buf: bytes) -> tuple[int, int]:
-    """Where the first complete SSE event ends: (index, separator length), or (-1, 0)."""
-    i = buf.find(b"\n\n")
-    j = buf.find(b"\r\n\r\n")
-    if j >= 0 and (i < 0 or j < i):
-        return j, 4
-    return (i, 2) if i >= 0 else (-1, 0)
-
-
-def _sse_data(event: bytes) -> str:
-    lines = [
-        ln[5:].lstrip() for ln in event.decode("utf-8", "replace").splitlines() if ln.startswith("data:")
-    ]
-    return "\n".join(lines)

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 from ..core.money import from_units
 from ..core.redact import public_url
-from .config import ANTHROPIC_ROUTES, OPENAI_ROUTES, ProxyConfig
+from .config import ProxyConfig
+from .kinds import metered_routes
 
 
 def summary_lines(config: ProxyConfig) -> list[str]:
-    lines = []
+    lines: list[str] = []
     for u in config.upstreams:
         models = ", ".join(u.models) if u.models else "-"
         lines.append(
             f"proxy upstream {u.name}: kind {u.kind}, {public_url(u.base_url)}, "
             f"timeout {u.timeout_seconds:g} s, models: {models}"
         )
-    kinds = {u.kind for u in config.upstreams}
-    metered = [p for p in OPENAI_ROUTES if "openai" in kinds] + [
-        p for p in ANTHROPIC_ROUTES if "anthropic" in kinds
-    ]
+    metered = metered_routes({u.kind for u in config.upstreams})
     lines.append("proxy metered routes (POST): " + (", ".join(metered) if metered else "none (no upstream)"))
     for r in config.routes:
         if r.price_units is None:

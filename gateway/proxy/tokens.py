@@ -94,9 +94,8 @@ _missing_logged = False
 def _load(name: str) -> Callable[[str], int] | None:
     """The count function of an encoding, loaded once per process; None when the tokenizer
     package is not installed (logged once)."""
-    fn = _loaded.get(name, False)
-    if fn is not False:
-        return fn
+    if name in _loaded:
+        return _loaded[name]
     global _missing_logged
     with _lock:
         if name in _loaded:
@@ -196,8 +195,8 @@ class TokenCounter:
         if not isinstance(body, dict):
             return None
         enc = encoding_for(body.get("model"))
-        count = _counter(enc) if enc else None
-        if count is None:
+        count = _counter(enc) if enc is not None else None
+        if enc is None or count is None:
             return None
         try:
             if path == "/v1/chat/completions":
@@ -304,10 +303,10 @@ def _tools(count: Callable[[str], int], enc: str, functions: list[dict[str, Any]
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise _Unknown
         total += func_init
-        desc = fn.get("description") if isinstance(fn.get("description"), str) else ""
+        desc = fn["description"] if isinstance(fn.get("description"), str) else ""
         total += count(fn["name"] + ":" + desc.removesuffix("."))
-        params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else {}
-        props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+        params = fn["parameters"] if isinstance(fn.get("parameters"), dict) else {}
+        props = params["properties"] if isinstance(params.get("properties"), dict) else {}
         if props:
             total += prop_init
         for key, prop in props.items():
@@ -317,7 +316,7 @@ def _tools(count: Callable[[str], int], enc: str, functions: list[dict[str, Any]
             ptype = prop.get("type")
             if not isinstance(ptype, str):
                 ptype = orjson.dumps(ptype).decode() if ptype is not None else ""
-            pdesc = prop.get("description") if isinstance(prop.get("description"), str) else ""
+            pdesc = prop["description"] if isinstance(prop.get("description"), str) else ""
             if isinstance(prop.get("enum"), list):
                 total += enum_init
                 for item in prop["enum"]:
@@ -349,7 +348,7 @@ def _schema(count: Callable[[str], int], fmt: Any) -> int:
     """A structured-output schema (response_format / text.format): its JSON text."""
     if not isinstance(fmt, dict):
         return 0
-    schema = fmt.get("json_schema") if isinstance(fmt.get("json_schema"), dict) else fmt
+    schema = fmt["json_schema"] if isinstance(fmt.get("json_schema"), dict) else fmt
     if isinstance(schema.get("schema"), dict):
         return count(orjson.dumps(schema["schema"]).decode())
     return 0
