@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
-from gateway.core.events import decode
 from gateway.core.money import from_units
 from gateway.core.results import Hold
 from tests.conftest import ready_engine
+from tests.support.engine_helpers import assert_conserved, at, events_of
 
 D = Decimal
 
@@ -32,35 +32,8 @@ async def stream_length(engine: CreditEngine) -> int:
     return sum([await engine.redis.xlen(pk.events) for pk in engine.keys.all_partitions()])
 
 
-async def events_of(engine: CreditEngine, user: str) -> list:
-    p = engine.keys.partition_of(user)
-    entries = await engine.redis.xrange(engine.keys.partition(p).events)
-    evs = [decode(sid, fields, p) for sid, fields in entries]
-    return [e for e in evs if e.user == user]
-
-
-async def assert_conserved(engine: CreditEngine, user: str, charges: Decimal | None = None) -> None:
-    """granted == free remainders (expired-not-swept too) + earmarked + spent + expired;
-    held == earmarked == open holds; and, when known, charges == spent + debt."""
-    v = await engine.account(user)
-    s = v.state
-    free = sum((g.free for g in v.grants), D(0))
-    ear = sum((g.earmarked for g in v.grants), D(0))
-    assert s.granted == free + ear + s.spent + s.expired, v
-    assert s.held == ear == sum((h.amount for h in v.holds), D(0)), v
-    assert s.available == sum((g.free for g in v.grants if not g.expired), D(0)), v
-    assert s.available >= 0 and s.debt >= 0
-    if charges is not None:
-        assert s.spent + s.debt == charges, v
-
-
 async def snapshot(engine: CreditEngine, *users: str):
     return await stream_length(engine), [await engine.account(u) for u in users]
-
-
-def at(clock, seconds: float) -> datetime:
-    """An aware datetime `seconds` after the clock's now."""
-    return datetime.fromtimestamp(clock() + seconds, tz=UTC)
 
 
 def free_by_id(view) -> dict[str, tuple[Decimal, Decimal]]:

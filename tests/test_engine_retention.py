@@ -21,9 +21,9 @@ import pytest
 
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
-from gateway.core.events import decode
 from gateway.core.recovery import rehydrate
 from tests.conftest import ready_engine
+from tests.support.engine_helpers import all_events
 
 D = Decimal
 META = {
@@ -46,14 +46,6 @@ async def hold_hash(engine: CreditEngine, user: str, hold_id: str) -> dict[str, 
 
 async def op_keys(engine: CreditEngine) -> list[str]:
     return sorted(_s(k) for k in await engine.redis.keys("*:op:*"))
-
-
-async def all_events(engine: CreditEngine) -> list:
-    out = []
-    for p in range(engine.keys.partitions):
-        for sid, fields in await engine.redis.xrange(engine.keys.partition(p).events):
-            out.append(decode(sid, fields, p))
-    return out
 
 
 # -- reads of a lost partition -----------------------------------------------------------------

@@ -16,7 +16,7 @@ from gateway.core.recovery import rehydrate
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ready_engine
-from tests.test_worker import _eq, ledger_count, until, users_on_distinct_partitions
+from tests.support.worker_helpers import equals, ledger_count, until, users_on_distinct_partitions
 from worker.runner import Worker
 
 ADMIN = "admin-" + "a" * 40
@@ -148,7 +148,7 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
     )
     task = asyncio.create_task(w.run())
     try:
-        await until(lambda: _eq(ledger_count(store, users), len(users)), "the first grants stored")
+        await until(lambda: equals(ledger_count(store, users), len(users)), "the first grants stored")
         node = cluster.get_primaries()[0]
         on_node = [
             u
@@ -165,17 +165,17 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
         for u in elsewhere:
             await engine.grant(u, "1", op_id=f"g2-{u}")
         await until(
-            lambda: _eq(ledger_count(store, elsewhere), 2 * len(elsewhere)), "the other nodes drained"
+            lambda: equals(ledger_count(store, elsewhere), 2 * len(elsewhere)), "the other nodes drained"
         )
         # The other rebuilder goes away: this worker rebuilds the node's partitions and
         # persists their new events, without a restart.
         for u in on_node:
             await cluster.delete(engine.keys.partition(engine.keys.partition_of(u)).rebuild)
-        await until(lambda: _eq(engine.missing_partitions(), []), "the node's partitions rebuilt")
+        await until(lambda: equals(engine.missing_partitions(), []), "the node's partitions rebuilt")
         for u in on_node:
             await engine.grant(u, "1", op_id=f"g2-{u}")
         await until(
-            lambda: _eq(ledger_count(store, on_node), 2 * len(on_node)), "the node's partitions drained"
+            lambda: equals(ledger_count(store, on_node), 2 * len(on_node)), "the node's partitions drained"
         )
     finally:
         w.stop()

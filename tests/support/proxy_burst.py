@@ -79,7 +79,7 @@ async def main(
 
 
 if __name__ == "__main__":
-    from tests.test_proxy import ADMIN, CLIENT, CONFIG
+    from tests.support.proxy_fixtures import ADMIN, CLIENT, CONFIG
 
     redis_url, workdir, user, funds, n = sys.argv[1:6]
     print(json.dumps(asyncio.run(main(redis_url, workdir, user, funds, int(n), CONFIG, ADMIN, CLIENT))))
