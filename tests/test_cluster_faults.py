@@ -13,6 +13,7 @@ every call on every slot succeeds again, with no other kind of error on the way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
@@ -75,11 +76,9 @@ class FaultCluster:
             r = await self.node(port)
             try:
                 while True:
-                    try:
+                    with contextlib.suppress(UNAVAILABLE):  # the node is still starting
                         if (await r.cluster("info"))["cluster_state"] == "ok":
                             break
-                    except UNAVAILABLE:
-                        pass
                     assert time.monotonic() < deadline, f"node {port} did not rejoin the cluster"
                     await asyncio.sleep(0.1)
                 await r.flushall()

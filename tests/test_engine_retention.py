@@ -294,7 +294,7 @@ def test_the_backlog_limit_is_a_constructor_argument_and_a_setting(monkeypatch):
 
     assert CreditEngine(None, max_backlog=123).max_backlog == 123
     assert CreditEngine(None).max_backlog > 0  # bounded unless told otherwise
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_backlog must be >= 0"):
         CreditEngine(None, max_backlog=-1)
     assert Settings().max_backlog == CreditEngine(None).max_backlog
     monkeypatch.setenv("CREDIT_MAX_BACKLOG", "0")

@@ -19,6 +19,8 @@ from tests.support.proxy_fixtures import ADMIN, CLIENT, KNOWN_MODELS, charged, p
 from worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 async def test_exact_charge_for_known_usage_openai_chat(gw):
     await gw.grant("alice", "1")
     body = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}

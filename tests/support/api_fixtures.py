@@ -32,10 +32,12 @@ async def api(redis, redis_url, tmp_path):
     )
     store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, run_worker=False)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-            c.app = app
-            yield c
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
+    ):
+        c.app = app
+        yield c
     await store.close()
 
 

@@ -117,7 +117,7 @@ async def running_gateway(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     )
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 (uvicorn's Server offers a flag, no event)
         await asyncio.sleep(0.02)
     try:
         yield Gateway(f"http://127.0.0.1:{port}", app, fake)
@@ -135,9 +135,11 @@ async def gw(redis, redis_url, tmp_path):
 
 
 async def post(gw, path, body, user="alice", **headers):
-    async with aiohttp.ClientSession() as s:
-        async with s.post(gw.base + path, json=body, headers=gw.headers(user, **headers)) as r:
-            return r.status, CIMultiDict(r.headers), await r.read()
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(gw.base + path, json=body, headers=gw.headers(user, **headers)) as r,
+    ):
+        return r.status, CIMultiDict(r.headers), await r.read()
 
 
 def charged(headers) -> Decimal:
