@@ -130,7 +130,8 @@ async def test_a_resolved_hold_keeps_one_small_key_and_answers_every_replay(engi
     assert again.replayed and replace(again, replayed=False) == first["hs", "settle"]
     again = await engine.release(u, "hr")
     assert again.replayed and replace(again, replayed=False) == first["hr", "release"]
-    # the same ids with other fields conflict; other operations on them answer as before
+    # the same ids with other fields conflict; another operation on a resolved hold answers
+    # with the hold's status (already settled / released / expired), and nothing is appended
     with pytest.raises(errors.OperationConflict):
         await engine.reserve(u, "6", hold_id="hs", ttl_seconds=60)
     with pytest.raises(errors.OperationConflict):
@@ -165,7 +166,7 @@ async def test_op_ids_stay_one_namespace_with_records_kept_in_holds(engine):
     await engine.debit(u, "1", op_id="h3")
     with pytest.raises(errors.OperationConflict):
         await engine.reserve(u, "1", hold_id="h3", ttl_seconds=60)
-    # ids of the caller's on hold operations keep their own keys, replayed as before
+    # ids of the caller's on hold operations keep their own keys, replayed with their first answer
     await engine.settle(u, "h1", "2", op_id="s-1")
     assert (await engine.settle(u, "h1", "2", op_id="s-1")).replayed
     assert (await engine.remembered(u, "s-1"))[0] == "settle|h1|2000000"

@@ -91,14 +91,15 @@ _META_OPTS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 
 def _meta(metadata: dict[str, Any] | None) -> str | bytes:
+    """Caller metadata as the compact JSON the scripts keep and emit."""
     if not metadata:
         return "{}"
     try:
-        # Two per proxied request: orjson is several times faster than json.dumps here.
-        # Datetimes and dataclasses still go through str(), as with json.dumps; non-ASCII goes
-        # out as UTF-8 rather than \u escapes (the same JSON to a reader).
+        # orjson: this runs twice per proxied request, on the hot path. Datetimes and
+        # dataclasses go through str() (passthrough + default=str); non-ASCII goes out as
+        # UTF-8 rather than \u escapes (the same JSON to a reader).
         return orjson.dumps(metadata, default=str, option=_META_OPTS)
-    except TypeError:  # what orjson refuses (non-str keys, ints above 64 bits): as before
+    except TypeError:  # non-str keys, ints above 64 bits: json.dumps takes what orjson refuses
         return json.dumps(metadata, separators=(",", ":"), default=str)
 
 
