@@ -1,6 +1,6 @@
-"""The engine's guarantees (DESIGN.md "Guarantees", specs/durability.md "Two-phase holds"),
-each checked against the real Lua on a real redis-server, and the core flow on a 3-node
-Redis Cluster. Tests marked xfail(strict) show engine bugs: they pass once the bug is fixed.
+"""The engine's guarantees (docs/invariants.md), each checked against the real Lua on a
+real redis-server, and the core flow on a 3-node Redis Cluster. Tests marked xfail(strict)
+show engine bugs: they pass once the bug is fixed.
 """
 
 from __future__ import annotations
