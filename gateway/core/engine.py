@@ -34,7 +34,7 @@ from .results import (
     SweepResult,
     ms_to_dt,
 )
-from .scripts import ScriptRegistry
+from .scripts import ScriptClient, ScriptRegistry
 
 DEFAULT_RETENTION_S = 86400
 # Entries a partition stream may hold before reserve answers backlog_full (docs/sizing.md).
@@ -131,13 +131,13 @@ class CreditEngine:
         scripts: ScriptRegistry | None = None,
         clock: Callable[[], float] = time.time,
         retention_s: int = DEFAULT_RETENTION_S,
-        script_redis: Any = None,
+        script_redis: ScriptClient | None = None,
         max_backlog: int = DEFAULT_MAX_BACKLOG,
     ) -> None:
         self.redis = redis
         # Script calls may go over another client with the same evalsha/eval methods (the
         # multiplexed one, gateway/core/multiplex.py); everything else uses `redis`.
-        self.script_redis = script_redis if script_redis is not None else redis
+        self.script_redis: ScriptClient = script_redis if script_redis is not None else redis
         self.keys = keys or KeySpace()
         self.scripts = scripts or ScriptRegistry()
         self.clock = clock
