@@ -272,8 +272,8 @@ async def main() -> int:
             n = max(1, a["secs"])
             others = {k: v for k, v in a.items() if k.startswith(("lost ", "healthy "))}
             print(
-                f"  {ph:6} healthy ok {a['h_ok'] / n:7.0f}/s fail {a['h_fail']:>6}; lost ok {a['l_ok'] / n:7.0f}/s "
-                f"fail {a['l_fail']:>6}; {others}"
+                f"  {ph:6} healthy ok {a['h_ok'] / n:7.0f}/s fail {a['h_fail']:>6}; "
+                f"lost ok {a['l_ok'] / n:7.0f}/s fail {a['l_fail']:>6}; {others}"
             )
         for line in upkeep_log:
             print("  upkeep:", line)

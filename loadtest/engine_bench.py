@@ -593,9 +593,8 @@ async def stage_breakdown(url: str, workdir: str, templates: list[list[str]], r:
         print(f"--- drain stages, alone, on {n:,} events (us/event) ---")
         for k, v in t.items():
             print(f"  {k:<50} {1e6 * v / n:8.1f}")
-        print(
-            f"  {'sum':<50} {1e6 * sum(t.values()) / n:8.1f}  (= {n / sum(t.values()):,.0f} events/s if serial)"
-        )
+        total = sum(t.values())
+        print(f"  {'sum':<50} {1e6 * total / n:8.1f}  (= {n / total:,.0f} events/s if serial)")
     finally:
         alog.close()
         await store.close()
@@ -681,16 +680,17 @@ async def bench_memory(
             "CREDIT_AUDIT_PATH": os.path.join(workdir, "memory-audit.jsonl"),
             "PYTHONUNBUFFERED": "1",
         }
-        wlog = open(os.path.join(workdir, "worker.log"), "wb")
         t_start = time.perf_counter()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "--burst"],
-            cwd=str(ROOT),
-            env=env,
-            stdout=wlog,
-            stderr=subprocess.STDOUT,
-        )
-        wlog.close()
+        # Starting the process does not block: the loop below polls it. The log file is
+        # local and opened once.
+        with open(os.path.join(workdir, "worker.log"), "wb") as wlog:  # noqa: ASYNC230
+            proc = subprocess.Popen(  # noqa: ASYNC220
+                [sys.executable, "-m", "worker", "--burst"],
+                cwd=str(ROOT),
+                env=env,
+                stdout=wlog,
+                stderr=subprocess.STDOUT,
+            )
         procs.append(proc)
         streams = [pk.events for pk in KeySpace(partitions=PARTITIONS).all_partitions()]
         samples: list[tuple[float, int, int]] = []  # (t, delivered, rss kB)

@@ -165,7 +165,7 @@ def main() -> None:
         pids = dict(zip(ports, (p.pid for p in procs), strict=False))
         rates: dict[str, list[float]] = {k: [] for k in ports}
         cpu_us: dict[str, list[float]] = {k: [] for k in ports}  # server CPU per request: less noisy
-        for name, port in ports.items():  # warm-up, discarded
+        for port in ports.values():  # warm-up, discarded
             asyncio.run(load(port, 1, a.conns))
         for r in range(a.rounds):
             order = list(ports.items()) if r % 2 == 0 else list(reversed(ports.items()))

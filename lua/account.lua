@@ -9,18 +9,20 @@
 --   an account never seen answers ok with zeros.
 --   state_lost  the partition has not been rebuilt since Redis lost its data (its zeros
 --               would not be the account's)
+--@keys 3
 --@include lib
-if ARGV[3] ~= '1' and redis.call('EXISTS', KEYS[3]) == 0 then return {'state_lost', '{}'} end
-local now = tonumber(ARGV[1])
-local st = acct_state(KEYS[1], KEYS[2], now)
-if ARGV[2] == '1' then
+local acct, gord, ready = KEYS[1], KEYS[2], KEYS[3]
+local now, detail, rebuilding = tonumber(ARGV[1]), ARGV[2] == '1', ARGV[3] == '1'
+if not rebuilding and redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
+local st = acct_state(acct, gord, now)
+if detail then
   local grants, holds = {}, {}
-  for _, seq in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-    local v = redis.call('HMGET', KEYS[1], 'r:' .. seq, 'e:' .. seq, 'x:' .. seq, 'm:' .. seq)
+  for _, seq in ipairs(redis.call('ZRANGE', gord, 0, -1)) do
+    local v = redis.call('HMGET', acct, 'r:' .. seq, 'e:' .. seq, 'x:' .. seq, 'm:' .. seq)
     grants[#grants + 1] = {seq = seq, free = v[1], earmarked = v[2], expires_at = v[3],
                            expired = expired_at(num(v[3]), now), meta = v[4]}
   end
-  local flat = redis.call('HGETALL', KEYS[1])
+  local flat = redis.call('HGETALL', acct)
   for i = 1, #flat, 2 do
     local f = flat[i]
     if string.sub(f, 1, 2) == 'o:' then

@@ -19,17 +19,21 @@
 --   insufficient_credits  {available}; nothing changes (never with allow_debt)
 --   invalid_amount        the amount is not a whole number of micro-credits in range
 --   state_lost            the partition has not been rebuilt since Redis lost its data
+--@keys 9
 --@include lib
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
-if not amount_arg(ARGV[5], 1) then return {'invalid_amount', '{}'} end
-local now, user, op, amount = tonumber(ARGV[1]), ARGV[3], ARGV[4], tonumber(ARGV[5])
-local allow_debt = ARGV[7] == '1'
+local acct, gord, events, ready, opkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local named_hold, gexp, users = KEYS[6], KEYS[8], KEYS[9]
+local now, retention, user, op = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+-- amount_text: the amount as given, kept verbatim in the fingerprint and the event.
+local amount_text, meta, allow_debt = ARGV[5], ARGV[6], ARGV[7] == '1'
+if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(amount_text, 1) then return {'invalid_amount', '{}'} end
+local amount = tonumber(amount_text)
 -- A debit that may go into debt is another operation than one that may not: reusing the
 -- operation id across the two is a conflict, not a replay.
-local fp = 'debit|' .. ARGV[5] .. (allow_debt and '|debt' or '')
-local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[6])
+local fp = 'debit|' .. amount_text .. (allow_debt and '|debt' or '')
+local seen = op_replay(opkey, fp) or foreign_record(named_hold)
 if seen then return seen end
-local acct, gord = KEYS[1], KEYS[2]
 local grants = live_grants(acct, gord, now)
 local avail = sum_free(grants)
 if avail < amount and not allow_debt then
@@ -40,13 +44,13 @@ local debt_added = draw(acct, grants, amount, touched, false, nil)
 if debt_added > 0 then
   redis.call('HINCRBY', acct, 'debt', debt_added)
   redis.call('HINCRBY', acct, 'debt_total', debt_added)
-  redis.call('SADD', KEYS[9], user)  -- an account known by its debt alone is still listed
+  redis.call('SADD', users, user)  -- an account known by its debt alone is still listed
 end
 if amount - debt_added > 0 then redis.call('HINCRBY', acct, 'spent', amount - debt_added) end
-local g = settle_grants(acct, gord, KEYS[8], user, touched)
-local ev = {id = op, t = 'debit', u = user, amt = ARGV[5], debt_added = fmt(debt_added), g = g, fp = fp,
-            x = cjson.decode(ARGV[6])}
-local res = {amount = ARGV[5], debt_added = fmt(debt_added)}
-local st, out = emit(acct, gord, KEYS[3], now, ev, res)
-op_record(KEYS[5], fp, res, st, ARGV[2])
+local g = settle_grants(acct, gord, gexp, user, touched)
+local ev = {id = op, t = 'debit', u = user, amt = amount_text, debt_added = fmt(debt_added), g = g, fp = fp,
+            x = cjson.decode(meta)}
+local res = {amount = amount_text, debt_added = fmt(debt_added)}
+local st, out = emit(acct, gord, events, now, ev, res)
+op_record(opkey, fp, res, st, retention)
 return {'ok', out}

@@ -12,40 +12,42 @@
 --   ok          {holds, grants, credits}: how many holds and grants expired, and how many
 --               micro-credits of free grant remainder expired with them
 --   state_lost  the partition has not been rebuilt since Redis lost its data
+--@keys 9+
 --@include lib
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
-local now, user, n = tonumber(ARGV[1]), ARGV[3], tonumber(ARGV[4])
-local acct, gord = KEYS[1], KEYS[2]
+local acct, gord, events, ready, hexp, gexp = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[7], KEYS[8]
+local now, retention, user, n = tonumber(ARGV[1]), ARGV[2], ARGV[3], tonumber(ARGV[4])
+-- Hold i (0-based) of the n: its id is ARGV[FIRST_HOLD_ID + i], its hash KEYS[FIRST_HOLD_KEY + i].
+local FIRST_HOLD_ID, FIRST_HOLD_KEY = 5, 10
+if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
 local holds, grants, credits = 0, 0, 0
 
-local K = {}
-for i = 1, 9 do K[i] = KEYS[i] end
-for i = 1, n do
-  local hid = ARGV[4 + i]
-  K[6] = KEYS[9 + i]
-  local hold = redis.call('HMGET', K[6], unpack(HOLD_FIELDS))
+local A = {acct = acct, gord = gord, events = events, hexp = hexp, gexp = gexp,
+           now = now, user = user, retention = retention}
+for i = 0, n - 1 do
+  local hid, hkey = ARGV[FIRST_HOLD_ID + i], KEYS[FIRST_HOLD_KEY + i]
+  local hold = redis.call('HMGET', hkey, unpack(HOLD_FIELDS))
   if hold[3] == 'open' and now >= tonumber(hold[2]) then
-    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil, nil)
+    resolve_hold(A, hkey, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil, nil)
     holds = holds + 1
   elseif hold[3] ~= 'open' then
-    redis.call('ZREM', KEYS[7], user .. '|' .. hid)
+    redis.call('ZREM', hexp, user .. '|' .. hid)
   end
 end
 
-for i = 5 + n, #ARGV do
+for i = FIRST_HOLD_ID + n, #ARGV do
   local seq = ARGV[i]
   local v = redis.call('HMGET', acct, 'r:' .. seq, 'e:' .. seq, 'x:' .. seq)
   if not v[1] then
-    redis.call('ZREM', KEYS[8], user .. '|' .. seq)
+    redis.call('ZREM', gexp, user .. '|' .. seq)
   elseif expired_at(num(v[3]), now) then
-    redis.call('ZREM', KEYS[8], user .. '|' .. seq)
+    redis.call('ZREM', gexp, user .. '|' .. seq)
     local free = num(v[1])
     if free > 0 then
       redis.call('HSET', acct, 'r:' .. seq, '0')
       redis.call('HINCRBY', acct, 'expired', free)
-      local g = settle_grants(acct, gord, KEYS[8], user, {[seq] = true})
-      emit(acct, gord, KEYS[3], now, {id = '!gexpire:' .. seq, t = 'grant_expired', u = user,
-                                       seq = seq, amt = fmt(free), g = g})
+      local g = settle_grants(acct, gord, gexp, user, {[seq] = true})
+      emit(acct, gord, events, now, {id = '!gexpire:' .. seq, t = 'grant_expired', u = user,
+                                     seq = seq, amt = fmt(free), g = g})
       grants = grants + 1
       credits = credits + free
     end

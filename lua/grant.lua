@@ -13,17 +13,22 @@
 --   invalid_expiry  expires_at is not in the future
 --   invalid_amount        the amount is not a whole number of micro-credits in range
 --   state_lost   the partition has not been rebuilt since Redis lost its data
+--@keys 9
 --@include lib
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
-if not amount_arg(ARGV[5], 1) then return {'invalid_amount', '{}'} end
-local now, retention, user, op = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
-local amount, exp, pri, src = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV[8]
-local fp = 'grant|' .. ARGV[5] .. '|' .. ARGV[6] .. '|' .. ARGV[7] .. '|' .. src
-local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[6])
+local acct, gord, events, ready, opkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local named_hold, gexp, users = KEYS[6], KEYS[8], KEYS[9]
+local now_text, retention, user, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = tonumber(now_text)
+-- The *_text arguments go verbatim into the fingerprint, the grant's metadata and the event.
+local amount_text, exp_text, pri_text, src, meta = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(amount_text, 1) then return {'invalid_amount', '{}'} end
+local amount, exp, pri = tonumber(amount_text), tonumber(exp_text), tonumber(pri_text)
+local fp = 'grant|' .. amount_text .. '|' .. exp_text .. '|' .. pri_text .. '|' .. src
+local seen = op_replay(opkey, fp) or foreign_record(named_hold)
 if seen then return seen end
 if exp ~= 0 and (exp <= now or exp >= NEVER_MS) then return {'invalid_expiry', '{}'} end
 
-local acct, gord = KEYS[1], KEYS[2]
 local seq = string.format('%012d', redis.call('HINCRBY', acct, 'seq', 1))
 redis.call('HINCRBY', acct, 'granted', amount)
 local debt = num(redis.call('HGET', acct, 'debt'))
@@ -32,23 +37,23 @@ if repaid > 0 then
   redis.call('HINCRBY', acct, 'debt', -repaid)
   redis.call('HINCRBY', acct, 'spent', repaid)
 end
-local meta = {id = op, src = src, amt = ARGV[5], exp = ARGV[6], pri = ARGV[7], at = ARGV[1],
-              x = cjson.decode(ARGV[9])}
+local grant_meta = {id = op, src = src, amt = amount_text, exp = exp_text, pri = pri_text, at = now_text,
+                    x = cjson.decode(meta)}
 local g = {}
 local left = amount - repaid
 if left > 0 then
-  redis.call('HSET', acct, 'r:' .. seq, fmt(left), 'e:' .. seq, '0', 'x:' .. seq, ARGV[6],
-             'm:' .. seq, cjson.encode(meta))
+  redis.call('HSET', acct, 'r:' .. seq, fmt(left), 'e:' .. seq, '0', 'x:' .. seq, exp_text,
+             'm:' .. seq, cjson.encode(grant_meta))
   redis.call('ZADD', gord, spend_score(exp, pri), seq)
-  if exp ~= 0 then redis.call('ZADD', KEYS[8], exp, user .. '|' .. seq) end
+  if exp ~= 0 then redis.call('ZADD', gexp, exp, user .. '|' .. seq) end
   g[seq] = {r = fmt(left), e = '0'}
 else
   g[seq] = 'gone'
 end
-redis.call('SADD', KEYS[9], user)
-local ev = {id = op, t = 'grant', u = user, amt = ARGV[5], seq = seq, debt_repaid = fmt(repaid),
-            g = g, gm = {[seq] = meta}, fp = fp}
-local res = {grant_seq = seq, amount = ARGV[5], debt_repaid = fmt(repaid), expires_at = ARGV[6]}
-local st, out = emit(acct, gord, KEYS[3], now, ev, res)
-op_record(KEYS[5], fp, res, st, retention)
+redis.call('SADD', users, user)
+local ev = {id = op, t = 'grant', u = user, amt = amount_text, seq = seq, debt_repaid = fmt(repaid),
+            g = g, gm = {[seq] = grant_meta}, fp = fp}
+local res = {grant_seq = seq, amount = amount_text, debt_repaid = fmt(repaid), expires_at = exp_text}
+local st, out = emit(acct, gord, events, now, ev, res)
+op_record(opkey, fp, res, st, retention)
 return {'ok', out}

@@ -10,15 +10,17 @@
 --   done   1 the ready marker is set (and the lease dropped); 0 the lease is no longer
 --          ours, so the marker is not set: the partition is rebuilt again
 --   drop   1 dropped; 0 it was not ours
-local lease, ready, op, token = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+--@keys 2
+local lease, ready = KEYS[1], KEYS[2]
+local op, token, lease_ms, even_if_ready = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1'
 if op == 'take' then
-  if ARGV[4] ~= '1' and redis.call('EXISTS', ready) == 1 then return 2 end
-  if redis.call('SET', lease, token, 'NX', 'PX', ARGV[3]) then return 1 end
+  if not even_if_ready and redis.call('EXISTS', ready) == 1 then return 2 end
+  if redis.call('SET', lease, token, 'NX', 'PX', lease_ms) then return 1 end
   return 0
 end
 if redis.call('GET', lease) ~= token then return 0 end
 if op == 'renew' then
-  redis.call('PEXPIRE', lease, ARGV[3])
+  redis.call('PEXPIRE', lease, lease_ms)
 elseif op == 'done' then
   redis.call('SET', ready, '1')
   redis.call('DEL', lease)

@@ -21,29 +21,35 @@
 --   already_settled / already_released   the hold was resolved before
 --   hold_expired      the hold passed its timeout (it is expired now if it was not yet)
 --   state_lost        the partition has not been rebuilt since Redis lost its data
+--@keys 11-12
 --@include lib
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
-local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
+local acct, gord, events, ready, opkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local hkey, hexp, gexp, rates, named_hold = KEYS[6], KEYS[7], KEYS[8], KEYS[11], KEYS[12]
+local now, retention, user, op = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+local hid, meta, void_if_unknown = ARGV[5], ARGV[6], ARGV[7] == '1'
+if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
 local fp = 'release|' .. hid
 local own = op == '!release:' .. hid  -- the default id: the record lives in the hold hash
-local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[12])
+local seen = op_replay(opkey, fp) or foreign_record(named_hold)
 if seen then return seen end
-local hold = redis.call('HMGET', KEYS[6], unpack(HOLD_FIELDS))
+local hold = redis.call('HMGET', hkey, unpack(HOLD_FIELDS))
 if own then
   seen = hold_replay(hid, hold[10], hold[11], hold[12], fp)
   if seen then return seen end
 end
-if not hold[3] and ARGV[7] == '1' then
-  redis.call('HSET', KEYS[6], 'st', 'void')
-  redis.call('EXPIRE', KEYS[6], ARGV[2])
+if not hold[3] and void_if_unknown then
+  redis.call('HSET', hkey, 'st', 'void')
+  redis.call('EXPIRE', hkey, retention)
   return {'hold_not_found', '{}'}
 end
+local A = {acct = acct, gord = gord, events = events, hexp = hexp, gexp = gexp,
+           now = now, user = user, retention = retention}
 if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
-  return hold_not_open(KEYS, now, user, hid, hold)
+  return hold_not_open(A, hkey, hid, hold)
 end
-local out, res, st = resolve_hold(KEYS, now, user, hid, hold, 0, 'released', op, fp, own and 'release' or nil,
-                                  cjson.decode(ARGV[6]))
+local out, res, st = resolve_hold(A, hkey, hid, hold, 0, 'released', op, fp, own and 'release' or nil,
+                                  cjson.decode(meta))
 -- Nothing was produced: the tokens the reserve counted come back (the request still counts).
-if hold[5] then rate_adjust(KEYS[11], now, -tonumber(hold[5]), tonumber(hold[6])) end
-if not own then op_record(KEYS[5], fp, res, st, ARGV[2]) end
+if hold[5] then rate_adjust(rates, now, -tonumber(hold[5]), tonumber(hold[6])) end
+if not own then op_record(opkey, fp, res, st, retention) end
 return {'ok', out}

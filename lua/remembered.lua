@@ -8,13 +8,16 @@
 -- Returns {code, JSON}:
 --   ok    {fp, answer}: the operation's fingerprint and its answer (JSON text)
 --   none  Redis keeps nothing of it (never seen, or past the retention)
+--@keys 2
 --@include lib
-local fp, answer = op_read(KEYS[1])
+local opkey, hkey = KEYS[1], KEYS[2]
+local hid, kind = ARGV[1], ARGV[2]
+local fp, answer = op_read(opkey)
 if not fp then
-  local h = redis.call('HMGET', KEYS[2], unpack(HOLD_FIELDS))
+  local h = redis.call('HMGET', hkey, unpack(HOLD_FIELDS))
   local f, a, s = h[10], h[11], h[12]
-  if ARGV[2] == 'reserve' then f, a, s = h[7], h[8], h[9] end
-  if f and string.match(f, '^%a+') == ARGV[2] then fp, answer = hold_record(ARGV[1], f, a, s) end
+  if kind == 'reserve' then f, a, s = h[7], h[8], h[9] end
+  if f and string.match(f, '^%a+') == kind then fp, answer = hold_record(hid, f, a, s) end
 end
 if not fp then return {'none', '{}'} end
 return {'ok', cjson.encode({fp = fp, answer = answer})}

@@ -26,43 +26,50 @@
 --                         exceed the limit itself and it can never pass; nothing changes
 --   invalid_amount        the amount or timeout is not a whole number in range
 --   state_lost            the partition has not been rebuilt since Redis lost its data
+--@keys 11-12
 --@include lib
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
-if not amount_arg(ARGV[6], 1) then return {'invalid_amount', '{}'} end
-local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
-local amount, ttl = tonumber(ARGV[6]), tonumber(ARGV[7])
-if not amount_arg(ARGV[7], 1) then return {'invalid_amount', '{}'} end
-local tail = '|' .. ARGV[6] .. '|' .. ARGV[7]
+local acct, gord, events, ready, opkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local hkey, hexp, gexp = KEYS[6], KEYS[7], KEYS[8]
+local limits, rates, named_hold = KEYS[10], KEYS[11], KEYS[12]
+local now_text, retention, user, op = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = tonumber(now_text)
+-- The *_text arguments go verbatim into the fingerprint, the hold and the event.
+local hid, amount_text, ttl_text, meta = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local default_rpm, default_tpm, call_tokens, max_backlog = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(amount_text, 1) then return {'invalid_amount', '{}'} end
+local amount, ttl = tonumber(amount_text), tonumber(ttl_text)
+if not amount_arg(ttl_text, 1) then return {'invalid_amount', '{}'} end
+local tail = '|' .. amount_text .. '|' .. ttl_text
 local fp = 'reserve|' .. hid .. tail
-local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[12])
+local seen = op_replay(opkey, fp) or foreign_record(named_hold)
 if seen then return seen end
-if redis.call('EXISTS', KEYS[6]) == 1 then
+if redis.call('EXISTS', hkey) == 1 then
   if op == hid then
-    local r = redis.call('HMGET', KEYS[6], 'rf', 'ra', 'rs')
+    local r = redis.call('HMGET', hkey, 'rf', 'ra', 'rs')
     seen = hold_replay(hid, r[1], r[2], r[3], fp)
     if seen then return seen end
   end
   return {'hold_exists', '{}'}
 end
-local limit = tonumber(ARGV[12]) or 0
+local limit = tonumber(max_backlog) or 0
 if limit > 0 then
-  local backlog = redis.call('XLEN', KEYS[3])
+  local backlog = redis.call('XLEN', events)
   if backlog >= limit then
     return {'backlog_full', cjson.encode({backlog = backlog, limit = limit})}
   end
 end
 
-local acct, gord = KEYS[1], KEYS[2]
 local debt = num(redis.call('HGET', acct, 'debt'))
 if debt > 0 then return {'in_debt', cjson.encode({debt = fmt(debt)})} end
 
 -- Rate limits are checked before credit, and take effect only with the hold.
 local rq, tk, tokens, tk_interval = nil, nil, 0, 0
-if ARGV[11] and ARGV[11] ~= '' then
-  tokens = tonumber(ARGV[11]) or 0
-  local lim = redis.call('HMGET', KEYS[10], 'rpm', 'tpm')
-  local rpm, tpm = tonumber(lim[1]) or num(ARGV[9]), tonumber(lim[2]) or num(ARGV[10])
-  local tat = redis.call('HMGET', KEYS[11], 'rq', 'tk')
+if call_tokens and call_tokens ~= '' then
+  tokens = tonumber(call_tokens) or 0
+  local lim = redis.call('HMGET', limits, 'rpm', 'tpm')
+  local rpm, tpm = tonumber(lim[1]) or num(default_rpm), tonumber(lim[2]) or num(default_tpm)
+  local tat = redis.call('HMGET', rates, 'rq', 'tk')
   local wait
   if rpm > 0 then
     rq, wait = gcra(num(tat[1]), now, 1, rpm)
@@ -87,22 +94,22 @@ end
 local grants = live_grants(acct, gord, now)
 local avail = sum_free(grants)
 if avail < amount then return {'insufficient_credits', cjson.encode({available = fmt(avail)})} end
-if rq or tk then rate_store(KEYS[11], now, rq, tk) end
+if rq or tk then rate_store(rates, now, rq, tk) end
 
 local touched, parts = {}, {}
 draw(acct, grants, amount, touched, true, parts)
 local exp = now + ttl
 local ear = table.concat(parts, ',')
 redis.call('HINCRBY', acct, 'held', amount)
-redis.call('HSET', acct, 'o:' .. hid, ARGV[6] .. ':' .. fmt(exp))
-redis.call('ZADD', KEYS[7], exp, user .. '|' .. hid)
-local g = settle_grants(acct, gord, KEYS[8], user, touched)
-local ev = {id = op, t = 'hold_open', u = user, hold = hid, amt = ARGV[6], g = g, fp = fp,
-            h = {id = hid, st = 'open', amt = ARGV[6], exp = fmt(exp), ear = ear, at = ARGV[1], op = op},
-            x = cjson.decode(ARGV[8])}
-local res = {hold_id = hid, amount = ARGV[6], expires_at = fmt(exp)}
-local st, out = emit(acct, gord, KEYS[3], now, ev, res)
-local h = {'amt', ARGV[6], 'exp', fmt(exp), 'st', 'open', 'ear', ear, 'at', ARGV[1], 'op', op, 'x', ARGV[8]}
+redis.call('HSET', acct, 'o:' .. hid, amount_text .. ':' .. fmt(exp))
+redis.call('ZADD', hexp, exp, user .. '|' .. hid)
+local g = settle_grants(acct, gord, gexp, user, touched)
+local ev = {id = op, t = 'hold_open', u = user, hold = hid, amt = amount_text, g = g, fp = fp,
+            h = {id = hid, st = 'open', amt = amount_text, exp = fmt(exp), ear = ear, at = now_text, op = op},
+            x = cjson.decode(meta)}
+local res = {hold_id = hid, amount = amount_text, expires_at = fmt(exp)}
+local st, out = emit(acct, gord, events, now, ev, res)
+local h = {'amt', amount_text, 'exp', fmt(exp), 'st', 'open', 'ear', ear, 'at', now_text, 'op', op, 'x', meta}
 if tk then
   h[15], h[16], h[17], h[18] = 'tk', fmt(tokens), 'tki', string.format('%.6f', tk_interval)
 end
@@ -112,7 +119,7 @@ if op == hid then
   h[n + 3], h[n + 4] = 'ra', csv(res, ANSWER_FIELDS.reserve)
   h[n + 5], h[n + 6] = 'rs', csv(st, STATE_FIELDS)
 else
-  op_record(KEYS[5], fp, res, st, ARGV[2])
+  op_record(opkey, fp, res, st, retention)
 end
-redis.call('HSET', KEYS[6], unpack(h))
+redis.call('HSET', hkey, unpack(h))
 return {'ok', out}

@@ -5,9 +5,10 @@
 -- KEYS[1..n] hold hashes, all of one partition
 -- ARGV[1] JSON array of n [status, seconds to keep it] pairs
 -- Returns how many were written.
-local holds = cjson.decode(ARGV[1])
+--@keys 1+
+local hold_keys, holds = KEYS, cjson.decode(ARGV[1])
 local written = 0
-for i, key in ipairs(KEYS) do
+for i, key in ipairs(hold_keys) do
   local h = holds[i]
   if redis.call('HSETNX', key, 'st', h[1]) == 1 then
     written = written + 1

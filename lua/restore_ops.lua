@@ -9,11 +9,12 @@
 -- ARGV[1] JSON array, one [operation id, fingerprint, answer (JSON, state included),
 --         seconds to keep it] per operation
 -- Returns how many were written (the others were remembered already).
+--@keys 2+
 --@include lib
-local ops = cjson.decode(ARGV[1])
+local record_keys, ops = KEYS, cjson.decode(ARGV[1])
 local written = 0
 for i, o in ipairs(ops) do
-  local opkey, hkey = KEYS[2 * i - 1], KEYS[2 * i]
+  local opkey, hkey = record_keys[2 * i - 1], record_keys[2 * i]
   local op, fp, ttl = o[1], o[2], tonumber(o[4])
   if redis.call('EXISTS', opkey) == 0 then
     local kind, hid = string.match(fp, '^(%a+)|?([^|]*)')

@@ -23,27 +23,34 @@
 --   hold_expired      the hold passed its timeout (it is expired now if it was not yet)
 --   invalid_amount        the amount is not a whole number of micro-credits in range
 --   state_lost        the partition has not been rebuilt since Redis lost its data
+--@keys 11-12
 --@include lib
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'state_lost', '{}'} end
-if not amount_arg(ARGV[6], 0) then return {'invalid_amount', '{}'} end
-local now, user, op, hid = tonumber(ARGV[1]), ARGV[3], ARGV[4], ARGV[5]
-local tail = '|' .. ARGV[6]
+local acct, gord, events, ready, opkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local hkey, hexp, gexp, rates, named_hold = KEYS[6], KEYS[7], KEYS[8], KEYS[11], KEYS[12]
+local now, retention, user, op = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4]
+-- charge_text: the amount as given, kept verbatim in the fingerprint.
+local hid, charge_text, meta, used_tokens = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
+if not amount_arg(charge_text, 0) then return {'invalid_amount', '{}'} end
+local tail = '|' .. charge_text
 local fp = 'settle|' .. hid .. tail
 local own = op == '!settle:' .. hid  -- the default id: the record lives in the hold hash
-local seen = op_replay(KEYS[5], fp) or foreign_record(KEYS[12])
+local seen = op_replay(opkey, fp) or foreign_record(named_hold)
 if seen then return seen end
-local hold = redis.call('HMGET', KEYS[6], unpack(HOLD_FIELDS))
+local hold = redis.call('HMGET', hkey, unpack(HOLD_FIELDS))
 if own then
   seen = hold_replay(hid, hold[10], hold[11], hold[12], fp)
   if seen then return seen end
 end
+local A = {acct = acct, gord = gord, events = events, hexp = hexp, gexp = gexp,
+           now = now, user = user, retention = retention}
 if not hold[1] or hold[3] ~= 'open' or now >= tonumber(hold[2]) then
-  return hold_not_open(KEYS, now, user, hid, hold)
+  return hold_not_open(A, hkey, hid, hold)
 end
-local out, res, st = resolve_hold(KEYS, now, user, hid, hold, tonumber(ARGV[6]), 'settled', op, fp,
-                                  own and 'settle' .. tail or nil, cjson.decode(ARGV[7]))
-if hold[5] and ARGV[8] and ARGV[8] ~= '' then
-  rate_adjust(KEYS[11], now, (tonumber(ARGV[8]) or 0) - tonumber(hold[5]), tonumber(hold[6]))
+local out, res, st = resolve_hold(A, hkey, hid, hold, tonumber(charge_text), 'settled', op, fp,
+                                  own and 'settle' .. tail or nil, cjson.decode(meta))
+if hold[5] and used_tokens and used_tokens ~= '' then
+  rate_adjust(rates, now, (tonumber(used_tokens) or 0) - tonumber(hold[5]), tonumber(hold[6]))
 end
-if not own then op_record(KEYS[5], fp, res, st, ARGV[2]) end
+if not own then op_record(opkey, fp, res, st, retention) end
 return {'ok', out}

@@ -27,6 +27,9 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.core.engine import CreditEngine
 from gateway.core.keys import KeySpace
 
+# The fixtures shared across test modules (`api`, `gw`), and their helpers.
+pytest_plugins = ["tests.support.api_fixtures", "tests.support.proxy_fixtures"]
+
 SUPPORT = Path(__file__).parent / "support"
 STRICT = os.environ.get("CREDIT_TEST_STRICT") == "1"
 

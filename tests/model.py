@@ -1,8 +1,7 @@
 """A pure-Python reference model of the credit engine (micro-credit integers, ms times).
 
-It states the money rules the way DESIGN.md and specs/durability.md state them, with no
-Redis and no Lua, so the state-machine test can compare every answer of the real engine
-with it:
+It states the money rules of docs/invariants.md with no Redis and no Lua, so the
+state-machine test can compare every answer of the real engine with it:
 
 - grants carry an expiry (ms, 0 = never) and a priority (0..1000); spending draws from the
   grant that expires first, then the lower priority number, then the oldest (millisecond

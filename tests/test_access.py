@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from gateway.core.recovery import ensure_ready
-from tests.test_proxy import ADMIN, CLIENT, charged, gw, running_gateway  # noqa: F401 (fixture)
+from tests.support.proxy_fixtures import ADMIN, CLIENT, charged, running_gateway
 from worker.runner import Worker
 
 pytestmark = pytest.mark.redis

@@ -7,44 +7,11 @@ from decimal import Decimal
 
 import httpx
 import pytest
-import pytest_asyncio
 
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
-
-ADMIN = "admin-" + "a" * 40
-CLIENT = "client-" + "c" * 40
-H_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
-
-
-def client_headers(user: str) -> dict:
-    return {"Authorization": f"Bearer {CLIENT}", "X-User-Id": user}
-
-
-@pytest_asyncio.fixture
-async def api(redis, redis_url, tmp_path):
-    settings = Settings(
-        redis_url=redis_url,
-        admin_keys=ADMIN,
-        client_keys=CLIENT,
-        partitions=16,
-        sqlite_path=str(tmp_path / "s.db"),
-        audit_path=None,
-    )
-    store = SQLiteStore(str(tmp_path / "s.db"))
-    app = create_app(settings, redis=redis, store=store, run_worker=False)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-            c.app = app
-            yield c
-    await store.close()
-
-
-async def grant(api, user, amount="10", **extra):
-    r = await api.post(f"/admin/accounts/{user}/grants", json={"amount": amount, **extra}, headers=H_ADMIN)
-    assert r.status_code == 201, r.text
-    return r.json()
+from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers, grant
 
 
 async def test_health_and_ready(api):

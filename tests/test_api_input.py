@@ -10,7 +10,7 @@ import pytest
 
 from gateway.core.keys import check_id
 from gateway.core.money import AmountError, to_units
-from tests.test_api import ADMIN, CLIENT, H_ADMIN, api, client_headers, grant  # noqa: F401 (fixture)
+from tests.support.api_fixtures import ADMIN, H_ADMIN, client_headers, grant
 
 
 def error_of(r, status: int, code: str) -> dict:

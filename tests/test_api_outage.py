@@ -22,7 +22,7 @@ import uvicorn
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from tests.conftest import free_port, unavailable
-from tests.test_api import ADMIN, CLIENT, H_ADMIN, api, client_headers, grant  # noqa: F401 (fixture)
+from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
 
 pytestmark = pytest.mark.redis
 

@@ -15,7 +15,7 @@ from gateway.core.errors import HoldNotFound
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ManualClock
-from tests.test_api import ADMIN, CLIENT, H_ADMIN, client_headers
+from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
 
 
 @pytest_asyncio.fixture
@@ -230,8 +230,8 @@ async def test_not_ready_is_503_with_retry_after(gw):
 async def test_bad_prices_are_422_invalid_amount_and_leave_the_table(redis, redis_url, tmp_path, price):
     import aiohttp
 
-    from tests.test_proxy import ADMIN as PROXY_ADMIN
-    from tests.test_proxy import running_gateway
+    from tests.support.proxy_fixtures import ADMIN as PROXY_ADMIN
+    from tests.support.proxy_fixtures import running_gateway
 
     async with running_gateway(redis_url, tmp_path) as g, aiohttp.ClientSession() as s:
         before = g.app.state.services.pricing.table

@@ -12,7 +12,7 @@ import asyncio
 import httpx
 import pytest
 
-from tests.test_api import H_ADMIN, api, client_headers, grant  # noqa: F401 (fixture)
+from tests.support.api_fixtures import H_ADMIN, client_headers, grant
 
 
 class LosesAnswers(httpx.AsyncBaseTransport):

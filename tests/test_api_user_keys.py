@@ -4,7 +4,7 @@ refused (403) when X-User-Id names someone else."""
 
 from __future__ import annotations
 
-from tests.test_api import ADMIN, CLIENT, H_ADMIN, api, client_headers, grant  # noqa: F401 (fixture)
+from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers, grant
 
 
 async def issue(api, user: str) -> str:

@@ -13,6 +13,7 @@ every call on every slot succeeds again, with no other kind of error on the way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import time
@@ -75,11 +76,9 @@ class FaultCluster:
             r = await self.node(port)
             try:
                 while True:
-                    try:
+                    with contextlib.suppress(UNAVAILABLE):  # the node is still starting
                         if (await r.cluster("info"))["cluster_state"] == "ok":
                             break
-                    except UNAVAILABLE:
-                        pass
                     assert time.monotonic() < deadline, f"node {port} did not rejoin the cluster"
                     await asyncio.sleep(0.1)
                 await r.flushall()
@@ -299,7 +298,8 @@ async def test_a_dead_primary_fails_its_slots_fast_the_rest_carries_on_and_all_h
         assert set(missing) == lost_parts
         await rehydrate(engine, store, missing)
 
-        # Whole again: every call on every slot succeeds, and every account is as before.
+        # Whole again: every call on every slot succeeds, and every account holds what it
+        # held before the fault.
         after = await Load(engine, gw.users, lost).run_for(1.0)
         assert after.lost_side.failures == [] and after.healthy_side.failures == []
         assert after.lost_side.ok > 0 and after.healthy_side.ok > 0

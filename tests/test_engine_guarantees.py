@@ -1,6 +1,6 @@
-"""The engine's guarantees (DESIGN.md "Guarantees", specs/durability.md "Two-phase holds"),
-each checked against the real Lua on a real redis-server, and the core flow on a 3-node
-Redis Cluster. Tests marked xfail(strict) show engine bugs: they pass once the bug is fixed.
+"""The engine's guarantees (docs/invariants.md), each checked against the real Lua on a
+real redis-server, and the core flow on a 3-node Redis Cluster. Tests marked xfail(strict)
+show engine bugs: they pass once the bug is fixed.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import redis.asyncio as aioredis
 
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
-from gateway.core.events import decode
-from gateway.core.money import from_units
+from gateway.core.money import AmountError, from_units
 from gateway.core.results import Hold
 from tests.conftest import ready_engine
+from tests.support.engine_helpers import assert_conserved, at, events_of
 
 D = Decimal
 
@@ -32,35 +32,8 @@ async def stream_length(engine: CreditEngine) -> int:
     return sum([await engine.redis.xlen(pk.events) for pk in engine.keys.all_partitions()])
 
 
-async def events_of(engine: CreditEngine, user: str) -> list:
-    p = engine.keys.partition_of(user)
-    entries = await engine.redis.xrange(engine.keys.partition(p).events)
-    evs = [decode(sid, fields, p) for sid, fields in entries]
-    return [e for e in evs if e.user == user]
-
-
-async def assert_conserved(engine: CreditEngine, user: str, charges: Decimal | None = None) -> None:
-    """granted == free remainders (expired-not-swept too) + earmarked + spent + expired;
-    held == earmarked == open holds; and, when known, charges == spent + debt."""
-    v = await engine.account(user)
-    s = v.state
-    free = sum((g.free for g in v.grants), D(0))
-    ear = sum((g.earmarked for g in v.grants), D(0))
-    assert s.granted == free + ear + s.spent + s.expired, v
-    assert s.held == ear == sum((h.amount for h in v.holds), D(0)), v
-    assert s.available == sum((g.free for g in v.grants if not g.expired), D(0)), v
-    assert s.available >= 0 and s.debt >= 0
-    if charges is not None:
-        assert s.spent + s.debt == charges, v
-
-
 async def snapshot(engine: CreditEngine, *users: str):
     return await stream_length(engine), [await engine.account(u) for u in users]
-
-
-def at(clock, seconds: float) -> datetime:
-    """An aware datetime `seconds` after the clock's now."""
-    return datetime.fromtimestamp(clock() + seconds, tz=UTC)
 
 
 def free_by_id(view) -> dict[str, tuple[Decimal, Decimal]]:
@@ -279,15 +252,21 @@ async def test_no_hold_outlives_its_timeout(engine, clock):
         assert (bal.held, bal.available, bal.spent) == (D(0), D(10), D(0))
         await assert_conserved(engine, u, D(0))
 
-    # after the deadline, one sweep expires every due hold at once
-    for u in users[:10]:
+
+async def test_one_sweep_after_the_deadline_expires_every_due_hold(engine, clock):
+    users = [f"user{i}" for i in range(10)]
+    for u in users:
+        await engine.grant(u, "10", op_id="g")
         await engine.reserve(u, "2", hold_id="late", ttl_seconds=30)
     clock.advance(31)
     assert (await engine.sweep()).holds == 10
     assert (await engine.sweep()).holds == 0
+    for u in users:
+        await assert_conserved(engine, u, D(0))
 
-    # a settle that arrives at/after the deadline (before any sweep) answers HoldExpired,
-    # charges nothing, and expires the hold with exactly one event
+
+async def test_settle_or_release_at_the_deadline_expires_the_hold_and_charges_nothing(engine, clock):
+    # Before any sweep: HoldExpired, nothing charged, and exactly one event per hold.
     u = "bob"
     await engine.grant(u, "10", op_id="g")
     await engine.reserve(u, "4", hold_id="h", ttl_seconds=5)
@@ -307,7 +286,11 @@ async def test_no_hold_outlives_its_timeout(engine, clock):
         await engine.settle(u, "h", "4")
     assert (await engine.sweep()).holds == 0
     await assert_conserved(engine, u, D(0))
-    # one millisecond before its deadline a settle still posts
+
+
+async def test_settle_one_millisecond_before_the_deadline_still_posts(engine, clock):
+    u = "bob"
+    await engine.grant(u, "10", op_id="g")
     await engine.reserve(u, "1", hold_id="h2", ttl_seconds=1)
     clock.advance(0.999)
     assert (await engine.settle(u, "h2", "1")).status == "settled"
@@ -383,21 +366,18 @@ async def test_spend_order_expiring_first_at_millisecond_precision(engine, clock
 
 
 async def test_amount_validation_of_grant_units(engine):
-    with pytest.raises(ValueError):
+    with pytest.raises(AmountError, match="micro-credits out of range: -5000000"):
         await engine.grant_units("alice", -5_000_000, op_id="g-neg")
-    with pytest.raises(ValueError):
+    with pytest.raises(AmountError, match="micro-credits out of range: 0"):
         await engine.grant_units("alice", 0, op_id="g-zero")
 
 
 async def test_amount_validation_of_settle_units(engine):
     await engine.grant("alice", "10", op_id="g")
     await engine.reserve("alice", "4", hold_id="h", ttl_seconds=60)
-    try:
+    with pytest.raises(AmountError, match="micro-credits must be an int, not float"):
         await engine.settle_units("alice", "h", 1.5)  # type: ignore[arg-type]
-    except ValueError:
-        pass
-    finally:
-        await assert_conserved(engine, "alice")
+    await assert_conserved(engine, "alice")
 
 
 @pytest.mark.xfail(
@@ -492,7 +472,7 @@ async def test_far_future_expiry_is_spent_before_never_and_beyond_2248_refused(e
     await engine.debit("zed", "1", op_id="d")
     grants = (await engine.account("zed")).grants
     assert [(g.grant_id, g.free) for g in grants] == [("never", D("1"))]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expires_at is too far in the future"):
         await engine.grant("zed", "1", op_id="too-far", expires_at=datetime(2300, 1, 1, tzinfo=UTC))
 
 

@@ -7,10 +7,12 @@ sweep / replay of an earlier operation / reuse of an operation id with other fie
 earmarked per grant), open holds and event count equal the model's, and that both conserve
 credit. The engine is async: the machine drives it on its own event loop.
 
-Grant expiries are whole seconds here: the Lua orders grants by expiry second only (see
-test_spend_order_expiring_first_at_millisecond_precision in test_engine_guarantees.py), a
-known deviation that would otherwise fail every run. Hold timeouts are any millisecond that
-a float `ttl_seconds` carries exactly (see test_hold_lasts_exactly_its_timeout).
+Grant expiries fall on whole seconds here so that grants often expire at the same moment
+and the spend order's ties (priority, then age) are exercised; the engine orders expiries
+to the millisecond (test_spend_order_expiring_first_at_millisecond_precision in
+test_engine_guarantees.py). Hold timeouts are the milliseconds up to two minutes that a
+float `ttl_seconds` carries exactly; the engine rounds the others to the millisecond
+(test_hold_lasts_exactly_its_timeout).
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ class EngineVsModel(RuleBasedStateMachine):
         self.grant_to(self.users[u % len(self.users)], amount, expiry, priority, source)
 
     def grant_to(self, user, amount, expiry, priority, source):
-        # whole-second expiries (see the module docstring); `expiry` seconds after the next second
+        # whole-second expiries, so that some coincide (see the module docstring): `expiry`
+        # seconds after the next whole second
         exp_s = 0 if expiry is None else math.ceil(self.clock()) + expiry
         self.call(
             "grant",
@@ -260,8 +263,8 @@ class EngineVsModel(RuleBasedStateMachine):
     @rule(
         u=st.integers(0, 2),
         amount=st.one_of(st.integers(1, 3).map(lambda c: c * 1_000_000), st.integers(1, 6_000_000)),
-        # ttl_seconds is a float: skip the milliseconds it cannot carry exactly (see
-        # test_hold_lasts_exactly_its_timeout, xfail: the engine truncates 1.001 s to 1000 ms)
+        # ttl_seconds is ms / 1000, a float: the milliseconds it does not carry exactly (1001 ms
+        # reads 1.0009999...) are left to test_hold_lasts_exactly_its_timeout
         ttl_ms=st.one_of(
             st.sampled_from([1000, 5000, 30_000, 60_000, 120_000]),
             st.integers(1, 120_000).filter(lambda ms: int(ms / 1000 * 1000) == ms),

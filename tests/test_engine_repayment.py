@@ -15,7 +15,7 @@ from gateway.core import errors
 from gateway.core.engine import CreditEngine
 from gateway.core.events import decode
 from gateway.core.recovery import reconcile
-from tests.test_engine_guarantees import assert_conserved, at, events_of
+from tests.support.engine_helpers import assert_conserved, at, events_of
 
 D = Decimal
 

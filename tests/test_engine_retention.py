@@ -21,10 +21,10 @@ import pytest
 
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
-from gateway.core.events import decode
 from gateway.core.recovery import rehydrate
 from gateway.http_errors import status_of
 from tests.conftest import ready_engine
+from tests.support.engine_helpers import all_events
 
 D = Decimal
 META = {
@@ -47,14 +47,6 @@ async def hold_hash(engine: CreditEngine, user: str, hold_id: str) -> dict[str, 
 
 async def op_keys(engine: CreditEngine) -> list[str]:
     return sorted(_s(k) for k in await engine.redis.keys("*:op:*"))
-
-
-async def all_events(engine: CreditEngine) -> list:
-    out = []
-    for p in range(engine.keys.partitions):
-        for sid, fields in await engine.redis.xrange(engine.keys.partition(p).events):
-            out.append(decode(sid, fields, p))
-    return out
 
 
 # -- reads of a lost partition -----------------------------------------------------------------
@@ -139,7 +131,8 @@ async def test_a_resolved_hold_keeps_one_small_key_and_answers_every_replay(engi
     assert again.replayed and replace(again, replayed=False) == first["hs", "settle"]
     again = await engine.release(u, "hr")
     assert again.replayed and replace(again, replayed=False) == first["hr", "release"]
-    # the same ids with other fields conflict; other operations on them answer as before
+    # the same ids with other fields conflict; another operation on a resolved hold answers
+    # with the hold's status (already settled / released / expired), and nothing is appended
     with pytest.raises(errors.OperationConflict):
         await engine.reserve(u, "6", hold_id="hs", ttl_seconds=60)
     with pytest.raises(errors.OperationConflict):
@@ -174,7 +167,7 @@ async def test_op_ids_stay_one_namespace_with_records_kept_in_holds(engine):
     await engine.debit(u, "1", op_id="h3")
     with pytest.raises(errors.OperationConflict):
         await engine.reserve(u, "1", hold_id="h3", ttl_seconds=60)
-    # ids of the caller's on hold operations keep their own keys, replayed as before
+    # ids of the caller's on hold operations keep their own keys, replayed with their first answer
     await engine.settle(u, "h1", "2", op_id="s-1")
     assert (await engine.settle(u, "h1", "2", op_id="s-1")).replayed
     assert (await engine.remembered(u, "s-1"))[0] == "settle|h1|2000000"
@@ -303,7 +296,7 @@ def test_the_backlog_limit_is_a_constructor_argument_and_a_setting(monkeypatch):
 
     assert CreditEngine(None, max_backlog=123).max_backlog == 123
     assert CreditEngine(None).max_backlog > 0  # bounded unless told otherwise
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"max_backlog must be >= 0"):
         CreditEngine(None, max_backlog=-1)
     assert Settings().max_backlog == CreditEngine(None).max_backlog
     monkeypatch.setenv("CREDIT_MAX_BACKLOG", "0")

@@ -16,7 +16,7 @@ from gateway.core.recovery import rehydrate
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ready_engine
-from tests.test_worker import _eq, ledger_count, until, users_on_distinct_partitions
+from tests.support.worker_helpers import equals, ledger_count, until, users_on_distinct_partitions
 from worker.runner import Worker
 
 ADMIN = "admin-" + "a" * 40
@@ -36,53 +36,55 @@ async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(
     store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, run_worker=False)  # no worker anywhere
     monkeypatch.setattr(recovery, "GATEWAY_REBUILD_GRACE_S", 3600, raising=False)  # hold the gateway back
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as api:
-            engine = app.state.services.engine
-            await engine.grant("alice", "5", op_id="g1")
-            await Worker(engine, store).run(burst=True)
-            assert (await api.get("/readyz")).status_code == 200
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as api,
+    ):
+        engine = app.state.services.engine
+        await engine.grant("alice", "5", op_id="g1")
+        await Worker(engine, store).run(burst=True)
+        assert (await api.get("/readyz")).status_code == 200
 
-            await redis.flushall()
-            r = await api.get("/readyz")
-            assert r.status_code == 503 and r.headers["Retry-After"]
-            assert r.json()["partitions"] == {
-                "total": 16,
-                "not_ready": 16,
-                "lost": list(range(16)),
-                "rebuilding": [],
-                "unreachable": [],
-            }
-            held = [0, 1, 2]  # another process is rebuilding these (it holds their lease)
-            for p in held:
-                await redis.set(engine.keys.partition(p).rebuild, "someone-else", px=60_000)
-            r = await api.get("/readyz")
-            assert r.status_code == 503 and r.headers["Retry-After"]
-            body = r.json()
-            assert body["checks"] == {"redis": True, "store": True, "state": False}
-            assert body["partitions"] == {
-                "total": 16,
-                "not_ready": 16,
-                "lost": list(range(3, 16)),
-                "rebuilding": held,
-                "unreachable": [],
-            }
-            assert body["error"]["code"] == "state_lost" and body["error"]["partitions"] == list(range(16))
+        await redis.flushall()
+        r = await api.get("/readyz")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert r.json()["partitions"] == {
+            "total": 16,
+            "not_ready": 16,
+            "lost": list(range(16)),
+            "rebuilding": [],
+            "unreachable": [],
+        }
+        held = [0, 1, 2]  # another process is rebuilding these (it holds their lease)
+        for p in held:
+            await redis.set(engine.keys.partition(p).rebuild, "someone-else", px=60_000)
+        r = await api.get("/readyz")
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        body = r.json()
+        assert body["checks"] == {"redis": True, "store": True, "state": False}
+        assert body["partitions"] == {
+            "total": 16,
+            "not_ready": 16,
+            "lost": list(range(3, 16)),
+            "rebuilding": held,
+            "unreachable": [],
+        }
+        assert body["error"]["code"] == "state_lost" and body["error"]["partitions"] == list(range(16))
 
-            # Nobody rebuilds the lost ones: the gateway does, and leaves the others' to them.
-            monkeypatch.setattr(recovery, "GATEWAY_REBUILD_GRACE_S", 0.1)
-            # (While it rebuilds, its own leases list those partitions as rebuilding, not lost.)
-            await until(lambda: _readyz_rebuilding(api, held), "the gateway rebuilt the lost partitions")
-            r = await api.get("/readyz")
-            assert r.json()["partitions"]["lost"] == []
-            # It serves every other account meanwhile: ready, degraded (a balancer keeps it).
-            assert r.status_code == 200 and r.json()["status"] == "degraded"
-            assert r.json()["partitions"]["rebuilding"] == held
-            # The other process dies: its leases lapse, and the gateway takes over.
-            for p in held:
-                await redis.delete(engine.keys.partition(p).rebuild)
-            await until(lambda: _readyz_status(api, 200), "the gateway rebuilt the rest")
-            assert (await engine.balance("alice")).available == 5
+        # Nobody rebuilds the lost ones: the gateway does, and leaves the others' to them.
+        monkeypatch.setattr(recovery, "GATEWAY_REBUILD_GRACE_S", 0.1)
+        # (While it rebuilds, its own leases list those partitions as rebuilding, not lost.)
+        await until(lambda: _readyz_rebuilding(api, held), "the gateway rebuilt the lost partitions")
+        r = await api.get("/readyz")
+        assert r.json()["partitions"]["lost"] == []
+        # It serves every other account meanwhile: ready, degraded (a balancer keeps it).
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
+        assert r.json()["partitions"]["rebuilding"] == held
+        # The other process dies: its leases lapse, and the gateway takes over.
+        for p in held:
+            await redis.delete(engine.keys.partition(p).rebuild)
+        await until(lambda: _readyz_status(api, 200), "the gateway rebuilt the rest")
+        assert (await engine.balance("alice")).available == 5
     await store.close()
 
 
@@ -148,7 +150,7 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
     )
     task = asyncio.create_task(w.run())
     try:
-        await until(lambda: _eq(ledger_count(store, users), len(users)), "the first grants stored")
+        await until(lambda: equals(ledger_count(store, users), len(users)), "the first grants stored")
         node = cluster.get_primaries()[0]
         on_node = [
             u
@@ -165,17 +167,17 @@ async def test_a_cluster_node_restarted_empty_stalls_only_its_own_partitions(clu
         for u in elsewhere:
             await engine.grant(u, "1", op_id=f"g2-{u}")
         await until(
-            lambda: _eq(ledger_count(store, elsewhere), 2 * len(elsewhere)), "the other nodes drained"
+            lambda: equals(ledger_count(store, elsewhere), 2 * len(elsewhere)), "the other nodes drained"
         )
         # The other rebuilder goes away: this worker rebuilds the node's partitions and
         # persists their new events, without a restart.
         for u in on_node:
             await cluster.delete(engine.keys.partition(engine.keys.partition_of(u)).rebuild)
-        await until(lambda: _eq(engine.missing_partitions(), []), "the node's partitions rebuilt")
+        await until(lambda: equals(engine.missing_partitions(), []), "the node's partitions rebuilt")
         for u in on_node:
             await engine.grant(u, "1", op_id=f"g2-{u}")
         await until(
-            lambda: _eq(ledger_count(store, on_node), 2 * len(on_node)), "the node's partitions drained"
+            lambda: equals(ledger_count(store, on_node), 2 * len(on_node)), "the node's partitions drained"
         )
     finally:
         w.stop()

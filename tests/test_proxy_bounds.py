@@ -18,7 +18,7 @@ import pytest
 
 from gateway.core.money import MAX_UNITS
 from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
-from tests.test_proxy import charged, post, running_gateway
+from tests.support.proxy_fixtures import charged, post, running_gateway
 
 LOW_INPUT = {"X-Fake-Input-Tokens": "5"}  # at most the estimate of any body below
 MSG = [{"role": "user", "content": "hi"}]
@@ -451,7 +451,7 @@ async def test_a_streams_final_usage_past_its_hold_is_delivered_whole_and_charge
 
 
 async def test_text_dense_in_tokens_cannot_slip_under_the_hard_cap(redis, redis_url, tmp_path):
-    from tests.test_proxy import KNOWN_MODELS
+    from tests.support.proxy_fixtures import KNOWN_MODELS
 
     fake = FakeUpstream()
     url = await fake.start()

@@ -95,7 +95,7 @@ async def test_account_overrides_win_over_the_defaults_and_survive_redis_loss(en
     # Back to the defaults.
     await set_rate_limits(engine.redis, engine.keys, store, RateLimitOverride("alice", None, None))
     assert await engine.redis.exists(engine.keys.rate_keys("alice")[0]) == 0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be a whole number from 0"):
         await set_rate_limits(engine.redis, engine.keys, store, RateLimitOverride("alice", -1, None))
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from gateway.core import errors
 from gateway.core.recovery import rehydrate
-from tests.test_engine_retention import all_events
+from tests.support.engine_helpers import all_events
 
 
 async def test_a_rebuild_keeps_the_status_of_resolved_holds_and_their_ids_taken(engine, redis, store, clock):

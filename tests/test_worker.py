@@ -20,38 +20,16 @@ from gateway.core import errors
 from gateway.core.events import decode
 from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.store.sqlite import SQLiteStore
+from tests.support.worker_helpers import equals as _eq
+from tests.support.worker_helpers import ledger_count, make_traffic, until, users_on_distinct_partitions
 from worker.audit import AuditLog
 from worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-async def make_traffic(engine, users=("u1", "u2", "u3", "u4"), rounds=5):
-    """A mix of every operation; returns how many events it appended."""
-    n = 0
-    for u in users:
-        await engine.grant(u, "100", op_id=f"g-{u}")
-        n += 1
-        for i in range(rounds):
-            await engine.reserve(u, "3", hold_id=f"{u}-h{i}", ttl_seconds=60)
-            n += 1
-            if i % 3 == 0:
-                await engine.settle(u, f"{u}-h{i}", "1.5")
-                n += 1
-            elif i % 3 == 1:
-                await engine.release(u, f"{u}-h{i}")
-                n += 1
-        await engine.debit(u, "1", op_id=f"d-{u}")
-        n += 1
-    return n
-
-
 async def stream_len(engine) -> int:
     return sum([await engine.redis.xlen(pk.events) for pk in engine.keys.all_partitions()])
-
-
-async def ledger_count(store, users) -> int:
-    return sum([len([e async for e in store.ledger_all(u)]) for u in users])
 
 
 async def test_worker_drains_every_event_once_with_audit_lines(engine, store, tmp_path):
@@ -308,25 +286,6 @@ async def test_reconcile_command_exits_zero_when_clean_and_nonzero_on_drift(engi
 # -- Redis losing data under a running worker ------------------------------------------------
 
 
-async def until(condition, what: str, timeout: float = 30.0) -> None:
-    """Waits for an async condition (the worker runs as a task meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not the case after {timeout} s: {what}")
-        await asyncio.sleep(0.02)
-
-
-def users_on_distinct_partitions(engine, n: int, prefix: str) -> list[str]:
-    seen: dict[int, str] = {}
-    i = 0
-    while len(seen) < n:
-        u = f"{prefix}{i}"
-        seen.setdefault(engine.keys.partition_of(u), u)
-        i += 1
-    return list(seen.values())
-
-
 async def test_a_running_worker_persists_again_after_redis_loses_its_data(engine, store):
     from functools import partial
 
@@ -387,11 +346,6 @@ async def test_one_partition_without_its_group_or_stream_stalls_no_other(engine,
         await task
     for u in users:
         assert [e.version async for e in store.ledger_all(u)] == [1, 2]
-
-
-async def _eq(value, expected) -> bool:
-    """For until(): an awaitable's value equals `expected`."""
-    return await value == expected
 
 
 class NodeDown:

@@ -5,8 +5,8 @@
 What counts as an amount: an int, a Decimal, or a string of plain ASCII decimal notation
 (`AMOUNT_TEXT`: an optional minus, digits, an optional fraction, an optional exponent of
 at most 9 digits). Python's Decimal() would also read "1_000", " 1 ", "+1" and digits of
-other scripts ("١"): those are refused before Decimal sees them. Magnitudes are checked
-before any arithmetic, so no amount can raise decimal.Overflow.
+other scripts (U+0661, Arabic-Indic one): those are refused before Decimal sees them.
+Magnitudes are checked before any arithmetic, so no amount can raise decimal.Overflow.
 """
 
 from __future__ import annotations

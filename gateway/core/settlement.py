@@ -215,7 +215,8 @@ class Settler:
         """Background tasks still running."""
         return len(self._pending)
 
-    async def drain(self, timeout: float | None = None) -> int:
+    # `timeout` is not a deadline on the call (ASYNC109): past it, the rest are cancelled and counted.
+    async def drain(self, timeout: float | None = None) -> int:  # noqa: ASYNC109
         """Waits for the background tasks (at shutdown, before Redis is closed); after
         `timeout` seconds the rest are cancelled. Returns how many were cancelled (a
         cancelled charge is logged with its amount)."""

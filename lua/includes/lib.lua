@@ -3,7 +3,7 @@
 -- and numbers are turned into strings with string.format('%d') (tostring would print
 -- 1.2345678901234e+14 and lose digits).
 --
--- Account hash fields (KEYS[1]):
+-- Account hash fields (KEYS[1] of every account script):
 --   v        version, +1 on every state change
 --   seq      last grant sequence number
 --   held     sum of open holds        debt     charges no grant could cover
@@ -116,10 +116,11 @@ local function foreign_record(hkey)
   return nil
 end
 
--- Hold hash fields (KEYS[6]): while open amt, exp (ms), st = 'open', ear (earmarks
--- "seq=amt,..." in spend order), at, op, x (caller metadata, JSON), tk, tki (tokens the
--- reserve counted, ms per token), and the reserve's record; once resolved only st
--- ('settled' | 'released' | 'expired') and the records. A give-back's void marker: st = 'void'.
+-- Hold hash fields (KEYS[6] of reserve / settle / release): while open amt, exp (ms),
+-- st = 'open', ear (earmarks "seq=amt,..." in spend order), at, op, x (caller metadata,
+-- JSON), tk, tki (tokens the reserve counted, ms per token), and the reserve's record; once
+-- resolved only st ('settled' | 'released' | 'expired') and the records. A give-back's void
+-- marker: st = 'void'.
 -- The fields every script reads of a hold hash, in this order: hold[1..12].
 local HOLD_FIELDS = {'amt', 'exp', 'st', 'ear', 'tk', 'tki', 'rf', 'ra', 'rs', 'qf', 'qa', 'qs'}
 
@@ -268,8 +269,11 @@ end
 -- The resolved hold hash keeps only what later calls read: its status (already_settled...)
 -- and the records of the reserve and of this resolution, for replays; it is rewritten so
 -- that Redis stores it small (listpack) again, and kept for the retention.
-local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, sfp, extra)
-  local acct, gord, hkey, hexp, gexp = K[1], K[2], K[6], K[7], K[8]
+-- `A`: the call's account: {acct, gord, events, hexp, gexp} (its keys: account hash, grant
+-- order, partition stream, hold and grant expiry zsets), now (ms), user, and retention (s),
+-- how long the resolved hold hash is kept. `hkey`: the hold hash of hold `hid`.
+local function resolve_hold(A, hkey, hid, hold, charge, state, op, fp, sfp, extra)
+  local acct, gord, now, user = A.acct, A.gord, A.now, A.user
   local amt = num(hold[1])
   local touched = {}
   local spent, back, lapsed = resolve_earmarks(acct, hold[4], charge, now, touched)
@@ -293,8 +297,8 @@ local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, sfp,
   if charge - debt_added + repaid > 0 then redis.call('HINCRBY', acct, 'spent', charge - debt_added + repaid) end
   if lapsed > 0 then redis.call('HINCRBY', acct, 'expired', lapsed) end
   redis.call('HDEL', acct, 'o:' .. hid)
-  redis.call('ZREM', hexp, user .. '|' .. hid)
-  local g = settle_grants(acct, gord, gexp, user, touched)
+  redis.call('ZREM', A.hexp, user .. '|' .. hid)
+  local g = settle_grants(acct, gord, A.gexp, user, touched)
   local ev = {
     id = op, t = 'hold_' .. state, u = user, hold = hid, amt = fmt(charge),
     held_amt = fmt(amt), returned = fmt(back), lapsed = fmt(lapsed),
@@ -313,7 +317,7 @@ local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, sfp,
     ev.debt_repaid = fmt(repaid)
     if res then res.debt_repaid = ev.debt_repaid end
   end
-  local st, out = emit(acct, gord, K[3], now, ev, res)
+  local st, out = emit(acct, gord, A.events, now, ev, res)
   local keep = {'st', state}
   if hold[7] then
     keep[3], keep[4], keep[5], keep[6], keep[7], keep[8] = 'rf', hold[7], 'ra', hold[8], 'rs', hold[9]
@@ -326,17 +330,18 @@ local function resolve_hold(K, now, user, hid, hold, charge, state, op, fp, sfp,
   end
   redis.call('DEL', hkey)
   redis.call('HSET', hkey, unpack(keep))
-  redis.call('EXPIRE', hkey, ARGV[2])  -- every script's ARGV[2] is the retention (s)
+  redis.call('EXPIRE', hkey, A.retention)
   return out, res, st
 end
 
 -- Settle / release of a hold that is not open: a named answer. A hold past its timeout
 -- that the sweeper has not reached yet is expired here, so a late settle never posts.
-local function hold_not_open(K, now, user, hid, hold)
+-- `A`, `hkey`: as for resolve_hold.
+local function hold_not_open(A, hkey, hid, hold)
   local st = hold[3]
   if not st or st == 'void' then return {'hold_not_found', '{}'} end
   if st == 'open' then
-    resolve_hold(K, now, user, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil, nil)
+    resolve_hold(A, hkey, hid, hold, 0, 'expired', '!expire:' .. hid, nil, nil, nil)
     return {'hold_expired', '{}'}
   end
   local names = {settled = 'already_settled', released = 'already_released', expired = 'hold_expired'}

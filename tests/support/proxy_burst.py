@@ -13,6 +13,7 @@ import json
 import socket
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import aiohttp
 import uvicorn
@@ -28,8 +29,8 @@ async def main(
     fake = FakeUpstream(record=False)
     url = await fake.start()
     cfg = f"{workdir}/burst.toml"
-    with open(cfg, "w") as f:
-        f.write(config_template.format(url=url, timeout=5))
+    # A small config file, written once before the server starts.
+    Path(cfg).write_text(config_template.format(url=url, timeout=5))  # noqa: ASYNC240
     settings = Settings(
         redis_url=redis_url,
         admin_keys=admin,
@@ -45,7 +46,7 @@ async def main(
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 (uvicorn's Server offers a flag, no event)
         await asyncio.sleep(0.02)
     engine = app.state.services.engine
     await engine.grant(user, funds, op_id=f"burst-{user}")
@@ -79,7 +80,7 @@ async def main(
 
 
 if __name__ == "__main__":
-    from tests.test_proxy import ADMIN, CLIENT, CONFIG
+    from tests.support.proxy_fixtures import ADMIN, CLIENT, CONFIG
 
     redis_url, workdir, user, funds, n = sys.argv[1:6]
     print(json.dumps(asyncio.run(main(redis_url, workdir, user, funds, int(n), CONFIG, ADMIN, CLIENT))))
