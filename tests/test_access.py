@@ -24,10 +24,12 @@ ANTHROPIC = {"model": "claude-test", "messages": [{"role": "user", "content": "h
 
 
 async def call(gw, method, path, headers, json=None):
-    async with aiohttp.ClientSession() as s:
-        async with s.request(method, gw.base + path, headers=headers, json=json) as r:
-            body = await r.json(content_type=None) if r.content_type == "application/json" else await r.read()
-            return r.status, r.headers.copy(), body
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, gw.base + path, headers=headers, json=json) as r,
+    ):
+        body = await r.json(content_type=None) if r.content_type == "application/json" else await r.read()
+        return r.status, r.headers.copy(), body
 
 
 async def issue(gw, user, name="") -> dict:

@@ -32,6 +32,7 @@ PRICES = PricingTable.from_json({"models": {"m": {"input": "1", "output": "2"}}}
 
 def make_app(engine, settler=None, **options) -> FastAPI:
     app = FastAPI()
+    late: list[asyncio.Task] = []  # the background tasks, referenced until they finish
     opts = {"pricing": PRICES, "reserve": "0.01", "ttl_seconds": 30, **options}
     app.add_middleware(CreditMiddleware, engine=engine, settler=settler, **opts)
 
@@ -70,7 +71,7 @@ def make_app(engine, settler=None, **options) -> FastAPI:
             await asyncio.sleep(0.05)
             add_llm_usage(cost="0.005")  # recorded after the request settled
 
-        asyncio.create_task(after())
+        late.append(asyncio.create_task(after()))
         return {"ok": True}
 
     @app.post("/stream")

@@ -43,7 +43,7 @@ async def assert_no_debt(gw, user: str, funded: str) -> None:
 async def test_n_choices_are_part_of_the_worst_case(gw):
     await gw.grant("n1", "0.000300")  # 300 micro-credits; output costs 2 a token
     body = {"model": "gpt-test", "messages": MSG, "max_tokens": 100, "n": 2}
-    status, h, raw = await post(
+    status, _h, raw = await post(
         gw, "/v1/chat/completions", body, user="n1", **LOW_INPUT, **{"X-Fake-Output-Tokens": "100"}
     )
     assert status == 200, raw
@@ -340,8 +340,7 @@ def test_the_hard_cap_computes_the_cost_only_when_it_could_have_passed_the_budge
         meter = adapter("anthropic").stream_meter()
         if start_in is not None:  # the real prompt, reported at the start
             meter.feed(
-                '{"type":"message_start","message":{"usage":{"input_tokens":%d,"output_tokens":1}}}'
-                % start_in
+                f'{{"type":"message_start","message":{{"usage":{{"input_tokens":{start_in},"output_tokens":1}}}}}}'
             )
         cap = CreditCap(call, meter, cpt)
         for i, n in enumerate(deltas):
@@ -416,7 +415,7 @@ async def test_concurrent_streams_from_an_upstream_ignoring_its_cap_cannot_spend
 async def test_a_stream_past_its_hold_holds_more_of_a_users_credit_and_is_charged_in_full(gw):
     await gw.grant("rich", "1")
     body = {"model": "gpt-test", "stream": True, "max_tokens": 20, "messages": MSG}
-    status, h, raw = await post(
+    _status, _h, raw = await post(
         gw, "/v1/chat/completions", body, user="rich", **IGNORING, **{"X-Fake-Output-Tokens": "60"}
     )
     text = raw.decode()
@@ -534,9 +533,8 @@ async def test_another_routes_cap_or_multiplier_is_counted_and_capped_too(gw, pa
         **LOW_INPUT,
         **{"X-Fake-Cap-Field": read, "X-Fake-Output-Tokens": "100000"},
     )
-    assert status in (200, 402), raw
-    if status == 200:
-        assert sent(gw)[read] <= 500
+    assert status == 200, raw  # served, with that field capped too
+    assert sent(gw)[read] <= 500
     await assert_no_debt(gw, "loose", "0.001")
 
 

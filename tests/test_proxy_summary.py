@@ -75,8 +75,8 @@ async def test_start_logs_upstreams_and_routes_without_any_credential(tmp_path, 
     lines = [r.getMessage() for r in caplog.records if r.name == "credit.gateway"]
     text = "\n".join(lines)
     assert (
-        "proxy upstream primary: kind openai, https://***@llm.example.com:8443/openai, timeout 120 s, models: gpt-x, gpt-y"
-        in lines
+        "proxy upstream primary: kind openai, https://***@llm.example.com:8443/openai, timeout 120 s, "
+        "models: gpt-x, gpt-y" in lines
     )
     assert (
         "proxy upstream claude: kind anthropic, https://anthropic.example.com, timeout 120 s, models: *"

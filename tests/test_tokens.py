@@ -106,7 +106,7 @@ TIKTOKEN_COUNTS = [
     ("Привет, мир! Как дела сегодня?", 16, 9),
     ("مرحبا بالعالم، كيف حالك اليوم؟", 23, 10),
     ("नमस्ते दुनिया, आज आप कैसे हैं?", 31, 11),
-    ("你好，世界！今天过得怎么样？", 16, 9),
+    ("你好，世界！今天过得怎么样？", 16, 9),  # noqa: RUF001 (full-width punctuation on purpose)
     ("Great job 👍🏽 on the 🚀 launch! 👨‍👩‍👧‍👦", 31, 22),
     ("def f(x):\n    return x ** 2  # square\n", 14, 14),
     ("    \n\n\t  spaces   and\r\ntabs  ", 8, 8),
@@ -308,7 +308,10 @@ def test_chat_assistant_tool_calls_and_tool_results_are_counted(counter):
 def test_completions_prompt_and_embeddings_input(counter):
     for path, field in (("/v1/completions", "prompt"), ("/v1/embeddings", "input")):
         model = "gpt-3.5-turbo-instruct" if path == "/v1/completions" else "text-embedding-3-small"
-        c = lambda v: counter.count_prompt(path, {"model": model, field: v})  # noqa: E731
+
+        def c(v, path=path, model=model, field=field):
+            return counter.count_prompt(path, {"model": model, field: v})
+
         assert c("hello world") == 2
         assert c(["hello world", "2 + 2 = 4"]) == 2 + 7
         assert c([15339, 1917, 0]) == 3  # a token array counts exactly by its length
