@@ -65,6 +65,9 @@ _METERED_ROUTES = frozenset(metered_routes())
 
 
 class MeteringProxy:
+    """One process's proxy: takes each proxied request through its hold, from reserve to
+    settle or release, and keeps the settlements still running until drained."""
+
     def __init__(
         self,
         engine: CreditEngine,
@@ -423,7 +426,7 @@ class MeteringProxy:
         """Any other /v1/ path or method: refused in the upstream's error format."""
         return not_served(request, self.config)
 
-    # -- other configured paths: a flat price, or refused --------------------------------
+    # -- other configured paths: the same hold at a flat price ----------------------------
 
     async def _flat(self, request: Request, user: str, kind: Adapter, request_id: str) -> Response:
         rid = {"X-Request-Id": request_id}
