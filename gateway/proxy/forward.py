@@ -1,18 +1,20 @@
-"""The metering proxy: reserve, forward (streaming too), settle at the real cost.
+"""The metering proxy's hold lifecycle: reserve -> forward -> settle or release.
 
-One request: identify the user -> price the model -> reserve the worst case (clamping the
-requested output to what the user can afford) -> forward to the configured upstream with
-the gateway's credential -> settle from the usage the upstream reports (or counted from
-what was streamed) -> answer with X-Request-Id / X-Credits-Charged / X-Credits-Remaining.
-Failures before any output release the hold; a client that goes away mid-stream pays for
-what was produced. Nothing here leaks a hold: every path settles or releases, and a
-crashed process's holds expire (their timeout covers the upstream timeout).
+One metered request, once admitted (request_check.py) and sized (planning.py): a hold on
+its worst case, its output cap lowered to what the user can afford -> forwarded to the
+configured upstream with the gateway's credential -> settled from the usage the upstream
+reports, or counted (fallback_count.py) -> answered with X-Request-Id / X-Credits-Charged /
+X-Credits-Remaining. A stream past what it holds holds more (extension holds, settled with
+the call) or is cut at the credit cap. Failures before any output release the hold; a
+client that goes away mid-stream pays for what was produced. A flat-priced route takes the
+same hold at its price. Nothing here leaks a hold: every path settles or releases, a
+crashed process's holds expire (their timeout covers the upstream timeout), and drain
+waits for the settlements still running at shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -36,25 +38,26 @@ from ..core.errors import (
 )
 from ..core.keys import PROXY_HOLD_PREFIX
 from ..core.money import MAX_UNITS, from_units, to_units
-from ..core.pricing import ModelPrice, Usage, ceil_div
+from ..core.pricing import Usage
 from ..core.settlement import Settler
 from .call import Call
 from .config import ProxyConfig, Upstream
 from .credit_cap import CreditCap, usage_so_far
-from .errors import insufficient_credits, proxy_error, reserve_refusal, state_lost, unavailable
+from .errors import insufficient_credits, proxy_error, reserve_refusal, unavailable
+from .fallback_count import answer_usage, stream_usage
 from .headers import passed_headers, upstream_headers
-from .identity import Identity, IdentityError
-from .kinds import Adapter, for_path, for_route, metered_routes
+from .identity import Identity
+from .kinds import Adapter, for_route, metered_routes
+from .planning import clamp, plan, worst_tokens, worst_units
 from .pricing_cache import PricingCache
+from .request_check import admit, admit_flat, identify, not_served
 from .sse import event_end, sse_data
 from .stream_meter import StreamMeter
 from .tokens import TokenCounter
-from .usage import count_output
 from .worst_case import BadRequest
 
 log = logging.getLogger("credit.proxy")
 
-DEFAULT_MAX_OUTPUT = 4096
 # How many times a stream past its hold may hold more credit before it is cut (each time at
 # least the first hold's amount): bounds what an upstream ignoring the cap can spend.
 MAX_EXTENSIONS = 8
@@ -62,6 +65,9 @@ _METERED_ROUTES = frozenset(metered_routes())
 
 
 class MeteringProxy:
+    """One process's proxy: takes each proxied request through its hold, from reserve to
+    settle or release, and keeps the settlements still running until drained."""
+
     def __init__(
         self,
         engine: CreditEngine,
@@ -83,151 +89,39 @@ class MeteringProxy:
     async def handle(self, request: Request) -> Response:
         # The raw ASGI path: request.url builds a whole URL object per request. For the
         # metered routes it equals request.url.path; any other path goes to _flat, which
-        # uses request.url as before.
+        # reads request.url (its query string is forwarded).
         path = request.scope["path"]
         kind = for_route(path)
         request_id = f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"
         rid = {"X-Request-Id": request_id}
-        try:
-            user = await self.identity.user_of(request)
-        except IdentityError as exc:
-            code = "unauthorized" if exc.status == 401 else "forbidden"
-            return proxy_error(kind, exc.status, code, str(exc), rid)
-        except StateLost:
-            return state_lost(kind, rid)
-        except RedisError as exc:
-            log.error("API key lookup failed: %s", exc)
-            return unavailable(kind, rid)
+        user = await identify(self.identity, request, kind, rid)
+        if isinstance(user, Response):
+            return user
         if path not in _METERED_ROUTES:
             return await self._flat(request, user, kind, request_id)
-        raw = await self._body(request)
-        if raw is None:
-            return proxy_error(
-                kind, 413, "body_too_large", f"request body above {self.config.max_body_bytes} bytes", rid
-            )
+        req = await admit(request, path, kind, self.config, self.pricing, rid)
+        if isinstance(req, Response):
+            return req
         try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return proxy_error(kind, 400, "malformed_json", "the request body is not valid JSON", rid)
-        if not isinstance(body, dict):
-            return proxy_error(kind, 400, "invalid_request", "the request body must be a JSON object", rid)
-        if any(isinstance(body.get(f), float) and body[f] >= 2**63 for f in kind.count_fields):
-            body = json.loads(raw)  # orjson reads integers past 64 bits as floats: a huge cap is still a cap
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return proxy_error(
-                kind, 400, "invalid_request", 'the request names no model (field "model")', rid
-            )
-        upstream = self.config.upstream_for(path, model)
-        if upstream is None:
-            return proxy_error(
-                kind, 404, "model_not_served", f"no upstream serves model {model!r} on {path}", rid
-            )
-        kind = upstream.adapter
-        table = self.pricing.table
-        price = table.models.get(model)
-        if price is None and self.config.unknown_model == "default":
-            price = table.default
-        if price is None:
-            return proxy_error(
-                kind, 400, "unknown_model", f"model {model!r} has no price; it is refused", rid
-            )
-        denied = kind.features(path, body) - upstream.allow_features
-        if denied:
-            return proxy_error(
-                kind,
-                400,
-                "feature_not_allowed",
-                f"this gateway does not meter {', '.join(sorted(denied))}: the request is refused",
-                rid,
-                features=sorted(denied),
-            )
-        try:
-            call = self._plan(request_id, user, kind, path, model, price, upstream, body, len(raw))
+            call = plan(request_id, user, path, req, self.config.chars_per_token)
         except BadRequest as exc:
-            return proxy_error(kind, 400, "invalid_request", str(exc), rid)
+            return proxy_error(req.kind, 400, "invalid_request", str(exc), rid)
         refusal = await self._reserve(call)
         if refusal is not None:
             return refusal
         return await self._forward(request, call)
 
-    async def _body(self, request: Request) -> bytes | None:
-        cap = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cap:
-            return None
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                return None
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    # -- planning and reserving --------------------------------------------------------
-
-    def _plan(
-        self,
-        request_id: str,
-        user: str,
-        kind: Adapter,
-        path: str,
-        model: str,
-        price: ModelPrice,
-        upstream: Upstream,
-        body: dict[str, Any],
-        body_len: int,
-    ) -> Call:
-        cpt = self.config.chars_per_token
-        plan = kind.output_plan(path, body, cpt)
-        est_input = max(ceil_div(body_len, cpt), kind.exact_input_tokens(path, body))
-        max_out = 0
-        output = kind.generates_output(path)
-        if output:
-            max_out = (
-                plan.requested
-                if plan.requested is not None
-                else (price.max_output_tokens or DEFAULT_MAX_OUTPUT)
-            )
-            # A cap whose worst case is beyond any one operation's amount is lowered to what
-            # fits (then to what the user can afford): a clamp, not a refusal.
-            max_out = min(max_out, plan.per_choice(price.output_tokens_affordable(MAX_UNITS, est_input)))
-        call = Call(request_id, user, kind, path, model, price, upstream, body, est_input, plan, max_out)
-        if output:
-            kind.set_output_cap(path, body, max_out, upstream.chat_cap_field)
-        call.stream = bool(body.get("stream"))
-        if call.stream:
-            # Usage asked for on the client's behalf is kept from a client that did not ask.
-            call.strip_usage_chunk = kind.ask_stream_usage(path, body)
-        call.meta = {"request_id": request_id, "model": model, "path": path, "upstream": upstream.name}
-        return call
-
-    def _worst(self, call: Call) -> int:
-        """The hold: the estimated input plus every output token the request may produce."""
-        return call.price.cost(Usage(input=call.est_input, output=call.plan.total(call.max_output)))
-
-    def _clamp(self, call: Call, total_tokens: int, why: str, clamped: set[str]) -> bool:
-        """Lowers the output cap so that all choices together fit `total_tokens` (an answer
-        shorter rather than none), once per reason, and never below the configured minimum
-        per choice. False: not possible."""
-        tokens = min(call.plan.per_choice(total_tokens), call.max_output)
-        if why in clamped or not call.max_output or tokens < self.config.min_output_tokens:
-            return False
-        clamped.add(why)
-        call.max_output = tokens
-        call.kind.set_output_cap(call.path, call.body, tokens, call.upstream.chat_cap_field)
-        return True
+    # -- reserving ---------------------------------------------------------------------
 
     async def _reserve(self, call: Call) -> Response | None:
-        worst = self._worst(call)
+        worst = worst_units(call)
         ttl = call.upstream.timeout_seconds + self.config.hold_margin_seconds
         rid = {"X-Request-Id": call.request_id}
         limits = self.config.rate_limits
         clamped: set[str] = set()  # each limit may lower the requested output once
         for _ in range(3):
             # The tokens-per-minute count takes the worst case too; settle corrects it.
-            tokens = call.est_input + call.plan.total(call.max_output)
-            rate = RateCharge(tokens, limits.requests_per_minute, limits.tokens_per_minute)
+            rate = RateCharge(worst_tokens(call), limits.requests_per_minute, limits.tokens_per_minute)
             try:
                 hold = await self.engine.reserve_units(
                     call.user, worst, hold_id=call.request_id, ttl_seconds=ttl, metadata=call.meta, rate=rate
@@ -239,16 +133,15 @@ class MeteringProxy:
                 # Alone over the tokens limit: answer shorter when the prompt leaves room.
                 if exc.retry_after_ms < 0 and exc.details.get("limit") == "tokens_per_minute":
                     fit = int(exc.details.get("value", 0)) - call.est_input
-                    if self._clamp(call, fit, "tpm", clamped):
-                        worst = self._worst(call)
+                    if clamp(call, fit, "tpm", clamped, self.config.min_output_tokens):
+                        worst = worst_units(call)
                         continue
                 return reserve_refusal(call.kind, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
-                if self._clamp(
-                    call, call.price.output_tokens_affordable(available, call.est_input), "credit", clamped
-                ):
-                    worst = self._worst(call)
+                affordable = call.price.output_tokens_affordable(available, call.est_input)
+                if clamp(call, affordable, "credit", clamped, self.config.min_output_tokens):
+                    worst = worst_units(call)
                     continue
                 return reserve_refusal(call.kind, exc, rid)
             except (AccountInDebt, StateLost, BacklogFull) as exc:
@@ -333,7 +226,7 @@ class MeteringProxy:
         except orjson.JSONDecodeError:
             pass
         if usage is None:  # no usage reported: count the prompt and the answer's text
-            usage = await asyncio.to_thread(self._counted_whole, call, answer, len(raw))
+            usage = await answer_usage(self.tokens, call, answer, len(raw), self.config.chars_per_token)
         charged, remaining = await self._settle(call, usage, partial=False)
         headers.update(rid)
         if charged is not None:  # unconfirmed: no figure rather than a wrong one
@@ -400,47 +293,11 @@ class MeteringProxy:
                 resp.close()
                 self.settler.spawn(self._settle_counted(call, meter, partial=True))
 
-    async def _final_usage(self, call: Call, meter: StreamMeter) -> Usage:
-        """The usage to settle a stream at: the upstream's own, else counted in a worker
-        thread (a first use loads a vocabulary; a long text takes milliseconds)."""
-        if meter.usage is not None and meter.final:
-            return meter.usage
-        return await asyncio.to_thread(self._counted_usage, call, meter)
-
-    def _counted_usage(self, call: Call, meter: StreamMeter) -> Usage:
-        """usage_so_far with the model's tokenizer where it is known: the streamed text, and the
-        prompt when no usage came at all; the size estimates where it is not."""
-        u = meter.usage
-        output = meter.output_tokens(
-            lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token
-        )
-        if u is None:
-            counted = self.tokens.count_prompt(call.path, call.body)
-            return Usage(input=call.est_input if counted is None else counted, output=output)
-        return Usage(
-            input=u.input,
-            output=max(u.output, output),
-            cached_input=u.cached_input,
-            cache_write=u.cache_write,
-        )
-
-    def _counted_whole(self, call: Call, answer: Any, size: int) -> Usage:
-        """A whole answer without usage: its prompt and its generated text counted (or
-        estimated), its size when it is not an answer shape known here."""
-        texts = call.kind.answer_texts(answer)
-        if texts is None:
-            output = ceil_div(size, self.config.chars_per_token)
-        else:
-            output = count_output(
-                texts, lambda t: self.tokens.count_text(call.model, t), self.config.chars_per_token
-            )
-        counted = self.tokens.count_prompt(call.path, call.body)
-        return Usage(input=call.est_input if counted is None else counted, output=output)
-
     async def _settle_counted(
         self, call: Call, meter: StreamMeter, *, partial: bool
     ) -> tuple[int | None, int | None]:
-        return await self._settle(call, await self._final_usage(call, meter), partial=partial)
+        usage = await stream_usage(self.tokens, call, meter, self.config.chars_per_token)
+        return await self._settle(call, usage, partial=partial)
 
     def _settle_stream(
         self, call: Call, meter: StreamMeter, *, partial: bool
@@ -566,32 +423,17 @@ class MeteringProxy:
             log.error("%d settlements still unconfirmed at shutdown were given up (logged above)", left)
 
     def not_served(self, request: Request) -> Response:
-        """Any other /v1/ path or method: refused in the upstream's error format (the caller
-        is an LLM client, whose SDK reads that format)."""
-        path = request.scope["path"]
-        kind = for_path(path)
-        rid = {"X-Request-Id": f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"}
-        if path in _METERED_ROUTES or self.config.route_for(path) is not None:
-            return proxy_error(
-                kind, 405, "method_not_allowed", f"{request.method} is not served on {path}", rid
-            )
-        return proxy_error(kind, 404, "route_not_served", f"{request.method} {path} is not served", rid)
+        """Any other /v1/ path or method: refused in the upstream's error format."""
+        return not_served(request, self.config)
 
-    # -- other configured paths: a flat price, or refused --------------------------------
+    # -- other configured paths: the same hold at a flat price ----------------------------
 
     async def _flat(self, request: Request, user: str, kind: Adapter, request_id: str) -> Response:
         rid = {"X-Request-Id": request_id}
-        route = self.config.route_for(request.url.path)
-        if route is None or route.price_units is None or request.method not in route.methods:
-            return proxy_error(
-                kind, 404, "route_not_served", f"{request.method} {request.url.path} is not served", rid
-            )
-        upstream = self.config.upstream(route.upstream)
-        if upstream is None:  # the configuration checks every route's upstream at load
-            return proxy_error(kind, 404, "route_not_served", f"{route.path} names no upstream", rid)
-        raw = await self._body(request)
-        if raw is None:
-            return proxy_error(kind, 413, "body_too_large", "request body too large", rid)
+        admitted = await admit_flat(request, kind, self.config, rid)
+        if isinstance(admitted, Response):
+            return admitted
+        route, upstream, raw = admitted.route, admitted.upstream, admitted.raw
         meta = {"request_id": request_id, "path": route.path, "upstream": upstream.name}
         expires_ms = 0
         if route.price_units:
