@@ -1,4 +1,6 @@
-"""`credit-gateway serve | keys | worker | reconcile | rehydrate | mock-upstream`: a thin shell over the runners."""
+"""The `credit-gateway` command line: a thin shell over the runners.
+
+Commands: serve, keys, worker, reconcile, rehydrate, mock-upstream."""
 
 from __future__ import annotations
 
@@ -56,8 +58,8 @@ def _embedded_keys(settings: Settings) -> None:
         )
     if keys.from_file:
         print(
-            f"Using the {' and '.join(keys.from_file)} key digests kept in {keys.path.resolve()} (the keys were shown "
-            "at the first start; `credit-gateway keys --new`, or deleting that file, makes new ones).",
+            f"Using the {' and '.join(keys.from_file)} key digests kept in {keys.path.resolve()} "
+            "(the keys were shown at the first start; `credit-gateway keys --new`, or deleting that file, makes new ones).",
             flush=True,
         )
 
@@ -96,7 +98,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.service import run_worker
+    # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
+    from gateway.worker.service import run_worker  # type: ignore[import-not-found]
 
     asyncio.run(run_worker(load_settings(), burst=args.burst))
     return 0
@@ -144,7 +147,7 @@ def cmd_rehydrate(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from worker.service import build_worker
+    from gateway.worker.service import build_worker
 
     from .core.recovery import reconcile
 

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.core.recovery import ensure_ready
 from tests.test_proxy import ADMIN, CLIENT, charged, gw, running_gateway  # noqa: F401 (fixture)
-from worker.runner import Worker
+from gateway.worker.runner import Worker
 
 pytestmark = pytest.mark.redis
 

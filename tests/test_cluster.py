@@ -11,7 +11,7 @@ from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.settings import Settings
 from tests.conftest import ready_engine
 from tests.test_worker import ledger_count, make_traffic
-from worker.runner import Worker
+from gateway.worker.runner import Worker
 
 pytestmark = pytest.mark.cluster
 

@@ -32,7 +32,7 @@ from gateway.core.errors import StateLost
 from gateway.core.recovery import ensure_ready, partition_status, rehydrate
 from gateway.core.settings import Settings
 from tests.conftest import SUPPORT, free_port_run, unavailable
-from worker.runner import Worker
+from gateway.worker.runner import Worker
 
 pytestmark = pytest.mark.cluster
 

@@ -17,7 +17,7 @@ from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ready_engine
 from tests.test_worker import _eq, ledger_count, until, users_on_distinct_partitions
-from worker.runner import Worker
+from gateway.worker.runner import Worker
 
 ADMIN = "admin-" + "a" * 40
 

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
-from worker.runner import Worker
+from gateway.worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN = "admin-" + "p" * 40

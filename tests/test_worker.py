@@ -20,8 +20,8 @@ from gateway.core import errors
 from gateway.core.events import decode
 from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.store.sqlite import SQLiteStore
-from worker.audit import AuditLog
-from worker.runner import Worker
+from gateway.worker.audit import AuditLog
+from gateway.worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
     n = await make_traffic(engine, users=users, rounds=10)
     db = tmp_path / "kill.db"
     env = worker_env(redis_url, db, CREDIT_WORKER_BATCH=3, CREDIT_CLAIM_IDLE_MS=200)
-    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL)
     store = SQLiteStore(str(db))
     await store.open()
     try:
@@ -265,7 +265,7 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
         stored = await ledger_count(store, users)
         assert 0 < stored < n, "the kill must land mid-drain"
         done = subprocess.run(
-            [sys.executable, "-m", "worker", "--burst"],
+            [sys.executable, "-m", "gateway.worker", "--burst"],
             env=env,
             cwd=REPO,
             timeout=120,
@@ -285,7 +285,7 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
 def test_worker_stops_cleanly_on_sigterm(redis_url, tmp_path):
     env = worker_env(redis_url, tmp_path / "term.db")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "gateway.worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
     )
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)

@@ -63,7 +63,7 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker", description="Persist credit events to the store."
+        prog="python -m gateway.worker", description="Persist credit events to the store."
     )
     parser.add_argument("--burst", action="store_true", help="drain every stream, then exit")
     args = parser.parse_args(argv)

@@ -156,7 +156,8 @@ def create_app(
                 log.info("%s", line)
         watch = None
         if in_process_worker:
-            from worker.service import build_worker
+            # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
+            from gateway.worker.service import build_worker  # type: ignore[import-not-found]
 
             services.worker = build_worker(settings, engine, s)
             services.background.append(asyncio.create_task(services.worker.run(), name="credit-worker"))
