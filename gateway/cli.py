@@ -59,7 +59,8 @@ def _embedded_keys(settings: Settings) -> None:
     if keys.from_file:
         print(
             f"Using the {' and '.join(keys.from_file)} key digests kept in {keys.path.resolve()} "
-            "(the keys were shown at the first start; `credit-gateway keys --new`, or deleting that file, makes new ones).",
+            "(the keys were shown at the first start; `credit-gateway keys --new`, or deleting that "
+            "file, makes new ones).",
             flush=True,
         )
 
