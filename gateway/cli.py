@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from .core.settings import Settings, load_settings
+from .logs import LogFormat, configure_logging
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -156,8 +156,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         if not args.no_drain:
             worker = build_worker(settings, engine, store)
             await worker.run(burst=True)
-            if worker.audit:
-                worker.audit.close()
+            worker.close()
         drift = await reconcile(engine, store)
         for d in drift:
             print(f"DRIFT {d}")
@@ -213,8 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="every partition, not only those Redis lost")
     p.set_defaults(fn=cmd_rehydrate)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(_log_format())
     return args.fn(args)
+
+
+def _log_format() -> LogFormat:
+    """CREDIT_LOG_FORMAT, read before the other settings (whose errors are then logged in
+    the chosen format); a bad value is reported by the command's own load_settings."""
+    try:
+        return Settings().log_format
+    except Exception:
+        return "text"
 
 
 if __name__ == "__main__":

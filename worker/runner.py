@@ -585,6 +585,11 @@ class Worker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def close(self) -> None:
+        """Closes the audit file (once run() has returned)."""
+        if self.audit is not None:
+            self.audit.close()
+
 
 async def _finish(task: asyncio.Task | None) -> None:
     """Waits for a batch's write. A failure is logged: its entries stay pending and are
