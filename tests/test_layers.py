@@ -5,6 +5,7 @@ chosen. Checked on the source (every import, lazy ones included) and on a live i
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,25 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def _violations(folder: str, forbidden: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    """The forbidden imports under `folder`, found in a fresh interpreter: ast.parse in a
+    process that has run other tests can fail with CPython 3.11's "AST constructor
+    recursion depth mismatch" (a SystemError that says nothing about the files)."""
+    script = (
+        "import json, sys; from pathlib import Path; from tests.test_layers import _scan; "
+        "a = json.loads(sys.argv[1]); print(json.dumps(_scan(a[0], tuple(a[1]), Path(a[2]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([folder, forbidden, str(root)])],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+        timeout=60,
+    ).stdout
+    return json.loads(out)
+
+
+def _scan(folder: str, forbidden: tuple[str, ...], root: Path) -> list[str]:
     return sorted(
         f"{path.relative_to(root).as_posix()} imports {name}"
         for path in (root / folder).rglob("*.py")
