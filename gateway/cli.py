@@ -1,13 +1,15 @@
-"""`credit-gateway serve | keys | worker | reconcile | rehydrate | mock-upstream`: a thin shell over the runners."""
+"""The `credit-gateway` command line: a thin shell over the runners.
+
+Commands: serve, keys, worker, reconcile, rehydrate, mock-upstream."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
 from .core.settings import Settings, load_settings
+from .logs import LogFormat, configure_logging
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -56,8 +58,9 @@ def _embedded_keys(settings: Settings) -> None:
         )
     if keys.from_file:
         print(
-            f"Using the {' and '.join(keys.from_file)} key digests kept in {keys.path.resolve()} (the keys were shown "
-            "at the first start; `credit-gateway keys --new`, or deleting that file, makes new ones).",
+            f"Using the {' and '.join(keys.from_file)} key digests kept in {keys.path.resolve()} "
+            "(the keys were shown at the first start; `credit-gateway keys --new`, or deleting that "
+            "file, makes new ones).",
             flush=True,
         )
 
@@ -96,7 +99,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker.service import run_worker
+    # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
+    from gateway.worker.service import run_worker  # type: ignore[import-not-found]
 
     asyncio.run(run_worker(load_settings(), burst=args.burst))
     return 0
@@ -144,7 +148,7 @@ def cmd_rehydrate(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from worker.service import build_worker
+    from gateway.worker.service import build_worker
 
     from .core.recovery import reconcile
 
@@ -152,8 +156,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         if not args.no_drain:
             worker = build_worker(settings, engine, store)
             await worker.run(burst=True)
-            if worker.audit:
-                worker.audit.close()
+            worker.close()
         drift = await reconcile(engine, store)
         for d in drift:
             print(f"DRIFT {d}")
@@ -209,8 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true", help="every partition, not only those Redis lost")
     p.set_defaults(fn=cmd_rehydrate)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(_log_format())
     return args.fn(args)
+
+
+def _log_format() -> LogFormat:
+    """CREDIT_LOG_FORMAT, read before the other settings (whose errors are then logged in
+    the chosen format); a bad value is reported by the command's own load_settings."""
+    try:
+        return Settings().log_format
+    except Exception:
+        return "text"
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ class CreditRuntime:
 
 @asynccontextmanager
 async def _worker(settings: Settings, engine: CreditEngine, store: Any) -> AsyncIterator[None]:
-    from worker.service import build_worker
+    # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
+    from gateway.worker.service import build_worker  # type: ignore[import-not-found]
 
     worker = build_worker(settings, engine, store)
     task = asyncio.create_task(worker.run(), name="credit-worker")

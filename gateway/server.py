@@ -28,6 +28,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .core.settings import Settings, settings_from_env
+from .logs import configure_logging
 
 log = logging.getLogger("credit.gateway.server")
 
@@ -158,10 +159,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 def app_from_environment() -> Any:
-    """uvicorn's app factory for worker processes: the gateway built from CREDIT_* variables."""
+    """uvicorn's app factory for worker processes: the gateway built from CREDIT_* variables
+    (each process configures its own logging: a spawned process inherits none)."""
     from .api.app import create_app
 
-    return create_app(settings_from_env())
+    settings = settings_from_env()
+    configure_logging(settings.log_format)
+    return create_app(settings)
 
 
 def build_config(
@@ -172,6 +176,7 @@ def build_config(
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        log_config=None,  # uvicorn's lines go through gateway.logs' handler, as every other
         http=GatewayHttpProtocol,
         timeout_keep_alive=settings.http_keepalive_seconds,  # type: ignore[arg-type]  # uvicorn takes a float
         workers=workers,

@@ -48,7 +48,7 @@ from gateway.core.errors import StateLost
 from gateway.core.recovery import ensure_ready
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
-from worker.runner import Worker
+from gateway.worker.runner import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "support" / "redis-cluster.sh"

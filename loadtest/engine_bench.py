@@ -17,7 +17,7 @@ redis-server (no persistence, in a temp dir) and measures in one run:
    `Worker(engine, SQLiteStore(path), batch=1000).run(burst=True)` timed, audit off and on
    (target >= 10,000 events/s).
 3. The worker's memory while draining 1,000,000 events (50,000 with --quick): the worker
-   runs as `python -m worker --burst` in a subprocess; its VmRSS is sampled every 0.5 s
+   runs as `python -m gateway.worker --burst` in a subprocess; its VmRSS is sampled every 0.5 s
    against the drain progress (the consumer group's entries-read). The worker reads up to
    batch x partitions entries per round, so RSS saw-tooths; the figures at 10/50/90% are
    the peak RSS of the round that passed that point.
@@ -58,8 +58,8 @@ from gateway.core.events import decode
 from gateway.core.keys import KeySpace
 from gateway.core.multiplex import MultiplexedRedis
 from gateway.core.store.sqlite import SQLiteStore
-from worker.audit import AuditLog
-from worker.runner import GROUP, Worker
+from gateway.worker.audit import AuditLog
+from gateway.worker.runner import GROUP, Worker
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITIONS = 64
@@ -659,7 +659,7 @@ async def bench_memory(
     out: dict,
     procs: list[subprocess.Popen],
 ) -> None:
-    """Drains cfg.memory_events in a `python -m worker --burst` subprocess, sampling its RSS.
+    """Drains cfg.memory_events in a `python -m gateway.worker --burst` subprocess, sampling its RSS.
     Stops the worker (SIGTERM) at cfg.deadline: the figures then cover what was drained."""
     r = new_client(url)
     try:
@@ -685,7 +685,7 @@ async def bench_memory(
         # local and opened once.
         with open(os.path.join(workdir, "worker.log"), "wb") as wlog:  # noqa: ASYNC230
             proc = subprocess.Popen(  # noqa: ASYNC220
-                [sys.executable, "-m", "worker", "--burst"],
+                [sys.executable, "-m", "gateway.worker", "--burst"],
                 cwd=str(ROOT),
                 env=env,
                 stdout=wlog,

@@ -45,7 +45,7 @@ from gateway.core.ratelimits import set_rate_limits  # noqa: E402
 from gateway.core.recovery import rehydrate  # noqa: E402
 from gateway.core.store.base import RateLimitOverride  # noqa: E402
 from gateway.core.store.sqlite import SQLiteStore  # noqa: E402
-from worker.runner import Worker  # noqa: E402
+from gateway.worker.runner import Worker  # noqa: E402
 
 PARTITIONS = 64
 

@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from gateway.core.recovery import ensure_ready
+from gateway.worker.runner import Worker
 from tests.support.proxy_fixtures import ADMIN, CLIENT, charged, running_gateway
-from worker.runner import Worker
 
 pytestmark = pytest.mark.redis
 

@@ -159,7 +159,7 @@ async def test_client_routes_refuse_admin_and_forged_keys(api):
 async def test_ledger_is_paginated_from_the_store(api):
     for i in range(5):
         await grant(api, "ivy", "1")
-    w = __import__("worker.runner", fromlist=["Worker"]).Worker(
+    w = __import__("gateway.worker.runner", fromlist=["Worker"]).Worker(
         api.app.state.services.engine, api.app.state.services.store
     )
     await w.run(burst=True)

@@ -213,7 +213,7 @@ async def test_another_content_type_is_named_in_the_refusal(api):
 
 
 async def test_ledger_details_are_credits_not_micro_units(api):
-    from worker.runner import Worker
+    from gateway.worker.runner import Worker
 
     await grant(api, "l1", "1")
     hdr = client_headers("l1")

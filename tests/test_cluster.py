@@ -9,9 +9,9 @@ import pytest_asyncio
 from gateway.core.connections import make_redis
 from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.settings import Settings
+from gateway.worker.runner import Worker
 from tests.conftest import ready_engine
 from tests.support.worker_helpers import ledger_count, make_traffic
-from worker.runner import Worker
 
 pytestmark = pytest.mark.cluster
 

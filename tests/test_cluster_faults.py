@@ -32,8 +32,8 @@ from gateway.core.engine import CreditEngine
 from gateway.core.errors import StateLost
 from gateway.core.recovery import ensure_ready, partition_status, rehydrate
 from gateway.core.settings import Settings
+from gateway.worker.runner import Worker
 from tests.conftest import SUPPORT, free_port_run, unavailable
-from worker.runner import Worker
 
 pytestmark = pytest.mark.cluster
 

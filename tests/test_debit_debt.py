@@ -69,7 +69,7 @@ async def test_debit_without_allow_debt_still_refuses_a_short_account(engine):
 
 
 async def test_ledger_with_debt_from_debits_replays_to_the_balances(engine, store):
-    from worker.runner import Worker
+    from gateway.worker.runner import Worker
 
     await engine.grant("led", "0.3", op_id="g1")
     await engine.debit("led", "0.5", op_id="d1", allow_debt=True)

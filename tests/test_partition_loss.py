@@ -15,9 +15,9 @@ from gateway.core import recovery
 from gateway.core.recovery import rehydrate
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
+from gateway.worker.runner import Worker
 from tests.conftest import ready_engine
 from tests.support.worker_helpers import equals, ledger_count, until, users_on_distinct_partitions
-from worker.runner import Worker
 
 ADMIN = "admin-" + "a" * 40
 

@@ -15,8 +15,8 @@ import pytest
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
+from gateway.worker.runner import Worker
 from tests.support.proxy_fixtures import ADMIN, CLIENT, KNOWN_MODELS, charged, post, running_gateway
-from worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -61,7 +61,7 @@ def _cli() -> list[str]:
         {"CREDIT_ADMIN_KEYS": f"{GOOD},{SECRET_SHORT}", "CREDIT_PORT": "not-a-port"},
     ],
 )
-@pytest.mark.parametrize("command", [["serve"], ["worker"], ["-m", "worker"]])
+@pytest.mark.parametrize("command", [["serve"], ["worker"], ["-m", "gateway.worker"]])
 def test_a_bad_key_exits_naming_the_variable_never_the_key(tmp_path, env, command):
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CREDIT_")}
     clean["PYTHONPATH"] = str(ROOT)  # this checkout's code, whatever the venv has installed

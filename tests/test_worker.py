@@ -20,10 +20,10 @@ from gateway.core import errors
 from gateway.core.events import decode
 from gateway.core.recovery import reconcile, rehydrate
 from gateway.core.store.sqlite import SQLiteStore
+from gateway.worker.audit import AuditLog
+from gateway.worker.runner import Worker
 from tests.support.worker_helpers import equals as _eq
 from tests.support.worker_helpers import ledger_count, make_traffic, until, users_on_distinct_partitions
-from worker.audit import AuditLog
-from worker.runner import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,9 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
     n = await make_traffic(engine, users=users, rounds=10)
     db = tmp_path / "kill.db"
     env = worker_env(redis_url, db, CREDIT_WORKER_BATCH=3, CREDIT_CLAIM_IDLE_MS=200)
-    proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL
+    )
     store = SQLiteStore(str(db))
     await store.open()
     try:
@@ -243,7 +245,7 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
         stored = await ledger_count(store, users)
         assert 0 < stored < n, "the kill must land mid-drain"
         done = subprocess.run(
-            [sys.executable, "-m", "worker", "--burst"],
+            [sys.executable, "-m", "gateway.worker", "--burst"],
             env=env,
             cwd=REPO,
             timeout=120,
@@ -263,7 +265,7 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
 def test_worker_stops_cleanly_on_sigterm(redis_url, tmp_path):
     env = worker_env(redis_url, tmp_path / "term.db")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "gateway.worker"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True
     )
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
@@ -441,3 +443,30 @@ async def test_a_long_rebuild_does_not_stop_the_other_partitions_draining(engine
     await until(lambda: _eq(engine.missing_partitions(), []), "the rebuild finished")
     w.stop()
     await task
+
+
+@pytest.mark.parametrize("job", ["sweep", "claim_stale", "trim"])
+async def test_the_drain_keeps_persisting_while_an_upkeep_pass_is_stuck(engine, store, monkeypatch, job):
+    """The upkeep runs on its own timer: one of its jobs hanging (a slow partition, a
+    64-partition pass) holds up no event on its way to the store."""
+    stuck, release = asyncio.Event(), asyncio.Event()
+    original = getattr(Worker, job)
+
+    async def slow(self):
+        stuck.set()
+        await release.wait()
+        return await original(self)
+
+    monkeypatch.setattr(Worker, job, slow)
+    w = Worker(engine, store, sweep_interval=0.0, idle_seconds=0.01)
+    task = asyncio.create_task(w.run())
+    try:
+        await asyncio.wait_for(stuck.wait(), 10)
+        await engine.grant("during", "5", op_id="g-during")
+        await engine.debit("during", "1", op_id="d-during")
+        await until(lambda: _eq(ledger_count(store, ["during"]), 2), "the events stored while upkeep hangs")
+        assert not task.done()
+    finally:
+        release.set()
+        w.stop()
+        await task

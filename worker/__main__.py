@@ -1,4 +1,4 @@
-"""`python -m worker` runs the worker (same as `credit-gateway worker`)."""
+"""`python -m gateway.worker` runs the worker (same as `credit-gateway worker`)."""
 
 from .service import main
 

@@ -5,8 +5,9 @@ partition (pipelined), writes the audit lines, writes the batch to the store
 (idempotently), then XACKs. Entries left pending by a dead consumer (or by a failed write)
 are taken over with XAUTOCLAIM once idle; an entry delivered more than `max_deliveries`
 times, or one that cannot be decoded, goes to the partition's dead-letter stream. On a
-timer: the rebuild of partitions Redis lost, the hold/grant expiry sweep, and trimming of
-acknowledged entries (never below the oldest pending or undelivered one).
+timer, in a task of its own beside the drain (so a long pass never stalls it): the rebuild
+of partitions Redis lost, the hold/grant expiry sweep, the take-over of stale entries, and
+trimming of acknowledged entries (never below the oldest pending or undelivered one).
 
 A fault in one partition is that partition's alone: a read, claim, sweep or trim that fails
 there is logged (once, until it heals) and the other partitions go on. A partition whose
@@ -101,8 +102,9 @@ class Worker:
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
         self._faults: dict[tuple[int, str], str] = {}  # (partition, job) -> the error logged
-        self._backlog_alerts: dict[int, int] = {}
-        self._rebuilding: asyncio.Task | None = None  # partition -> 1 (past half the limit), 2 (at it)
+        self._backlog_alerts: dict[int, int] = {}  # partition -> 1 (past half the limit), 2 (at it)
+        self._rebuilding: asyncio.Task | None = None
+        self._claiming = asyncio.Lock()
 
     # -- faults of one partition -------------------------------------------------------
 
@@ -340,6 +342,10 @@ class Worker:
 
     async def claim_stale(self) -> int:
         """Takes over entries idle longer than claim_idle_ms (a dead consumer's, or a failed write's)."""
+        async with self._claiming:  # the upkeep and a burst's drain both claim: never at once
+            return await self._claim_stale()
+
+    async def _claim_stale(self) -> int:
         claimed: list[tuple[int, str, dict]] = []
         too_many: list[tuple[int, str, dict, str]] = []
         regroup = []
@@ -479,10 +485,10 @@ class Worker:
             await self.ensure_groups(status.lost)
 
     async def upkeep(self) -> None:
-        """The timed jobs: rebuild lost partitions (in a task of its own: a rebuild can take
-        tens of seconds, and the other partitions keep draining and being swept meanwhile),
-        sweep expiries, take over stale entries, trim. Each job failing is logged and does
-        not keep the next from running."""
+        """One pass of the timed jobs: rebuild lost partitions (in a task of its own: a rebuild
+        can take tens of seconds, and the other partitions keep draining and being swept
+        meanwhile), sweep expiries, take over stale entries, trim. Each job failing is logged
+        and does not keep the next from running."""
         if self.rehydrate is not None and (self._rebuilding is None or self._rebuilding.done()):
             self._rebuilding = asyncio.create_task(self._rebuild_job(), name="credit-worker-rebuild")
         for job in (self.sweep, self.claim_stale, self.trim):
@@ -491,28 +497,51 @@ class Worker:
             except Exception:
                 log.exception("worker upkeep (%s) failed; carrying on", job.__name__)
 
+    async def _upkeep_loop(self, done: asyncio.Event) -> None:
+        """Runs `upkeep` every `sweep_interval` (start to start) until `done`. A task of its
+        own beside the drain: a pass over many partitions (or one slow partition) then never
+        holds up the persisting of new events."""
+        while not done.is_set():
+            started = time.monotonic()
+            await self.upkeep()
+            wait = self.sweep_interval - (time.monotonic() - started)
+            if wait <= 0:
+                await asyncio.sleep(0)  # let the drain run between back-to-back passes
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), wait)
+
     # -- loop --------------------------------------------------------------------------
 
     async def run(self, *, burst: bool = False) -> WorkerStats:
-        """Runs until stop() (or, with burst, until every stream is drained)."""
+        """Runs until stop() (or, with burst, until every stream is drained), with the
+        upkeep on its own timer beside the drain."""
         await self.ensure_groups()
         # Our own pending entries first (a restart under the same consumer name).
         while await self._process(await self._read("0")):
             pass
-        last_upkeep = 0.0
+        done = asyncio.Event()
+        upkeep = asyncio.create_task(self._upkeep_loop(done), name="credit-worker-upkeep")
+        try:
+            await self._drain(burst, done, upkeep)
+        finally:
+            done.set()  # the pass under way finishes; none starts after it
+            await asyncio.gather(upkeep, return_exceptions=True)
+            if self._rebuilding is not None:  # not cut half way (its lease would do, but why)
+                await asyncio.gather(self._rebuilding, return_exceptions=True)
+        return self.stats
+
+    async def _drain(self, burst: bool, upkeep_done: asyncio.Event, upkeep: asyncio.Task) -> None:
+        """The drain loop: read a batch of every partition, write it, acknowledge it."""
         # The store write of one batch runs while the next batch is read and decoded.
         writing: asyncio.Task | None = None
         try:
             while not self.stop_event.is_set():
-                now = time.monotonic()
-                if now - last_upkeep >= self.sweep_interval:
-                    last_upkeep = now
-                    writing = await _finish(writing)
-                    await self.upkeep()
                 try:
                     entries = await self._read(">")
                     prepared = self._prepare(entries)
-                    writing = await _finish(writing)
+                    await _finish(writing)
+                    writing = None
                     if entries:
                         writing = asyncio.create_task(self._commit(*prepared))
                 except Exception:
@@ -522,10 +551,16 @@ class Worker:
                     entries = []
                     await asyncio.sleep(self.idle_seconds)
                 if not entries:
-                    writing = await _finish(writing)
+                    await _finish(writing)
+                    writing = None
                     if burst:
                         if await self._drained():
-                            break
+                            if upkeep.done():
+                                break
+                            # What the last upkeep pass adds (expiry events) is drained too.
+                            upkeep_done.set()
+                            await asyncio.gather(upkeep, return_exceptions=True)
+                            continue
                         # Entries pending on another (dead) consumer: take them once idle enough.
                         if not await self.claim_stale():
                             await asyncio.sleep(self.idle_seconds)
@@ -534,9 +569,6 @@ class Worker:
                         await asyncio.wait_for(self.stop_event.wait(), self.idle_seconds)
         finally:
             await _finish(writing)
-            if self._rebuilding is not None:  # not cut half way (its lease would do, but why)
-                await asyncio.gather(self._rebuilding, return_exceptions=True)
-        return self.stats
 
     async def _drained(self) -> bool:
         """True when no entry is pending (called right after a read of new entries found none)."""
@@ -553,6 +585,11 @@ class Worker:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def close(self) -> None:
+        """Closes the audit file (once run() has returned)."""
+        if self.audit is not None:
+            self.audit.close()
+
 
 async def _finish(task: asyncio.Task | None) -> None:
     """Waits for a batch's write. A failure is logged: its entries stay pending and are
@@ -562,7 +599,6 @@ async def _finish(task: asyncio.Task | None) -> None:
             await task
         except Exception:
             log.exception("batch failed; its entries stay pending")
-    return None
 
 
 def _id_lt(a: str, b: str) -> bool:

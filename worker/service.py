@@ -12,6 +12,8 @@ from gateway.core.connections import describe, make_engine, make_redis, make_sto
 from gateway.core.engine import CreditEngine
 from gateway.core.recovery import ensure_ready, rehydrate
 from gateway.core.settings import Settings, load_settings
+from gateway.core.store.base import Store
+from gateway.logs import configure_logging
 
 from .audit import AuditLog
 from .runner import Worker, WorkerStats
@@ -19,7 +21,8 @@ from .runner import Worker, WorkerStats
 log = logging.getLogger("credit.worker")
 
 
-def build_worker(settings: Settings, engine: CreditEngine, store) -> Worker:
+def build_worker(settings: Settings, engine: CreditEngine, store: Store) -> Worker:
+    """A Worker configured as `settings` say, on `engine` and `store`."""
     audit = AuditLog(settings.audit_path) if settings.audit_path else None
     return Worker(
         engine,
@@ -36,6 +39,7 @@ def build_worker(settings: Settings, engine: CreditEngine, store) -> Worker:
 
 
 async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
+    """The worker process: connects, rebuilds what Redis lost, drains until stopped."""
     if settings.embedded:
         raise SystemExit(
             "the worker needs CREDIT_REDIS_URL; in embedded mode `credit-gateway serve` runs it in-process"
@@ -53,8 +57,7 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
         await ensure_ready(engine, store)
         stats = await worker.run(burst=burst)
     finally:
-        if worker.audit:
-            worker.audit.close()
+        worker.close()
         await store.close()
         await redis.aclose()
     log.info("worker %s stopped: %s", worker.consumer, stats)
@@ -63,10 +66,11 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker", description="Persist credit events to the store."
+        prog="python -m gateway.worker", description="Persist credit events to the store."
     )
     parser.add_argument("--burst", action="store_true", help="drain every stream, then exit")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run_worker(load_settings(), burst=args.burst))
+    settings = load_settings()
+    configure_logging(settings.log_format)
+    asyncio.run(run_worker(settings, burst=args.burst))
     return 0

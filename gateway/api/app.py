@@ -1,14 +1,17 @@
-"""`create_app(settings)`: the FastAPI app. Its lifespan opens Redis and the store, rebuilds
-Redis from the store when it lost its state, and in embedded mode runs the worker too."""
+"""Builds the gateway's FastAPI app (`create_app(settings)`) and its start-up steps.
+
+The lifespan composes small steps on an AsyncExitStack: connect Redis, open the store,
+rebuild Redis from the store where it lost its state, run the worker (embedded mode) or
+the partition watch, start the proxy; each step's clean-up runs in reverse order."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.middleware.errors import ServerErrorMiddleware
@@ -20,12 +23,18 @@ from ..core.apikeys import ApiKeys
 from ..core.connections import describe, make_engine, make_redis, make_script_client, make_store
 from ..core.keyring import KeyRing
 from ..core.recovery import ensure_ready, watch_partitions
+from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
+from .request_id import RequestIdMiddleware
 from .routes import access, admin, health, holds, pricing
-from .services import Services
+from .services import InProcessWorker, Services
+
+if TYPE_CHECKING:
+    from ..core.multiplex import MultiplexedRedis
+    from ..proxy.config import ProxyConfig
 
 log = logging.getLogger("credit.gateway")
 
@@ -85,7 +94,7 @@ async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
 def create_app(
     settings: Settings,
     *,
-    redis: Any = None,
+    redis: RedisClient | None = None,
     store: Store | None = None,
     clock: Callable[[], float] | None = None,
     run_worker: bool | None = None,
@@ -101,96 +110,18 @@ def create_app(
         proxy_config = load_config(settings.gateway_config)  # fails at build time on a bad file
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        r = redis if redis is not None else make_redis(settings)
-        s = store if store is not None else make_store(settings)
-        await s.open()
-        # The hot path's script calls go multiplexed (when Redis is a single server named by
-        # the settings; a client handed in by a caller is used for everything).
-        mux = make_script_client(settings) if redis is None else None
-        engine = make_engine(settings, r, script_redis=mux, clock=clock)
-        services = Services(
-            settings=settings,
-            redis=r,
-            store=s,
-            engine=engine,
-            admin_keys=KeyRing(settings.admin_key_digests),
-            client_keys=KeyRing(settings.client_key_digests),
-        )
-        services.api_keys = ApiKeys(r, engine.keys, s, cache_seconds=settings.api_key_cache_seconds)
-        app.state.services = services
-        if settings.embedded:
-            log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
-        log.info("credit gateway starting; %s", describe(settings))
-        rebuilt = await ensure_ready(engine, s)
-        if rebuilt:
-            log.info("rebuilt %d accounts from the store", rebuilt.accounts)
-        await services.api_keys.start()
-        services.ready = True
-        session = None
-        if proxy_config is not None:
-            import aiohttp
-
-            from ..proxy.forward import MeteringProxy
-            from ..proxy.identity import Identity
-            from ..proxy.pricing_cache import PricingCache
-
-            services.pricing = PricingCache(r, settings.key_prefix, proxy_config.pricing)
-            await services.pricing.start()
-            # One pooled upstream client per process (aiohttp: measured several times httpx's rate).
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
-                auto_decompress=False,
-                skip_auto_headers=("User-Agent",),
-            )
-            services.proxy = MeteringProxy(
-                engine,
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            app.state.services = await _start(
+                stack,
+                settings,
                 proxy_config,
-                services.pricing,
-                Identity(services.client_keys, services.api_keys),
-                session,
+                redis=redis,
+                store=store,
+                clock=clock,
+                in_process_worker=in_process_worker,
             )
-            from ..proxy.summary import summary_lines
-
-            for line in summary_lines(proxy_config):
-                log.info("%s", line)
-        watch = None
-        if in_process_worker:
-            from worker.service import build_worker
-
-            services.worker = build_worker(settings, engine, s)
-            services.background.append(asyncio.create_task(services.worker.run(), name="credit-worker"))
-        else:
-            # Rebuilds a partition Redis lost should no worker do it (recovery.watch_partitions).
-            watch = asyncio.create_task(
-                watch_partitions(engine, s, settings.sweep_interval_seconds), name="credit-partition-watch"
-            )
-        try:
             yield
-        finally:
-            if watch is not None:
-                watch.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watch
-            if services.proxy is not None:
-                await services.proxy.drain()
-                await services.pricing.stop()
-            if session is not None:
-                await session.close()
-            await services.api_keys.stop()
-            if services.worker is not None:
-                services.worker.stop()
-            for t in services.background:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(t, 30)
-            if services.worker is not None and services.worker.audit:
-                services.worker.audit.close()
-            if store is None:
-                await s.close()
-            if mux is not None:
-                await mux.aclose()
-            if redis is None:
-                await r.aclose()
 
     app = GatewayApp(
         title="credit-gateway",
@@ -204,6 +135,7 @@ def create_app(
         BodyLimitMiddleware,
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
+    app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
     for module in (health, admin, access, holds, pricing):
         app.include_router(module.router)
     if proxy_config is not None:
@@ -229,3 +161,150 @@ def create_app(
             methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
         )
     return app
+
+
+# -- start-up, one step each; every step registers its clean-up on the stack, which runs
+# them in reverse order (on shutdown, or when a later step fails) --------------------------
+
+
+async def _start(
+    stack: AsyncExitStack,
+    settings: Settings,
+    proxy_config: ProxyConfig | None,
+    *,
+    redis: RedisClient | None,
+    store: Store | None,
+    clock: Callable[[], float] | None,
+    in_process_worker: bool,
+) -> Services:
+    r = await _connect_redis(stack, settings, redis)
+    # The hot path's script calls go multiplexed (when Redis is a single server named by the
+    # settings; a client handed in by a caller is used for everything).
+    mux = await _connect_script_client(stack, settings) if redis is None else None
+    s = await _open_store(stack, settings, store)
+    engine = make_engine(settings, r, script_redis=mux, clock=clock)
+    services = Services(
+        settings=settings,
+        redis=r,
+        store=s,
+        engine=engine,
+        admin_keys=KeyRing(settings.admin_key_digests),
+        client_keys=KeyRing(settings.client_key_digests),
+        api_keys=ApiKeys(r, engine.keys, s, cache_seconds=settings.api_key_cache_seconds),
+    )
+    if settings.embedded:
+        log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
+    log.info("credit gateway starting; %s", describe(settings))
+    await _make_ready(stack, services)
+    # Before the proxy: stopped after it, the worker persists the proxy's last settlements.
+    if in_process_worker:
+        await _run_worker(stack, services)
+    else:
+        await _watch_partitions(stack, services)
+    if proxy_config is not None:
+        await _start_proxy(stack, services, proxy_config)
+    return services
+
+
+async def _connect_redis(stack: AsyncExitStack, settings: Settings, given: RedisClient | None) -> RedisClient:
+    """The Redis client: the caller's (theirs to close), else the one the settings name."""
+    if given is not None:
+        return given
+    r = make_redis(settings)
+    stack.push_async_callback(r.aclose)
+    return r
+
+
+async def _connect_script_client(stack: AsyncExitStack, settings: Settings) -> MultiplexedRedis | None:
+    mux = make_script_client(settings)
+    if mux is not None:
+        stack.push_async_callback(mux.aclose)
+    return mux
+
+
+async def _open_store(stack: AsyncExitStack, settings: Settings, given: Store | None) -> Store:
+    """Opens the store: the caller's (opened here, theirs to close), else the settings'."""
+    s = given if given is not None else make_store(settings)
+    await s.open()
+    if given is None:
+        stack.push_async_callback(s.close)
+    return s
+
+
+async def _make_ready(stack: AsyncExitStack, services: Services) -> None:
+    """Rebuilds Redis from the store where it lost its state, loads the API keys, then
+    lets the routes serve."""
+    rebuilt = await ensure_ready(services.engine, services.store)
+    if rebuilt:
+        log.info("rebuilt %d accounts from the store", rebuilt.accounts)
+    await services.api_keys.start()
+    stack.push_async_callback(services.api_keys.stop)
+    services.ready = True
+
+
+async def _run_worker(stack: AsyncExitStack, services: Services) -> None:
+    """The worker in this process (embedded mode): stopped, then waited for (up to 30 s)."""
+    # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
+    from gateway.worker.service import build_worker  # type: ignore[import-not-found]
+
+    worker: InProcessWorker = build_worker(services.settings, services.engine, services.store)
+    services.worker = worker
+    task = asyncio.create_task(worker.run(), name="credit-worker")
+
+    async def stop() -> None:
+        worker.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 30)
+        worker.close()
+
+    stack.push_async_callback(stop)
+
+
+async def _watch_partitions(stack: AsyncExitStack, services: Services) -> None:
+    """Without a worker in this process: rebuilds a partition Redis lost should no worker
+    do it (recovery.watch_partitions)."""
+    task = asyncio.create_task(
+        watch_partitions(services.engine, services.store, services.settings.sweep_interval_seconds),
+        name="credit-partition-watch",
+    )
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    stack.push_async_callback(stop)
+
+
+async def _start_proxy(stack: AsyncExitStack, services: Services, config: ProxyConfig) -> None:
+    """The metering proxy: its pricing cache, one pooled upstream client, the proxy itself
+    (drained of in-flight calls on shutdown)."""
+    import aiohttp
+
+    from ..proxy.forward import MeteringProxy
+    from ..proxy.identity import Identity
+    from ..proxy.pricing_cache import PricingCache
+    from ..proxy.summary import summary_lines
+
+    pricing = PricingCache(services.redis, services.settings.key_prefix, config.pricing)
+    services.pricing = pricing
+    await pricing.start()
+    stack.push_async_callback(pricing.stop)
+    # One pooled upstream client per process (aiohttp: measured several times httpx's rate).
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent",),
+    )
+    stack.push_async_callback(session.close)
+    proxy = MeteringProxy(
+        services.engine,
+        config,
+        pricing,
+        Identity(services.client_keys, services.api_keys),
+        session,
+    )
+    services.proxy = proxy
+    stack.push_async_callback(proxy.drain)
+    for line in summary_lines(config):
+        log.info("%s", line)

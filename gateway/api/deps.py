@@ -1,4 +1,4 @@
-"""Request dependencies as Annotated aliases: services, and who is calling."""
+"""Request dependencies as Annotated aliases: the services, and who is calling (admin or client)."""
 
 from __future__ import annotations
 
@@ -40,20 +40,27 @@ StoreDep = Annotated[Store, Depends(get_store)]
 
 
 @dataclass(frozen=True)
-class Caller:
-    """An authenticated caller: `key_id` names the key (never the key itself)."""
+class Admin:
+    """A caller with an admin key: `key_id` names the key (never the key itself)."""
 
     key_id: str
-    user_id: str | None = None
 
 
-def require_admin(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Caller:
+@dataclass(frozen=True)
+class Client:
+    """A caller acting for one user: a client key with X-User-Id, or the user's own key."""
+
+    key_id: str
+    user_id: str
+
+
+def require_admin(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> Admin:
     key_id = services.admin_keys.match(bearer(authorization))
     if key_id is None:
         raise ApiError(
             401, "unauthorized", "a valid admin key is required (Authorization: Bearer <key>)", _CHALLENGE
         )
-    return Caller(key_id)
+    return Admin(key_id)
 
 
 async def require_client_user(
@@ -66,7 +73,7 @@ async def require_client_user(
     x_api_key: Annotated[
         str | None, Header(alias="x-api-key", description="the user's cgk_ key (instead of Authorization)")
     ] = None,
-) -> Caller:
+) -> Client:
     """A client key with X-User-Id naming the user, or the user's own API key (cgk_..., as
     a bearer token or x-api-key), which names its user by itself: with it, X-User-Id may be
     left out, and naming another user is refused (403). The same rule as the proxy's."""
@@ -90,11 +97,11 @@ async def require_client_user(
             _CHALLENGE,
         ) from None
     key_id = services.client_keys.match(bearer(authorization))
-    return Caller(key_id or "user-key", user)
+    return Client(key_id or "user-key", user)
 
 
-AdminCaller = Annotated[Caller, Depends(require_admin)]
-ClientCaller = Annotated[Caller, Depends(require_client_user)]
+AdminCaller = Annotated[Admin, Depends(require_admin)]
+ClientCaller = Annotated[Client, Depends(require_client_user)]
 
 
 def idempotency_key(request: Request) -> str | None:
@@ -109,7 +116,7 @@ def idempotency_key(request: Request) -> str | None:
 IdempotencyKey = Annotated[str | None, Depends(idempotency_key)]
 
 
-def idempotency_op_id(caller: Caller, route: str, key: str | None) -> str | None:
+def idempotency_op_id(caller: Admin | Client, route: str, key: str | None) -> str | None:
     """An Idempotency-Key, scoped by caller and route, as an operation id (None without one)."""
     if key is None:
         return None

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
+from ..core.apikeys import ApiKeys
 from ..core.engine import CreditEngine
 from ..core.keyring import KeyRing
+from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
+
+if TYPE_CHECKING:
+    from ..proxy.forward import MeteringProxy
+    from ..proxy.pricing_cache import PricingCache
+
+
+class InProcessWorker(Protocol):
+    """The worker as the app runs it in embedded mode (gateway.worker.runner.Worker)."""
+
+    async def run(self, *, burst: bool = False) -> object: ...
+
+    def stop(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
 class Services:
     settings: Settings
-    redis: Any
+    redis: RedisClient
     store: Store
     engine: CreditEngine
     admin_keys: KeyRing
     client_keys: KeyRing
-    api_keys: Any = None  # gateway.core.apikeys.ApiKeys
-    worker: Any = None
-    proxy: Any = None  # gateway.proxy.forward.MeteringProxy when upstreams are configured
-    pricing: Any = None  # gateway.proxy.pricing_cache.PricingCache
-    background: list[asyncio.Task] = field(default_factory=list)
-    ready: bool = False
+    api_keys: ApiKeys
+    worker: InProcessWorker | None = None  # embedded mode (or run_worker=True)
+    proxy: MeteringProxy | None = None  # when upstreams are configured
+    pricing: PricingCache | None = None  # idem
+    ready: bool = False  # Redis rebuilt from the store where it had lost its state

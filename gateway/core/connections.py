@@ -1,20 +1,26 @@
-"""Builds the Redis client and the store a Settings names (embedded mode included)."""
+"""Builds the clients a Settings names: Redis (embedded mode included), the store, the engine."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .engine import CreditEngine
 from .keys import KeySpace
 from .redact import public_url
+from .redis_client import RedisClient
 from .settings import Settings
 from .store.base import Store
 
+if TYPE_CHECKING:
+    from .multiplex import MultiplexedRedis
 
-def make_redis(settings: Settings) -> Any:
+
+def make_redis(settings: Settings) -> RedisClient:
     """A redis-py asyncio client: plain, cluster, or in-process fakeredis (embedded mode)."""
-    if settings.embedded:
+    url = settings.redis_url
+    if not url:  # embedded mode; fakeredis is loaded only then
         import fakeredis
         import redis.asyncio as aioredis
 
@@ -31,7 +37,7 @@ def make_redis(settings: Settings) -> Any:
         # A node that stops answering fails its calls after the timeout, and the node's
         # calls after them at once (gateway/core/cluster.py); the other nodes carry on.
         return GatewayRedisCluster.from_url(
-            settings.redis_url,
+            url,
             max_connections=settings.redis_max_connections,
             socket_timeout=settings.redis_timeout_seconds,
             socket_connect_timeout=settings.redis_timeout_seconds,
@@ -40,27 +46,29 @@ def make_redis(settings: Settings) -> Any:
 
     # A burst of requests waits for a connection instead of failing ("Too many connections").
     pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=settings.redis_max_connections, timeout=10
+        url, max_connections=settings.redis_max_connections, timeout=10
     )
     return aioredis.Redis(connection_pool=pool)
 
 
-def make_script_client(settings: Settings) -> Any | None:
+def make_script_client(settings: Settings) -> MultiplexedRedis | None:
     """The multiplexed client for script calls, when it applies (a single plain Redis)."""
-    if settings.embedded or settings.redis_cluster or not settings.redis_multiplex:
+    url = settings.redis_url
+    if not url or settings.redis_cluster or not settings.redis_multiplex:
         return None
-    if not (settings.redis_url or "").startswith(("redis://", "unix://")):
+    if not url.startswith(("redis://", "unix://")):
         return None  # TLS and other schemes stay on redis-py
     from .multiplex import MultiplexedRedis
 
     return MultiplexedRedis(
-        settings.redis_url,
+        url,
         connections=settings.redis_multiplex_connections,
         timeout=settings.redis_timeout_seconds,
     )
 
 
 def make_store(settings: Settings) -> Store:
+    """The durable store the settings name: MongoDB when a URI is set, else SQLite."""
     if settings.mongo_uri:
         from .store.mongo import MongoStore
 
@@ -71,11 +79,16 @@ def make_store(settings: Settings) -> Store:
 
 
 def make_keys(settings: Settings) -> KeySpace:
+    """The key layout (prefix, partition count) the settings name."""
     return KeySpace(settings.key_prefix, settings.partitions)
 
 
 def make_engine(
-    settings: Settings, redis: Any, *, script_redis: Any = None, clock: Callable[[], float] | None = None
+    settings: Settings,
+    redis: RedisClient,
+    *,
+    script_redis: MultiplexedRedis | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> CreditEngine:
     """The credit engine a Settings describes, on `redis` (script calls on `script_redis`
     when given: the multiplexed client)."""
@@ -85,7 +98,7 @@ def make_engine(
         retention_s=settings.retention_seconds,
         max_backlog=settings.max_backlog,
         script_redis=script_redis,
-        **({"clock": clock} if clock else {}),
+        clock=clock if clock is not None else time.time,
     )
 
 

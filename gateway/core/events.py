@@ -125,6 +125,8 @@ def decode(stream_id: str | bytes, fields: dict, partition: int) -> Event:
         body = fields.get(b"e") if b"e" in fields else fields.get("e")
         if isinstance(body, bytes):
             body = body.decode()
+        if not isinstance(body, str):
+            raise BadEvent(f"undecodable event {stream_id}: no field e")
         raw = orjson.loads(body)  # the worker's hot spot: several times json.loads' speed
         if not isinstance(raw, dict):
             raise BadEvent("an event must be a JSON object")

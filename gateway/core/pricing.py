@@ -65,7 +65,7 @@ class ModelPrice:
         return room // self.output if self.output else 1 << 62
 
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "input": str(from_units(self.input)),
             "cached_input": str(from_units(self.cached_input)),
             "output": str(from_units(self.output)),

@@ -106,7 +106,8 @@ class Hold:
 
     @property
     def expires_at(self) -> datetime:
-        return ms_to_dt(self.expires_at_ms)
+        """When the hold lapses (a hold always has an expiry, unlike a grant)."""
+        return datetime.fromtimestamp(self.expires_at_ms / 1000, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ runner build their clients from it.
 from __future__ import annotations
 
 import hashlib
+from typing import Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,7 +88,8 @@ class Settings(BaseSettings):
     api_key_cache_seconds: float = Field(
         10.0,
         ge=0,
-        description="how long a process trusts a cached per-user key lookup (revocations also arrive by pub/sub)",
+        description="how long a process trusts a cached per-user key lookup "
+        "(revocations also arrive by pub/sub)",
     )
 
     # Worker.
@@ -115,6 +117,9 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(
         0, ge=0, description="open connections beyond it are answered 503; 0 = from the open-file limit"
     )
+
+    # Logging (gateway/logs.py): "json" writes one JSON object per line, with the request id.
+    log_format: Literal["text", "json"] = "text"
 
     @field_validator("admin_keys", "client_keys")
     @classmethod

@@ -67,10 +67,10 @@ async def add_grant(
             metadata=meta,
         )
     except InvalidExpiry:
-        # The schema checked the range; what the script refuses is a date not after its clock.
-        raise ApiError(
-            422, "invalid_expiry", f"expires_at {body.expires_at.isoformat()} is in the past"
-        ) from None
+        # The schema checked the range; what the script refuses is a date not after its clock
+        # (so one was given).
+        when = body.expires_at.isoformat() if body.expires_at else "(none)"
+        raise ApiError(422, "invalid_expiry", f"expires_at {when} is in the past") from None
     _replayed(response, r.replayed)
     return GrantResponse(
         **Balance.of(user_id, r.state).model_dump(),

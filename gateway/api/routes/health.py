@@ -55,13 +55,11 @@ async def readyz(services: ServicesDep):
             "rebuilding": status.rebuilding,
             "unreachable": status.unreachable,
         }
-    serving = (
-        status is not None and checks["store"] and services.ready and len(status.unavailable) < status.total
-    )
-    if serving:
+    if status is not None and checks["store"] and services.ready and len(status.unavailable) < status.total:
         body["status"] = "degraded" if status.unavailable else "ready"
         return JSONResponse(body)
     body["status"] = "not_ready"
+    error: dict[str, object]
     if status is None:
         error = {"code": "credit_store_unavailable", "message": "Redis did not answer"}
     elif not services.ready:
