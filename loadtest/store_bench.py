@@ -164,7 +164,7 @@ async def main_async(cfg: argparse.Namespace, workdir: str) -> None:
         proc, uri = start_mongo(os.path.join(workdir, "mongo"))
         try:
             mongo_n = min(len(events), cfg.mongo_events)
-            mb = [events[i : i + cfg.batch] for i in range(0, mongo_n, cfg.batch)]
+            mb = [events[i : min(i + cfg.batch, mongo_n)] for i in range(0, mongo_n, cfg.batch)]
             print(f"mongo: the first {mongo_n:,} events", flush=True)
             await bench("mongo", lambda: MongoStore(uri, db=f"b_{uuid.uuid4().hex[:12]}"), mb, mongo_n)
         finally:
