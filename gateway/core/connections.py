@@ -10,6 +10,7 @@ from .keys import KeySpace
 from .redact import public_url
 from .settings import Settings
 from .store.base import Store
+from .store.registry import store_from_url
 
 
 def make_redis(settings: Settings) -> Any:
@@ -61,13 +62,8 @@ def make_script_client(settings: Settings) -> Any | None:
 
 
 def make_store(settings: Settings) -> Store:
-    if settings.mongo_uri:
-        from .store.mongo import MongoStore
-
-        return MongoStore(settings.mongo_uri, settings.mongo_db)
-    from .store.sqlite import SQLiteStore
-
-    return SQLiteStore(settings.sqlite_path)
+    """MongoDB when a URI is set, else SQLite at the path (or sqlite:// URL) given."""
+    return store_from_url(settings.mongo_uri or settings.sqlite_path, database=settings.mongo_db)
 
 
 def make_keys(settings: Settings) -> KeySpace:
