@@ -127,7 +127,7 @@ class SQLiteStore(Store):
         scheme, sep, rest = url.partition("://")
         if not sep:
             return cls(url)
-        if scheme != "sqlite":
+        if scheme.lower() != "sqlite":
             raise ValueError(f"not a SQLite URL: {scheme}://")
         path = rest[1:] if rest.startswith("/") else rest
         return cls(path or ":memory:")
