@@ -11,7 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import sqlite3
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,41 +23,75 @@ import pytest_asyncio
 
 from gateway.core.engine import CreditEngine
 from gateway.core.events import Event, decode
-from gateway.core.store import MongoStore, SQLiteStore, Store
+from gateway.core.store import MongoStore, SQLiteStore, Store, store_from_url
 
 USERS = ("alice", "bob", "carol", "dave")
 
 
-# -- stores ----------------------------------------------------------------------------------
+# -- stores: every backend runs every contract test ---------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "mongo"])
-def store_kind(request) -> tuple[str, str]:
-    if request.param == "mongo":
-        return ("mongo", request.getfixturevalue("mongo_uri"))
-    return ("sqlite", str(request.getfixturevalue("tmp_path")))
+@dataclass
+class Backend:
+    """How the contract tests get fresh stores of one backend: a URL for the n-th store of a
+    test, the database name to give it, and what to do with it after the test."""
+
+    url: Callable[[int], str]
+    database: Callable[[int], str] = lambda n: "credit_management"
+    dispose: Callable[[Store], Awaitable[None]] | None = None
+
+
+def sqlite_backend(request: pytest.FixtureRequest) -> Backend:
+    tmp = request.getfixturevalue("tmp_path")
+    return Backend(url=lambda n: f"sqlite:///{tmp}/store-{n}.db")
+
+
+def mongo_backend(request: pytest.FixtureRequest) -> Backend:
+    uri = request.getfixturevalue("mongo_uri")
+    tag = uuid.uuid4().hex[:12]
+
+    async def drop(s: Store) -> None:
+        from pymongo import AsyncMongoClient
+
+        assert isinstance(s, MongoStore)
+        client: AsyncMongoClient = AsyncMongoClient(uri)
+        try:
+            await client.drop_database(s.db_name)
+        finally:
+            await client.close()
+
+    return Backend(url=lambda n: uri, database=lambda n: f"t_{tag}_{n}", dispose=drop)
+
+
+# A new backend: its module in gateway/core/store/, its scheme in store/registry.py, one line here.
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": sqlite_backend,
+    "mongo": mongo_backend,
+}
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request) -> Backend:
+    return BACKENDS[request.param](request)
 
 
 @pytest_asyncio.fixture
-async def new_store(store_kind):
-    """A factory of fresh, open stores of the parametrized kind (closed / dropped after)."""
-    kind, where = store_kind
+async def new_store(backend: Backend):
+    """A factory of fresh, open stores of the parametrized backend (closed / dropped after)."""
     made: list[Store] = []
 
     async def make() -> Store:
-        if kind == "mongo":
-            s: Store = MongoStore(where, db=f"t_{uuid.uuid4().hex[:16]}")
-        else:
-            s = SQLiteStore(f"{where}/store-{len(made)}.db")
+        n = len(made)
+        s = store_from_url(backend.url(n), database=backend.database(n))
         await s.open()
         made.append(s)
         return s
 
     yield make
     for s in made:
-        if isinstance(s, MongoStore):
-            await s._client.drop_database(s.db_name)
         await s.close()
+        if backend.dispose is not None:
+            await backend.dispose(s)
 
 
 @pytest_asyncio.fixture
@@ -474,7 +511,9 @@ async def test_api_keys_are_kept_hashed_revocable_and_listed(store):
     assert sorted(active) == [b.key_id, c.key_id]
     listed = await store.api_keys("alice")
     assert listed[0].revoked_ms == 5000 and listed[1].revoked_ms is None and listed[0].name == "app"
-    with pytest.raises(Exception):  # the digest is unique
+    from pymongo.errors import DuplicateKeyError
+
+    with pytest.raises((sqlite3.IntegrityError, DuplicateKeyError)):  # the digest is unique
         await store.add_api_key(ApiKeyRecord("key_0000000000000009", "carol", "d1" * 32, "x", "", 1))
 
 
@@ -525,3 +564,446 @@ async def test_resolved_holds_since(engine, events, store, clock):
     # by deadline: carol's hold (5 s, placed 20 s ago) is the only one past it 10 s ago
     late = [h async for h in store.resolved_holds_since(int(clock() * 1000) - 10_000)]
     assert {h.hold_id for h in late} == {"a-h1", "a-h2", "b-h1", "d-h1"}
+
+
+# -- the write path: one lookup of stored versions per batch ----------------------------------
+
+
+async def test_a_redelivered_batch_reads_the_stored_versions_in_one_lookup(events, store, monkeypatch):
+    await store.write_events(events)
+    calls: list[tuple[set, dict]] = []
+    lookup = store._ledger_versions
+
+    async def spy(keys):
+        got = await lookup(keys)
+        calls.append((keys, got))
+        return got
+
+    monkeypatch.setattr(store, "_ledger_versions", spy)
+    assert await store.write_events(events) == 0
+    assert len(calls) == 1
+    keys, got = calls[0]
+    assert keys == {(e.user, e.op_id) for e in events}
+    assert got == {(e.user, e.op_id): e.version for e in events}
+    calls.clear()
+    assert await store.write_events(events[:1]) == 0  # a batch of one: still one lookup
+    assert len(calls) == 1
+
+
+async def test_sqlite_looks_up_a_batch_s_versions_in_one_statement(events, tmp_path):
+    s = SQLiteStore(str(tmp_path / "trace.db"))
+    await s.open()
+    try:
+        await s.write_events(events)
+        statements: list[str] = []
+        await s._call(s.db.set_trace_callback, statements.append)
+        assert await s.write_events(events) == 0
+        await s._call(s.db.set_trace_callback, None)
+        reads = [x for x in statements if x.lstrip().upper().startswith("SELECT")]
+        assert len(reads) == 1 and "json_each" in reads[0]
+    finally:
+        await s.close()
+
+
+# -- choosing a backend by URL ------------------------------------------------------------------
+
+
+def test_store_from_url_picks_the_backend_by_scheme(tmp_path):
+    from gateway.core.connections import make_store
+    from gateway.core.settings import Settings
+
+    for url, path in [
+        ("credit.sqlite3", "credit.sqlite3"),
+        (str(tmp_path / "a.db"), str(tmp_path / "a.db")),
+        ("sqlite:///data/credit.db", "data/credit.db"),
+        (f"sqlite:///{tmp_path}/b.db", f"{tmp_path}/b.db"),
+        ("sqlite:///:memory:", ":memory:"),
+        ("SQLite:///x.db", "x.db"),
+    ]:
+        s = store_from_url(url)
+        assert isinstance(s, SQLiteStore) and s.path == path, url
+    for url in ("mongodb://u:p@h1,h2/?replicaSet=rs", "mongodb+srv://cluster.example.net/"):
+        m = store_from_url(url, database="credits")
+        assert isinstance(m, MongoStore) and (m.uri, m.db_name) == (url, "credits")
+    with pytest.raises(ValueError, match="postgresql://"):
+        store_from_url("postgresql://h/db")
+    # the settings keep their names: MongoDB when a URI is set, else the SQLite path
+    sq = make_store(Settings(sqlite_path=str(tmp_path / "c.db"), mongo_uri=None))
+    assert isinstance(sq, SQLiteStore) and sq.path == str(tmp_path / "c.db")
+    mg = make_store(Settings(mongo_uri="mongodb://h:27017/", mongo_db="billing"))
+    assert isinstance(mg, MongoStore) and (mg.uri, mg.db_name) == ("mongodb://h:27017/", "billing")
+
+
+# -- migrations: a store written by the first schema opens and keeps every row ------------------
+
+# The first schema (user_version 0), as the gateway created it before the columns had names.
+SQLITE_SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL, op_id TEXT NOT NULL, type TEXT NOT NULL, version INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL, amount INTEGER NOT NULL, hold_id TEXT, fingerprint TEXT,
+    event TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS ledger_key ON ledger(user, op_id);
+CREATE INDEX IF NOT EXISTS ledger_user_version ON ledger(user, version);
+CREATE TABLE IF NOT EXISTS accounts (
+    user TEXT PRIMARY KEY, version INTEGER NOT NULL, partition INTEGER NOT NULL,
+    available INTEGER NOT NULL, held INTEGER NOT NULL, debt INTEGER NOT NULL,
+    granted INTEGER NOT NULL, spent INTEGER NOT NULL, expired INTEGER NOT NULL,
+    seq INTEGER NOT NULL, debt_total INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS accounts_partition ON accounts(partition, user);
+CREATE TABLE IF NOT EXISTS grants (
+    user TEXT NOT NULL, seq TEXT NOT NULL, version INTEGER NOT NULL,
+    r INTEGER, e INTEGER, gone INTEGER NOT NULL DEFAULT 0,
+    meta TEXT, x INTEGER, pri INTEGER,
+    PRIMARY KEY (user, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS grants_live ON grants(user, seq) WHERE gone = 0;
+CREATE TABLE IF NOT EXISTS holds (
+    user TEXT NOT NULL, hold_id TEXT NOT NULL, version INTEGER NOT NULL,
+    st TEXT, amt INTEGER, exp INTEGER, fin INTEGER,
+    open_version INTEGER NOT NULL DEFAULT 0, ear TEXT, at INTEGER, op TEXT, x TEXT,
+    PRIMARY KEY (user, hold_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS holds_open ON holds(user, hold_id) WHERE st = 'open';
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
+    name TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user, created_ms);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    user TEXT PRIMARY KEY, rpm INTEGER, tpm INTEGER
+) WITHOUT ROWID;
+"""
+
+# One account of the first schema: a live grant, a gone one, one whose balance never came
+# (metadata only), an open hold, a settled one, its ledger, an API key, a rate-limit override.
+ZED_STATE = {"v": "3", "available": "4000000", "held": "1000000", "seq": "3"}
+ZED_GRANT = json.dumps({"id": "z-g1", "src": "payment", "exp": "0", "pri": "100"})
+ZED_LEDGER = [
+    (
+        "zed",
+        "z-g1",
+        "grant",
+        1,
+        1_000,
+        5_000_000,
+        None,
+        "grant|5000000",
+        json.dumps(
+            {
+                "id": "z-g1",
+                "t": "grant",
+                "u": "zed",
+                "v": "1",
+                "ts": "1000",
+                "amt": "5000000",
+                "a": ZED_STATE,
+                "fp": "grant|5000000",
+                "res": {"grant_seq": "000000000001"},
+            }
+        ),
+    ),
+    (
+        "zed",
+        "z-h1",
+        "hold_open",
+        2,
+        2_000,
+        1_000_000,
+        "z-h1",
+        None,
+        json.dumps({"id": "z-h1", "t": "hold_open", "u": "zed", "v": "2", "ts": "2000", "a": ZED_STATE}),
+    ),
+]
+ZED_ACCOUNT = ("zed", 3, 7, 4_000_000, 1_000_000, 0, 9_000_000, 3_000_000, 1_000_000, 3, 250)
+ZED_GRANTS = [
+    ("zed", "000000000001", 3, 4_000_000, 1_000_000, 0, ZED_GRANT, 0, 100),
+    ("zed", "000000000002", 2, 0, 0, 1, '{"id":"z-g2"}', 1_500, 5),
+    ("zed", "000000000003", 0, None, None, 0, '{"id":"z-g3"}', 0, 7),
+]
+ZED_HOLDS = [
+    (
+        "zed",
+        "z-h1",
+        2,
+        "open",
+        1_000_000,
+        9_000,
+        None,
+        2,
+        "000000000001=1000000",
+        2_000,
+        "z-h1",
+        '{"req":"r1"}',
+    ),
+    ("zed", "z-h0", 3, "settled", 500_000, 8_000, 300_000, 1, "000000000002=500000", 1_500, "op-0", "{}"),
+]
+ZED_KEY = ("key_00000000000000z1", "zed", "ab" * 32, "cgk_zzzzzz", "ci", 1_234, None)
+ZED_LIMITS = ("zed", 60, 0)
+
+
+async def assert_zed_reads_back(s: Store) -> None:
+    """What the first schema's rows above must read as, whatever the backend."""
+    from gateway.core.store.base import ApiKeyRecord, RateLimitOverride
+
+    snap = await s.snapshot("zed")
+    assert snap is not None and snap.version == 3
+    assert snap.totals == {
+        "available": 4_000_000,
+        "held": 1_000_000,
+        "debt": 0,
+        "granted": 9_000_000,
+        "spent": 3_000_000,
+        "expired": 1_000_000,
+        "seq": 3,
+        "debt_total": 250,
+    }
+    assert snap.grants == [
+        {"seq": "000000000001", "r": 4_000_000, "e": 1_000_000, "x": 0, "pri": 100, "m": ZED_GRANT}
+    ]
+    assert snap.holds == [
+        {
+            "id": "z-h1",
+            "amt": 1_000_000,
+            "exp": 9_000,
+            "ear": "000000000001=1000000",
+            "at": 2_000,
+            "op": "z-h1",
+            "x": '{"req":"r1"}',
+        }
+    ]
+    assert "zed" in {p.user async for p in s.snapshots(7)}
+    ledger = [e async for e in s.ledger_all("zed")]
+    assert [(e.op_id, e.type, e.version, e.ts_ms, e.amount, e.hold_id) for e in ledger] == [
+        (r[1], r[2], r[3], r[4], r[5], r[6]) for r in ZED_LEDGER
+    ]
+    assert [e.event for e in ledger] == [json.loads(r[8]) for r in ZED_LEDGER]
+    ops = [o async for o in s.operations_since(0) if o.user == "zed"]
+    assert [(o.user, o.op_id, o.fingerprint, o.ts_ms) for o in ops] == [
+        ("zed", "z-g1", "grant|5000000", 1_000)
+    ]
+    assert json.loads(ops[0].result) == {"grant_seq": "000000000001", "state": ZED_STATE}
+    resolved = [h async for h in s.resolved_holds_since(0) if h.user == "zed"]
+    assert [(h.user, h.hold_id, h.status, h.expires_ms) for h in resolved] == [
+        ("zed", "z-h0", "settled", 8_000)
+    ]
+    assert await s.api_keys("zed") == [ApiKeyRecord(*ZED_KEY)]
+    assert await s.rate_limits("zed") == RateLimitOverride(*ZED_LIMITS)
+
+
+def _rows(path, table: str) -> list[tuple]:
+    with sqlite3.connect(path) as db:
+        return db.execute(f"SELECT * FROM {table} ORDER BY 1, 2").fetchall()
+
+
+async def test_sqlite_file_of_the_first_schema_is_migrated_and_keeps_every_row(engine, events, tmp_path):
+    from gateway.core.store.sqlite_schema import SCHEMA_VERSION
+
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(SQLITE_SCHEMA_1)
+        db.executemany(
+            "INSERT INTO ledger (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, "
+            "event) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ZED_LEDGER,
+        )
+        db.execute("INSERT INTO accounts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ZED_ACCOUNT)
+        db.executemany("INSERT INTO grants VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", ZED_GRANTS)
+        db.executemany("INSERT INTO holds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", ZED_HOLDS)
+        db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, ?, ?)", ZED_KEY)
+        db.execute("INSERT INTO rate_limits VALUES (?, ?, ?)", ZED_LIMITS)
+    tables = ("ledger", "accounts", "grants", "holds", "api_keys", "rate_limits")
+    before = {t: _rows(path, t) for t in tables}
+
+    s = SQLiteStore(str(path))
+    await s.open()
+    try:
+        await assert_zed_reads_back(s)
+    finally:
+        await s.close()
+    # every row, every value, in the renamed columns
+    assert {t: _rows(path, t) for t in tables} == before
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        cols = {
+            t: [r[1] for r in db.execute(f"PRAGMA table_info({t})")]
+            for t in ("grants", "holds", "rate_limits")
+        }
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert cols == {
+        "grants": [
+            "user",
+            "seq",
+            "version",
+            "free",
+            "earmarked",
+            "gone",
+            "metadata",
+            "expires_ms",
+            "priority",
+        ],
+        "holds": [
+            "user",
+            "hold_id",
+            "version",
+            "status",
+            "amount",
+            "expires_ms",
+            "charged",
+            "open_version",
+            "earmarks",
+            "opened_ms",
+            "op_id",
+            "metadata",
+        ],
+        "rate_limits": ["user", "requests_per_minute", "tokens_per_minute"],
+    }
+    # opened again: nothing to migrate; and the file takes the engine's events like a new one
+    s = SQLiteStore(str(path))
+    await s.open()
+    try:
+        await assert_zed_reads_back(s)
+        assert await s.write_events(events) == len(events)
+        for u in USERS:
+            assert store_view(await s.snapshot(u)) == await redis_view(engine, u), u
+        await assert_zed_reads_back(s)
+    finally:
+        await s.close()
+
+
+async def test_sqlite_file_of_a_newer_schema_is_refused(tmp_path):
+    from gateway.core.store.sqlite_schema import SchemaTooNew
+
+    path = tmp_path / "future.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    s = SQLiteStore(str(path))
+    with pytest.raises(SchemaTooNew, match="99"):
+        await s.open()
+    await s.close()
+
+
+async def test_mongo_documents_of_the_first_schema_are_migrated(mongo_uri, engine, events):
+    from pymongo import ASCENDING, AsyncMongoClient
+
+    name = f"t_v1_{uuid.uuid4().hex[:12]}"
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    db = client[name]
+    try:
+        await db.ledger.insert_many(
+            [
+                {
+                    "user_id": u,
+                    "op_id": o,
+                    "type": t,
+                    "version": v,
+                    "ts_ms": ts,
+                    "amount": a,
+                    "hold_id": h,
+                    "fp": fp,
+                    "event": e,
+                }
+                for u, o, t, v, ts, a, h, fp, e in ZED_LEDGER
+            ]
+        )
+        u, v, p, *totals, debt_total = ZED_ACCOUNT
+        fields = ("available", "held", "debt", "granted", "spent", "expired", "seq")
+        await db.accounts.insert_one(
+            {
+                "_id": u,
+                "version": v,
+                "partition": p,
+                **dict(zip(fields, totals, strict=True)),
+                "state_debt_total": debt_total,
+            }
+        )
+        for u, seq, v, r, e, gone, m, x, pri in ZED_GRANTS:
+            doc = {
+                "_id": f"{u}|{seq}",
+                "user_id": u,
+                "seq": seq,
+                "version": v,
+                "gone": bool(gone),
+                "m": m,
+                "x": x,
+                "pri": pri,
+            }
+            if r is not None:
+                doc |= {"r": r, "e": e}
+            await db.grants.insert_one(doc)
+        for u, hid, v, st, amt, exp, fin, ov, ear, at, op, x in ZED_HOLDS:
+            await db.holds.insert_one(
+                {
+                    "_id": f"{u}|{hid}",
+                    "user_id": u,
+                    "hold_id": hid,
+                    "version": v,
+                    "st": st,
+                    "amt": amt,
+                    "exp": exp,
+                    "fin": fin,
+                    "open_version": ov,
+                    "ear": ear,
+                    "at": at,
+                    "op": op,
+                    "x": x,
+                }
+            )
+        await db.holds.create_index([("user_id", ASCENDING), ("st", ASCENDING)])
+        k = ZED_KEY
+        await db.api_keys.insert_one(
+            {
+                "_id": k[0],
+                "user_id": k[1],
+                "digest": k[2],
+                "prefix": k[3],
+                "name": k[4],
+                "created_ms": k[5],
+                "revoked_ms": k[6],
+            }
+        )
+        await db.rate_limits.insert_one({"_id": ZED_LIMITS[0], "rpm": ZED_LIMITS[1], "tpm": ZED_LIMITS[2]})
+
+        for _ in range(2):  # the second open finds the work done
+            s = MongoStore(mongo_uri, db=name)
+            await s.open()
+            try:
+                await assert_zed_reads_back(s)
+            finally:
+                await s.close()
+        assert (await db.meta.find_one({"_id": "schema"}))["version"] == 2
+        old = (
+            "fp",
+            "state_debt_total",
+            "r",
+            "e",
+            "m",
+            "x",
+            "pri",
+            "st",
+            "amt",
+            "exp",
+            "fin",
+            "ear",
+            "at",
+            "op",
+            "rpm",
+            "tpm",
+        )
+        for coll in ("ledger", "accounts", "grants", "holds", "rate_limits"):
+            async for d in db[coll].find({}):
+                assert not set(d) & set(old), (coll, d)
+        assert "user_id_1_st_1" not in await db.holds.index_information()
+        s = MongoStore(mongo_uri, db=name)
+        await s.open()
+        try:
+            assert await s.write_events(events) == len(events)
+            for u in USERS:
+                assert store_view(await s.snapshot(u)) == await redis_view(engine, u), u
+        finally:
+            await s.close()
+    finally:
+        await client.drop_database(name)
+        await client.close()

@@ -12,6 +12,7 @@ from .redact import public_url
 from .redis_client import RedisClient
 from .settings import Settings
 from .store.base import Store
+from .store.registry import store_from_url
 
 if TYPE_CHECKING:
     from .multiplex import MultiplexedRedis
@@ -68,14 +69,8 @@ def make_script_client(settings: Settings) -> MultiplexedRedis | None:
 
 
 def make_store(settings: Settings) -> Store:
-    """The durable store the settings name: MongoDB when a URI is set, else SQLite."""
-    if settings.mongo_uri:
-        from .store.mongo import MongoStore
-
-        return MongoStore(settings.mongo_uri, settings.mongo_db)
-    from .store.sqlite import SQLiteStore
-
-    return SQLiteStore(settings.sqlite_path)
+    """MongoDB when a URI is set, else SQLite at the path (or sqlite:// URL) given."""
+    return store_from_url(settings.mongo_uri or settings.sqlite_path, database=settings.mongo_db)
 
 
 def make_keys(settings: Settings) -> KeySpace:

@@ -1,18 +1,30 @@
-"""The durable store's interface: the record Redis can be rebuilt from.
+"""The durable store's interface (the record Redis can be rebuilt from) and the write
+path every backend shares.
 
 Writes are idempotent and need no transaction: the ledger is keyed by (user, op id) under a
 unique index, and every snapshot row (account, grant, hold) is replaced only by an event
 with a newer account version, so events may arrive twice and in any order.
+
+A backend is one module: a Store subclass with the write hooks (`_insert_ledger`,
+`_ledger_versions`, `_write_accounts`, `_write_grants`, `_write_holds`), the reads and the
+admin-plane records, and a `from_url` that the registry (store/registry.py) calls.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ..events import Event
+from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
+
+T = TypeVar("T")
+
+# An account's totals as AccountSnapshot.totals carries them (debt_total aside).
+TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
 
 
 @dataclass(slots=True)
@@ -30,6 +42,41 @@ class AccountSnapshot:
     totals: dict[str, int]
     grants: list[dict[str, Any]] = field(default_factory=list)
     holds: list[dict[str, Any]] = field(default_factory=list)
+
+
+def restore_grant(
+    seq: str, free: int, earmarked: int, expires_ms: int | None, priority: int | None, metadata: str | None
+) -> dict[str, Any]:
+    """A stored grant in the shape lua/restore.lua takes (its hash fields' names)."""
+    return {
+        "seq": seq,
+        "r": int(free),
+        "e": int(earmarked),
+        "x": int(expires_ms or 0),
+        "pri": int(priority or 0),
+        "m": metadata or "{}",
+    }
+
+
+def restore_hold(
+    hold_id: str,
+    amount: int,
+    expires_ms: int,
+    earmarks: str | None,
+    opened_ms: int | None,
+    op_id: str | None,
+    metadata: str | None,
+) -> dict[str, Any]:
+    """A stored open hold in the shape lua/restore.lua takes (its hash fields' names)."""
+    return {
+        "id": hold_id,
+        "amt": int(amount),
+        "exp": int(expires_ms),
+        "ear": earmarks or "",
+        "at": int(opened_ms or 0),
+        "op": op_id or hold_id,
+        "x": metadata or "{}",
+    }
 
 
 @dataclass(slots=True)
@@ -91,6 +138,12 @@ class RateLimitOverride:
 class Store(ABC):
     """One durable store. Implementations: SQLiteStore (embedded), MongoStore."""
 
+    @classmethod
+    @abstractmethod
+    def from_url(cls, url: str, *, database: str) -> Store:
+        """The store a URL of one of the backend's schemes names (see store/registry.py);
+        `database` names the database on servers that host several."""
+
     @abstractmethod
     async def open(self) -> None:
         """Connects and creates tables / indexes (idempotent)."""
@@ -102,9 +155,70 @@ class Store(ABC):
     async def ping(self) -> bool:
         """True when the store answers."""
 
-    @abstractmethod
+    # -- writes: one path for every backend, the backend's hooks below it -------------------
+
     async def write_events(self, events: list[Event]) -> int:
-        """Records a batch idempotently; returns how many ledger entries were new."""
+        """Records a batch idempotently; returns how many ledger entries were new.
+
+        The batch is collapsed to one row per ledger entry and per snapshot row; the ledger
+        is written first, so that no snapshot row is ever ahead of the ledger. When some
+        ledger rows were there already (redeliveries, or operation ids reused after Redis
+        forgot them), the stored versions of the batch's keys are read in one lookup and
+        the reissued rows are written under their own key (batch.reissued). Then the
+        accounts, grants and holds, each guarded by its version.
+        """
+        if not events:
+            return 0
+        return await self._write_batch(await self._offload(collapse, events))
+
+    async def _write_batch(self, b: Batch) -> int:
+        async with self._transaction():
+            new = await self._insert_ledger(b.ledger)
+            if new < len(b.ledger):
+                stored = await self._ledger_versions({(r.user, r.op_id) for r in b.ledger})
+                again = reissued(b.ledger, stored)
+                if again:
+                    new += await self._insert_ledger(again)
+            if b.accounts:
+                await self._write_accounts(b.accounts)
+            if b.grants:
+                await self._write_grants(b.grants)
+            if b.holds:
+                await self._write_holds(b.holds)
+        return new
+
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        """Runs CPU work of the write path (the collapse); a backend with a thread of its own
+        runs it there, so that the event loop only waits."""
+        return fn(*args)
+
+    def _transaction(self) -> AbstractAsyncContextManager[Any]:
+        """What the hooks of one batch run inside (none: every write is idempotent)."""
+        return nullcontext()
+
+    @abstractmethod
+    async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
+        """Inserts the rows whose (user, op id) the ledger does not hold; how many were new."""
+
+    @abstractmethod
+    async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        """The stored version of each (user, op id) of `keys` the ledger holds, in one lookup."""
+
+    @abstractmethod
+    async def _write_accounts(self, rows: list[AccountRow]) -> None:
+        """Replaces each account whose stored version is older (or absent)."""
+
+    @abstractmethod
+    async def _write_grants(self, rows: list[GrantRow]) -> None:
+        """Per grant: its balance (free, earmarked, gone) when `version` is newer than the
+        stored one; its metadata, expiry and priority when the store has none yet."""
+
+    @abstractmethod
+    async def _write_holds(self, rows: list[HoldRow]) -> None:
+        """Per hold: its state when `version` is newer than the stored one; its opening
+        fields when `open_version` is newer than the stored one."""
+
+    # -- reads ----------------------------------------------------------------------------
 
     @abstractmethod
     async def ledger(

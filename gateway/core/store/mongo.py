@@ -1,7 +1,8 @@
 """The MongoDB store (pymongo's AsyncMongoClient). No multi-document transactions.
 
 Collections: `ledger` (one document per event, unique (user_id, op_id)), `accounts`
-(_id = user), `grants` (_id = "user|seq"), `holds` (_id = "user|hold_id").
+(_id = user), `grants` (_id = "user|seq"), `holds` (_id = "user|hold_id"), `api_keys`,
+`rate_limits` (_id = user), and `meta` (the schema version, see `_migrate`).
 
 Every snapshot write is an upsert guarded by the version: {_id, version: {$lt: v}}. When a
 newer version is already stored the filter misses, the upsert tries to insert a second
@@ -16,15 +17,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 import orjson
 from bson import Int64
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
-from pymongo.errors import BulkWriteError
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, OperationFailure
 
-from ..events import Event, answer_of
+from ..events import answer_of
 from .base import (
+    TOTAL_FIELDS,
     AccountSnapshot,
     ApiKeyRecord,
     LedgerEntry,
@@ -32,15 +37,43 @@ from .base import (
     RateLimitOverride,
     ResolvedHold,
     Store,
+    restore_grant,
+    restore_hold,
 )
-from .sqlite import TOTAL_FIELDS, collapse, grant_out, hold_out, reissued
+from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
+
+Doc = dict[str, Any]
 
 DUPLICATE_KEY = 11000
+SCHEMA_VERSION = 2
+
+# Version 1 -> 2: the documents' short field names (the Lua hash fields'), by collection.
+RENAMES_1_TO_2 = {
+    "ledger": {"fp": "fingerprint"},
+    "accounts": {"state_debt_total": "debt_total"},
+    "grants": {"r": "free", "e": "earmarked", "m": "metadata", "x": "expires_ms", "pri": "priority"},
+    "holds": {
+        "st": "status",
+        "amt": "amount",
+        "exp": "expires_ms",
+        "fin": "charged",
+        "ear": "earmarks",
+        "at": "opened_ms",
+        "op": "op_id",
+        "x": "metadata",
+    },
+    "rate_limits": {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"},
+}
+OLD_INDEXES = {"holds": ["user_id_1_st_1"]}  # version 1's index on a renamed field
 
 # Versions, times and amounts are stored and compared as BSON int64 whatever their size:
 # mongoeco's index scans compare an int32 bound with int64 values by type, not by value
 # ({ts_ms: {$gte: 0}} finds nothing on an index of millisecond times). Harmless on MongoDB.
 L = Int64
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer version of the gateway."""
 
 
 def _only_duplicates(exc: BulkWriteError) -> bool:
@@ -51,7 +84,7 @@ def _only_duplicates(exc: BulkWriteError) -> bool:
     )
 
 
-def _ledger_entry(d: dict) -> LedgerEntry:
+def _ledger_entry(d: Doc) -> LedgerEntry:
     return LedgerEntry(
         d["user_id"],
         d["op_id"],
@@ -68,10 +101,15 @@ class MongoStore(Store):
     def __init__(self, uri: str, db: str = "credit_management") -> None:
         self.uri = uri
         self.db_name = db
-        self._client: AsyncMongoClient | None = None
+        self._client: AsyncMongoClient[Doc] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, database: str = "credit_management") -> MongoStore:
+        """`mongodb://` or `mongodb+srv://` as pymongo takes it; the database is `database`."""
+        return cls(url, database)
 
     @property
-    def db(self):
+    def db(self) -> AsyncDatabase[Doc]:
         if self._client is None:
             raise RuntimeError("MongoStore is not open")
         return self._client[self.db_name]
@@ -81,14 +119,44 @@ class MongoStore(Store):
             return
         self._client = AsyncMongoClient(self.uri)
         db = self.db
+        await self._migrate()
         await db.ledger.create_index([("user_id", ASCENDING), ("op_id", ASCENDING)], unique=True)
         await db.ledger.create_index([("user_id", ASCENDING), ("version", ASCENDING)])
         await db.ledger.create_index([("ts_ms", ASCENDING)])
         await db.accounts.create_index([("partition", ASCENDING)])
         await db.grants.create_index([("user_id", ASCENDING), ("seq", ASCENDING)])
-        await db.holds.create_index([("user_id", ASCENDING), ("st", ASCENDING)])
+        await db.holds.create_index([("user_id", ASCENDING), ("status", ASCENDING)])
         await db.api_keys.create_index([("digest", ASCENDING)], unique=True)
         await db.api_keys.create_index([("user_id", ASCENDING), ("created_ms", ASCENDING)])
+
+    async def _migrate(self) -> None:
+        """Brings the documents to SCHEMA_VERSION. Each step may run again (a $rename of a
+        field a document no longer has does nothing), so an interrupted migration is finished
+        by the next open; the version is recorded last. Processes of the previous version
+        must be stopped first: they would go on writing the old names."""
+        db = self.db
+        meta = await db.meta.find_one({"_id": "schema"})
+        if meta is not None:
+            found = int(meta["version"])
+        elif await db.ledger.find_one({}, {"_id": 1}) or await db.api_keys.find_one({}, {"_id": 1}):
+            found = 1  # written before the version was kept
+        else:
+            found = SCHEMA_VERSION  # a new database
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the store database has schema version {found}; this gateway knows up to {SCHEMA_VERSION}"
+            )
+        if found < 2:
+            for name, renames in RENAMES_1_TO_2.items():
+                await db[name].update_many(
+                    {"$or": [{old: {"$exists": True}} for old in renames]}, {"$rename": renames}
+                )
+            for name, indexes in OLD_INDEXES.items():
+                for index in indexes:
+                    with suppress(OperationFailure):  # never made: a database older than the index
+                        await db[name].drop_index(index)
+        if meta is None or found != SCHEMA_VERSION:
+            await db.meta.update_one({"_id": "schema"}, {"$set": {"version": SCHEMA_VERSION}}, upsert=True)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -102,10 +170,10 @@ class MongoStore(Store):
         except Exception:
             return False
 
-    # -- writes -----------------------------------------------------------------------------
+    # -- write hooks (Store.write_events) ----------------------------------------------------
 
     @staticmethod
-    async def _bulk(coll, ops: list[UpdateOne]) -> None:
+    async def _bulk(coll: AsyncCollection[Doc], ops: list[UpdateOne]) -> None:
         if not ops:
             return
         try:
@@ -114,22 +182,20 @@ class MongoStore(Store):
             if not _only_duplicates(exc):
                 raise
 
-    async def _insert_ledger(self, rows: list[tuple]) -> int:
-        """Inserts ledger rows (as `collapse` makes them); those already there (unique user +
-        op id) are skipped. Returns how many were new."""
+    async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
         docs = [
             {
-                "user_id": u,
-                "op_id": o,
-                "type": t,
-                "version": L(v),
-                "ts_ms": L(ts),
-                "amount": L(a),
-                "hold_id": h,
-                "fp": fp,
-                "event": e,
+                "user_id": r.user,
+                "op_id": r.op_id,
+                "type": r.type,
+                "version": L(r.version),
+                "ts_ms": L(r.ts_ms),
+                "amount": L(r.amount),
+                "hold_id": r.hold_id,
+                "fingerprint": r.fingerprint,
+                "event": r.event,
             }
-            for u, o, t, v, ts, a, h, fp, e in rows
+            for r in rows
         ]
         try:
             return len((await self.db.ledger.insert_many(docs, ordered=False)).inserted_ids)
@@ -138,43 +204,48 @@ class MongoStore(Store):
                 raise
             return int(exc.details.get("nInserted") or 0)
 
-    async def write_events(self, events: list[Event]) -> int:
-        if not events:
-            return 0
-        b = collapse(events)
-        db = self.db
-        new = await self._insert_ledger(b.ledger)
-        if new < len(b.ledger):  # some rows were there already: redeliveries, or reused op ids
-            stored = {}
-            for user, op_id, *_ in b.ledger:
-                found = await db.ledger.find_one({"user_id": user, "op_id": op_id}, {"version": 1})
-                stored[(user, op_id)] = int(found["version"])
-            again = reissued(b.ledger, stored)
-            if again:
-                new += await self._insert_ledger(again)
+    async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        by_user: dict[str, list[str]] = {}
+        for user, op_id in keys:
+            by_user.setdefault(user, []).append(op_id)
+        cur = self.db.ledger.find(
+            {"$or": [{"user_id": u, "op_id": {"$in": ops}} for u, ops in by_user.items()]},
+            {"_id": 0, "user_id": 1, "op_id": 1, "version": 1},
+        )
+        return {(d["user_id"], d["op_id"]): int(d["version"]) async for d in cur}
 
-        accounts = []
-        for user, ev in b.accounts.items():
-            t = ev.state
-            accounts.append(
+    async def _write_accounts(self, rows: list[AccountRow]) -> None:
+        await self._bulk(
+            self.db.accounts,
+            [
                 UpdateOne(
-                    {"_id": user, "version": {"$lt": L(ev.version)}},
+                    {"_id": a.user, "version": {"$lt": L(a.version)}},
                     {
                         "$set": {
-                            "version": L(ev.version),
-                            "partition": ev.partition,
-                            **{k: L(t[k]) for k in TOTAL_FIELDS},
-                            "state_debt_total": L(t["debt_total"]),
+                            "version": L(a.version),
+                            "partition": a.partition,
+                            "available": L(a.available),
+                            "held": L(a.held),
+                            "debt": L(a.debt),
+                            "granted": L(a.granted),
+                            "spent": L(a.spent),
+                            "expired": L(a.expired),
+                            "seq": L(a.seq),
+                            "debt_total": L(a.debt_total),
                         }
                     },
                     upsert=True,
                 )
-            )
-        grants = []
-        for g in b.grants.values():
+                for a in rows
+            ],
+        )
+
+    async def _write_grants(self, rows: list[GrantRow]) -> None:
+        ops = []
+        for g in rows:
             k = f"{g.user}|{g.seq}"
-            if g.version:
-                grants.append(
+            if g.free is not None and g.earmarked is not None:  # the balance: version > 0
+                ops.append(
                     UpdateOne(
                         {"_id": k, "version": {"$lt": L(g.version)}},
                         {
@@ -182,30 +253,37 @@ class MongoStore(Store):
                                 "user_id": g.user,
                                 "seq": g.seq,
                                 "version": L(g.version),
-                                "r": L(g.r),
-                                "e": L(g.e),
+                                "free": L(g.free),
+                                "earmarked": L(g.earmarked),
                                 "gone": g.gone,
                             }
                         },
                         upsert=True,
                     )
                 )
-            if g.meta is not None:
-                grants.append(
+            if g.metadata is not None and g.expires_ms is not None:
+                ops.append(
                     UpdateOne(
                         {"_id": k},
                         {
-                            "$set": {"m": g.meta, "x": L(g.x), "pri": g.pri},
+                            "$set": {
+                                "metadata": g.metadata,
+                                "expires_ms": L(g.expires_ms),
+                                "priority": g.priority,
+                            },
                             "$setOnInsert": {"user_id": g.user, "seq": g.seq, "version": L(0), "gone": False},
                         },
                         upsert=True,
                     )
                 )
-        holds = []
-        for h in b.holds.values():
+        await self._bulk(self.db.grants, ops)
+
+    async def _write_holds(self, rows: list[HoldRow]) -> None:
+        ops = []
+        for h in rows:
             k = f"{h.user}|{h.hold_id}"
-            if h.version:
-                holds.append(
+            if h.amount is not None and h.expires_ms is not None:  # its state: version > 0
+                ops.append(
                     UpdateOne(
                         {"_id": k, "version": {"$lt": L(h.version)}},
                         {
@@ -213,10 +291,10 @@ class MongoStore(Store):
                                 "user_id": h.user,
                                 "hold_id": h.hold_id,
                                 "version": L(h.version),
-                                "st": h.st,
-                                "amt": L(h.amt),
-                                "exp": L(h.exp),
-                                "fin": None if h.fin is None else L(h.fin),
+                                "status": h.status,
+                                "amount": L(h.amount),
+                                "expires_ms": L(h.expires_ms),
+                                "charged": None if h.charged is None else L(h.charged),
                             },
                             "$setOnInsert": {"open_version": L(0)},
                         },
@@ -224,26 +302,23 @@ class MongoStore(Store):
                     )
                 )
             if h.open_version:
-                holds.append(
+                ops.append(
                     UpdateOne(
                         {"_id": k, "open_version": {"$lt": L(h.open_version)}},
                         {
                             "$set": {
                                 "open_version": L(h.open_version),
-                                "ear": h.ear,
-                                "at": L(h.at),
-                                "op": h.op,
-                                "x": h.x,
+                                "earmarks": h.earmarks,
+                                "opened_ms": L(h.opened_ms or 0),
+                                "op_id": h.op_id,
+                                "metadata": h.metadata,
                             },
                             "$setOnInsert": {"user_id": h.user, "hold_id": h.hold_id, "version": L(0)},
                         },
                         upsert=True,
                     )
                 )
-        await self._bulk(db.accounts, accounts)
-        await self._bulk(db.grants, grants)
-        await self._bulk(db.holds, holds)
-        return new
+        await self._bulk(self.db.holds, ops)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -260,18 +335,28 @@ class MongoStore(Store):
         async for d in self.db.ledger.find({"user_id": user}).sort("version", ASCENDING):
             yield _ledger_entry(d)
 
-    async def _snapshot_of(self, a: dict) -> AccountSnapshot:
+    async def _snapshot_of(self, a: Doc) -> AccountSnapshot:
         user = a["_id"]
         totals = {k: int(a.get(k) or 0) for k in TOTAL_FIELDS}
-        totals["debt_total"] = int(a.get("state_debt_total") or 0)
+        totals["debt_total"] = int(a.get("debt_total") or 0)
         grants = [
-            grant_out(g["seq"], g["r"], g["e"], g.get("x"), g.get("pri"), g.get("m"))
+            restore_grant(
+                g["seq"], g["free"], g["earmarked"], g.get("expires_ms"), g.get("priority"), g.get("metadata")
+            )
             async for g in self.db.grants.find({"user_id": user, "gone": False}).sort("seq", ASCENDING)
-            if g.get("r") is not None
+            if g.get("free") is not None
         ]
         holds = [
-            hold_out(h["hold_id"], h["amt"], h["exp"], h.get("ear"), h.get("at"), h.get("op"), h.get("x"))
-            async for h in self.db.holds.find({"user_id": user, "st": "open"}).sort("hold_id", ASCENDING)
+            restore_hold(
+                h["hold_id"],
+                h["amount"],
+                h["expires_ms"],
+                h.get("earmarks"),
+                h.get("opened_ms"),
+                h.get("op_id"),
+                h.get("metadata"),
+            )
+            async for h in self.db.holds.find({"user_id": user, "status": "open"}).sort("hold_id", ASCENDING)
         ]
         return AccountSnapshot(user, int(a["version"]), totals, grants, holds)
 
@@ -288,26 +373,27 @@ class MongoStore(Store):
 
     async def operations_since(self, ts_ms: int) -> AsyncIterator[OperationRecord]:
         cur = self.db.ledger.find(
-            {"ts_ms": {"$gte": L(ts_ms)}, "fp": {"$ne": None}},
-            {"user_id": 1, "op_id": 1, "fp": 1, "event": 1, "ts_ms": 1},
+            {"ts_ms": {"$gte": L(ts_ms)}, "fingerprint": {"$ne": None}},
+            {"user_id": 1, "op_id": 1, "fingerprint": 1, "event": 1, "ts_ms": 1},
         ).sort([("ts_ms", ASCENDING), ("user_id", ASCENDING), ("op_id", ASCENDING)])
         async for d in cur:
-            answer = answer_of(orjson.loads(d["event"])) if d.get("fp") is not None else None
-            if answer is not None:
-                yield OperationRecord(d["user_id"], d["op_id"], d["fp"], answer, int(d["ts_ms"]))
+            fp = d.get("fingerprint")
+            answer = answer_of(orjson.loads(d["event"])) if fp is not None else None
+            if fp is not None and answer is not None:
+                yield OperationRecord(d["user_id"], d["op_id"], fp, answer, int(d["ts_ms"]))
 
     async def resolved_holds_since(self, expires_ms: int) -> AsyncIterator[ResolvedHold]:
         cur = self.db.holds.find(
-            {"st": {"$in": ["settled", "released", "expired"]}, "exp": {"$gte": L(expires_ms)}},
-            {"user_id": 1, "hold_id": 1, "st": 1, "exp": 1},
+            {"status": {"$in": ["settled", "released", "expired"]}, "expires_ms": {"$gte": L(expires_ms)}},
+            {"user_id": 1, "hold_id": 1, "status": 1, "expires_ms": 1},
         ).sort("_id", ASCENDING)
         async for d in cur:
-            yield ResolvedHold(d["user_id"], d["hold_id"], d["st"], int(d["exp"]))
+            yield ResolvedHold(d["user_id"], d["hold_id"], d["status"], int(d["expires_ms"]))
 
     # -- API keys and rate-limit overrides -------------------------------------------------
 
     @staticmethod
-    def _key_of(d: dict) -> ApiKeyRecord:
+    def _key_of(d: Doc) -> ApiKeyRecord:
         revoked = d.get("revoked_ms")
         return ApiKeyRecord(
             d["_id"],
@@ -355,13 +441,17 @@ class MongoStore(Store):
             return
         await self.db.rate_limits.replace_one(
             {"_id": o.user},
-            {"_id": o.user, "rpm": o.requests_per_minute, "tpm": o.tokens_per_minute},
+            {
+                "_id": o.user,
+                "requests_per_minute": o.requests_per_minute,
+                "tokens_per_minute": o.tokens_per_minute,
+            },
             upsert=True,
         )
 
     @staticmethod
-    def _limits_of(d: dict) -> RateLimitOverride:
-        rpm, tpm = d.get("rpm"), d.get("tpm")
+    def _limits_of(d: Doc) -> RateLimitOverride:
+        rpm, tpm = d.get("requests_per_minute"), d.get("tokens_per_minute")
         return RateLimitOverride(
             d["_id"], None if rpm is None else int(rpm), None if tpm is None else int(tpm)
         )

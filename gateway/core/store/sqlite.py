@@ -1,31 +1,26 @@
 """The embedded store: one SQLite file (WAL), every call on one dedicated thread.
 
-Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
-rows are appended in order and only the small indexes take random inserts), `accounts` (one
-row per user), `grants` (one row per (user, seq); a gone grant stays as a tombstone so that a late,
-older event cannot bring it back), `holds` (one row per (user, hold_id)).
-
-A batch is first collapsed in Python (`collapse`, shared with the MongoDB store) to the
-newest version of each account / grant / hold, then written in one transaction with one
-`executemany` per table, on the store's thread. Snapshot rows are upserts guarded by the version, so batches may
-repeat and arrive in any order.
+The tables and their migrations are in sqlite_schema.py. A batch (collapsed by the shared
+write path, Store.write_events, on the store's thread) is written in one transaction with
+one `executemany` per table. Snapshot rows are upserts guarded by the version, so batches
+may repeat and arrive in any order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import orjson
 
-from ..events import Event, answer_of
+from ..events import answer_of
 from .base import (
+    TOTAL_FIELDS,
     AccountSnapshot,
     ApiKeyRecord,
     LedgerEntry,
@@ -33,218 +28,16 @@ from .base import (
     RateLimitOverride,
     ResolvedHold,
     Store,
+    restore_grant,
+    restore_hold,
 )
+from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
+from .sqlite_schema import migrate
 
 T = TypeVar("T")
-log = logging.getLogger("credit.store")
 
-TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
 PAGE = 500
 OPS_PAGE = 5000  # operations_since: the rebuild reads every op id of the retention window
-
-
-def _dumps(obj: Any) -> str:
-    return orjson.dumps(obj).decode()  # compact; several times faster than json
-
-
-def _int(x: Any) -> int:
-    return int(x or 0)
-
-
-# -- batch collapse (shared by both stores) ----------------------------------------------
-
-
-@dataclass(slots=True)
-class GrantRow:
-    user: str
-    seq: str
-    version: int = 0  # of the newest event that carried the grant's state (0: none yet)
-    r: int | None = None
-    e: int | None = None
-    gone: bool = False
-    meta: str | None = None  # the grant metadata as a JSON string (Lua's m:<seq>)
-    x: int | None = None  # expiry (ms, 0 = never)
-    pri: int | None = None
-
-
-@dataclass(slots=True)
-class HoldRow:
-    user: str
-    hold_id: str
-    version: int = 0  # of the newest event that carried the hold's state
-    st: str | None = None
-    amt: int | None = None
-    exp: int | None = None
-    fin: int | None = None
-    open_version: int = 0  # of the newest opening event (ear / at / op / x)
-    ear: str | None = None
-    at: int | None = None
-    op: str | None = None
-    x: str | None = None  # the hold's caller metadata as a JSON string
-
-
-@dataclass(slots=True)
-class Batch:
-    """A batch reduced to one row per ledger entry and per snapshot row."""
-
-    ledger: list[tuple] = field(default_factory=list)
-    accounts: dict[str, Event] = field(default_factory=dict)
-    grants: dict[tuple[str, str], GrantRow] = field(default_factory=dict)
-    holds: dict[tuple[str, str], HoldRow] = field(default_factory=dict)
-
-
-def collapse(events: list[Event]) -> Batch:
-    """Ledger rows for every event; the newest state of each account, grant and hold.
-
-    Ledger row: (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, event JSON);
-    everything else an event says stays in its JSON.
-    """
-    b = Batch()
-    ledger, accounts, grants, holds = b.ledger, b.accounts, b.grants, b.holds
-    for ev in events:
-        user, v, raw = ev.user, ev.version, ev.raw
-        ledger.append(
-            (
-                user,
-                ev.op_id,
-                ev.type,
-                v,
-                ev.ts_ms,
-                ev.amount,
-                ev.hold_id,
-                ev.fingerprint,
-                ev.raw_json or _dumps(raw),
-            )
-        )
-        cur = accounts.get(user)
-        if cur is None or v > cur.version:
-            accounts[user] = ev
-        for seq, g in ev.grants.items():
-            row = grants.get((user, seq))
-            if row is None:
-                row = grants[(user, seq)] = GrantRow(user, seq)
-            if v > row.version:
-                row.version = v
-                if g is None:
-                    row.gone, row.r, row.e = True, 0, 0
-                else:
-                    row.gone, row.r, row.e = False, g["r"], g["e"]
-        for seq, meta in ev.grant_meta.items():
-            row = grants.get((user, seq))
-            if row is None:
-                row = grants[(user, seq)] = GrantRow(user, seq)
-            if row.meta is None and isinstance(meta, dict):
-                row.meta = _dumps(meta)
-                row.x = _int(meta.get("exp"))
-                row.pri = _int(meta.get("pri"))
-        h = ev.hold
-        if h is not None:
-            hid = h.get("id") or ev.hold_id
-            if not hid:
-                continue
-            row = holds.get((user, hid))
-            if row is None:
-                row = holds[(user, hid)] = HoldRow(user, hid)
-            if v > row.version:
-                row.version = v
-                row.st = h.get("st")
-                row.amt = _int(h.get("amt"))
-                row.exp = _int(h.get("exp"))
-                row.fin = _int(h["fin"]) if h.get("fin") is not None else None
-            if "ear" in h and v > row.open_version:
-                row.open_version = v
-                row.ear = h.get("ear") or ""
-                row.at = _int(h.get("at"))
-                row.op = h.get("op") or ev.op_id
-                row.x = _dumps(ev.extra)
-    return b
-
-
-def reissued(rows: list[tuple], stored: dict[tuple[str, str], int]) -> list[tuple]:
-    """Ledger rows whose (user, op id) the ledger already holds at another version.
-
-    That happens when a caller reuses an operation id after Redis forgot it (past the
-    retention): Redis applied the operation again, and its event is a real change that the
-    ledger must keep, or the ledger would no longer replay to the balances. Such a row is
-    kept under `<op id>#v<version>` ('#' never occurs in an id the engine accepts) and
-    logged. A redelivered event has the stored version and is not one of these.
-    """
-    out = []
-    for row in rows:
-        v = stored.get((row[0], row[1]))
-        if v is not None and v != row[3]:
-            log.warning(
-                "operation id %s of %s was applied again after Redis forgot it (retention); "
-                "its event (version %d) is kept as %s#v%d",
-                row[1],
-                row[0],
-                row[3],
-                row[1],
-                row[3],
-            )
-            out.append((row[0], f"{row[1]}#v{row[3]}", *row[2:]))
-    return out
-
-
-def grant_out(seq: str, r: int, e: int, x: int | None, pri: int | None, meta: str | None) -> dict[str, Any]:
-    return {"seq": seq, "r": int(r), "e": int(e), "x": int(x or 0), "pri": int(pri or 0), "m": meta or "{}"}
-
-
-def hold_out(
-    hid: str, amt: int, exp: int, ear: str | None, at: int | None, op: str | None, x: str | None
-) -> dict:
-    return {
-        "id": hid,
-        "amt": int(amt),
-        "exp": int(exp),
-        "ear": ear or "",
-        "at": int(at or 0),
-        "op": op or hid,
-        "x": x or "{}",
-    }
-
-
-# -- SQLite --------------------------------------------------------------------------------
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY,
-    user TEXT NOT NULL, op_id TEXT NOT NULL, type TEXT NOT NULL, version INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL, amount INTEGER NOT NULL, hold_id TEXT, fingerprint TEXT,
-    event TEXT NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS ledger_key ON ledger(user, op_id);
-CREATE INDEX IF NOT EXISTS ledger_user_version ON ledger(user, version);
-CREATE TABLE IF NOT EXISTS accounts (
-    user TEXT PRIMARY KEY, version INTEGER NOT NULL, partition INTEGER NOT NULL,
-    available INTEGER NOT NULL, held INTEGER NOT NULL, debt INTEGER NOT NULL,
-    granted INTEGER NOT NULL, spent INTEGER NOT NULL, expired INTEGER NOT NULL,
-    seq INTEGER NOT NULL, debt_total INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS accounts_partition ON accounts(partition, user);
-CREATE TABLE IF NOT EXISTS grants (
-    user TEXT NOT NULL, seq TEXT NOT NULL, version INTEGER NOT NULL,
-    r INTEGER, e INTEGER, gone INTEGER NOT NULL DEFAULT 0,
-    meta TEXT, x INTEGER, pri INTEGER,
-    PRIMARY KEY (user, seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS grants_live ON grants(user, seq) WHERE gone = 0;
-CREATE TABLE IF NOT EXISTS holds (
-    user TEXT NOT NULL, hold_id TEXT NOT NULL, version INTEGER NOT NULL,
-    st TEXT, amt INTEGER, exp INTEGER, fin INTEGER,
-    open_version INTEGER NOT NULL DEFAULT 0, ear TEXT, at INTEGER, op TEXT, x TEXT,
-    PRIMARY KEY (user, hold_id)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS holds_open ON holds(user, hold_id) WHERE st = 'open';
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
-    name TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked_ms INTEGER
-);
-CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user, created_ms);
-CREATE TABLE IF NOT EXISTS rate_limits (
-    user TEXT PRIMARY KEY, rpm INTEGER, tpm INTEGER
-) WITHOUT ROWID;
-"""
 
 INSERT_LEDGER = """
 INSERT OR IGNORE INTO ledger (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, event)
@@ -265,36 +58,52 @@ WHERE excluded.version > accounts.version
 
 # Every SET expression reads the row as it was before the update.
 UPSERT_GRANT = """
-INSERT INTO grants (user, seq, version, r, e, gone, meta, x, pri)
+INSERT INTO grants (user, seq, version, free, earmarked, gone, metadata, expires_ms, priority)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (user, seq) DO UPDATE SET
-    r = CASE WHEN excluded.version > grants.version THEN excluded.r ELSE grants.r END,
-    e = CASE WHEN excluded.version > grants.version THEN excluded.e ELSE grants.e END,
+    free = CASE WHEN excluded.version > grants.version THEN excluded.free ELSE grants.free END,
+    earmarked = CASE WHEN excluded.version > grants.version
+        THEN excluded.earmarked ELSE grants.earmarked END,
     gone = CASE WHEN excluded.version > grants.version THEN excluded.gone ELSE grants.gone END,
     version = max(grants.version, excluded.version),
-    meta = coalesce(grants.meta, excluded.meta),
-    x = coalesce(grants.x, excluded.x),
-    pri = coalesce(grants.pri, excluded.pri)
+    metadata = coalesce(grants.metadata, excluded.metadata),
+    expires_ms = coalesce(grants.expires_ms, excluded.expires_ms),
+    priority = coalesce(grants.priority, excluded.priority)
 """
 
 UPSERT_HOLD = """
-INSERT INTO holds (user, hold_id, version, st, amt, exp, fin, open_version, ear, at, op, x)
+INSERT INTO holds (user, hold_id, version, status, amount, expires_ms, charged, open_version,
+    earmarks, opened_ms, op_id, metadata)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (user, hold_id) DO UPDATE SET
-    st = CASE WHEN excluded.version > holds.version THEN excluded.st ELSE holds.st END,
-    amt = CASE WHEN excluded.version > holds.version THEN excluded.amt ELSE holds.amt END,
-    exp = CASE WHEN excluded.version > holds.version THEN excluded.exp ELSE holds.exp END,
-    fin = CASE WHEN excluded.version > holds.version THEN excluded.fin ELSE holds.fin END,
+    status = CASE WHEN excluded.version > holds.version THEN excluded.status ELSE holds.status END,
+    amount = CASE WHEN excluded.version > holds.version THEN excluded.amount ELSE holds.amount END,
+    expires_ms = CASE WHEN excluded.version > holds.version
+        THEN excluded.expires_ms ELSE holds.expires_ms END,
+    charged = CASE WHEN excluded.version > holds.version THEN excluded.charged ELSE holds.charged END,
     version = max(holds.version, excluded.version),
-    ear = CASE WHEN excluded.open_version > holds.open_version THEN excluded.ear ELSE holds.ear END,
-    at = CASE WHEN excluded.open_version > holds.open_version THEN excluded.at ELSE holds.at END,
-    op = CASE WHEN excluded.open_version > holds.open_version THEN excluded.op ELSE holds.op END,
-    x = CASE WHEN excluded.open_version > holds.open_version THEN excluded.x ELSE holds.x END,
+    earmarks = CASE WHEN excluded.open_version > holds.open_version
+        THEN excluded.earmarks ELSE holds.earmarks END,
+    opened_ms = CASE WHEN excluded.open_version > holds.open_version
+        THEN excluded.opened_ms ELSE holds.opened_ms END,
+    op_id = CASE WHEN excluded.open_version > holds.open_version THEN excluded.op_id ELSE holds.op_id END,
+    metadata = CASE WHEN excluded.open_version > holds.open_version
+        THEN excluded.metadata ELSE holds.metadata END,
     open_version = max(holds.open_version, excluded.open_version)
+"""
+
+# The stored versions of a batch's (user, op id) keys in one statement: the keys go in as one
+# JSON array of pairs, each looked up on the ledger's unique index (CROSS JOIN keeps the
+# array as the outer loop).
+LEDGER_VERSIONS = """
+SELECT l.user, l.op_id, l.version
+FROM json_each(?) AS k CROSS JOIN ledger AS l
+WHERE l.user = json_extract(k.value, '$[0]') AND l.op_id = json_extract(k.value, '$[1]')
 """
 
 ACCOUNT_COLS = "user, version, partition, available, held, debt, granted, spent, expired, seq, debt_total"
 LEDGER_COLS = "user, op_id, type, version, ts_ms, amount, hold_id, event"
+LIMIT_COLS = "user, requests_per_minute, tokens_per_minute"
 
 
 def _ledger_entry(row: tuple) -> LedgerEntry:
@@ -309,13 +118,37 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._ex: ThreadPoolExecutor | None = None
+        self._lock: asyncio.Lock | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, database: str = "") -> SQLiteStore:
+        """`sqlite:///relative/path`, `sqlite:////absolute/path`, `sqlite:///:memory:` (as
+        SQLAlchemy spells them), or a plain path."""
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return cls(url)
+        if scheme.lower() != "sqlite":
+            raise ValueError(f"not a SQLite URL: {scheme}://")
+        path = rest[1:] if rest.startswith("/") else rest
+        return cls(path or ":memory:")
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    def _run(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """`fn` on the store's thread (the caller holds the lock)."""
         if self._ex is None:
             raise RuntimeError("SQLiteStore is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
+
+    def _locked(self) -> asyncio.Lock:
+        if self._lock is None:
+            raise RuntimeError("SQLiteStore is not open")
+        return self._lock
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn` on the store's thread, between two batches' transactions."""
+        async with self._locked():
+            return await self._run(fn, *args)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -335,13 +168,14 @@ class SQLiteStore(Store):
         conn.execute("PRAGMA journal_size_limit=134217728")
         conn.execute("PRAGMA temp_store=MEMORY")
         conn.execute("PRAGMA cache_size=-65536")
-        conn.executescript(SCHEMA)
+        migrate(conn)
         self._conn = conn
 
     async def open(self) -> None:
         if self._ex is not None:
             return
         self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._lock = asyncio.Lock()
         try:
             await self._call(self._open)
         except BaseException:
@@ -369,78 +203,92 @@ class SQLiteStore(Store):
         except Exception:
             return False
 
-    # -- writes -----------------------------------------------------------------------------
+    # -- write hooks (Store.write_events) ----------------------------------------------------
+    # One batch is one transaction; every hook runs on the store's thread inside it.
 
-    def _write(self, b: Batch) -> int:
+    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._call(fn, *args)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        # The lock keeps every other call off the connection until the batch commits or rolls
+        # back: a read would see the uncommitted rows, a write would join the transaction.
+        # Shielded: a cancelled caller must not leave the transaction open. Jobs run in the
+        # order they reach the thread, so a rollback queued after a commit finds nothing to do.
+        async with self._locked():
+            try:
+                await asyncio.shield(self._run(self.db.execute, "BEGIN IMMEDIATE"))
+                yield
+                await asyncio.shield(self._run(self._end, "COMMIT"))
+            except BaseException:
+                await asyncio.shield(self._run(self._end, "ROLLBACK"))
+                raise
+
+    def _end(self, statement: str) -> None:
+        if self.db.in_transaction:
+            self.db.execute(statement)
+
+    def _changes(self, sql: str, rows: list[Any]) -> int:
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            before = db.total_changes
-            db.executemany(INSERT_LEDGER, b.ledger)
-            new = db.total_changes - before
-            if new < len(b.ledger):  # some rows were there already: redeliveries, or reused op ids
-                stored = {}
-                for user, op_id, *_ in b.ledger:
-                    row = db.execute(
-                        "SELECT version FROM ledger WHERE user = ? AND op_id = ?", (user, op_id)
-                    ).fetchone()
-                    stored[(user, op_id)] = row[0]
-                again = reissued(b.ledger, stored)
-                if again:
-                    before = db.total_changes
-                    db.executemany(INSERT_LEDGER, again)
-                    new += db.total_changes - before
-            db.executemany(
-                UPSERT_ACCOUNT,
-                [
-                    (u, ev.version, ev.partition, *(t[k] for k in TOTAL_FIELDS), t["debt_total"])
-                    for u, ev in b.accounts.items()
-                    for t in (ev.state,)
-                ],
-            )
-            db.executemany(
-                UPSERT_GRANT,
-                [
-                    (g.user, g.seq, g.version, g.r, g.e, int(g.gone), g.meta, g.x, g.pri)
-                    for g in b.grants.values()
-                ],
-            )
-            if b.holds:
-                db.executemany(
-                    UPSERT_HOLD,
-                    [
-                        (
-                            h.user,
-                            h.hold_id,
-                            h.version,
-                            h.st,
-                            h.amt,
-                            h.exp,
-                            h.fin,
-                            h.open_version,
-                            h.ear,
-                            h.at,
-                            h.op,
-                            h.x,
-                        )
-                        for h in b.holds.values()
-                    ],
+        before = db.total_changes
+        db.executemany(sql, rows)
+        return db.total_changes - before
+
+    async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
+        return await self._run(self._changes, INSERT_LEDGER, rows)
+
+    def _versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        rows = self.db.execute(LEDGER_VERSIONS, (orjson.dumps(list(keys)).decode(),))
+        return {(user, op_id): version for user, op_id, version in rows}
+
+    async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+        return await self._run(self._versions, keys)
+
+    async def _write_accounts(self, rows: list[AccountRow]) -> None:
+        await self._run(self._changes, UPSERT_ACCOUNT, rows)
+
+    async def _write_grants(self, rows: list[GrantRow]) -> None:
+        await self._run(
+            self._changes,
+            UPSERT_GRANT,
+            [
+                (
+                    g.user,
+                    g.seq,
+                    g.version,
+                    g.free,
+                    g.earmarked,
+                    int(g.gone),
+                    g.metadata,
+                    g.expires_ms,
+                    g.priority,
                 )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return new
+                for g in rows
+            ],
+        )
 
-    def _write_events(self, events: list[Event]) -> int:
-        return self._write(collapse(events))
-
-    async def write_events(self, events: list[Event]) -> int:
-        if not events:
-            return 0
-        # The collapse (JSON encoding included) runs on the store's thread too: the event
-        # loop only waits.
-        return await self._call(self._write_events, events)
+    async def _write_holds(self, rows: list[HoldRow]) -> None:
+        await self._run(
+            self._changes,
+            UPSERT_HOLD,
+            [
+                (
+                    h.user,
+                    h.hold_id,
+                    h.version,
+                    h.status,
+                    h.amount,
+                    h.expires_ms,
+                    h.charged,
+                    h.open_version,
+                    h.earmarks,
+                    h.opened_ms,
+                    h.op_id,
+                    h.metadata,
+                )
+                for h in rows
+            ],
+        )
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -452,7 +300,8 @@ class SQLiteStore(Store):
             ).fetchall()
         else:
             rows = self.db.execute(
-                f"SELECT {LEDGER_COLS} FROM ledger WHERE user = ? AND version < ? ORDER BY version DESC LIMIT ?",
+                f"SELECT {LEDGER_COLS} FROM ledger WHERE user = ? AND version < ? "
+                "ORDER BY version DESC LIMIT ?",
                 (user, before_version, limit),
             ).fetchall()
         return [_ledger_entry(r) for r in rows]
@@ -485,18 +334,18 @@ class SQLiteStore(Store):
         totals = dict(zip(TOTAL_FIELDS, vals, strict=False))
         totals["debt_total"] = debt_total
         grants = [
-            grant_out(*r)
+            restore_grant(*r)
             for r in db.execute(
-                "SELECT seq, r, e, x, pri, meta FROM grants INDEXED BY grants_live WHERE user = ? AND gone = 0 AND r IS NOT NULL "
-                "ORDER BY seq",
+                "SELECT seq, free, earmarked, expires_ms, priority, metadata FROM grants "
+                "INDEXED BY grants_live WHERE user = ? AND gone = 0 AND free IS NOT NULL ORDER BY seq",
                 (user,),
             )
         ]
         holds = [
-            hold_out(*r)
+            restore_hold(*r)
             for r in db.execute(
-                "SELECT hold_id, amt, exp, ear, at, op, x FROM holds INDEXED BY holds_open WHERE user = ? AND st = 'open' "
-                "ORDER BY hold_id",
+                "SELECT hold_id, amount, expires_ms, earmarks, opened_ms, op_id, metadata FROM holds "
+                "INDEXED BY holds_open WHERE user = ? AND status = 'open' ORDER BY hold_id",
                 (user,),
             )
         ]
@@ -564,8 +413,9 @@ class SQLiteStore(Store):
     def _resolved_page(self, expires_ms: int, after: tuple[str, str]) -> list[ResolvedHold]:
         # Rebuild only: a scan of the holds (no index to keep up on every write).
         rows = self.db.execute(
-            "SELECT user, hold_id, st, exp FROM holds WHERE (user, hold_id) > (?, ?) "
-            "AND st IN ('settled', 'released', 'expired') AND exp >= ? ORDER BY user, hold_id LIMIT ?",
+            "SELECT user, hold_id, status, expires_ms FROM holds WHERE (user, hold_id) > (?, ?) "
+            "AND status IN ('settled', 'released', 'expired') AND expires_ms >= ? "
+            "ORDER BY user, hold_id LIMIT ?",
             (*after, expires_ms, PAGE),
         ).fetchall()
         return [ResolvedHold(*r) for r in rows]
@@ -629,8 +479,9 @@ class SQLiteStore(Store):
             return
         await self._call(
             lambda: self.db.execute(
-                "INSERT INTO rate_limits (user, rpm, tpm) VALUES (?, ?, ?) "
-                "ON CONFLICT (user) DO UPDATE SET rpm = excluded.rpm, tpm = excluded.tpm",
+                "INSERT INTO rate_limits (user, requests_per_minute, tokens_per_minute) VALUES (?, ?, ?) "
+                "ON CONFLICT (user) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, "
+                "tokens_per_minute = excluded.tokens_per_minute",
                 (o.user, o.requests_per_minute, o.tokens_per_minute),
             )
         )
@@ -638,14 +489,14 @@ class SQLiteStore(Store):
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
         row = await self._call(
             lambda: self.db.execute(
-                "SELECT user, rpm, tpm FROM rate_limits WHERE user = ?", (user,)
+                f"SELECT {LIMIT_COLS} FROM rate_limits WHERE user = ?", (user,)
             ).fetchone()
         )
         return RateLimitOverride(*row) if row else None
 
     async def all_rate_limits(self) -> AsyncIterator[RateLimitOverride]:
         rows = await self._call(
-            lambda: self.db.execute("SELECT user, rpm, tpm FROM rate_limits ORDER BY user").fetchall()
+            lambda: self.db.execute(f"SELECT {LIMIT_COLS} FROM rate_limits ORDER BY user").fetchall()
         )
         for r in rows:
             yield RateLimitOverride(*r)

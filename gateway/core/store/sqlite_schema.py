@@ -1,0 +1,128 @@
+"""The SQLite store's schema and its migrations, applied in one transaction on open.
+
+The schema version is kept in `PRAGMA user_version`:
+  0  a new, empty file (or one made before the version was kept: see `_found_version`)
+  1  the first schema, whose grant and hold columns had the Lua hash fields' short names
+     (r, e, x, pri, meta; st, amt, exp, fin, ear, at, op, x) and rate_limits' rpm / tpm
+  2  the same tables with readable column names (this module's DDL)
+A file of a newer version than this code knows is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA_VERSION = 2
+
+# Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
+# rows are appended in order and only the small indexes take random inserts), `accounts` (one
+# row per user), `grants` (one row per (user, seq); a gone grant stays as a tombstone so that a
+# late, older event cannot bring it back), `holds` (one row per (user, hold_id)).
+TABLES = (
+    """CREATE TABLE IF NOT EXISTS ledger (
+    id INTEGER PRIMARY KEY,
+    user TEXT NOT NULL, op_id TEXT NOT NULL, type TEXT NOT NULL, version INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL, amount INTEGER NOT NULL, hold_id TEXT, fingerprint TEXT,
+    event TEXT NOT NULL
+)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS ledger_key ON ledger(user, op_id)",
+    "CREATE INDEX IF NOT EXISTS ledger_user_version ON ledger(user, version)",
+    """CREATE TABLE IF NOT EXISTS accounts (
+    user TEXT PRIMARY KEY, version INTEGER NOT NULL, partition INTEGER NOT NULL,
+    available INTEGER NOT NULL, held INTEGER NOT NULL, debt INTEGER NOT NULL,
+    granted INTEGER NOT NULL, spent INTEGER NOT NULL, expired INTEGER NOT NULL,
+    seq INTEGER NOT NULL, debt_total INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS accounts_partition ON accounts(partition, user)",
+    """CREATE TABLE IF NOT EXISTS grants (
+    user TEXT NOT NULL, seq TEXT NOT NULL, version INTEGER NOT NULL,
+    free INTEGER, earmarked INTEGER, gone INTEGER NOT NULL DEFAULT 0,
+    metadata TEXT, expires_ms INTEGER, priority INTEGER,
+    PRIMARY KEY (user, seq)
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS grants_live ON grants(user, seq) WHERE gone = 0",
+    """CREATE TABLE IF NOT EXISTS holds (
+    user TEXT NOT NULL, hold_id TEXT NOT NULL, version INTEGER NOT NULL,
+    status TEXT, amount INTEGER, expires_ms INTEGER, charged INTEGER,
+    open_version INTEGER NOT NULL DEFAULT 0, earmarks TEXT, opened_ms INTEGER, op_id TEXT,
+    metadata TEXT,
+    PRIMARY KEY (user, hold_id)
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS holds_open ON holds(user, hold_id) WHERE status = 'open'",
+    """CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
+    name TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked_ms INTEGER
+)""",
+    "CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user, created_ms)",
+    """CREATE TABLE IF NOT EXISTS rate_limits (
+    user TEXT PRIMARY KEY, requests_per_minute INTEGER, tokens_per_minute INTEGER
+) WITHOUT ROWID""",
+)
+
+# Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
+# name a column (holds_open's `st = 'open'`) and touches no row, so it takes the same time
+# on a file of any size.
+RENAMES_1_TO_2 = {
+    "grants": {"r": "free", "e": "earmarked", "meta": "metadata", "x": "expires_ms", "pri": "priority"},
+    "holds": {
+        "st": "status",
+        "amt": "amount",
+        "exp": "expires_ms",
+        "fin": "charged",
+        "ear": "earmarks",
+        "at": "opened_ms",
+        "op": "op_id",
+        "x": "metadata",
+    },
+    "rate_limits": {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"},
+}
+
+
+class SchemaTooNew(RuntimeError):
+    """The file was written by a newer version of the gateway."""
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _found_version(db: sqlite3.Connection) -> int:
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if version == 0 and "r" in _columns(db, "grants"):
+        return 1  # made before the version was kept
+    return version
+
+
+def _rename_1_to_2(db: sqlite3.Connection) -> None:
+    for table, renames in RENAMES_1_TO_2.items():
+        have = _columns(db, table)  # empty when the file predates the table
+        for old, new in renames.items():
+            if old in have:
+                db.execute(f'ALTER TABLE {table} RENAME COLUMN "{old}" TO "{new}"')
+
+
+MIGRATIONS = {1: _rename_1_to_2}  # from version k to k + 1
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Brings the file to SCHEMA_VERSION (creating what is missing) in one transaction;
+    returns the version it found. Concurrent openers (gateway and worker) take turns on the
+    write lock, and the second finds the work done."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        found = _found_version(db)
+        if found > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"the store file has schema version {found}; this gateway knows up to {SCHEMA_VERSION}"
+            )
+        if found:  # a new file gets the tables below as they are
+            for version in range(found, SCHEMA_VERSION):
+                MIGRATIONS[version](db)
+        for statement in TABLES:
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    return found
