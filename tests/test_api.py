@@ -157,7 +157,7 @@ async def test_client_routes_refuse_admin_and_forged_keys(api):
 
 
 async def test_ledger_is_paginated_from_the_store(api):
-    for i in range(5):
+    for _ in range(5):
         await grant(api, "ivy", "1")
     w = __import__("gateway.worker.runner", fromlist=["Worker"]).Worker(
         api.app.state.services.engine, api.app.state.services.store
@@ -183,12 +183,14 @@ async def test_sha256_key_entries_are_accepted(redis, redis_url, tmp_path):
     settings = Settings(redis_url=redis_url, admin_keys=f"sha256:{digest}", partitions=16, audit_path=None)
     store = SQLiteStore(str(tmp_path / "k.db"))
     app = create_app(settings, redis=redis, store=store, run_worker=False)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-            assert (await c.get("/admin/accounts/k", headers=H_ADMIN)).status_code == 200
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
+    ):
+        assert (await c.get("/admin/accounts/k", headers=H_ADMIN)).status_code == 200
     await store.close()
 
 
 def test_short_plain_keys_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 32 characters"):
         Settings(admin_keys="short")

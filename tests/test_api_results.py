@@ -32,10 +32,12 @@ async def gw(redis, redis_url, tmp_path):
     )
     store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-            c.app, c.clock, c.redis = app, clock, redis
-            yield c
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
+    ):
+        c.app, c.clock, c.redis = app, clock, redis
+        yield c
     await store.close()
 
 
@@ -250,8 +252,8 @@ async def test_bad_prices_are_422_invalid_amount_and_leave_the_table(redis, redi
 def test_a_pricing_table_with_an_out_of_range_price_is_a_value_error():
     from gateway.core.pricing import PricingTable
 
-    for bad in ("1e999999", "-1e1000000"):
-        with pytest.raises(ValueError):
+    for bad, why in (("1e999999", "above the limit"), ("-1e1000000", "must not be negative")):
+        with pytest.raises(ValueError, match=f"models.m.input: amount {why}"):
             PricingTable.from_json({"models": {"m": {"input": bad, "output": "1"}}})
 
 

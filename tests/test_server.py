@@ -51,7 +51,7 @@ def test_slow_request_heads_and_idle_connections_are_closed_by_the_server(tmp_pa
     )
     try:
         slow = []
-        for i in range(20):
+        for _ in range(20):
             s = socket.create_connection(("127.0.0.1", port))
             s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
             slow.append(s)

@@ -228,8 +228,8 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
     n = await make_traffic(engine, users=users, rounds=10)
     db = tmp_path / "kill.db"
     env = worker_env(redis_url, db, CREDIT_WORKER_BATCH=3, CREDIT_CLAIM_IDLE_MS=200)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.worker", env=env, cwd=REPO, stderr=subprocess.DEVNULL
     )
     store = SQLiteStore(str(db))
     await store.open()
@@ -241,10 +241,11 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
             if db.exists() and await ledger_count(store, users) > n // 4:
                 break
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        await asyncio.wait_for(proc.wait(), 10)
         stored = await ledger_count(store, users)
         assert 0 < stored < n, "the kill must land mid-drain"
-        done = subprocess.run(
+        done = await asyncio.to_thread(
+            subprocess.run,
             [sys.executable, "-m", "gateway.worker", "--burst"],
             env=env,
             cwd=REPO,
@@ -277,11 +278,15 @@ async def test_reconcile_command_exits_zero_when_clean_and_nonzero_on_drift(engi
     await make_traffic(engine, users=("c1", "c2"))
     env = worker_env(redis_url, tmp_path / "rc.db")
     cmd = [sys.executable, "-m", "gateway.cli", "reconcile"]
-    clean = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    clean = await asyncio.to_thread(
+        subprocess.run, cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert "0 drift" in clean.stdout
     await engine.redis.hincrby(engine.keys.account_keys("c2")[0], "held", 5)
-    drifted = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    drifted = await asyncio.to_thread(
+        subprocess.run, cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert drifted.returncode == 1 and "DRIFT c2: held" in drifted.stdout
 
 
