@@ -77,7 +77,7 @@ def test_slow_request_heads_and_idle_connections_are_closed_by_the_server(tmp_pa
         assert _closed_by_server(idle, 20)
         for s in (*slow, silent, kept, idle):
             s.close()
-        # Requests at normal speed are served as before.
+        # Requests at normal speed are still served.
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
             assert c.get("/healthz").status_code == 200
     finally:
