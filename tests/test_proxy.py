@@ -4,7 +4,9 @@ on a real redis-server, with a SQLite store."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -15,6 +17,7 @@ import pytest
 from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from gateway.devtools.mock_upstream import MockUpstream as FakeUpstream
+from gateway.logs import configure_logging
 from gateway.worker.runner import Worker
 from tests.support.proxy_fixtures import ADMIN, CLIENT, KNOWN_MODELS, charged, post, running_gateway
 
@@ -146,6 +149,24 @@ async def test_unreachable_upstream_charges_nothing(gw, tmp_path):
     )
     assert status == 502 and b'"upstream_unreachable"' in raw
     assert (await gw.balance("gus")).held == 0
+
+
+async def test_a_proxied_calls_log_lines_carry_the_request_id_it_answers_with(gw):
+    out = io.StringIO()
+    configure_logging("json", stream=out)
+    try:
+        await gw.fake.stop()
+        await gw.grant("gil", "1")
+        _status, headers, _raw = await post(
+            gw, "/v1/chat/completions", {"model": "gpt-test", "messages": []}, user="gil"
+        )
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if h.get_name() == "credit-gateway"]:
+            root.removeHandler(h)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    unreachable = [r for r in lines if "unreachable" in r["message"]]
+    assert unreachable and unreachable[0]["request_id"] == headers["X-Request-Id"]
 
 
 async def test_client_disconnect_mid_stream_charges_only_what_was_produced(gw):

@@ -40,6 +40,7 @@ from ..core.keys import PROXY_HOLD_PREFIX
 from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import Usage
 from ..core.settlement import Settler
+from ..logs import REQUEST_ID
 from .call import Call
 from .config import ProxyConfig, Upstream
 from .credit_cap import CreditCap, usage_so_far
@@ -94,6 +95,8 @@ class MeteringProxy:
         kind = for_route(path)
         request_id = f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"
         rid = {"X-Request-Id": request_id}
+        # The id the client gets back is the one its log lines (and its settle's) carry.
+        REQUEST_ID.set(request_id)
         user = await identify(self.identity, request, kind, rid)
         if isinstance(user, Response):
             return user
