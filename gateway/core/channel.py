@@ -17,6 +17,8 @@ from typing import Any
 
 log = logging.getLogger("credit.channel")
 
+CLOSE_TIMEOUT_S = 2.0
+
 
 async def _call(fn: Callable | None, *args: Any) -> None:
     if fn is None:
@@ -80,5 +82,7 @@ class Subscription:
                 log.exception("%s: subscription failed; resubscribing", self.channel)
                 await asyncio.sleep(1.0)
             finally:
+                # Bounded: closing a connection cut mid-read (a cancel at shutdown) can
+                # wait on a lock the cancelled read held, and stop() would wait with it.
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), CLOSE_TIMEOUT_S)
