@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gateway.core.engine import CreditEngine
+from gateway.core.recovery import _scripts as run_in_pipeline
 from gateway.core.scripts import ScriptError, ScriptRegistry
 
 
@@ -74,3 +75,16 @@ def test_include_is_inlined_and_keys_line_read(tmp_path):
     s = ScriptRegistry(root)["ok"]
     assert "local function one()" in s.source
     assert (s.min_keys, s.max_keys) == (2, None)
+
+
+async def test_a_rebuild_pipeline_refuses_a_call_with_the_wrong_key_count_before_sending_any(
+    engine: CreditEngine,
+):
+    good = engine.keys.partition(0)
+    calls = [
+        ([good.rebuild, good.ready], ["take", "t1", 30_000, "1"]),
+        ([engine.keys.partition(1).rebuild], ["take", "t1", 30_000, "1"]),
+    ]
+    with pytest.raises(ScriptError, match=r"script 'rebuild_lease' takes 2 keys, got 1"):
+        await run_in_pipeline(engine, "rebuild_lease", calls)
+    assert not await engine.redis.exists(good.rebuild)  # the valid call before it was not sent

@@ -47,12 +47,14 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.cluster import AbstractStrategy, ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.cluster import get_node_name
+from redis.event import EventDispatcherInterface
 from redis.exceptions import (
     AskError,
     ClusterError,
@@ -65,6 +67,7 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
+from redis.typing import EncodableT
 from redis.utils import str_if_bytes
 
 log = logging.getLogger("credit.redis.cluster")
@@ -149,11 +152,12 @@ class GatewayRedisCluster(RedisCluster):
 
     async def initialize(self, *args: Any, **kwargs: Any) -> GatewayRedisCluster:
         try:
-            return await super().initialize(*args, **kwargs)
+            await super().initialize(*args, **kwargs)  # returns self, annotated as the base
         except (ConnectionError, TimeoutError):
             raise
         except RedisClusterException as exc:  # no node reachable, or slots not covered
             raise ClusterUnavailable(f"the Redis Cluster topology could not be read: {exc}") from exc
+        return self
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -220,7 +224,11 @@ class GatewayRedisCluster(RedisCluster):
             raise RedisClusterException("shard_hint is deprecated in cluster mode")
         return GatewayClusterPipeline(self, transaction)
 
-    async def _execute_pipeline_by_slot(self, command: str, slots_to_args: Any) -> list:
+    # redis-py declares this method sync in ClusterMultiKeyCommands and async (a coroutine)
+    # in AsyncClusterMultiKeyCommands, which RedisCluster uses: the base annotation is wrong.
+    async def _execute_pipeline_by_slot(  # type: ignore[override]
+        self, command: str, slots_to_args: Mapping[int, Iterable[EncodableT]]
+    ) -> list[Any]:
         # Multi-key commands (EXISTS, DELETE, MGET, MSET...) go per slot through a pipeline.
         try:
             return await super()._execute_pipeline_by_slot(command, slots_to_args)
@@ -347,17 +355,26 @@ class GatewayClusterPipeline(ClusterPipeline):
     becomes) goes by that node's health like a call: refused at once while the node is
     down. Other pipelines span nodes and fail as their connection attempts do."""
 
-    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list:
+    cluster_client: GatewayRedisCluster
+    # Declared (not set) by redis-py's CommandsProtocol; its ClusterPipeline never sets it.
+    _event_dispatcher: EventDispatcherInterface
+
+    def __init__(self, client: GatewayRedisCluster, transaction: bool | None = None) -> None:
+        super().__init__(client, transaction)
+        self._event_dispatcher = client._event_dispatcher
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
         client = self.cluster_client
         node = self._single_node()
-        health = probe = None
+        health: _NodeHealth | None = None
+        probe = False  # a pipeline of several nodes is never a probe
         if node is not None:
             health = client._health_of(node)
             probe = health.admit(node.name, time.monotonic())
         try:
             result = await super().execute(raise_on_error, allow_redirections)
         except (ConnectionError, TimeoutError) as exc:
-            if health is not None and not isinstance(exc, MaxConnectionsError):
+            if node is not None and health is not None and not isinstance(exc, MaxConnectionsError):
                 client._node_failed(node, health, probe, exc, weight=1)
             else:
                 client._refresh_soon()
@@ -388,8 +405,11 @@ class GatewayClusterPipeline(ClusterPipeline):
 
     def _single_node(self) -> ClusterNode | None:
         """The node every queued command names (target_nodes), if there is one."""
+        strategy = self._execution_strategy
+        if not isinstance(strategy, AbstractStrategy):  # a strategy whose queue we cannot read
+            return None
         names: dict[str, ClusterNode] = {}
-        for cmd in self._execution_strategy._command_queue:
+        for cmd in strategy._command_queue:
             targets = cmd.kwargs.get("target_nodes")
             if not isinstance(targets, list) or len(targets) != 1 or not isinstance(targets[0], ClusterNode):
                 return None

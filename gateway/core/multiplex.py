@@ -183,7 +183,7 @@ class MultiplexedRedis:
                     _, conn = await loop.create_unix_connection(_Connection, self._unix)
                 else:
                     _, conn = await loop.create_connection(_Connection, self._host, self._port)
-                hello = []
+                hello: list[tuple[str | int, ...]] = []
                 if self._password:
                     hello.append(
                         ("AUTH", self._user, self._password) if self._user else ("AUTH", self._password)
@@ -192,7 +192,8 @@ class MultiplexedRedis:
                     hello.append(("SELECT", self._db))
                 for cmd in hello:
                     fut = loop.create_future()
-                    conn.send(hiredis.pack_command(cmd), fut)
+                    # hiredis's stub declares a 1-tuple (Tuple[X]); pack_command takes any length.
+                    conn.send(hiredis.pack_command(cmd), fut)  # type: ignore[arg-type]
                     await fut
         except BaseException as exc:
             if conn is not None:  # never leave a half-set-up socket behind

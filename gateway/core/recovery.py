@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -161,10 +162,12 @@ def _s(x: Any) -> str:
 
 async def _scripts(engine: CreditEngine, name: str, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
     """Runs one script many times in one pipeline; an answer of NOSCRIPT (a node that lost
-    its script cache meanwhile) is run again on its own, which loads it there."""
+    its script cache meanwhile) is run again on its own, which loads it there. A call with
+    a key count the script does not declare raises ScriptError before any call is sent."""
     script = engine.scripts[name]
     pipe = engine.redis.pipeline(transaction=False)
     for keys, args in calls:
+        script.check_keys(keys)
         # Not pipe.evalsha: redis-py's cluster pipeline refuses that method (not the command).
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
     replies = await pipe.execute(raise_on_error=False)
@@ -342,14 +345,14 @@ async def rehydrate(
     keeper = asyncio.create_task(leases.keep(taken))
     flight = _InFlight(width)
     try:
-        chunk: list[AccountSnapshot] = []
+        accounts: list[AccountSnapshot] = []
         async for snap in _snapshots(store, engine.keys, wanted):
-            chunk.append(snap)
-            if len(chunk) == ACCOUNTS_PER_PIPELINE:
-                await flight.spawn(_restore_accounts(engine, chunk, report))
-                chunk = []
-        if chunk:
-            await flight.spawn(_restore_accounts(engine, chunk, report))
+            accounts.append(snap)
+            if len(accounts) == ACCOUNTS_PER_PIPELINE:
+                await flight.spawn(_restore_accounts(engine, accounts, report))
+                accounts = []
+        if accounts:
+            await flight.spawn(_restore_accounts(engine, accounts, report))
         # Operation ids answered within the retention window answer the same after the
         # rebuild. After the accounts: a hold's reserve record lives in its hash, which the
         # account's restore writes anew.
@@ -368,32 +371,34 @@ async def rehydrate(
                 if len(resolved[p]) == OPS_PER_CALL:
                     await flight.spawn(_restore_holds(engine, resolved[p], report))
                     resolved[p] = []
-        for chunk in resolved.values():
-            if chunk:
-                await flight.spawn(_restore_holds(engine, chunk, report))
+        for holds in resolved.values():
+            if holds:
+                await flight.spawn(_restore_holds(engine, holds, report))
         await flight.wait()
-        chunks: dict[int, list[tuple[str, str, str, str, int]]] = {p: [] for p in wanted}
+        op_chunks: dict[int, list[tuple[str, str, str, str, int]]] = {p: [] for p in wanted}
         parts: dict[str, int] = {}  # a user's partition (a user has many operations)
         async for op in store.operations_since(now_ms - retention_s * 1000):
-            p = parts.get(op.user)
-            if p is None:
+            cached = parts.get(op.user)
+            if cached is None:  # not seen yet (or forgotten): compute it and remember it
                 if len(parts) > 100_000:
                     parts.clear()
-                p = parts[op.user] = partition_of(op.user)
-            if p not in wanted:
+                op_part = parts[op.user] = partition_of(op.user)
+            else:
+                op_part = cached
+            if op_part not in wanted:
                 continue
             ttl = retention_s - (now_ms - op.ts_ms) // 1000
             if ttl > 0:
-                chunk = chunks[p]
+                ops = op_chunks[op_part]
                 # '#v<version>': the ledger's name of an id applied again after Redis forgot
                 # it; Redis knows the operation by its own id.
-                chunk.append((op.user, op.op_id.partition("#")[0], op.fingerprint, op.result, ttl))
-                if len(chunk) == OPS_PER_CALL:
-                    await flight.spawn(_restore_ops(engine, chunk, report))
-                    chunks[p] = []
-        for chunk in chunks.values():
-            if chunk:
-                await flight.spawn(_restore_ops(engine, chunk, report))
+                ops.append((op.user, op.op_id.partition("#")[0], op.fingerprint, op.result, ttl))
+                if len(ops) == OPS_PER_CALL:
+                    await flight.spawn(_restore_ops(engine, ops, report))
+                    op_chunks[op_part] = []
+        for ops in op_chunks.values():
+            if ops:
+                await flight.spawn(_restore_ops(engine, ops, report))
         # The admin records that live on these partitions: API keys and rate-limit overrides.
         report.api_keys = await restore_api_keys(engine.redis, engine.keys, store, wanted)
         report.rate_limits = await restore_rate_limits(engine.redis, engine.keys, store, wanted)
@@ -469,12 +474,16 @@ class Drift:
         return f"{self.user}: {self.what}: redis={self.redis} store={self.store}"
 
 
+def _event_int(event: dict[str, Any], key: str) -> int:
+    """An integer field of a ledger event; absent or empty reads as 0."""
+    return int(event.get(key) or 0)
+
+
 def replay_ledger(entries: list[LedgerEntry]) -> dict[str, int]:
     """Totals recomputed from the ledger's amounts alone (not from the carried states)."""
     t = dict.fromkeys(("granted", "spent", "expired", "held", "debt"), 0)
     for e in entries:
-        ev = e.event
-        n = lambda k: int(ev.get(k) or 0)  # noqa: E731
+        n = functools.partial(_event_int, e.event)
         if e.type == GRANT:
             t["granted"] += e.amount
             t["debt"] -= n("debt_repaid")
@@ -503,9 +512,9 @@ async def reconcile(engine: CreditEngine, store: Store) -> list[Drift]:
     drift: list[Drift] = []
     users: set[str] = set()
     snaps: dict[str, AccountSnapshot] = {}
-    async for snap in store.snapshots():
-        snaps[snap.user] = snap
-        users.add(snap.user)
+    async for stored in store.snapshots():
+        snaps[stored.user] = stored
+        users.add(stored.user)
     for pk in engine.keys.all_partitions():
         users.update(m.decode() if isinstance(m, bytes) else m for m in await engine.redis.smembers(pk.users))
     for user in sorted(users):
