@@ -175,7 +175,7 @@ class Store(ABC):
         async with self._transaction():
             new = await self._insert_ledger(b.ledger)
             if new < len(b.ledger):
-                stored = await self._ledger_versions({(r.user, r.op_id) for r in b.ledger})
+                stored = await self._ledger_versions({(r[0], r[1]) for r in b.ledger})
                 again = reissued(b.ledger, stored)
                 if again:
                     new += await self._insert_ledger(again)

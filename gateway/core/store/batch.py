@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import orjson
 
@@ -26,34 +26,16 @@ def _int(x: Any) -> int:
     return int(x or 0)
 
 
-class LedgerRow(NamedTuple):
-    """One event as the ledger keeps it; everything else it says stays in `event` (JSON)."""
+# Ledger and account rows are plain tuples, in the column order the stores write them: a
+# batch makes one per event, and a tuple is the cheapest to build and to bind to SQL.
 
-    user: str
-    op_id: str
-    type: str
-    version: int
-    ts_ms: int
-    amount: int
-    hold_id: str | None
-    fingerprint: str | None
-    event: str
+# One event as the ledger keeps it; everything else it says stays in `event` (its JSON):
+# (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, event)
+LedgerRow = tuple[str, str, str, int, int, int, str | None, str | None, str]
 
-
-class AccountRow(NamedTuple):
-    """An account's totals after the newest event of the batch."""
-
-    user: str
-    version: int
-    partition: int
-    available: int
-    held: int
-    debt: int
-    granted: int
-    spent: int
-    expired: int
-    seq: int
-    debt_total: int
+# An account's totals after the newest event of the batch:
+# (user, version, partition, available, held, debt, granted, spent, expired, seq, debt_total)
+AccountRow = tuple[str, int, int, int, int, int, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -112,7 +94,7 @@ def collapse(events: list[Event]) -> Batch:
     for ev in events:
         user, v, raw = ev.user, ev.version, ev.raw
         ledger.append(
-            LedgerRow(
+            (
                 user,
                 ev.op_id,
                 ev.type,
@@ -169,7 +151,7 @@ def collapse(events: list[Event]) -> Batch:
     for user, ev in newest.items():
         t = ev.state
         accounts.append(
-            AccountRow(
+            (
                 user,
                 ev.version,
                 ev.partition,
@@ -195,18 +177,18 @@ def reissued(rows: list[LedgerRow], stored: dict[tuple[str, str], int]) -> list[
     kept under `<op id>#v<version>` ('#' never occurs in an id the engine accepts) and
     logged. A redelivered event has the stored version and is not one of these.
     """
-    out = []
-    for row in rows:
-        v = stored.get((row.user, row.op_id))
-        if v is not None and v != row.version:
-            again = f"{row.op_id}#v{row.version}"
+    out: list[LedgerRow] = []
+    for user, op_id, type_, version, ts_ms, amount, hold_id, fingerprint, event in rows:
+        v = stored.get((user, op_id))
+        if v is not None and v != version:
+            again = f"{op_id}#v{version}"
             log.warning(
                 "operation id %s of %s was applied again after Redis forgot it (retention); "
                 "its event (version %d) is kept as %s",
-                row.op_id,
-                row.user,
-                row.version,
+                op_id,
+                user,
+                version,
                 again,
             )
-            out.append(row._replace(op_id=again))
+            out.append((user, again, type_, version, ts_ms, amount, hold_id, fingerprint, event))
     return out

@@ -185,17 +185,17 @@ class MongoStore(Store):
     async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
         docs = [
             {
-                "user_id": r.user,
-                "op_id": r.op_id,
-                "type": r.type,
-                "version": L(r.version),
-                "ts_ms": L(r.ts_ms),
-                "amount": L(r.amount),
-                "hold_id": r.hold_id,
-                "fingerprint": r.fingerprint,
-                "event": r.event,
+                "user_id": user,
+                "op_id": op_id,
+                "type": type_,
+                "version": L(version),
+                "ts_ms": L(ts_ms),
+                "amount": L(amount),
+                "hold_id": hold_id,
+                "fingerprint": fingerprint,
+                "event": event,
             }
-            for r in rows
+            for user, op_id, type_, version, ts_ms, amount, hold_id, fingerprint, event in rows
         ]
         try:
             return len((await self.db.ledger.insert_many(docs, ordered=False)).inserted_ids)
@@ -219,24 +219,18 @@ class MongoStore(Store):
             self.db.accounts,
             [
                 UpdateOne(
-                    {"_id": a.user, "version": {"$lt": L(a.version)}},
+                    {"_id": user, "version": {"$lt": L(version)}},
                     {
                         "$set": {
-                            "version": L(a.version),
-                            "partition": a.partition,
-                            "available": L(a.available),
-                            "held": L(a.held),
-                            "debt": L(a.debt),
-                            "granted": L(a.granted),
-                            "spent": L(a.spent),
-                            "expired": L(a.expired),
-                            "seq": L(a.seq),
-                            "debt_total": L(a.debt_total),
+                            "version": L(version),
+                            "partition": partition,
+                            **{k: L(n) for k, n in zip(TOTAL_FIELDS, totals, strict=True)},
+                            "debt_total": L(debt_total),
                         }
                     },
                     upsert=True,
                 )
-                for a in rows
+                for user, version, partition, *totals, debt_total in rows
             ],
         )
 
