@@ -150,7 +150,7 @@ def cmd_rehydrate(args: argparse.Namespace) -> int:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from gateway.worker.service import build_worker
 
-    from .core.recovery import reconcile
+    from .core.reconcile import reconcile
 
     async def run(settings, engine, store):
         if not args.no_drain:

@@ -7,7 +7,8 @@ import pytest
 import pytest_asyncio
 
 from gateway.core.connections import make_redis
-from gateway.core.recovery import reconcile, rehydrate
+from gateway.core.reconcile import reconcile
+from gateway.core.recovery import rehydrate
 from gateway.core.settings import Settings
 from gateway.worker.runner import Worker
 from tests.conftest import ready_engine

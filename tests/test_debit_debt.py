@@ -14,7 +14,7 @@ from decimal import Decimal
 import pytest
 
 from gateway.core.errors import AccountInDebt, InsufficientCredits, OperationConflict
-from gateway.core.recovery import reconcile, replay_ledger
+from gateway.core.reconcile import reconcile, replay_ledger
 
 
 async def last_event(engine, user: str) -> dict:

@@ -1,7 +1,7 @@
 """Debt is repaid by credit that returns to the grants, inside the script that returns it:
 a release, a settle below its hold, the sweeper's expiry of a hold and a late settle that
 expires it. The account can reserve again at once; its events carry `debt_repaid`, so the
-ledger still replays to the balances (recovery.reconcile finds no drift).
+ledger still replays to the balances (reconcile finds no drift).
 All against the real Lua on a real redis-server.
 """
 
@@ -14,7 +14,7 @@ import pytest
 from gateway.core import errors
 from gateway.core.engine import CreditEngine
 from gateway.core.events import decode
-from gateway.core.recovery import reconcile
+from gateway.core.reconcile import reconcile
 from tests.support.engine_helpers import assert_conserved, at, events_of
 
 D = Decimal

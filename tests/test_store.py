@@ -531,7 +531,7 @@ async def test_rate_limit_overrides_are_replaced_and_removed(store):
 
 
 async def test_an_op_id_reused_after_redis_forgot_it_keeps_the_ledger_complete(redis, store, clock):
-    from gateway.core.recovery import reconcile
+    from gateway.core.reconcile import reconcile
     from gateway.worker.runner import Worker
     from tests.conftest import ready_engine
 

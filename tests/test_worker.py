@@ -18,7 +18,8 @@ from redis.exceptions import ResponseError
 
 from gateway.core import errors
 from gateway.core.events import decode
-from gateway.core.recovery import reconcile, rehydrate
+from gateway.core.reconcile import reconcile
+from gateway.core.recovery import rehydrate
 from gateway.core.store.sqlite import SQLiteStore
 from gateway.worker.audit import AuditLog
 from gateway.worker.runner import Worker
