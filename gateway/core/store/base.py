@@ -13,15 +13,13 @@ admin-plane records, and a `from_url` that the registry (store/registry.py) call
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
-
-T = TypeVar("T")
 
 # An account's totals as AccountSnapshot.totals carries them (debt_total aside).
 TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
@@ -169,7 +167,7 @@ class Store(ABC):
         """
         if not events:
             return 0
-        return await self._write_batch(await self._offload(collapse, events))
+        return await self._write_batch(collapse(events))
 
     async def _write_batch(self, b: Batch) -> int:
         async with self._transaction():
@@ -186,11 +184,6 @@ class Store(ABC):
             if b.holds:
                 await self._write_holds(b.holds)
         return new
-
-    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
-        """Runs CPU work of the write path (the collapse); a backend with a thread of its own
-        runs it there, so that the event loop only waits."""
-        return fn(*args)
 
     def _transaction(self) -> AbstractAsyncContextManager[Any]:
         """What the hooks of one batch run inside (none: every write is idempotent)."""

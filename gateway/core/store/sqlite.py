@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import orjson
 
-from ..events import answer_of
+from ..events import Event, answer_of
 from .base import (
     TOTAL_FIELDS,
     AccountSnapshot,
@@ -106,6 +106,22 @@ LEDGER_COLS = "user, op_id, type, version, ts_ms, amount, hold_id, event"
 LIMIT_COLS = "user, requests_per_minute, tokens_per_minute"
 
 
+def _run_to_end(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """Runs the coroutine `fn(*args)` to its end in one step, on the calling thread.
+
+    For the shared write path over this store's hooks, which call SQLite directly and never
+    await anything that suspends: the coroutine finishes at its first `send`. One that
+    suspended would be a bug in a hook, reported rather than left half-run.
+    """
+    coro = fn(*args)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError(f"{fn.__qualname__} suspended on the store's thread")
+
+
 def _ledger_entry(row: tuple) -> LedgerEntry:
     user, op_id, type_, version, ts_ms, amount, hold_id, event = row
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, json.loads(event))
@@ -118,7 +134,6 @@ class SQLiteStore(Store):
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._ex: ThreadPoolExecutor | None = None
-        self._lock: asyncio.Lock | None = None
 
     @classmethod
     def from_url(cls, url: str, *, database: str = "") -> SQLiteStore:
@@ -134,21 +149,11 @@ class SQLiteStore(Store):
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _run(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
-        """`fn` on the store's thread (the caller holds the lock)."""
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn` on the store's thread: calls run there one at a time, in order."""
         if self._ex is None:
             raise RuntimeError("SQLiteStore is not open")
-        return asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
-
-    def _locked(self) -> asyncio.Lock:
-        if self._lock is None:
-            raise RuntimeError("SQLiteStore is not open")
-        return self._lock
-
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """`fn` on the store's thread, between two batches' transactions."""
-        async with self._locked():
-            return await self._run(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._ex, fn, *args)
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -175,7 +180,6 @@ class SQLiteStore(Store):
         if self._ex is not None:
             return
         self._ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
-        self._lock = asyncio.Lock()
         try:
             await self._call(self._open)
         except BaseException:
@@ -203,30 +207,27 @@ class SQLiteStore(Store):
         except Exception:
             return False
 
-    # -- write hooks (Store.write_events) ----------------------------------------------------
-    # One batch is one transaction; every hook runs on the store's thread inside it.
+    # -- writes: the shared write path, run on the store's thread ------------------------------
 
-    async def _offload(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._call(fn, *args)
+    async def write_events(self, events: list[Event]) -> int:
+        # One job on the store's thread per batch: the collapse included (the event loop only
+        # waits), and no other call between the statements of its transaction.
+        if not events:
+            return 0
+        return await self._call(_run_to_end, super().write_events, events)
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
-        # The lock keeps every other call off the connection until the batch commits or rolls
-        # back: a read would see the uncommitted rows, a write would join the transaction.
-        # Shielded: a cancelled caller must not leave the transaction open. Jobs run in the
-        # order they reach the thread, so a rollback queued after a commit finds nothing to do.
-        async with self._locked():
-            try:
-                await asyncio.shield(self._run(self.db.execute, "BEGIN IMMEDIATE"))
-                yield
-                await asyncio.shield(self._run(self._end, "COMMIT"))
-            except BaseException:
-                await asyncio.shield(self._run(self._end, "ROLLBACK"))
-                raise
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
-    def _end(self, statement: str) -> None:
-        if self.db.in_transaction:
-            self.db.execute(statement)
+    # The hooks call SQLite directly and never suspend (see _run_to_end).
 
     def _changes(self, sql: str, rows: list[Any]) -> int:
         db = self.db
@@ -235,21 +236,17 @@ class SQLiteStore(Store):
         return db.total_changes - before
 
     async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
-        return await self._run(self._changes, INSERT_LEDGER, rows)
+        return self._changes(INSERT_LEDGER, rows)
 
-    def _versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
         rows = self.db.execute(LEDGER_VERSIONS, (orjson.dumps(list(keys)).decode(),))
         return {(user, op_id): version for user, op_id, version in rows}
 
-    async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        return await self._run(self._versions, keys)
-
     async def _write_accounts(self, rows: list[AccountRow]) -> None:
-        await self._run(self._changes, UPSERT_ACCOUNT, rows)
+        self._changes(UPSERT_ACCOUNT, rows)
 
     async def _write_grants(self, rows: list[GrantRow]) -> None:
-        await self._run(
-            self._changes,
+        self._changes(
             UPSERT_GRANT,
             [
                 (
@@ -268,8 +265,7 @@ class SQLiteStore(Store):
         )
 
     async def _write_holds(self, rows: list[HoldRow]) -> None:
-        await self._run(
-            self._changes,
+        self._changes(
             UPSERT_HOLD,
             [
                 (
