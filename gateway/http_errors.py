@@ -2,7 +2,7 @@
 
 Three surfaces answer refusals over HTTP: the admin/client API (gateway/api/errors.py), the
 metering proxy (gateway/proxy/errors.py, in each upstream kind's own format) and the
-library middleware (gateway/library.py). They share this module so that a refusal has one
+library middleware (gateway/library/middleware.py). They share this module so that a refusal has one
 status wherever it is answered, and every body is built the same way:
 
     {**envelope, "error": {"code": ..., "message": ..., **details, **fields}}

@@ -1,4 +1,4 @@
-"""Library mode (gateway/library.py) against a real redis-server.
+"""Library mode (gateway/library/) against a real redis-server.
 
 Usage recorded inside a FastAPI handler is charged, from the handler and from tasks it
 spawns; what the headers, SSE comment and trailers say is what was settled; late usage is
