@@ -8,9 +8,8 @@ from starlette.requests import Request
 
 from .config import Upstream
 
-# Never forwarded, whatever the configuration allows: credentials, cookies, hop-by-hop
-# headers, the gateway's own, and what the HTTP client sets itself.
-NEVER_FORWARDED = frozenset(
+# Hop-by-hop headers (RFC 9110 7.6.1, and the old names proxies still see): one connection's.
+HOP_BY_HOP = frozenset(
     {
         "connection",
         "keep-alive",
@@ -21,6 +20,12 @@ NEVER_FORWARDED = frozenset(
         "trailers",
         "transfer-encoding",
         "upgrade",
+    }
+)
+# Never forwarded, whatever the configuration allows: credentials, cookies, hop-by-hop
+# headers, the gateway's own, and what the HTTP client sets itself.
+NEVER_FORWARDED = HOP_BY_HOP | frozenset(
+    {
         "host",
         "content-length",
         "authorization",
@@ -33,17 +38,8 @@ NEVER_FORWARDED = frozenset(
     }
 )
 # Never passed back to the client from the upstream.
-DROP_RESPONSE_HEADERS = frozenset(
+DROP_RESPONSE_HEADERS = HOP_BY_HOP | frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
         "content-length",
         "content-encoding",
         "set-cookie",
