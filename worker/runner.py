@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from gateway.core.engine import CreditEngine
 from gateway.core.errors import StateLost
@@ -210,8 +211,9 @@ class Worker:
             ),
             return_exceptions=True,
         )
-        if all(isinstance(r, Exception) for r in replies):
-            raise replies[0]  # Redis itself is down: the round fails as a whole
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if len(errors) == len(replies):
+            raise errors[0]  # Redis itself is down: the round fails as a whole
         return replies
 
     async def _read(self, start: str) -> list[tuple[int, str, dict]]:
@@ -333,7 +335,11 @@ class Worker:
     async def _dead_letter(self, dead: list[tuple[int, str, dict, str]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         for p, sid, fields, reason in dead:
-            body = {**{_s(k): v for k, v in fields.items()}, "source_id": sid, "reason": reason}
+            body: dict[FieldT, EncodableT] = {
+                **{_s(k): v for k, v in fields.items()},
+                "source_id": sid,
+                "reason": reason,
+            }
             pipe.xadd(self.keys.partition(p).dead, body)
         await pipe.execute()
         self.stats.dead_lettered += len(dead)

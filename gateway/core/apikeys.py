@@ -23,6 +23,7 @@ from .channel import Subscription
 from .errors import StateLost
 from .keys import KeySpace
 from .pipelined import write_pipelined
+from .redis_client import RedisClient
 from .store.base import ApiKeyRecord, Store
 
 log = logging.getLogger("credit.apikeys")
@@ -51,7 +52,13 @@ class IssuedKey:
 
 class ApiKeys:
     def __init__(
-        self, redis: Any, keys: KeySpace, store: Store, *, cache_seconds: float = 10.0, clock=time.time
+        self,
+        redis: RedisClient,
+        keys: KeySpace,
+        store: Store,
+        *,
+        cache_seconds: float = 10.0,
+        clock=time.time,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -148,7 +155,7 @@ class ApiKeys:
 
 
 async def restore_api_keys(
-    redis: Any, keys: KeySpace, store: Store, partitions: set[int], *, batch: int = 1000
+    redis: RedisClient, keys: KeySpace, store: Store, partitions: set[int], *, batch: int = 1000
 ) -> int:
     """Writes the store's live keys of the given partitions back to Redis (rehydrate), in
     pipelines of `batch`."""

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from .redis_client import RedisClient
+
 log = logging.getLogger("credit.channel")
 
 CLOSE_TIMEOUT_S = 2.0
@@ -31,7 +33,7 @@ async def _call(fn: Callable | None, *args: Any) -> None:
 class Subscription:
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         channel: str,
         *,
         on_message: Callable[[Any], Any],

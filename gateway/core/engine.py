@@ -22,6 +22,7 @@ import orjson
 from .errors import InvalidExpiry, raise_for
 from .keys import KeySpace, check_id
 from .money import MAX_UNITS, AmountError, from_units, to_units
+from .redis_client import RedisClient
 from .results import (
     AccountState,
     AccountView,
@@ -125,7 +126,7 @@ class CreditEngine:
 
     def __init__(
         self,
-        redis: Any,
+        redis: RedisClient,
         *,
         keys: KeySpace | None = None,
         scripts: ScriptRegistry | None = None,
@@ -461,7 +462,7 @@ class CreditEngine:
         grants = await self.redis.zrangebyscore(pk.grant_expiry, "-inf", now, start=0, num=limit)
         due: dict[str, tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
         for member, slot in [(m, 0) for m in holds] + [(m, 1) for m in grants]:
-            user, _, ident = (member.decode() if isinstance(member, bytes) else member).rpartition("|")
+            user, _, ident = (member.decode() if isinstance(member, bytes) else str(member)).rpartition("|")
             due[user][slot].append(ident)
         total = SweepResult(due_left=len(holds) == limit or len(grants) == limit)
         for user, (hids, seqs) in due.items():

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, Callable
 from typing import Any, TypeVar
 
+from .redis_client import RedisClient
+
 T = TypeVar("T")
 
 
 async def write_pipelined(
-    redis: Any, records: AsyncIterable[T], queue: Callable[[Any, T], bool], batch: int = 1000
+    redis: RedisClient, records: AsyncIterable[T], queue: Callable[[Any, T], bool], batch: int = 1000
 ) -> int:
     """Calls `queue(pipe, record)` for each record (True: it queued commands for it), and
     sends a pipeline every `batch` queued records; returns how many were queued."""

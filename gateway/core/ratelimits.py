@@ -13,6 +13,7 @@ from typing import Any
 from .errors import StateLost
 from .keys import KeySpace
 from .pipelined import write_pipelined
+from .redis_client import RedisClient
 from .store.base import RateLimitOverride, Store
 
 MAX_LIMIT = 10**12
@@ -41,14 +42,14 @@ def _queue(pipe: Any, keys: KeySpace, o: RateLimitOverride) -> None:
     pipe.hset(key, mapping={k: v for k, v in values.items() if v is not None})
 
 
-async def _write(redis: Any, keys: KeySpace, o: RateLimitOverride) -> None:
+async def _write(redis: RedisClient, keys: KeySpace, o: RateLimitOverride) -> None:
     pipe = redis.pipeline(transaction=False)
     _queue(pipe, keys, o)
     await pipe.execute()
 
 
 async def set_rate_limits(
-    redis: Any, keys: KeySpace, store: Store, override: RateLimitOverride
+    redis: RedisClient, keys: KeySpace, store: Store, override: RateLimitOverride
 ) -> RateLimitOverride:
     """Stores an account's override (both None: back to the defaults) and applies it."""
     check_limit("requests_per_minute", override.requests_per_minute)
@@ -63,7 +64,7 @@ async def set_rate_limits(
 
 
 async def restore_rate_limits(
-    redis: Any, keys: KeySpace, store: Store, partitions: set[int], *, batch: int = 1000
+    redis: RedisClient, keys: KeySpace, store: Store, partitions: set[int], *, batch: int = 1000
 ) -> int:
     """Writes the store's overrides of the given partitions back to Redis (rehydrate), in
     pipelines of about `batch` accounts."""

@@ -28,6 +28,7 @@ from .apikeys import restore_api_keys
 from .engine import CreditEngine
 from .keys import KeySpace
 from .ratelimits import restore_rate_limits
+from .redis_client import RedisClient
 from .store.base import AccountSnapshot, Store
 
 log = logging.getLogger("credit.recovery")
@@ -70,7 +71,7 @@ class PartitionStatus:
         return sorted(self.lost + self.rebuilding + self.unreachable)
 
 
-async def partition_status(redis: Any, keys: KeySpace) -> PartitionStatus:
+async def partition_status(redis: RedisClient, keys: KeySpace) -> PartitionStatus:
     """One pipeline of EXISTS (markers and leases); on a Cluster it is split by node. Should
     it fail as a whole (a Cluster node down), each partition is asked on its own, and those
     that do not answer are `unreachable`; none answering raises (Redis is down)."""
@@ -90,7 +91,7 @@ async def partition_status(redis: Any, keys: KeySpace) -> PartitionStatus:
     return PartitionStatus(n, lost, rebuilding)
 
 
-async def _partition_status_one_by_one(redis: Any, keys: KeySpace) -> PartitionStatus:
+async def _partition_status_one_by_one(redis: RedisClient, keys: KeySpace) -> PartitionStatus:
     async def one(pk: Any) -> list[int]:
         pipe = redis.pipeline(transaction=False)  # one hash tag: one node
         pipe.exists(pk.ready)

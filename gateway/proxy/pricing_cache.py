@@ -8,18 +8,20 @@ message was missed. The hot path reads only the process-local copy.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import orjson
 
 from ..core.channel import Subscription
 from ..core.pricing import PricingTable
+from ..core.redis_client import RedisClient
 
 log = logging.getLogger("credit.pricing")
 
 
 class PricingCache:
-    def __init__(self, redis: Any, prefix: str, initial: PricingTable, refresh_seconds: float = 10.0) -> None:
+    def __init__(
+        self, redis: RedisClient, prefix: str, initial: PricingTable, refresh_seconds: float = 10.0
+    ) -> None:
         self.redis = redis
         self.key = f"{prefix}:pricing"
         self.channel = f"{prefix}:pricing:changed"
