@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 
 from .core.settings import Settings, load_settings
@@ -213,7 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_rehydrate)
     args = parser.parse_args(argv)
     configure_logging(_log_format())
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except Exception as exc:
+        # Through the configured handler: one JSON line (traceback inside) when asked for JSON.
+        logging.getLogger("credit.cli").critical("%s stopped: %s", args.command, exc, exc_info=True)
+        return 1
 
 
 def _log_format() -> LogFormat:

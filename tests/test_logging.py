@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 
 import httpx
 import pytest
@@ -15,6 +17,8 @@ from gateway.cli import _log_format
 from gateway.core.settings import Settings
 from gateway.core.store.sqlite import SQLiteStore
 from gateway.logs import configure_logging
+from tests.conftest import free_port
+from tests.support.serve_process import clean_env
 
 log = logging.getLogger("credit.test")
 
@@ -87,3 +91,19 @@ def test_the_command_line_reads_credit_log_format(monkeypatch, value, expected):
     else:
         monkeypatch.setenv("CREDIT_LOG_FORMAT", value)
     assert _log_format() == expected
+
+
+@pytest.mark.parametrize(
+    "command", [["-m", "gateway.worker"], ["-m", "gateway.cli", "worker"]], ids=["module", "cli"]
+)
+def test_a_worker_that_cannot_reach_redis_stops_with_json_lines_only(tmp_path, command):
+    env = clean_env(
+        CREDIT_LOG_FORMAT="json",
+        CREDIT_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        CREDIT_SQLITE_PATH=str(tmp_path / "w.db"),
+        CREDIT_AUDIT_PATH="",
+    )
+    done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
+    assert lines[-1]["level"] == "CRITICAL" and "Connection" in lines[-1]["exc_info"]

@@ -72,5 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = load_settings()
     configure_logging(settings.log_format)
-    asyncio.run(run_worker(settings, burst=args.burst))
+    try:
+        asyncio.run(run_worker(settings, burst=args.burst))
+    except Exception as exc:
+        # Through the configured handler: one JSON line (traceback inside) when asked for JSON.
+        log.critical("worker stopped: %s", exc, exc_info=True)
+        return 1
     return 0
