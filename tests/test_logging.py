@@ -107,3 +107,24 @@ def test_a_worker_that_cannot_reach_redis_stops_with_json_lines_only(tmp_path, c
     assert done.returncode == 1
     lines = [json.loads(line) for line in done.stderr.splitlines()]  # every line is JSON
     assert lines[-1]["level"] == "CRITICAL" and "Connection" in lines[-1]["exc_info"]
+
+
+async def test_answers_carry_the_request_id_their_log_lines_carry(redis, redis_url, tmp_path, lines):
+    configure_logging("json", stream=lines)
+    settings = Settings(
+        redis_url=redis_url, partitions=16, sqlite_path=str(tmp_path / "s.db"), audit_path=None
+    )
+    app = create_app(settings, redis=redis, store=SQLiteStore(str(tmp_path / "s.db")), run_worker=False)
+
+    async def logs_a_line() -> dict:
+        log.info("inside the request")
+        return {}
+
+    app.add_api_route("/_log", logs_a_line)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        given = await c.get("/_log", headers={"X-Request-Id": "trace-7"})
+        made = await c.get("/_log")
+    assert given.headers.get_list("x-request-id") == ["trace-7"]
+    records = [json.loads(line) for line in lines.getvalue().splitlines()]
+    ours = [r for r in records if r["logger"] == "credit.test"]
+    assert [r["request_id"] for r in ours] == ["trace-7", made.headers["x-request-id"]]

@@ -167,6 +167,7 @@ async def test_a_proxied_calls_log_lines_carry_the_request_id_it_answers_with(gw
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     unreachable = [r for r in lines if "unreachable" in r["message"]]
     assert unreachable and unreachable[0]["request_id"] == headers["X-Request-Id"]
+    assert len(headers.getall("X-Request-Id")) == 1  # the hold id only
 
 
 async def test_client_disconnect_mid_stream_charges_only_what_was_produced(gw):
