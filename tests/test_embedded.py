@@ -224,3 +224,41 @@ async def test_a_burst_beyond_the_connection_pool_waits_rather_than_failing(tmp_
             *(c.post("/credits/holds", json={"amount": "0.1"}, headers=user) for _ in range(150))
         )
         assert [r.status_code for r in replies] == [201] * 150
+
+
+def test_embedded_mode_answers_only_what_is_stored_so_a_kill_loses_nothing_answered(tmp_path):
+    # Redis lives in the process: what was answered must already be in SQLite when the
+    # process is killed (SIGKILL: no drain at exit).
+    env = clean_env(
+        CREDIT_SQLITE_PATH=str(tmp_path / "kill.db"),
+        CREDIT_AUDIT_PATH="",
+        CREDIT_ADMIN_KEYS=ADMIN,
+        CREDIT_CLIENT_KEYS=CLIENT,
+    )
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    user = {"Authorization": f"Bearer {CLIENT}", "X-User-Id": "kay"}
+    proc, port = serve(env, tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            for i in range(20):
+                r = c.post("/admin/accounts/kay/grants", json={"amount": "1"}, headers=admin)
+                assert r.status_code == 201, r.text
+                r = c.post("/credits/holds", json={"amount": "0.5", "hold_id": f"h{i}"}, headers=user)
+                assert r.status_code == 201, r.text
+                r = c.post(f"/credits/holds/h{i}/settle", json={"amount": "0.25"}, headers=user)
+                assert r.status_code == 200, r.text
+    finally:
+        proc.proc.kill()  # at once after the last answer
+        proc.proc.wait(10)
+    proc, port = serve(env, tmp_path)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
+            b = c.get("/admin/accounts/kay", headers=admin).json()
+    finally:
+        proc.stop()
+    assert (b["granted"], b["spent"], b["held"], b["available"]) == (
+        "20.000000",
+        "5.000000",
+        "0.000000",
+        "15.000000",
+    )

@@ -274,6 +274,7 @@ class Worker:
         """Audit lines, then the store, then XACK: an entry is acknowledged only once stored."""
         if self.audit is not None:
             self.audit.write(good)
+        stored = good
         try:
             new = await self.store.write_events(good)
         except Exception:
@@ -284,6 +285,10 @@ class Worker:
                 raise
             new, poison = await self._one_by_one(good)
             dead = dead + poison
+            poisoned = {sid for _, sid, _, _ in poison}
+            stored = [e for e in good if e.stream_id not in poisoned]
+        if self.engine.stored_versions is not None:
+            self.engine.stored_versions.stored(stored)  # the writes waiting on these are answered
         if dead:
             await self._dead_letter(dead)
         pipe = self.redis.pipeline(transaction=False)

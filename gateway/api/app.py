@@ -26,6 +26,7 @@ from ..core.recovery import ensure_ready, watch_partitions
 from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
+from ..core.stored_versions import StoredVersions
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
@@ -249,12 +250,15 @@ async def _run_worker(stack: AsyncExitStack, services: Services) -> None:
 
     worker: InProcessWorker = build_worker(services.settings, services.engine, services.store)
     services.worker = worker
+    if services.settings.embedded:  # Redis keeps nothing on disk: answer what is stored
+        services.engine.stored_versions = StoredVersions()
     task = asyncio.create_task(worker.run(), name="credit-worker")
 
     async def stop() -> None:
         worker.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)
+        services.engine.stored_versions = None  # nobody stores now: nothing to wait for
         worker.close()
 
     stack.push_async_callback(stop)

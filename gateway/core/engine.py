@@ -36,6 +36,7 @@ from .results import (
     ms_to_dt,
 )
 from .scripts import ScriptClient, ScriptRegistry
+from .stored_versions import StoredVersions
 
 DEFAULT_RETENTION_S = 86400
 # Entries a partition stream may hold before reserve answers backlog_full (docs/sizing.md).
@@ -146,13 +147,18 @@ class CreditEngine:
         if max_backlog < 0:
             raise ValueError("max_backlog must be >= 0 (0 = no limit)")
         self.max_backlog = max_backlog
+        # Set where Redis keeps nothing on disk (embedded mode): a write is answered once the
+        # worker has stored it (a replay's first answer was, or was waited for, already).
+        self.stored_versions: StoredVersions | None = None
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> tuple[dict, bool]:
+    async def _run(self, name: str, user: str, keys: list[str], args: list[Any]) -> tuple[dict, bool]:
         code, payload = await self.scripts.call_json(self.script_redis, name, keys, args)
         if code == "ok":
+            if self.stored_versions is not None and payload.get("state"):
+                await self.stored_versions.wait(user, int(payload["state"]["v"]))
             return payload, False
         if code == "exists":
             return payload, True
@@ -215,6 +221,7 @@ class CreditEngine:
         _units_arg(units)
         r, replayed = await self._run(
             "grant",
+            user,
             self.keys.account_keys(user, op_id, op_id),
             [*self._base(user, op_id), units, exp_ms, priority, source, _meta(metadata)],
         )
@@ -257,6 +264,7 @@ class CreditEngine:
         _units_arg(units)
         r, replayed = await self._run(
             "debit",
+            user,
             self.keys.account_keys(user, op_id, op_id),
             [*self._base(user, op_id), units, _meta(metadata), "1" if allow_debt else ""],
         )
@@ -315,6 +323,7 @@ class CreditEngine:
         limits = (rate.requests_per_minute, rate.tokens_per_minute, rate.tokens) if rate else (0, 0, "")
         r, replayed = await self._run(
             "reserve",
+            user,
             self._hold_keys(user, op_id, hold_id, hold_id),
             [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits, self.max_backlog],
         )
@@ -357,6 +366,7 @@ class CreditEngine:
             raise ValueError("tokens must be a non-negative int")
         r, replayed = await self._run(
             "settle",
+            user,
             self._hold_keys(user, op_id, hold_id, f"!settle:{hold_id}"),
             [*self._base(user, op_id), hold_id, units, _meta(metadata), "" if tokens is None else tokens],
         )
@@ -379,6 +389,7 @@ class CreditEngine:
         op_id = check_id("op_id", op_id) if op_id else f"!release:{hold_id}"
         r, replayed = await self._run(
             "release",
+            user,
             self._hold_keys(user, op_id, hold_id, f"!release:{hold_id}"),
             [*self._base(user, op_id), hold_id, _meta(metadata), "1" if void_if_unknown else ""],
         )

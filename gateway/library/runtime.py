@@ -16,6 +16,7 @@ from typing import Any
 from ..core.engine import CreditEngine
 from ..core.settings import Settings, settings_from_env
 from ..core.store.base import Store
+from ..core.stored_versions import StoredVersions
 
 log = logging.getLogger("credit.library")
 
@@ -114,6 +115,8 @@ async def _worker(settings: Settings, engine: CreditEngine, store: Store) -> Asy
     from gateway.worker.service import build_worker  # type: ignore[import-not-found]
 
     worker = build_worker(settings, engine, store)
+    if settings.embedded:  # Redis keeps nothing on disk: answer what is stored
+        engine.stored_versions = StoredVersions()
     task = asyncio.create_task(worker.run(), name="credit-worker")
     try:
         yield
@@ -131,5 +134,6 @@ async def _worker(settings: Settings, engine: CreditEngine, store: Store) -> Asy
         except Exception:
             log.exception("the final drain of the in-process worker failed")
         finally:
+            engine.stored_versions = None  # nobody stores now: nothing to wait for
             if last.audit:
                 last.audit.close()
