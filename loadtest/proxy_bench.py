@@ -1,15 +1,32 @@
-"""Benchmark of the metering proxy: direct to the fake upstream, through a bare passthrough
-proxy (same HTTP stack), and through the gateway with full metering, in the same run.
+"""Benchmark of the metering proxy as production runs it: direct to the fake upstream,
+through a bare passthrough proxy (same HTTP stack), and through the gateway, in one run.
 
-    .venv/bin/python loadtest/proxy_bench.py [--seconds 8] [--json out.json]
+    .venv/bin/python loadtest/proxy_bench.py [--seconds 5] [--rounds 3] [--no-worker | --both]
+                                             [--loadgen wrk|aiohttp] [--json out.json]
 
 A measuring script, not a test. It starts its own redis-server, the fake upstream
-(gateway/devtools/mock_upstream.py), the passthrough (loadtest/passthrough.py) and the gateway
-(`credit-gateway serve`, one uvicorn process each), then for each target and for
-non-streaming and streaming chat completions measures requests/s and p50/p99 latency at 64
-concurrent connections, and latency at 2 connections (the gateway's added latency is its
-p50 minus the passthrough's... and minus direct's). Targets rounds interleave (A/B/C) since
-the machine is shared; the load generator (aiohttp, this process) shares the 2 cores too.
+(gateway/devtools/mock_upstream.py), the passthrough (loadtest/passthrough.py) and the
+gateway (`credit-gateway serve`, one process each). The targets:
+
+- direct: the fake upstream itself (the floor: no proxy at all);
+- passthrough: forwards the request and streams the answer back, on the gateway's HTTP
+  stack (Starlette + uvicorn + one pooled aiohttp client); it meters nothing: no key
+  check, no hold, no settle, no event;
+- gateway: the whole metered path (client key, admission, a hold in Redis, forward,
+  usage read from the answer, settle in Redis, an event on the partition's stream), with
+  its worker draining the streams in a process of its own (`python -m gateway.worker`, as
+  a non-embedded `serve` expects: it runs no worker itself) and writing the audit file, as
+  production does. `--no-worker` measures the gateway alone (no worker, no audit file, no
+  backlog limit); `--both` runs both setups, one after the other, each with its own
+  processes.
+
+For non-streaming (JSON) and streaming (SSE) chat completions it measures requests/s and
+p50/p99 latency at 64 connections and latency at 2 connections. The load generator is wrk
+(when installed; C, so it takes the least of the 2 shared cores) or aiohttp in this
+process, the same for every target. Rounds interleave (A/B/C, then C/B/A) since the
+machine is shared; figures are medians over rounds, and ratios are medians of per-round
+ratios (a round's gateway against the same round's passthrough). It also reports the CPU
+the gateway and the worker processes spent per request at 64 connections.
 """
 
 from __future__ import annotations
@@ -18,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -26,11 +44,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENT = "bench-client-key-" + "k" * 32
+ADMIN = "admin-" + "a" * 40
 CONFIG = """
 [gateway]
 chars_per_token = 4
@@ -47,6 +67,9 @@ input = "1"
 output = "2"
 max_output_tokens = 64
 """
+TARGETS = ("direct", "passthrough", "gateway")
+MODES = ("json", "stream")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_ports(n: int) -> list[int]:
@@ -72,7 +95,16 @@ def wait_port(port: int, timeout: float = 20) -> None:
     raise RuntimeError(f"port {port} did not open")
 
 
-async def load(url: str, headers: dict, body: bytes, conns: int, seconds: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has spent so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# -- load generators: the same one for every target ------------------------------------------
+
+
+async def load_aiohttp(url: str, headers: dict, body: bytes, conns: int, seconds: float) -> dict:
     lat: list[float] = []
     errors = 0
     stop = time.perf_counter() + seconds
@@ -101,90 +133,154 @@ async def load(url: str, headers: dict, body: bytes, conns: int, seconds: float)
     return {"rps": len(lat) / wall, "p50_ms": q(0.5), "p99_ms": q(0.99), "n": len(lat), "errors": errors}
 
 
-async def main(cfg: argparse.Namespace) -> dict:
-    work = tempfile.mkdtemp(prefix="proxy-bench-")
-    procs: list[subprocess.Popen] = []
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+_UNIT_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk_ms(text: str, pct: str) -> float:
+    m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+    return float(m.group(1)) * _UNIT_MS[m.group(2)] if m else float("nan")
+
+
+async def load_wrk(url: str, headers: dict, body: bytes, conns: int, seconds: float) -> dict:
+    script = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body.decode())}"]
+    script += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write("\n".join(script) + "\n")
     try:
+        proc = await asyncio.create_subprocess_exec(
+            "wrk",
+            f"-t{min(2, conns)}",
+            f"-c{conns}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            f.name,
+            url,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out = (await proc.communicate())[0].decode()
+    finally:
+        os.unlink(f.name)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = (int(non2xx.group(1)) if non2xx else 0) + (sum(map(int, sock.groups())) if sock else 0)
+    return {
+        "rps": float(rps.group(1)) if rps else 0.0,
+        "p50_ms": _wrk_ms(out, "50"),
+        "p99_ms": _wrk_ms(out, "99"),
+        "n": int(total.group(1)) if total else 0,
+        "errors": errors,
+    }
+
+
+# -- one setup: its processes, its rounds ------------------------------------------------------
+
+
+class Setup:
+    """The processes of one run: Redis, the fake upstream, the passthrough, the gateway and
+    (with_worker) the worker."""
+
+    def __init__(self, with_worker: bool) -> None:
+        self.with_worker = with_worker
+        self.work = tempfile.mkdtemp(prefix="proxy-bench-")
+        self.procs: list[subprocess.Popen] = []
+        self.gateway_pid = 0
+        self.worker_pid = 0
+        self.urls: dict[str, str] = {}
+        self.users = [f"bench-{i}" for i in range(64)]
+
+    def _spawn(self, args: list[str], **kw: Any) -> subprocess.Popen:
+        p = subprocess.Popen(args, **kw)
+        self.procs.append(p)
+        return p
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        work = self.work
         rport, uport, pport, gport = free_ports(4)
-        procs.append(
-            subprocess.Popen(  # noqa: ASYNC220 (starts a server and returns at once)
-                [
-                    shutil.which("redis-server"),
-                    "--port",
-                    str(rport),
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    work,
-                ],
-                stdout=subprocess.DEVNULL,
-            )
+        redis = shutil.which("redis-server") or "redis-server"
+        self._spawn(
+            [redis, "--port", str(rport), "--save", "", "--appendonly", "no", "--dir", work],
+            stdout=subprocess.DEVNULL,
         )
         wait_port(rport)
-        procs.append(
-            subprocess.Popen(  # noqa: ASYNC220 (starts a server and returns at once)
-                [sys.executable, "-m", "gateway.devtools.mock_upstream", "--port", str(uport), "--no-record"],
-                cwd=REPO,
-                env=env,
-            )
+        self._spawn(
+            [sys.executable, "-m", "gateway.devtools.mock_upstream", "--port", str(uport), "--no-record"],
+            cwd=REPO,
+            env=env,
+            # A client closing its connections at a round's end makes it log tracebacks.
+            stderr=open(Path(work) / "upstream.log", "wb"),  # noqa: SIM115 (the process keeps it)
         )
         upstream = f"http://127.0.0.1:{uport}"
-        procs.append(
-            subprocess.Popen(  # noqa: ASYNC220 (starts a server and returns at once)
-                [sys.executable, str(REPO / "loadtest" / "passthrough.py"), upstream, str(pport)], env=env
-            )
+        self._spawn(
+            [sys.executable, str(REPO / "loadtest" / "passthrough.py"), upstream, str(pport)], env=env
         )
         (Path(work) / "gw.toml").write_text(CONFIG.format(url=upstream))
         genv = {
             **env,
             "CREDIT_REDIS_URL": f"redis://127.0.0.1:{rport}/0",
             "CREDIT_CLIENT_KEYS": CLIENT,
-            "CREDIT_ADMIN_KEYS": "admin-" + "a" * 40,
+            "CREDIT_ADMIN_KEYS": ADMIN,
             "CREDIT_GATEWAY_CONFIG": f"{work}/gw.toml",
             "CREDIT_SQLITE_PATH": f"{work}/gw.db",
-            "CREDIT_AUDIT_PATH": "",
-            # No worker drains the streams here, so no backlog limit either (a real
-            # deployment's worker keeps the backlog near zero).
-            "CREDIT_MAX_BACKLOG": "0",
+            "CREDIT_AUDIT_PATH": f"{work}/audit.jsonl",
         }
-        procs.append(
-            subprocess.Popen(  # noqa: ASYNC220 (starts a server and returns at once)
-                [
-                    sys.executable,
-                    "-m",
-                    "gateway.cli",
-                    "serve",
-                    "--port",
-                    str(gport),
-                    "--log-level",
-                    "warning",
-                ],
-                cwd=work,
-                env=genv,
-            )
-        )
-        for p in (rport, uport, pport, gport):
+        if not self.with_worker:
+            # No worker drains the streams, so no audit file and no backlog limit either
+            # (a real deployment's worker keeps the backlog near zero).
+            genv.update({"CREDIT_AUDIT_PATH": "", "CREDIT_MAX_BACKLOG": "0"})
+        serve = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport), "--log-level", "warning"]
+        self.gateway_pid = self._spawn(serve, cwd=work, env=genv).pid
+        if self.with_worker:
+            worker = [sys.executable, "-m", "gateway.worker"]
+            self.worker_pid = self._spawn(worker, cwd=work, env=genv).pid
+        for p in (uport, pport, gport):
             wait_port(p)
-        # Fund the benchmark users generously through the admin API.
-        users = [f"bench-{i}" for i in range(64)]
-        async with aiohttp.ClientSession() as s:
-            for u in users:
-                async with s.post(
-                    f"http://127.0.0.1:{gport}/admin/accounts/{u}/grants",
-                    json={"amount": "1000000"},
-                    headers={"Authorization": "Bearer " + "admin-" + "a" * 40},
-                ) as r:
-                    assert r.status == 201, await r.text()
-        targets = {
+        self.urls = {
             "direct": f"http://127.0.0.1:{uport}",
             "passthrough": f"http://127.0.0.1:{pport}",
             "gateway": f"http://127.0.0.1:{gport}",
         }
-        results: dict = {}
-        for mode in ("json", "stream"):
+
+    async def fund(self) -> None:
+        """The benchmark users, funded generously through the admin API."""
+        async with aiohttp.ClientSession() as s:
+            for u in self.users:
+                async with s.post(
+                    f"{self.urls['gateway']}/admin/accounts/{u}/grants",
+                    json={"amount": "1000000"},
+                    headers={"Authorization": f"Bearer {ADMIN}"},
+                ) as r:
+                    assert r.status == 201, await r.text()
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):  # the gateway and worker first, Redis last
+            p.terminate()
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def headers_for(target: str, user: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "X-Fake-Output-Tokens": "16"}
+    if target == "gateway":
+        headers.update({"Authorization": f"Bearer {CLIENT}", "X-User-Id": user})
+    return headers
+
+
+async def run_setup(cfg: argparse.Namespace, with_worker: bool) -> dict:
+    load = load_wrk if cfg.loadgen == "wrk" else load_aiohttp
+    setup = Setup(with_worker)
+    name = "worker+audit" if with_worker else "no worker"
+    try:
+        setup.start()
+        await setup.fund()
+        results: dict[str, Any] = {}
+        for mode in MODES:
             body = json.dumps(
                 {
                     "model": "bench-model",
@@ -195,69 +291,105 @@ async def main(cfg: argparse.Namespace) -> dict:
             ).encode()
             # A discarded warm-up per target: connections to Redis and the upstream opened,
             # code paths warm, before anything is measured.
-            for t in targets:
-                headers = {"Content-Type": "application/json", "X-Fake-Output-Tokens": "16"}
-                if t == "gateway":
-                    headers.update({"Authorization": f"Bearer {CLIENT}", "X-User-Id": users[-1]})
-                await load(targets[t] + "/v1/chat/completions", headers, body, 64, 1.0)
+            for t in TARGETS:
+                url = setup.urls[t] + "/v1/chat/completions"
+                await load(url, headers_for(t, setup.users[-1]), body, 64, 1.0)
             for conns in (64, 2):
-                rounds: dict[str, list[dict]] = {t: [] for t in targets}
+                rounds: dict[str, list[dict]] = {t: [] for t in TARGETS}
                 for r in range(cfg.rounds):
-                    order = list(targets) if r % 2 == 0 else list(reversed(targets))
+                    order = TARGETS if r % 2 == 0 else tuple(reversed(TARGETS))
                     for t in order:
-                        headers = {"Content-Type": "application/json", "X-Fake-Output-Tokens": "16"}
-                        if t == "gateway":
-                            headers.update(
-                                {"Authorization": f"Bearer {CLIENT}", "X-User-Id": users[r % len(users)]}
-                            )
-                        rounds[t].append(
-                            await load(targets[t] + "/v1/chat/completions", headers, body, conns, cfg.seconds)
-                        )
-                paired = [
-                    g["rps"] / p["rps"]
-                    for g, p in zip(rounds["gateway"], rounds["passthrough"], strict=False)
-                ]
-                results[f"{mode}/{conns}/paired_ratio"] = statistics.median(paired)
-                for t, rs in rounds.items():
-                    med = {k: statistics.median(x[k] for x in rs) for k in ("rps", "p50_ms", "p99_ms")}
-                    med["errors"] = sum(x["errors"] for x in rs)
-                    results[f"{mode}/{conns}/{t}"] = med
+                        url = setup.urls[t] + "/v1/chat/completions"
+                        pids = [p for p in (setup.gateway_pid, setup.worker_pid) if p and t == "gateway"]
+                        before = [cpu_seconds(p) for p in pids]
+                        res = await load(url, headers_for(t, setup.users[r]), body, conns, cfg.seconds)
+                        if pids and res["n"]:
+                            res["gateway_cpu_ms"] = (cpu_seconds(pids[0]) - before[0]) * 1000 / res["n"]
+                            if len(pids) > 1:
+                                res["worker_cpu_ms"] = (cpu_seconds(pids[1]) - before[1]) * 1000 / res["n"]
+                        rounds[t].append(res)
+                key = f"{mode}/{conns}"
+                results[key] = summarize(rounds)
+                for t in TARGETS:
+                    m = results[key][t]
+                    cpu = "".join(
+                        f"  {k.split('_')[0]} cpu={m[k]:.3f} ms/req"
+                        for k in ("gateway_cpu_ms", "worker_cpu_ms")
+                        if k in m
+                    )
                     print(
-                        f"{mode:6s} c={conns:<3d} {t:12s} rps={med['rps']:8.0f}  "
-                        f"p50={med['p50_ms']:7.2f} ms  "
-                        f"p99={med['p99_ms']:7.2f} ms  errors={med['errors']}",
+                        f"[{name}] {mode:6s} c={conns:<3d} {t:12s} rps={m['rps']:8.0f}  "
+                        f"p50={m['p50_ms']:7.2f} ms  p99={m['p99_ms']:7.2f} ms  errors={m['errors']}{cpu}",
                         flush=True,
                     )
-        summary = {}
-        for mode in ("json", "stream"):
-            g, p, _d = (results[f"{mode}/64/{t}"] for t in ("gateway", "passthrough", "direct"))
-            summary[f"{mode}: gateway/passthrough rps at 64 (target >= 0.5)"] = g["rps"] / p["rps"]
-            summary[f"{mode}: same, median of per-round ratios"] = results[f"{mode}/64/paired_ratio"]
-            g2, p2, d2 = (results[f"{mode}/2/{t}"] for t in ("gateway", "passthrough", "direct"))
-            summary[f"{mode}: added p50 at 2 conns vs passthrough, ms (target <= 2.5)"] = (
-                g2["p50_ms"] - p2["p50_ms"]
-            )
-            summary[f"{mode}: added p50 at 2 conns vs direct, ms"] = g2["p50_ms"] - d2["p50_ms"]
-        print()
+        summary = ratios(results)
+        print(f"\n[{name}]")
         for k, v in summary.items():
-            print(f"{k:62s} {v:8.2f}")
+            print(f"  {k:66s} {v:8.2f}")
+        print(flush=True)
         return {"results": results, "summary": summary}
     finally:
-        for p in reversed(procs):  # the gateway first, Redis last (it still needs Redis to stop)
-            p.terminate()
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        setup.stop()
+
+
+def summarize(rounds: dict[str, list[dict]]) -> dict[str, Any]:
+    """Per target: medians over rounds; the gateway/passthrough ratios per round, and
+    their medians."""
+    out: dict[str, Any] = {}
+    for t, rs in rounds.items():
+        med = {k: statistics.median(x[k] for x in rs) for k in rs[0] if k not in ("errors", "n")}
+        med["errors"] = sum(x["errors"] for x in rs)
+        out[t] = med
+    pairs = list(zip(rounds["gateway"], rounds["passthrough"], strict=True))
+    out["rps_ratio"] = statistics.median(g["rps"] / p["rps"] for g, p in pairs)
+    out["p99_ratio"] = statistics.median(g["p99_ms"] / p["p99_ms"] for g, p in pairs)
+    out["added_p50_ms"] = statistics.median(g["p50_ms"] - p["p50_ms"] for g, p in pairs)
+    return out
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float]:
+    """The issue's three figures per mode, medians of per-round values."""
+    summary = {}
+    for mode in MODES:
+        summary[f"{mode}: gateway/passthrough rps at 64 conns (target >= 0.65)"] = results[f"{mode}/64"][
+            "rps_ratio"
+        ]
+        summary[f"{mode}: gateway/passthrough p99 at 64 conns (target <= 1.5)"] = results[f"{mode}/64"][
+            "p99_ratio"
+        ]
+        summary[f"{mode}: added p50 at 2 conns vs passthrough, ms (target <= 1.0)"] = results[f"{mode}/2"][
+            "added_p50_ms"
+        ]
+    return summary
+
+
+async def main(cfg: argparse.Namespace) -> dict:
+    setups = [True, False] if cfg.both else [not cfg.no_worker]
+    out = {}
+    for with_worker in setups:
+        out["worker" if with_worker else "no_worker"] = await run_setup(cfg, with_worker)
+    return out
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0, help="per round and target")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--seconds", type=float, default=5.0, help="per round and target (default 5)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--no-worker", action="store_true", help="the gateway alone: no worker, no audit file")
+    which.add_argument("--both", action="store_true", help="with the worker and the audit file, then without")
+    ap.add_argument(
+        "--loadgen",
+        choices=("wrk", "aiohttp"),
+        default="wrk" if shutil.which("wrk") else "aiohttp",
+        help="the load generator (default: wrk when installed)",
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
-    out = asyncio.run(main(args))
+    result = asyncio.run(main(args))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))

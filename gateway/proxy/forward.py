@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
+import os
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -84,6 +84,8 @@ class MeteringProxy:
         self.session = session
         self.settler = Settler(engine)
         self.tokens = TokenCounter()  # loads a vocabulary at first use only
+        # One timeout object per upstream, not one per request.
+        self.timeouts = {u.name: aiohttp.ClientTimeout(total=u.timeout_seconds) for u in config.upstreams}
 
     # -- entry -------------------------------------------------------------------------
 
@@ -93,7 +95,8 @@ class MeteringProxy:
         # reads request.url (its query string is forwarded).
         path = request.scope["path"]
         kind = for_route(path)
-        request_id = f"{PROXY_HOLD_PREFIX}{uuid.uuid4().hex}"
+        # 128 random bits as hex: uuid4().hex's length and alphabet without its UUID object.
+        request_id = PROXY_HOLD_PREFIX + os.urandom(16).hex()
         rid = {"X-Request-Id": request_id}
         # The id the client gets back is the one its log lines (and its settle's) carry.
         REQUEST_ID.set(request_id)
@@ -170,7 +173,7 @@ class MeteringProxy:
         url = call.upstream.base_url + call.path
         headers = upstream_headers(request, call.upstream)
         headers["content-type"] = "application/json"
-        timeout = aiohttp.ClientTimeout(total=call.upstream.timeout_seconds)
+        timeout = self._timeout(call.upstream)
         rid = {"X-Request-Id": call.request_id}
         uncharged = {**rid, "X-Credits-Charged": "0"}  # the hold is given back: nothing charged
         try:
@@ -205,6 +208,12 @@ class MeteringProxy:
                 media_type="text/event-stream",
             )
         return await self._whole(call, resp)
+
+    def _timeout(self, upstream: Upstream) -> aiohttp.ClientTimeout:
+        timeout = self.timeouts.get(upstream.name)
+        if timeout is None or timeout.total != upstream.timeout_seconds:
+            timeout = self.timeouts[upstream.name] = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
+        return timeout
 
     async def _whole(self, call: Call, resp: aiohttp.ClientResponse) -> Response:
         rid = {"X-Request-Id": call.request_id}
@@ -460,7 +469,7 @@ class MeteringProxy:
         headers = upstream_headers(request, upstream)
         if raw and request.headers.get("content-type"):
             headers["content-type"] = request.headers["content-type"]
-        timeout = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
+        timeout = self._timeout(upstream)
         uncharged = {**rid, "X-Credits-Charged": "0"}
         try:
             async with self.session.request(

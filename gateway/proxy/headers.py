@@ -60,16 +60,18 @@ def forwarded_headers(request: Request, upstream: Upstream) -> dict[str, str]:
     its kind's allow-list and the upstream's `forward_headers`, never NEVER_FORWARDED."""
     allowed = upstream.adapter.forwarded_headers
     prefixes = tuple(h[:-1] for h in upstream.forward_headers if h.endswith("*"))
-    named_by_connection = {
-        t.strip().lower() for t in request.headers.get("connection", "").split(",") if t.strip()
-    }
+    # The raw ASGI pairs (names lower-case): starlette's Headers.items() decodes them all
+    # into a new list on every call.
+    raw: list[tuple[bytes, bytes]] = request.scope["headers"]
+    connection = next((v for k, v in raw if k == b"connection"), b"").decode("latin-1")
+    named_by_connection = {t.strip().lower() for t in connection.split(",") if t.strip()}
     out = {}
-    for k, v in request.headers.items():
-        lk = k.lower()
+    for k, v in raw:
+        lk = k.decode("latin-1").lower()
         if lk in NEVER_FORWARDED or lk in named_by_connection or lk.startswith(("x-credit", "proxy-")):
             continue
         if lk in allowed or lk in upstream.forward_headers or (prefixes and lk.startswith(prefixes)):
-            out[lk] = v
+            out[lk] = v.decode("latin-1")
     return out
 
 
