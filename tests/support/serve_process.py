@@ -80,4 +80,15 @@ def serve(env: dict[str, str], cwd: Path, *args: str) -> tuple[ServeProcess, int
     port = free_port()
     p = ServeProcess(["serve", "--port", str(port), *args], env, cwd)
     p.wait_started()
+    # uvicorn logs "startup complete" before it binds the port: wait until it accepts.
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.time() > deadline or p.proc.poll() is not None:
+                p.stop()
+                raise AssertionError(f"serve never accepted connections:\n{p.output}") from None
+            time.sleep(0.05)
     return p, port
