@@ -166,7 +166,8 @@ async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[s
             await asyncio.sleep(cfg.pause)
         out["drain_rounds"] = rounds
         keys = ("events_per_s", "cpu_ms_per_event", "cpu_pct")
-        out["drain"] = {k: statistics.median(x[k] for x in rounds) for k in keys}
+        if rounds:
+            out["drain"] = {k: statistics.median(x[k] for x in rounds) for k in keys}
         if cfg.idle_after:
             idle2 = await measure_idle(proc.pid, cfg.idle_seconds)
             out["idle_after"] = idle2
