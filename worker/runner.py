@@ -46,20 +46,31 @@ log = logging.getLogger("credit.worker")
 GROUP = "cg-worker"
 CLAIM_SCAN_EVERY = 30
 
-# The upkeep's look at every partition in one call (single server only): stream lengths,
-# or which expiry sets have something due. pcall: a key of the wrong type answers -1.
+# The upkeep's look at every partition in one call (single server only). "quiet": per
+# stream 0 when there is nothing to trim or claim (empty, or only the newest entry, delivered
+# and acknowledged, which trimming keeps as the floor), else its length. "due": 1 where an
+# expiry set has something due. A key that answers an error gives -1.
 _LOOK = """
+local function quiet(key, group)
+  local len = redis.call('XLEN', key)
+  if len ~= 1 then return len end
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  if #groups ~= 1 then return len end
+  local info = {}
+  for j = 1, #groups[1], 2 do info[groups[1][j]] = groups[1][j + 1] end
+  if info['name'] ~= group or info['pending'] ~= 0 then return len end
+  local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+  if first and first[1] == info['last-delivered-id'] then return 0 end
+  return len
+end
+local function due(key, now)
+  return #redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1)
+end
 local out = {}
 for i, key in ipairs(KEYS) do
-  local r
-  if ARGV[1] == 'len' then
-    r = redis.pcall('XLEN', key)
-  else
-    r = redis.pcall('ZRANGEBYSCORE', key, '-inf', ARGV[2], 'LIMIT', 0, 1)
-    if type(r) == 'table' and r.err == nil then r = #r end
-  end
-  if type(r) ~= 'number' then r = -1 end
-  out[i] = r
+  local ok, r
+  if ARGV[1] == 'quiet' then ok, r = pcall(quiet, key, ARGV[3]) else ok, r = pcall(due, key, ARGV[2]) end
+  if ok and type(r) == 'number' then out[i] = r else out[i] = -1 end
 end
 return out
 """
@@ -392,11 +403,12 @@ class Worker:
         # Only where the group has entries pending (asked in one pipeline): an idle worker
         # sends one command per partition, not an XAUTOCLAIM scan. A partition whose answer
         # is an error or shows no group is claimed from as ever (NOGROUP recreates the group).
-        # On a single server, a first look (one command) leaves out the empty streams: what
+        # On a single server, a first look (one command) leaves out the quiet streams: what
         # is pending is in the stream (trimming keeps it), unless someone deleted it by hand,
         # which the full pass every CLAIM_SCAN_EVERY-th upkeep takes care of.
         self._passes += 1
-        lengths = None if self._passes % CLAIM_SCAN_EVERY == 0 else await self._look_at("len", self._streams)
+        scan_all = self._passes % CLAIM_SCAN_EVERY == 0
+        lengths = None if scan_all else await self._look_at("quiet", self._streams)
         parts = [p for p in range(len(self._streams)) if lengths is None or lengths[p] != 0]
         infos = await self._per_partition(lambda pipe, p: pipe.xinfo_groups(self._streams[p]), 1, parts)
         for p, info in zip(parts, infos, strict=True):
@@ -481,9 +493,9 @@ class Worker:
             pipe.xinfo_groups(self._streams[p])
             pipe.xlen(self._streams[p])
 
-        # On a single server, a first look (one command) finds the empty streams: nothing to
-        # trim there, and no backlog.
-        lengths = await self._look_at("len", self._streams)
+        # On a single server, a first look (one command) finds the quiet streams: nothing to
+        # trim there, and no backlog (what they hold is stored).
+        lengths = await self._look_at("quiet", self._streams)
         parts = [p for p in range(len(self._streams)) if lengths is None or lengths[p] != 0]
         for p in range(len(self._streams)):
             if lengths is not None and lengths[p] == 0:
@@ -564,14 +576,13 @@ class Worker:
                 self._fault(p, "sweeping", exc)
 
     async def _look_at(self, what: str, keys: list[str], now: int = 0) -> list[int] | None:
-        """On a single server, one script call over many keys: "len", each stream's length;
-        "due", 1 where a sorted set has a member scored <= now. -1 for a key that answered
-        an error. None on a Cluster (no command spans slots) or when the call fails: the
+        """On a single server, one script call over many keys ("quiet" or "due", see _LOOK).
+        None on a Cluster (no command spans slots) or when the call fails: the
         caller then asks partition by partition."""
         if self._look is None:
             return None
         try:
-            return [int(x) for x in await self._look(keys=keys, args=[what, now])]
+            return [int(x) for x in await self._look(keys=keys, args=[what, now, GROUP])]
         except Exception:
             return None
 
