@@ -476,3 +476,39 @@ async def test_the_drain_keeps_persisting_while_an_upkeep_pass_is_stuck(engine, 
         release.set()
         w.stop()
         await task
+
+
+async def test_an_idle_worker_blocks_on_its_streams_and_stores_a_new_event_at_once(engine, store):
+    """Idle, the worker waits in one blocking read over every partition stream instead of
+    polling them (64 reads every idle_seconds): Redis sees a handful of commands over 2 s.
+    An event appended meanwhile wakes it and is stored."""
+    await engine.grant("idle-a", "1", op_id="g-a")
+    w = Worker(engine, store, block_ms=500)
+    task = asyncio.create_task(w.run())
+    try:
+        await until(lambda: _eq(ledger_count(store, ["idle-a"]), 1), "the first grant stored")
+        await asyncio.sleep(0.2)  # the batch's acknowledgement and the first upkeep pass
+        await engine.redis.config_resetstat()
+        await asyncio.sleep(2)
+        stats = await engine.redis.info("commandstats")
+        reads = stats.get("cmdstat_xreadgroup", {}).get("calls", 0)
+        total = sum(s["calls"] for s in stats.values())  # with those the upkeep's scripts make
+        # Polling reads 64 partitions every idle_seconds: 2,560 reads in 2 s. Blocking, with
+        # block_ms=500: about 4 reads; and 2 upkeep passes of a few commands.
+        assert reads <= 8, stats
+        assert total < 600, stats
+        await engine.grant("idle-b", "1", op_id="g-b")
+        await until(lambda: _eq(ledger_count(store, ["idle-b"]), 1), "the event stored", limit_s=10)
+    finally:
+        w.stop()
+        await task
+    assert await reconcile(engine, store) == []
+
+
+async def test_stopping_cuts_a_blocking_read_short(engine, store):
+    w = Worker(engine, store, block_ms=600_000)
+    task = asyncio.create_task(w.run())
+    await engine.grant("stopper", "1", op_id="g-s")
+    await until(lambda: _eq(ledger_count(store, ["stopper"]), 1), "the grant stored")
+    w.stop()
+    await asyncio.wait_for(task, 30)  # not the ten minutes of the read it was blocked in

@@ -24,13 +24,14 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from redis.asyncio import RedisCluster
 from redis.exceptions import ResponseError
-from redis.typing import EncodableT, FieldT
+from redis.typing import EncodableT, FieldT, XReadGroupResponse
 
 from gateway.core.engine import CreditEngine
 from gateway.core.errors import StateLost
@@ -43,6 +44,36 @@ from .audit import AuditLog
 log = logging.getLogger("credit.worker")
 
 GROUP = "cg-worker"
+CLAIM_SCAN_EVERY = 30
+
+# The upkeep's look at every partition in one call (single server only). "quiet": per
+# stream 0 when there is nothing to trim or claim (empty, or only the newest entry, delivered
+# and acknowledged, which trimming keeps as the floor), else its length. "due": 1 where an
+# expiry set has something due. A key that answers an error gives -1.
+_LOOK = """
+local function quiet(key, group)
+  local len = redis.call('XLEN', key)
+  if len ~= 1 then return len end
+  local groups = redis.call('XINFO', 'GROUPS', key)
+  if #groups ~= 1 then return len end
+  local info = {}
+  for j = 1, #groups[1], 2 do info[groups[1][j]] = groups[1][j + 1] end
+  if info['name'] ~= group or info['pending'] ~= 0 then return len end
+  local first = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)[1]
+  if first and first[1] == info['last-delivered-id'] then return 0 end
+  return len
+end
+local function due(key, now)
+  return #redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1)
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local ok, r
+  if ARGV[1] == 'quiet' then ok, r = pcall(quiet, key, ARGV[3]) else ok, r = pcall(due, key, ARGV[2]) end
+  if ok and type(r) == 'number' then out[i] = r else out[i] = -1 end
+end
+return out
+"""
 
 
 @dataclass
@@ -84,6 +115,7 @@ class Worker:
         max_deliveries: int = 5,
         sweep_interval: float = 1.0,
         rehydrate: Any = None,
+        block_ms: int = 1000,
     ) -> None:
         self.engine = engine
         self.redis = engine.redis
@@ -99,7 +131,20 @@ class Worker:
         self.rehydrate = rehydrate  # async callable(partitions) for partitions Redis lost
         self.stats = WorkerStats()
         self.stop_event = asyncio.Event()
-        self._streams = [pk.events for pk in self.keys.all_partitions()]
+        self._pkeys = self.keys.all_partitions()
+        self._streams = [pk.events for pk in self._pkeys]
+        self._partition_of: dict[str | bytes, int] = {}
+        for p, stream in enumerate(self._streams):
+            self._partition_of[stream] = self._partition_of[stream.encode()] = p
+        # On Redis Cluster a command's keys must share one slot, and each partition is a slot
+        # of its own: there is no blocking read over every stream (one per partition would
+        # hold 64 connections), and no one-command look at every partition. There the idle
+        # worker polls, less often the longer it idles, and the upkeep asks by pipeline.
+        self._single = not isinstance(self.redis, RedisCluster)
+        self._look = self.redis.register_script(_LOOK) if self._single else None
+        self._passes = 0  # upkeep passes: every CLAIM_SCAN_EVERY-th claims on every partition
+        self.block_ms = _bounded_block_ms(self.redis, block_ms)
+        self._idle_wait = idle_seconds
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
         self._faults: dict[tuple[int, str], str] = {}  # (partition, job) -> the error logged
@@ -360,7 +405,21 @@ class Worker:
         claimed: list[tuple[int, str, dict]] = []
         too_many: list[tuple[int, str, dict, str]] = []
         regroup = []
-        for p, s in enumerate(self._streams):
+        # Only where the group has entries pending (asked in one pipeline): an idle worker
+        # sends one command per partition, not an XAUTOCLAIM scan. A partition whose answer
+        # is an error or shows no group is claimed from as ever (NOGROUP recreates the group).
+        # On a single server, a first look (one command) leaves out the quiet streams: what
+        # is pending is in the stream (trimming keeps it), unless someone deleted it by hand,
+        # which the full pass every CLAIM_SCAN_EVERY-th upkeep takes care of.
+        self._passes += 1
+        scan_all = self._passes % CLAIM_SCAN_EVERY == 0
+        lengths = None if scan_all else await self._look_at("quiet", self._streams)
+        parts = [p for p in range(len(self._streams)) if lengths is None or lengths[p] != 0]
+        infos = await self._per_partition(lambda pipe, p: pipe.xinfo_groups(self._streams[p]), 1, parts)
+        for p, info in zip(parts, infos, strict=True):
+            s = self._streams[p]
+            if not isinstance(info, BaseException) and _pending_of(info[0]) == 0:
+                continue
             cursor = "0-0"
             try:
                 while True:
@@ -434,19 +493,40 @@ class Worker:
     async def trim(self) -> int:
         """Drops acknowledged entries; never one that is pending or not yet delivered."""
         removed = 0
-        for p, s in enumerate(self._streams):
-            try:
-                removed += await self._trim_one(s)
+
+        def ask(pipe: Any, p: int) -> None:
+            pipe.xinfo_groups(self._streams[p])
+            pipe.xlen(self._streams[p])
+
+        # On a single server, a first look (one command) finds the quiet streams: nothing to
+        # trim there, and no backlog (what they hold is stored).
+        lengths = await self._look_at("quiet", self._streams)
+        parts = [p for p in range(len(self._streams)) if lengths is None or lengths[p] != 0]
+        for p in range(len(self._streams)):
+            if lengths is not None and lengths[p] == 0:
                 self._healed(p, "trimming")
-                self._watch_backlog(p, await self.redis.xlen(s))
+                self._watch_backlog(p, 0)
+        infos = await self._per_partition(ask, 2, parts)
+        for p, info in zip(parts, infos, strict=True):
+            s = self._streams[p]
+            try:
+                if isinstance(info, BaseException):
+                    raise info
+                groups, length = info
+                if length:
+                    cut = await self._trim_one(s, groups)
+                    if cut:
+                        removed += cut
+                        length = await self.redis.xlen(s)
+                self._healed(p, "trimming")
+                self._watch_backlog(p, length)
             except Exception as exc:
                 if not _no_key(exc):  # no stream: nothing to trim
                     self._fault(p, "trimming", exc)
         self.stats.trimmed += removed
         return removed
 
-    async def _trim_one(self, s: str) -> int:
-        groups = await self.redis.xinfo_groups(s)
+    async def _trim_one(self, s: str, groups: list[dict]) -> int:
         if not groups:
             return 0
         floor = None
@@ -465,8 +545,28 @@ class Worker:
 
     async def sweep(self) -> None:
         """Expires due holds and grants, partition by partition (one that is being rebuilt
-        is swept once it is back)."""
-        for p in range(self.keys.partitions):
+        is swept once it is back). Which partitions have anything due is asked first, in one
+        pipeline; those that answer "nothing" are not swept."""
+        now = self.engine.now_ms()
+
+        def due(pipe: Any, p: int) -> None:
+            pk = self._pkeys[p]
+            pipe.zrangebyscore(pk.hold_expiry, "-inf", now, start=0, num=1)
+            pipe.zrangebyscore(pk.grant_expiry, "-inf", now, start=0, num=1)
+
+        looked = await self._look_at(
+            "due", [pk.hold_expiry for pk in self._pkeys] + [pk.grant_expiry for pk in self._pkeys], now
+        )
+        n = len(self._pkeys)
+        found: list[list[Any] | BaseException]
+        if looked is not None:  # -1: that key answered an error; the sweep shows it
+            found = [[looked[p], looked[n + p]] for p in range(n)]
+        else:
+            found = await self._per_partition(due, 2)
+        for p in range(n):
+            answer = found[p]
+            if not isinstance(answer, BaseException) and not any(answer):
+                continue
             try:
                 while True:
                     swept = await self.engine.sweep_partition(p)
@@ -480,6 +580,43 @@ class Worker:
             except Exception as exc:
                 self._fault(p, "sweeping", exc)
 
+    async def _look_at(self, what: str, keys: list[str], now: int = 0) -> list[int] | None:
+        """On a single server, one script call over many keys ("quiet" or "due", see _LOOK).
+        None on a Cluster (no command spans slots) or when the call fails: the
+        caller then asks partition by partition."""
+        if self._look is None:
+            return None
+        try:
+            return [int(x) for x in await self._look(keys=keys, args=[what, now, GROUP])]
+        except Exception:
+            return None
+
+    async def _per_partition(
+        self, ask: Callable[[Any, int], object], k: int, partitions: Iterable[int] | None = None
+    ) -> list[list[Any] | BaseException]:
+        """The `k` commands `ask(pipe, p)` queues for each partition (all by default), sent
+        in one pipeline; per partition its k answers, or its first error. Should the pipeline
+        fail as a whole (a Cluster node down fails every command sent to it), each partition
+        is asked on its own, so those elsewhere still answer."""
+        parts = list(range(len(self._streams)) if partitions is None else partitions)
+        if not parts:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for p in parts:
+            ask(pipe, p)
+        try:
+            flat = await pipe.execute(raise_on_error=False)
+            return [_first_error(flat[i * k : (i + 1) * k]) for i in range(len(parts))]
+        except Exception:
+            pass
+
+        async def one(p: int) -> list[Any] | BaseException:
+            pipe = self.redis.pipeline(transaction=False)  # one partition: one node
+            ask(pipe, p)
+            return _first_error(await pipe.execute(raise_on_error=False))
+
+        return list(await asyncio.gather(*(one(p) for p in parts), return_exceptions=True))
+
     async def _rebuild_job(self) -> None:
         try:
             await self.rebuild_lost()
@@ -489,6 +626,11 @@ class Worker:
     async def rebuild_lost(self) -> None:
         """Rebuilds the partitions Redis lost (those nobody else is rebuilding) and gives
         them their consumer group back."""
+        if self._single:
+            # One EXISTS over every ready marker: all there, nothing lost (the usual answer).
+            with contextlib.suppress(Exception):
+                if await self.redis.exists(*[pk.ready for pk in self._pkeys]) == len(self._pkeys):
+                    return
         status = await partition_status(self.redis, self.keys)
         if status.lost:
             log.warning("redis lost %d partitions: rebuilding them from the store", len(status.lost))
@@ -543,13 +685,20 @@ class Worker:
         return self.stats
 
     async def _drain(self, burst: bool, upkeep_done: asyncio.Event, upkeep: asyncio.Task) -> None:
-        """The drain loop: read a batch of every partition, write it, acknowledge it."""
+        """The drain loop: read a batch of every partition, write it, acknowledge it. With
+        nothing left to read, one blocking read over every stream waits for the next entry
+        (on a single Redis server; on a Cluster the idle worker polls, see _pause)."""
         # The store write of one batch runs while the next batch is read and decoded.
         writing: asyncio.Task | None = None
+        block = False  # the next read waits for an entry (the last one found none)
         try:
             while not self.stop_event.is_set():
                 try:
-                    entries = await self._read(">")
+                    if block:
+                        entries, block = await self._wait_for_entries()
+                    else:
+                        entries = await self._read(">")
+                        block = not entries and self._single and not burst
                     prepared = self._prepare(entries)
                     await _finish(writing)
                     writing = None
@@ -560,26 +709,87 @@ class Worker:
                     log.exception("batch failed; its entries stay pending")
                     writing = None
                     entries = []
+                    block = False
                     await asyncio.sleep(self.idle_seconds)
-                if not entries:
-                    await _finish(writing)
-                    writing = None
-                    if burst:
-                        if await self._drained():
-                            if upkeep.done():
-                                break
-                            # What the last upkeep pass adds (expiry events) is drained too.
-                            upkeep_done.set()
-                            await asyncio.gather(upkeep, return_exceptions=True)
-                            continue
-                        # Entries pending on another (dead) consumer: take them once idle enough.
-                        if not await self.claim_stale():
-                            await asyncio.sleep(self.idle_seconds)
+                if entries:
+                    self._idle_wait = self.idle_seconds
+                    continue
+                await _finish(writing)
+                writing = None
+                if burst:
+                    if await self._drained():
+                        if upkeep.done():
+                            break
+                        # What the last upkeep pass adds (expiry events) is drained too.
+                        upkeep_done.set()
+                        await asyncio.gather(upkeep, return_exceptions=True)
                         continue
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self.stop_event.wait(), self.idle_seconds)
+                    # Entries pending on another (dead) consumer: take them once idle enough.
+                    if not await self.claim_stale():
+                        await asyncio.sleep(self.idle_seconds)
+                    continue
+                if not self._single:
+                    await self._pause()
         finally:
             await _finish(writing)
+
+    async def _wait_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), seconds)
+
+    async def _pause(self) -> None:
+        """The idle wait where no blocking read is possible (Redis Cluster): idle_seconds
+        after the last entry, doubling while nothing comes, up to block_ms."""
+        await self._wait_stopped(self._idle_wait)
+        self._idle_wait = min(self._idle_wait * 2, max(self.idle_seconds, self.block_ms / 1000))
+
+    async def _wait_for_entries(self) -> tuple[list[tuple[int, str, dict]], bool]:
+        """One XREADGROUP ... BLOCK over every partition stream at once: a single blocked
+        connection, woken by the first entry appended to any of them, or after block_ms,
+        or cut short by stop() (what it was handed meanwhile stays pending: claimed again).
+
+        Returns the entries and whether the next read may block again: not when a stream
+        filled its count (the adaptive per-partition rounds drain it), when the read failed
+        (a partition without its group: the next round recreates it), or when partitions
+        whose reads fail were left out of it (the next round polls them)."""
+        faulty = {p for p, job in self._faults if job == "reading its stream"}
+        parts = [p for p in range(len(self._streams)) if p not in faulty]
+        if not parts:
+            await self._wait_stopped(self.idle_seconds)
+            return [], False
+        count = self._min_count
+        read = asyncio.ensure_future(
+            self.redis.xreadgroup(
+                GROUP,
+                self.consumer,
+                {self._streams[p]: ">" for p in parts},
+                count=count,
+                block=self.block_ms,
+            )
+        )
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        try:
+            await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not read.done():
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+        if read.cancelled():
+            return [], True
+        exc = read.exception()
+        if exc is not None:
+            log.debug("blocking read failed (%s); the next round reads partition by partition", exc)
+            await self._wait_stopped(self.idle_seconds)
+            return [], False
+        out: list[tuple[int, str, dict]] = []
+        full = False
+        for stream, entries in _per_stream(read.result()):
+            p = self._partition_of[stream]
+            full = full or len(entries) >= count
+            for sid, fields in entries:
+                out.append((p, _s(sid), fields or {}))
+        return out, not full and not faulty
 
     async def _drained(self) -> bool:
         """True when no entry is pending (called right after a read of new entries found none)."""
@@ -610,6 +820,39 @@ async def _finish(task: asyncio.Task | None) -> None:
             await task
         except Exception:
             log.exception("batch failed; its entries stay pending")
+
+
+def _per_stream(reply: XReadGroupResponse) -> list[tuple[bytes | str, list[Any]]]:
+    """(stream, entries) of each stream in an XREADGROUP answer: a list of pairs (RESP2) or
+    a map (RESP3)."""
+    out: list[tuple[bytes | str, list[Any]]] = []
+    pairs = reply.items() if isinstance(reply, dict) else reply or []
+    for stream, entries in pairs:
+        listed: list[Any] = list(entries)
+        out.append((stream, listed))
+    return out
+
+
+def _first_error(answers: list[Any]) -> list[Any] | BaseException:
+    return next((a for a in answers if isinstance(a, BaseException)), answers)
+
+
+def _pending_of(groups: list[dict]) -> int | None:
+    """Entries pending in the worker's group; None when the stream has no such group."""
+    for g in groups:
+        if _s(g["name"]) == GROUP:
+            return int(g.get("pending", 0))
+    return None
+
+
+def _bounded_block_ms(redis: Any, block_ms: int) -> int:
+    """block_ms, kept below half the client's socket timeout (a blocked read that outlasts
+    it would fail as a timeout)."""
+    pool = getattr(redis, "connection_pool", None)
+    timeout = pool.connection_kwargs.get("socket_timeout") if pool is not None else None
+    if timeout:
+        block_ms = min(block_ms, int(timeout * 500))
+    return max(1, block_ms)
 
 
 def _id_lt(a: str, b: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 from functools import partial
@@ -55,6 +56,7 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     log.info("worker %s starting; %s", worker.consumer, describe(settings))
     try:
         await ensure_ready(engine, store)
+        _tune_gc()
         stats = await worker.run(burst=burst)
     finally:
         worker.close()
@@ -62,6 +64,18 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
         await redis.aclose()
     log.info("worker %s stopped: %s", worker.consumer, stats)
     return stats
+
+
+def _tune_gc() -> None:
+    """Fewer cyclic collections in the worker process. Decoding a batch allocates some ten
+    containers per event, freed by reference counting; at the default threshold (700) the
+    collector runs every ~70 events and, each tenth time, walks the whole heap. Freezing
+    what startup made (modules, clients) and collecting every 50,000 allocations cut the
+    CPU per event by about a third (loadtest/worker_cost.py). Cycles are rare here, so
+    memory stays bounded by the batch."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def main(argv: list[str] | None = None) -> int:
