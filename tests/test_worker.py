@@ -512,3 +512,29 @@ async def test_stopping_cuts_a_blocking_read_short(engine, store):
     await until(lambda: _eq(ledger_count(store, ["stopper"]), 1), "the grant stored")
     w.stop()
     await asyncio.wait_for(task, 30)  # not the ten minutes of the read it was blocked in
+
+
+@pytest.mark.parametrize(("linger", "most_batches"), [(0.2, 10), (0.0, None)], ids=["linger", "none"])
+async def test_a_woken_worker_lingers_so_a_light_steady_rate_is_written_in_few_batches(
+    engine, store, linger, most_batches
+):
+    # One entry at a time wakes the blocking read; without the linger each one would be its
+    # own batch (a store transaction and an XACK each).
+    users = [f"trickle-{i}" for i in range(40)]
+    w = Worker(engine, store, block_ms=500, linger_seconds=linger)
+    task = asyncio.create_task(w.run())
+    try:
+        await asyncio.sleep(0.2)  # blocked in its read by now
+        before = w.stats.batches
+        for i, u in enumerate(users):
+            await engine.grant(u, "1", op_id=f"t-{i}")
+            await asyncio.sleep(0.001)
+        await until(lambda: _eq(ledger_count(store, users), len(users)), "every grant stored")
+    finally:
+        w.stop()
+        await task
+    batches = w.stats.batches - before
+    if most_batches is not None:
+        assert batches <= most_batches, batches
+    else:
+        assert batches > 10, batches  # the same trickle, written as it comes

@@ -116,6 +116,7 @@ class Worker:
         sweep_interval: float = 1.0,
         rehydrate: Any = None,
         block_ms: int = 1000,
+        linger_seconds: float = 0.005,
     ) -> None:
         self.engine = engine
         self.redis = engine.redis
@@ -144,6 +145,9 @@ class Worker:
         self._look = self.redis.register_script(_LOOK) if self._single else None
         self._passes = 0  # upkeep passes: every CLAIM_SCAN_EVERY-th claims on every partition
         self.block_ms = _bounded_block_ms(self.redis, block_ms)
+        # After a wake-up by a few entries, this long to let more arrive before the batch is
+        # written: at a light, steady rate every entry would otherwise cost a transaction.
+        self.linger_seconds = linger_seconds
         self._idle_wait = idle_seconds
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
@@ -783,13 +787,29 @@ class Worker:
             await self._wait_stopped(self.idle_seconds)
             return [], False
         out: list[tuple[int, str, dict]] = []
+        full = self._take(read.result(), count, out)
+        if out and not full and self.linger_seconds > 0 and not self.stop_event.is_set():
+            await asyncio.sleep(self.linger_seconds)
+            try:
+                more = await self.redis.xreadgroup(
+                    GROUP, self.consumer, {self._streams[p]: ">" for p in parts}, count=count
+                )
+            except Exception as exc:  # what was read is written; the next round reads the rest
+                log.debug("the read after the linger failed (%s)", exc)
+                return out, False
+            full = self._take(more, count, out)
+        return out, not full and not faulty
+
+    def _take(self, reply: Any, count: int, out: list[tuple[int, str, dict]]) -> bool:
+        """Appends a multi-stream XREADGROUP reply's entries to `out`; True when a stream
+        filled its count (more may be waiting there)."""
         full = False
-        for stream, entries in _per_stream(read.result()):
+        for stream, entries in _per_stream(reply):
             p = self._partition_of[stream]
             full = full or len(entries) >= count
             for sid, fields in entries:
                 out.append((p, _s(sid), fields or {}))
-        return out, not full and not faulty
+        return full
 
     async def _drained(self) -> bool:
         """True when no entry is pending (called right after a read of new entries found none)."""
