@@ -35,7 +35,8 @@ def lines():
     root.setLevel(level)
 
 
-async def _serve_and_log(redis, redis_url, tmp_path, *headers: dict[str, str]) -> None:
+async def _serve_and_log(redis, redis_url, tmp_path, *headers: dict[str, str]) -> list[httpx.Response]:
+    """GET /_log (a route that logs one line) once per headers given; the answers."""
     settings = Settings(
         redis_url=redis_url, partitions=16, sqlite_path=str(tmp_path / "s.db"), audit_path=None
     )
@@ -47,9 +48,13 @@ async def _serve_and_log(redis, redis_url, tmp_path, *headers: dict[str, str]) -
 
     app.add_api_route("/_log", logs_a_line)
     # No lifespan: the route needs no services, only the app's middleware.
+    answers = []
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         for h in headers:
-            assert (await c.get("/_log", headers=h)).status_code == 200
+            r = await c.get("/_log", headers=h)
+            assert r.status_code == 200
+            answers.append(r)
+    return answers
 
 
 async def test_json_lines_carry_the_request_id(redis, redis_url, tmp_path, lines):
@@ -111,19 +116,7 @@ def test_a_worker_that_cannot_reach_redis_stops_with_json_lines_only(tmp_path, c
 
 async def test_answers_carry_the_request_id_their_log_lines_carry(redis, redis_url, tmp_path, lines):
     configure_logging("json", stream=lines)
-    settings = Settings(
-        redis_url=redis_url, partitions=16, sqlite_path=str(tmp_path / "s.db"), audit_path=None
-    )
-    app = create_app(settings, redis=redis, store=SQLiteStore(str(tmp_path / "s.db")), run_worker=False)
-
-    async def logs_a_line() -> dict:
-        log.info("inside the request")
-        return {}
-
-    app.add_api_route("/_log", logs_a_line)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
-        given = await c.get("/_log", headers={"X-Request-Id": "trace-7"})
-        made = await c.get("/_log")
+    given, made = await _serve_and_log(redis, redis_url, tmp_path, {"X-Request-Id": "trace-7"}, {})
     assert given.headers.get_list("x-request-id") == ["trace-7"]
     records = [json.loads(line) for line in lines.getvalue().splitlines()]
     ours = [r for r in records if r["logger"] == "credit.test"]
