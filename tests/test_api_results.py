@@ -10,35 +10,16 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.api.app import create_app
 from gateway.core.errors import HoldNotFound
-from gateway.core.settings import Settings
-from gateway.core.store.sqlite import SQLiteStore
 from tests.conftest import ManualClock
-from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
+from tests.support.api_fixtures import H_ADMIN, api_client, client_headers
 
 
 @pytest_asyncio.fixture
 async def gw(redis, redis_url, tmp_path):
     """The gateway on a manual clock (holds expire when the test says so)."""
-    clock = ManualClock()
-    settings = Settings(
-        redis_url=redis_url,
-        admin_keys=ADMIN,
-        client_keys=CLIENT,
-        partitions=16,
-        sqlite_path=str(tmp_path / "s.db"),
-        audit_path=None,
-    )
-    store = SQLiteStore(str(tmp_path / "s.db"))
-    app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
-    ):
-        c.app, c.clock, c.redis = app, clock, redis
+    async with api_client(redis, redis_url, tmp_path, clock=ManualClock()) as c:
         yield c
-    await store.close()
 
 
 def refused(r: httpx.Response, status: int, code: str) -> dict:

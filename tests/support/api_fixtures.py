@@ -4,6 +4,8 @@ Registered as a plugin in tests/conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 import pytest_asyncio
 
@@ -20,8 +22,10 @@ def client_headers(user: str) -> dict:
     return {"Authorization": f"Bearer {CLIENT}", "X-User-Id": user}
 
 
-@pytest_asyncio.fixture
-async def api(redis, redis_url, tmp_path):
+@contextlib.asynccontextmanager
+async def api_client(redis, redis_url, tmp_path, clock=None):
+    """The app in process over ASGI (started, on a real redis-server and a SQLite store);
+    the client carries it as `.app`, and `.clock` / `.redis` as given."""
     settings = Settings(
         redis_url=redis_url,
         admin_keys=ADMIN,
@@ -31,14 +35,20 @@ async def api(redis, redis_url, tmp_path):
         audit_path=None,
     )
     store = SQLiteStore(str(tmp_path / "s.db"))
-    app = create_app(settings, redis=redis, store=store, run_worker=False)
+    app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
     ):
-        c.app = app
+        c.app, c.clock, c.redis = app, clock, redis
         yield c
     await store.close()
+
+
+@pytest_asyncio.fixture
+async def api(redis, redis_url, tmp_path):
+    async with api_client(redis, redis_url, tmp_path) as c:
+        yield c
 
 
 async def grant(api, user, amount="10", **extra):

@@ -21,6 +21,22 @@ from typing import Any
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
 
+# Schema version 1 -> 2, the same in every backend: the short names (the Lua hash fields')
+# of the hold and rate-limit fields, and of the grant fields but its metadata (which each
+# backend named its own way), renamed to words.
+GRANT_RENAMES_1_TO_2 = {"r": "free", "e": "earmarked", "x": "expires_ms", "pri": "priority"}
+HOLD_RENAMES_1_TO_2 = {
+    "st": "status",
+    "amt": "amount",
+    "exp": "expires_ms",
+    "fin": "charged",
+    "ear": "earmarks",
+    "at": "opened_ms",
+    "op": "op_id",
+    "x": "metadata",
+}
+RATE_LIMIT_RENAMES_1_TO_2 = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"}
+
 # An account's totals as AccountSnapshot.totals carries them (debt_total aside).
 TOTAL_FIELDS = ("available", "held", "debt", "granted", "spent", "expired", "seq")
 

@@ -29,6 +29,9 @@ from pymongo.errors import BulkWriteError, OperationFailure
 
 from ..events import answer_of
 from .base import (
+    GRANT_RENAMES_1_TO_2,
+    HOLD_RENAMES_1_TO_2,
+    RATE_LIMIT_RENAMES_1_TO_2,
     TOTAL_FIELDS,
     AccountSnapshot,
     ApiKeyRecord,
@@ -51,18 +54,9 @@ SCHEMA_VERSION = 2
 RENAMES_1_TO_2 = {
     "ledger": {"fp": "fingerprint"},
     "accounts": {"state_debt_total": "debt_total"},
-    "grants": {"r": "free", "e": "earmarked", "m": "metadata", "x": "expires_ms", "pri": "priority"},
-    "holds": {
-        "st": "status",
-        "amt": "amount",
-        "exp": "expires_ms",
-        "fin": "charged",
-        "ear": "earmarks",
-        "at": "opened_ms",
-        "op": "op_id",
-        "x": "metadata",
-    },
-    "rate_limits": {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"},
+    "grants": {**GRANT_RENAMES_1_TO_2, "m": "metadata"},
+    "holds": HOLD_RENAMES_1_TO_2,
+    "rate_limits": RATE_LIMIT_RENAMES_1_TO_2,
 }
 OLD_INDEXES = {"holds": ["user_id_1_st_1"]}  # version 1's index on a renamed field
 

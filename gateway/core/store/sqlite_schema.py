@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
+
 SCHEMA_VERSION = 2
 
 # Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
@@ -63,18 +65,9 @@ TABLES = (
 # name a column (holds_open's `st = 'open'`) and touches no row, so it takes the same time
 # on a file of any size.
 RENAMES_1_TO_2 = {
-    "grants": {"r": "free", "e": "earmarked", "meta": "metadata", "x": "expires_ms", "pri": "priority"},
-    "holds": {
-        "st": "status",
-        "amt": "amount",
-        "exp": "expires_ms",
-        "fin": "charged",
-        "ear": "earmarks",
-        "at": "opened_ms",
-        "op": "op_id",
-        "x": "metadata",
-    },
-    "rate_limits": {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"},
+    "grants": {**GRANT_RENAMES_1_TO_2, "meta": "metadata"},
+    "holds": HOLD_RENAMES_1_TO_2,
+    "rate_limits": RATE_LIMIT_RENAMES_1_TO_2,
 }
 
 
