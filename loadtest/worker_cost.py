@@ -16,6 +16,10 @@ the SQLite writes run on a thread of their own).
    event = the worker's CPU over that drain / events; drain rate = events / wall time.
    The figures are the median round. The worker's upkeep (sweep, claim, trim) keeps running
    meanwhile, as in production, and is part of the cost.
+3. Steady, --rounds times per rate in --rates: events appended at that rate (a slice every
+   10 ms) for --steady-seconds while the worker runs, as a gateway under load appends them;
+   CPU per event over the round until the last entry is acknowledged. This is where the
+   per-batch costs show: a wake-up, a linger, a read, a transaction per few entries.
 
 The machine is shared: other processes show as noise, hence rounds and medians.
 """
@@ -84,7 +88,7 @@ async def wait_groups(r: aioredis.Redis, streams: list[str], proc: subprocess.Po
     raise SystemExit("the worker did not create its consumer groups in time")
 
 
-def start_worker(url: str, workdir: str) -> subprocess.Popen:
+def start_worker(url: str, workdir: str, linger: float | None = None) -> subprocess.Popen:
     env = {
         **os.environ,
         "CREDIT_REDIS_URL": url,
@@ -94,6 +98,8 @@ def start_worker(url: str, workdir: str) -> subprocess.Popen:
         "CREDIT_WORKER_NAME": "cost-bench",
     }
     env.pop("CREDIT_MONGO_URI", None)
+    if linger is not None:
+        env["CREDIT_WORKER_LINGER_SECONDS"] = str(linger)
     logf = open(os.path.join(workdir, "worker.log"), "wb")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.worker"], env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT
@@ -137,6 +143,47 @@ async def drain_round(
     }
 
 
+async def steady_round(
+    url: str,
+    r: aioredis.Redis,
+    streams: list[str],
+    proc: subprocess.Popen,
+    templates: list,
+    rate: int,
+    seconds: float,
+    tag: str,
+) -> dict[str, float]:
+    """Appends events at `rate` a second for `seconds` (a slice every 10 ms) while the worker
+    runs, then waits until every entry is acknowledged: CPU per event at a steady rate, where
+    the worker wakes, lingers and writes small batches (unlike a drain's full batches)."""
+    read0, _ = await group_state(r, streams)
+    c0, t0 = proc_cpu_s(proc.pid), time.monotonic()
+    sent = step = 0
+    tick = 0.01
+    while (now := time.monotonic()) < t0 + seconds:
+        due = int(rate * (now - t0 + tick))
+        if due > sent:
+            sent += await fill_streams(url, templates, due - sent, f"{tag}s{step}", chunk=10_000)
+            step += 1
+        await asyncio.sleep(max(0.0, t0 + step * tick - time.monotonic()))
+    while True:
+        read, pending = await group_state(r, streams)
+        if read - read0 >= sent and pending == 0:
+            break
+        if proc.poll() is not None:
+            raise SystemExit(f"the worker exited ({proc.returncode}) during the steady round")
+        await asyncio.sleep(0.02)
+    el = time.monotonic() - t0
+    cpu = proc_cpu_s(proc.pid) - c0
+    return {
+        "rate": rate,
+        "events": sent,
+        "seconds": el,
+        "cpu_ms_per_event": 1e3 * cpu / sent,
+        "cpu_pct": 100 * cpu / el,
+    }
+
+
 async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[subprocess.Popen]) -> None:
     server = RedisServer(cfg.workdir)
     server.start()
@@ -146,7 +193,7 @@ async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[s
         tcfg = argparse.Namespace(sample_users=16, sample_cycles=4)
         templates = await make_templates(server.url, tcfg)  # flushes Redis before and after
         streams = [pk.events for pk in KeySpace(partitions=PARTITIONS).all_partitions()]
-        proc = start_worker(server.url, cfg.workdir)
+        proc = start_worker(server.url, cfg.workdir, cfg.linger)
         procs.append(proc)
         await wait_groups(r, streams, proc, 30)
         await asyncio.sleep(cfg.settle)  # startup done, first upkeep passes over
@@ -165,6 +212,21 @@ async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[s
             # An empty stream between rounds: what is acknowledged is trimmed by the upkeep.
             await asyncio.sleep(cfg.pause)
         out["drain_rounds"] = rounds
+        steady = []
+        for rate in cfg.rates:
+            per = [
+                await steady_round(
+                    server.url, r, streams, proc, templates, rate, cfg.steady_seconds, f"w{rate}x{i}"
+                )
+                for i in range(cfg.rounds)
+            ]
+            res = {k: statistics.median(x[k] for x in per) for k in ("cpu_ms_per_event", "cpu_pct")}
+            steady.append({"rate": rate, **res, "rounds": per})
+            log(
+                f"steady {rate:,} events/s: {res['cpu_ms_per_event']:.4f} ms CPU/event ({res['cpu_pct']:.1f}% of a core)"
+            )
+            await asyncio.sleep(cfg.pause)
+        out["steady"] = steady
         keys = ("events_per_s", "cpu_ms_per_event", "cpu_pct")
         if rounds:
             out["drain"] = {k: statistics.median(x[k] for x in rounds) for k in keys}
@@ -190,6 +252,16 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=2.0, help="seconds after startup before measuring")
     ap.add_argument("--pause", type=float, default=1.5, help="seconds between drain rounds")
     ap.add_argument("--idle-after", action="store_true", help="measure idle again after the drains")
+    ap.add_argument(
+        "--rates",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[200, 1000, 4000],
+        help="steady rates, events/s, comma separated (default 200,1000,4000; empty: none)",
+    )
+    ap.add_argument(
+        "--linger", type=float, help="the worker's CREDIT_WORKER_LINGER_SECONDS (default: its own)"
+    )
+    ap.add_argument("--steady-seconds", type=float, default=5.0, help="length of a steady round")
     ap.add_argument("--json", help="also write the results as JSON here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (SQLite file, audit, logs)")
     cfg = ap.parse_args()
@@ -212,6 +284,10 @@ def main() -> int:
     if d:
         print(f"  CPU per event      {d['cpu_ms_per_event']:8.4f} ms          (target < {EVENT_TARGET_MS})")
         print(f"  drain rate         {d['events_per_s']:8,.0f} events/s")
+    for st in out.get("steady", []):
+        print(
+            f"  steady {st['rate']:>6,}/s     {st['cpu_ms_per_event']:8.4f} ms/event, {st['cpu_pct']:.1f}% of a core"
+        )
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -514,6 +514,23 @@ async def test_stopping_cuts_a_blocking_read_short(engine, store):
     await asyncio.wait_for(task, 30)  # not the ten minutes of the read it was blocked in
 
 
+async def test_a_blocking_read_cut_short_leaves_no_answer_for_the_next_command(engine, store):
+    """The blocked read shares the client's pool. Cut short, its answer would still come
+    (here: an entry appended right after) and be read by whoever took the connection next."""
+    w = Worker(engine, store, block_ms=3000)
+    task = asyncio.create_task(w.run())
+    await engine.grant("cut-a", "1", op_id="g-a")
+    await until(lambda: _eq(ledger_count(store, ["cut-a"]), 1), "the grant stored")
+    await asyncio.sleep(0.1)  # blocked again
+    w.stop()
+    await asyncio.wait_for(task, 30)
+    await engine.grant("cut-b", "1", op_id="g-b")  # would answer the abandoned read
+    await asyncio.sleep(0.05)
+    for i in range(20):  # the pool hands back its most recently released connection first
+        assert await engine.redis.get(f"no-such-key-{i}") is None
+    assert (await engine.grant("cut-b", "1", op_id="g-b")).state.available == 1
+
+
 @pytest.mark.parametrize(("linger", "most_batches"), [(0.2, 10), (0.0, None)], ids=["linger", "none"])
 async def test_a_woken_worker_lingers_so_a_light_steady_rate_is_written_in_few_batches(
     engine, store, linger, most_batches

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.asyncio import RedisCluster
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
-from redis.typing import EncodableT, FieldT, XReadGroupResponse
+from redis.typing import EncodableT, FieldT, KeyT, StreamIdT, XReadGroupResponse
 
 from gateway.core.engine import CreditEngine
 from gateway.core.errors import StateLost
@@ -40,6 +40,7 @@ from gateway.core.recovery import partition_status
 from gateway.core.store.base import Store
 
 from .audit import AuditLog
+from .stream_read import AllStreamsRead
 
 log = logging.getLogger("credit.worker")
 
@@ -49,7 +50,9 @@ CLAIM_SCAN_EVERY = 30
 # The upkeep's look at every partition in one call (single server only). "quiet": per
 # stream 0 when there is nothing to trim or claim (empty, or only the newest entry, delivered
 # and acknowledged, which trimming keeps as the floor), else its length. "due": 1 where an
-# expiry set has something due. A key that answers an error gives -1.
+# expiry set has something due. "trim": trims each stream below the oldest entry pending or
+# not yet delivered to a group (what trim() does per partition on a Cluster): per stream
+# two numbers, the entries removed and its length after. A key that answers an error gives -1.
 _LOOK = """
 local function quiet(key, group)
   local len = redis.call('XLEN', key)
@@ -66,11 +69,39 @@ end
 local function due(key, now)
   return #redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1)
 end
+local function id_lt(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local function trim(key)
+  if redis.call('EXISTS', key) == 0 then return {0, 0} end
+  local floor
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', key)) do
+    local info = {}
+    for j = 1, #g, 2 do info[g[j]] = g[j + 1] end
+    local cand = info['last-delivered-id']
+    if info['pending'] ~= 0 then
+      cand = redis.call('XPENDING', key, info['name'])[2]
+      if not cand then return {0, redis.call('XLEN', key)} end
+    end
+    if floor == nil or id_lt(cand, floor) then floor = cand end
+  end
+  local removed = 0
+  if floor and floor ~= '0-0' then removed = redis.call('XTRIM', key, 'MINID', floor) end
+  return {removed, redis.call('XLEN', key)}
+end
 local out = {}
 for i, key in ipairs(KEYS) do
   local ok, r
-  if ARGV[1] == 'quiet' then ok, r = pcall(quiet, key, ARGV[3]) else ok, r = pcall(due, key, ARGV[2]) end
-  if ok and type(r) == 'number' then out[i] = r else out[i] = -1 end
+  if ARGV[1] == 'trim' then
+    ok, r = pcall(trim, key)
+    if ok then out[2 * i - 1], out[2 * i] = r[1], r[2] else out[2 * i - 1], out[2 * i] = -1, -1 end
+  else
+    if ARGV[1] == 'quiet' then ok, r = pcall(quiet, key, ARGV[3]) else ok, r = pcall(due, key, ARGV[2]) end
+    if ok and type(r) == 'number' then out[i] = r else out[i] = -1 end
+  end
 end
 return out
 """
@@ -148,6 +179,11 @@ class Worker:
         # After a wake-up by a few entries, this long to let more arrive before the batch is
         # written: at a light, steady rate every entry would otherwise cost a transaction.
         self.linger_seconds = linger_seconds
+        self._all_streams = (
+            AllStreamsRead(self.redis, GROUP, self.consumer, self._streams, batch, self.block_ms)
+            if isinstance(self.redis, Redis)
+            else None
+        )
         self._idle_wait = idle_seconds
         self._min_count = max(1, batch // len(self._streams))
         self._counts = [self._min_count] * len(self._streams)
@@ -502,14 +538,16 @@ class Worker:
             pipe.xinfo_groups(self._streams[p])
             pipe.xlen(self._streams[p])
 
-        # On a single server, a first look (one command) finds the quiet streams: nothing to
-        # trim there, and no backlog (what they hold is stored).
-        lengths = await self._look_at("quiet", self._streams)
-        parts = [p for p in range(len(self._streams)) if lengths is None or lengths[p] != 0]
+        # On a single server one command trims every stream. What it could not trim (an
+        # error, logged below with its cause) and everything on a Cluster is trimmed
+        # partition by partition.
+        trimmed = await self._look_at("trim", self._streams)
+        parts = [p for p in range(len(self._streams)) if trimmed is None or trimmed[2 * p] < 0]
         for p in range(len(self._streams)):
-            if lengths is not None and lengths[p] == 0:
+            if trimmed is not None and trimmed[2 * p] >= 0:
+                removed += trimmed[2 * p]
                 self._healed(p, "trimming")
-                self._watch_backlog(p, 0)
+                self._watch_backlog(p, trimmed[2 * p + 1])
         infos = await self._per_partition(ask, 2, parts)
         for p, info in zip(parts, infos, strict=True):
             s = self._streams[p]
@@ -585,7 +623,7 @@ class Worker:
                 self._fault(p, "sweeping", exc)
 
     async def _look_at(self, what: str, keys: list[str], now: int = 0) -> list[int] | None:
-        """On a single server, one script call over many keys ("quiet" or "due", see _LOOK).
+        """On a single server, one script call over many keys ("quiet", "due" or "trim", see _LOOK).
         None on a Cluster (no command spans slots) or when the call fails: the
         caller then asks partition by partition."""
         if self._look is None:
@@ -761,16 +799,17 @@ class Worker:
         if not parts:
             await self._wait_stopped(self.idle_seconds)
             return [], False
-        count = self._min_count
-        read = asyncio.ensure_future(
-            self.redis.xreadgroup(
-                GROUP,
-                self.consumer,
-                {self._streams[p]: ">" for p in parts},
-                count=count,
-                block=self.block_ms,
+        # A stream's whole batch: what a wake-up and its linger find is rarely more, so the
+        # round ends here instead of in a pipelined read of every partition.
+        count = self.batch
+        whole = self._all_streams if not faulty else None
+        if whole is None:
+            streams: dict[KeyT, StreamIdT] = {self._streams[p]: ">" for p in parts}
+            read = asyncio.ensure_future(
+                self.redis.xreadgroup(GROUP, self.consumer, streams, count=count, block=self.block_ms)
             )
-        )
+        else:
+            read = asyncio.ensure_future(whole.blocking())
         stop = asyncio.ensure_future(self.stop_event.wait())
         try:
             await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
@@ -791,9 +830,10 @@ class Worker:
         if out and not full and self.linger_seconds > 0 and not self.stop_event.is_set():
             await asyncio.sleep(self.linger_seconds)
             try:
-                more = await self.redis.xreadgroup(
-                    GROUP, self.consumer, {self._streams[p]: ">" for p in parts}, count=count
-                )
+                if whole is None:
+                    more = await self.redis.xreadgroup(GROUP, self.consumer, streams, count=count)
+                else:
+                    more = await whole.now()
             except Exception as exc:  # what was read is written; the next round reads the rest
                 log.debug("the read after the linger failed (%s)", exc)
                 return out, False
@@ -808,6 +848,8 @@ class Worker:
             p = self._partition_of[stream]
             full = full or len(entries) >= count
             for sid, fields in entries:
+                if type(fields) is list:  # a raw reply (AllStreamsRead): field, value, ...
+                    fields = dict(zip(fields[::2], fields[1::2], strict=True))
                 out.append((p, _s(sid), fields or {}))
         return full
 

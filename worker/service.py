@@ -32,6 +32,8 @@ def build_worker(settings: Settings, engine: CreditEngine, store: Store) -> Work
         consumer=settings.worker_name,
         batch=settings.worker_batch,
         idle_seconds=settings.worker_idle_seconds,
+        # Embedded mode answers a write once the worker has stored it: no lingering there.
+        linger_seconds=0 if settings.embedded else settings.worker_linger_seconds,
         claim_idle_ms=settings.claim_idle_ms,
         max_deliveries=settings.max_deliveries,
         sweep_interval=settings.sweep_interval_seconds,

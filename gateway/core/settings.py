@@ -96,6 +96,13 @@ class Settings(BaseSettings):
     audit_path: str | None = "credit-audit.jsonl"
     worker_batch: int = Field(1000, ge=1)
     worker_idle_seconds: float = Field(0.05, gt=0)
+    worker_linger_seconds: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="after a wake-up, how long the worker lets entries gather before it writes "
+        "them (fewer, larger batches; the store lags Redis by up to this much more)",
+    )
     claim_idle_ms: int = Field(30_000, ge=0)
     max_deliveries: int = Field(5, ge=1)
     sweep_interval_seconds: float = Field(1.0, gt=0)
