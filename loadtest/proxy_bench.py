@@ -141,9 +141,22 @@ def _wrk_ms(text: str, pct: str) -> float:
     return float(m.group(1)) * _UNIT_MS[m.group(2)] if m else float("nan")
 
 
-async def load_wrk(url: str, headers: dict, body: bytes, conns: int, seconds: float) -> dict:
+async def load_wrk(
+    url: str, headers: dict, body: bytes, conns: int, seconds: float, users: tuple[str, int] | None = None
+) -> dict:
+    """wrk's figures. `users` (prefix, n): each request's X-User-Id is prefix + a random
+    number below n (a Lua call per request: the load generator works harder)."""
     script = ['wrk.method = "POST"', f"wrk.body = {json.dumps(body.decode())}"]
     script += [f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()]
+    if users is not None:
+        prefix, n = users
+        script += [
+            "math.randomseed(os.time())",
+            "request = function()",
+            f'  wrk.headers["X-User-Id"] = {json.dumps(prefix)} .. math.random(0, {n - 1})',
+            "  return wrk.format()",  # a headers argument would replace wrk.headers, not add
+            "end",
+        ]
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write("\n".join(script) + "\n")
     try:
@@ -186,8 +199,9 @@ class Setup:
         self.with_worker = with_worker
         self.work = tempfile.mkdtemp(prefix="proxy-bench-")
         self.procs: list[subprocess.Popen] = []
-        self.gateway_pid = 0
-        self.worker_pid = 0
+        # Per target, the processes whose CPU per request is reported (the upstream's is the
+        # same for every target and left out).
+        self.cpu_pids: dict[str, dict[str, int]] = {t: {} for t in TARGETS}
         self.urls: dict[str, str] = {}
         self.users = [f"bench-{i}" for i in range(64)]
 
@@ -201,10 +215,10 @@ class Setup:
         work = self.work
         rport, uport, pport, gport = free_ports(4)
         redis = shutil.which("redis-server") or "redis-server"
-        self._spawn(
+        redis_pid = self._spawn(
             [redis, "--port", str(rport), "--save", "", "--appendonly", "no", "--dir", work],
             stdout=subprocess.DEVNULL,
-        )
+        ).pid
         wait_port(rport)
         self._spawn(
             [sys.executable, "-m", "gateway.devtools.mock_upstream", "--port", str(uport), "--no-record"],
@@ -214,9 +228,9 @@ class Setup:
             stderr=open(Path(work) / "upstream.log", "wb"),  # noqa: SIM115 (the process keeps it)
         )
         upstream = f"http://127.0.0.1:{uport}"
-        self._spawn(
+        self.cpu_pids["passthrough"]["passthrough"] = self._spawn(
             [sys.executable, str(REPO / "loadtest" / "passthrough.py"), upstream, str(pport)], env=env
-        )
+        ).pid
         (Path(work) / "gw.toml").write_text(CONFIG.format(url=upstream))
         genv = {
             **env,
@@ -232,10 +246,12 @@ class Setup:
             # (a real deployment's worker keeps the backlog near zero).
             genv.update({"CREDIT_AUDIT_PATH": "", "CREDIT_MAX_BACKLOG": "0"})
         serve = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(gport), "--log-level", "warning"]
-        self.gateway_pid = self._spawn(serve, cwd=work, env=genv).pid
+        gateway = self.cpu_pids["gateway"]
+        gateway["gateway"] = self._spawn(serve, cwd=work, env=genv).pid
         if self.with_worker:
             worker = [sys.executable, "-m", "gateway.worker"]
-            self.worker_pid = self._spawn(worker, cwd=work, env=genv).pid
+            gateway["worker"] = self._spawn(worker, cwd=work, env=genv).pid
+        gateway["redis"] = redis_pid
         for p in (uport, pport, gport):
             wait_port(p)
         self.urls = {
@@ -300,23 +316,18 @@ async def run_setup(cfg: argparse.Namespace, with_worker: bool) -> dict:
                     order = TARGETS if r % 2 == 0 else tuple(reversed(TARGETS))
                     for t in order:
                         url = setup.urls[t] + "/v1/chat/completions"
-                        pids = [p for p in (setup.gateway_pid, setup.worker_pid) if p and t == "gateway"]
-                        before = [cpu_seconds(p) for p in pids]
+                        pids = setup.cpu_pids[t]
+                        before = {k: cpu_seconds(p) for k, p in pids.items()}
                         res = await load(url, headers_for(t, setup.users[r]), body, conns, cfg.seconds)
-                        if pids and res["n"]:
-                            res["gateway_cpu_ms"] = (cpu_seconds(pids[0]) - before[0]) * 1000 / res["n"]
-                            if len(pids) > 1:
-                                res["worker_cpu_ms"] = (cpu_seconds(pids[1]) - before[1]) * 1000 / res["n"]
+                        for k, p in pids.items():
+                            res[f"{k}_cpu_ms"] = (cpu_seconds(p) - before[k]) * 1000 / max(1, res["n"])
                         rounds[t].append(res)
                 key = f"{mode}/{conns}"
                 results[key] = summarize(rounds)
                 for t in TARGETS:
                     m = results[key][t]
-                    cpu = "".join(
-                        f"  {k.split('_')[0]} cpu={m[k]:.3f} ms/req"
-                        for k in ("gateway_cpu_ms", "worker_cpu_ms")
-                        if k in m
-                    )
+                    cpu = "".join(f"  {k[:-7]} cpu={m[k]:.3f}" for k in m if k.endswith("_cpu_ms"))
+                    cpu = f" ms/req:{cpu}" if cpu else ""
                     print(
                         f"[{name}] {mode:6s} c={conns:<3d} {t:12s} rps={m['rps']:8.0f}  "
                         f"p50={m['p50_ms']:7.2f} ms  p99={m['p99_ms']:7.2f} ms  errors={m['errors']}{cpu}",
@@ -344,6 +355,13 @@ def summarize(rounds: dict[str, list[dict]]) -> dict[str, Any]:
     out["rps_ratio"] = statistics.median(g["rps"] / p["rps"] for g, p in pairs)
     out["p99_ratio"] = statistics.median(g["p99_ms"] / p["p99_ms"] for g, p in pairs)
     out["added_p50_ms"] = statistics.median(g["p50_ms"] - p["p50_ms"] for g, p in pairs)
+    # What the metering costs in CPU: the gateway's processes (with its worker and Redis)
+    # per request, over the passthrough's.
+    out["cpu_ratio"] = statistics.median(
+        sum(v for k, v in g.items() if k.endswith("_cpu_ms")) / p["passthrough_cpu_ms"]
+        for g, p in pairs
+        if p.get("passthrough_cpu_ms")
+    )
     return out
 
 
@@ -360,6 +378,9 @@ def ratios(results: dict[str, Any]) -> dict[str, float]:
         summary[f"{mode}: added p50 at 2 conns vs passthrough, ms (target <= 1.0)"] = results[f"{mode}/2"][
             "added_p50_ms"
         ]
+        summary[f"{mode}: CPU per request, gateway+worker+redis / passthrough, 64 conns"] = results[
+            f"{mode}/64"
+        ]["cpu_ratio"]
     return summary
 
 

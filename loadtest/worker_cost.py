@@ -72,7 +72,7 @@ async def group_state(r: aioredis.Redis, streams: list[str]) -> tuple[int, int]:
     return read, pending
 
 
-async def wait_groups(r: aioredis.Redis, streams: list[str], proc: subprocess.Popen, limit: float) -> None:
+async def wait_groups(r: aioredis.Redis, streams: list[str], proc: Workers, limit: float) -> None:
     """Until the worker has created its consumer group on every stream."""
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
@@ -88,40 +88,65 @@ async def wait_groups(r: aioredis.Redis, streams: list[str], proc: subprocess.Po
     raise SystemExit("the worker did not create its consumer groups in time")
 
 
-def start_worker(url: str, workdir: str, linger: float | None = None) -> subprocess.Popen:
+def start_worker(url: str, workdir: str, linger: float | None = None, index: int = 0) -> subprocess.Popen:
     env = {
         **os.environ,
         "CREDIT_REDIS_URL": url,
         "CREDIT_PARTITIONS": str(PARTITIONS),
         "CREDIT_SQLITE_PATH": os.path.join(workdir, "worker.sqlite3"),
         "CREDIT_AUDIT_PATH": os.path.join(workdir, "audit.jsonl"),
-        "CREDIT_WORKER_NAME": "cost-bench",
+        "CREDIT_WORKER_NAME": f"cost-bench-{index}",
     }
     env.pop("CREDIT_MONGO_URI", None)
     if linger is not None:
         env["CREDIT_WORKER_LINGER_SECONDS"] = str(linger)
-    logf = open(os.path.join(workdir, "worker.log"), "wb")  # noqa: SIM115 (closed with the process)
+    logf = open(os.path.join(workdir, f"worker-{index}.log"), "wb")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(
         [sys.executable, "-m", "gateway.worker"], env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=ROOT
     )
 
 
-async def measure_idle(pid: int, seconds: float) -> dict[str, float]:
-    c0, t0 = proc_cpu_s(pid), time.monotonic()
+class Workers:
+    """The worker processes of a run (--procs), signalled and measured together."""
+
+    def __init__(self, procs: list[subprocess.Popen]) -> None:
+        self.procs = procs
+
+    def cpu(self) -> float:
+        return sum(proc_cpu_s(p.pid) for p in self.procs)
+
+    def send_signal(self, sig: int) -> None:
+        for p in self.procs:
+            p.send_signal(sig)
+
+    def poll(self) -> int | None:
+        return next((rc for p in self.procs if (rc := p.poll()) is not None), None)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.poll()
+
+    def wait(self, timeout: float) -> None:
+        for p in self.procs:
+            p.wait(timeout)
+
+
+async def measure_idle(proc: Workers, seconds: float) -> dict[str, float]:
+    c0, t0 = proc.cpu(), time.monotonic()
     await asyncio.sleep(seconds)
-    c1, t1 = proc_cpu_s(pid), time.monotonic()
+    c1, t1 = proc.cpu(), time.monotonic()
     return {"seconds": t1 - t0, "cpu_s": c1 - c0, "cpu_pct": 100 * (c1 - c0) / (t1 - t0)}
 
 
 async def drain_round(
-    url: str, r: aioredis.Redis, streams: list[str], proc: subprocess.Popen, templates: list, n: int, tag: str
+    url: str, r: aioredis.Redis, streams: list[str], proc: Workers, templates: list, n: int, tag: str
 ) -> dict[str, float]:
     read0, _ = await group_state(r, streams)
     proc.send_signal(signal.SIGSTOP)
     try:
         n = await fill_streams(url, templates, n, tag)
     finally:
-        c0 = proc_cpu_s(proc.pid)
+        c0 = proc.cpu()
         t0 = time.monotonic()
         proc.send_signal(signal.SIGCONT)
     while True:
@@ -132,7 +157,7 @@ async def drain_round(
         if proc.poll() is not None:
             raise SystemExit(f"the worker exited ({proc.returncode}) during the drain")
     el = time.monotonic() - t0
-    cpu = proc_cpu_s(proc.pid) - c0
+    cpu = proc.cpu() - c0
     return {
         "events": n,
         "seconds": el,
@@ -147,7 +172,7 @@ async def steady_round(
     url: str,
     r: aioredis.Redis,
     streams: list[str],
-    proc: subprocess.Popen,
+    proc: Workers,
     templates: list,
     rate: int,
     seconds: float,
@@ -157,7 +182,7 @@ async def steady_round(
     runs, then waits until every entry is acknowledged: CPU per event at a steady rate, where
     the worker wakes, lingers and writes small batches (unlike a drain's full batches)."""
     read0, _ = await group_state(r, streams)
-    c0, t0 = proc_cpu_s(proc.pid), time.monotonic()
+    c0, t0 = proc.cpu(), time.monotonic()
     sent = step = 0
     tick = 0.01
     while (now := time.monotonic()) < t0 + seconds:
@@ -174,7 +199,7 @@ async def steady_round(
             raise SystemExit(f"the worker exited ({proc.returncode}) during the steady round")
         await asyncio.sleep(0.02)
     el = time.monotonic() - t0
-    cpu = proc_cpu_s(proc.pid) - c0
+    cpu = proc.cpu() - c0
     return {
         "rate": rate,
         "events": sent,
@@ -193,11 +218,12 @@ async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[s
         tcfg = argparse.Namespace(sample_users=16, sample_cycles=4)
         templates = await make_templates(server.url, tcfg)  # flushes Redis before and after
         streams = [pk.events for pk in KeySpace(partitions=PARTITIONS).all_partitions()]
-        proc = start_worker(server.url, cfg.workdir, cfg.linger)
-        procs.append(proc)
+        started = [start_worker(server.url, cfg.workdir, cfg.linger, i) for i in range(cfg.procs)]
+        procs.extend(started)
+        proc = Workers(started)
         await wait_groups(r, streams, proc, 30)
         await asyncio.sleep(cfg.settle)  # startup done, first upkeep passes over
-        idle = await measure_idle(proc.pid, cfg.idle_seconds)
+        idle = await measure_idle(proc, cfg.idle_seconds)
         out["idle"] = idle
         log(f"idle: {idle['cpu_pct']:.2f}% of a core over {idle['seconds']:.1f}s")
         rounds = []
@@ -223,7 +249,8 @@ async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[s
             res = {k: statistics.median(x[k] for x in per) for k in ("cpu_ms_per_event", "cpu_pct")}
             steady.append({"rate": rate, **res, "rounds": per})
             log(
-                f"steady {rate:,} events/s: {res['cpu_ms_per_event']:.4f} ms CPU/event ({res['cpu_pct']:.1f}% of a core)"
+                f"steady {rate:,} events/s: {res['cpu_ms_per_event']:.4f} ms CPU/event "
+                f"({res['cpu_pct']:.1f}% of a core)"
             )
             await asyncio.sleep(cfg.pause)
         out["steady"] = steady
@@ -231,7 +258,7 @@ async def main_async(cfg: argparse.Namespace, out: dict[str, Any], procs: list[s
         if rounds:
             out["drain"] = {k: statistics.median(x[k] for x in rounds) for k in keys}
         if cfg.idle_after:
-            idle2 = await measure_idle(proc.pid, cfg.idle_seconds)
+            idle2 = await measure_idle(proc, cfg.idle_seconds)
             out["idle_after"] = idle2
             log(f"idle after the drains: {idle2['cpu_pct']:.2f}% of a core")
         proc.send_signal(signal.SIGTERM)
@@ -259,6 +286,9 @@ def main() -> int:
         help="steady rates, events/s, comma separated (default 200,1000,4000; empty: none)",
     )
     ap.add_argument(
+        "--procs", type=int, default=1, help="worker processes (one consumer group, split entries)"
+    )
+    ap.add_argument(
         "--linger", type=float, help="the worker's CREDIT_WORKER_LINGER_SECONDS (default: its own)"
     )
     ap.add_argument("--steady-seconds", type=float, default=5.0, help="length of a steady round")
@@ -266,7 +296,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (SQLite file, audit, logs)")
     cfg = ap.parse_args()
     cfg.workdir = tempfile.mkdtemp(prefix="worker-cost-")
-    out: dict[str, Any] = {"partitions": PARTITIONS, "cpus": os.cpu_count()}
+    out: dict[str, Any] = {"partitions": PARTITIONS, "cpus": os.cpu_count(), "procs": cfg.procs}
     procs: list[subprocess.Popen] = []
     try:
         asyncio.run(main_async(cfg, out, procs))
@@ -286,7 +316,8 @@ def main() -> int:
         print(f"  drain rate         {d['events_per_s']:8,.0f} events/s")
     for st in out.get("steady", []):
         print(
-            f"  steady {st['rate']:>6,}/s     {st['cpu_ms_per_event']:8.4f} ms/event, {st['cpu_pct']:.1f}% of a core"
+            f"  steady {st['rate']:>6,}/s     {st['cpu_ms_per_event']:8.4f} ms/event, "
+            f"{st['cpu_pct']:.1f}% of a core"
         )
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(out, indent=2))
