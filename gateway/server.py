@@ -86,7 +86,7 @@ class _OneWriteTransport:
     write, one TCP segment, where uvicorn writes the head and the body separately. The
     head's own write was 9% of the gateway's time under load."""
 
-    __slots__ = ("_transport", "_loop", "_held")
+    __slots__ = ("_held", "_loop", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
