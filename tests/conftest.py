@@ -28,7 +28,11 @@ from gateway.core.engine import CreditEngine
 from gateway.core.keys import KeySpace
 
 # The fixtures shared across test modules (`api`, `gw`), and their helpers.
-pytest_plugins = ["tests.support.api_fixtures", "tests.support.proxy_fixtures"]
+pytest_plugins = [
+    "tests.support.api_fixtures",
+    "tests.support.proxy_fixtures",
+    "tests.support.store_fixtures",
+]
 
 SUPPORT = Path(__file__).parent / "support"
 STRICT = os.environ.get("CREDIT_TEST_STRICT") == "1"

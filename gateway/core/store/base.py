@@ -12,7 +12,7 @@ admin-plane records, and a `from_url` that the registry (store/registry.py) call
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -20,6 +20,7 @@ from typing import Any
 
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
+from .payments import PaymentStore
 
 # Schema version 1 -> 2, the same in every backend: the short names (the Lua hash fields')
 # of the hold and rate-limit fields, and of the grant fields but its metadata (which each
@@ -149,8 +150,9 @@ class RateLimitOverride:
     tokens_per_minute: int | None = None
 
 
-class Store(ABC):
-    """One durable store. Implementations: SQLiteStore (embedded), MongoStore."""
+class Store(PaymentStore):
+    """One durable store. Implementations: SQLiteStore (embedded), MongoStore. The payment
+    records' half of the contract is in store/payments.py."""
 
     @classmethod
     @abstractmethod

@@ -44,6 +44,7 @@ from .base import (
     restore_hold,
 )
 from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
+from .mongo_payments import MongoPayments
 
 Doc = dict[str, Any]
 
@@ -91,7 +92,7 @@ def _ledger_entry(d: Doc) -> LedgerEntry:
     )
 
 
-class MongoStore(Store):
+class MongoStore(MongoPayments, Store):
     def __init__(self, uri: str, db: str = "credit_management") -> None:
         self.uri = uri
         self.db_name = db
@@ -122,6 +123,7 @@ class MongoStore(Store):
         await db.holds.create_index([("user_id", ASCENDING), ("status", ASCENDING)])
         await db.api_keys.create_index([("digest", ASCENDING)], unique=True)
         await db.api_keys.create_index([("user_id", ASCENDING), ("created_ms", ASCENDING)])
+        await self._payment_indexes()
 
     async def _migrate(self) -> None:
         """Brings the documents to SCHEMA_VERSION. Each step may run again (a $rename of a

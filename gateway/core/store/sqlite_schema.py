@@ -5,6 +5,7 @@ The schema version is kept in `PRAGMA user_version`:
   1  the first schema, whose grant and hold columns had the Lua hash fields' short names
      (r, e, x, pri, meta; st, amt, exp, fin, ear, at, op, x) and rate_limits' rpm / tpm
   2  the same tables with readable column names (this module's DDL)
+  3  the payment tables added (store/sqlite_payments.py); nothing else changes
 A file of a newer version than this code knows is refused rather than misread.
 """
 
@@ -13,8 +14,9 @@ from __future__ import annotations
 import sqlite3
 
 from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
+from .sqlite_payments import TABLES as PAYMENT_TABLES
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
 # rows are appended in order and only the small indexes take random inserts), `accounts` (one
@@ -59,6 +61,7 @@ TABLES = (
     """CREATE TABLE IF NOT EXISTS rate_limits (
     user TEXT PRIMARY KEY, requests_per_minute INTEGER, tokens_per_minute INTEGER
 ) WITHOUT ROWID""",
+    *PAYMENT_TABLES,
 )
 
 # Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
@@ -94,7 +97,11 @@ def _rename_1_to_2(db: sqlite3.Connection) -> None:
                 db.execute(f'ALTER TABLE {table} RENAME COLUMN "{old}" TO "{new}"')
 
 
-MIGRATIONS = {1: _rename_1_to_2}  # from version k to k + 1
+def _nothing_to_change(db: sqlite3.Connection) -> None:
+    """2 -> 3 only adds tables, which TABLES creates."""
+
+
+MIGRATIONS = {1: _rename_1_to_2, 2: _nothing_to_change}  # from version k to k + 1
 
 
 def migrate(db: sqlite3.Connection) -> int:
