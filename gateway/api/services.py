@@ -13,6 +13,7 @@ from ..core.settings import Settings
 from ..core.store.base import Store
 
 if TYPE_CHECKING:
+    from ..payments.service import Payments
     from ..proxy.forward import MeteringProxy
     from ..proxy.pricing_cache import PricingCache
 
@@ -39,4 +40,5 @@ class Services:
     worker: InProcessWorker | None = None  # embedded mode (or run_worker=True)
     proxy: MeteringProxy | None = None  # when upstreams are configured
     pricing: PricingCache | None = None  # idem
+    payments: Payments | None = None  # selling credits (built with every app)
     ready: bool = False  # Redis rebuilt from the store where it had lost its state

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_KEY_LENGTH = 32
@@ -51,7 +51,8 @@ def parse_keys(raw: str) -> list[bytes]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CREDIT_", extra="ignore")
+    # populate_by_name: Settings(razorpay_key_id=...) in code, RAZORPAY_KEY_ID in the environment.
+    model_config = SettingsConfigDict(env_prefix="CREDIT_", extra="ignore", populate_by_name=True)
 
     # Redis: unset = embedded mode (in-process fakeredis + SQLite, worker in the same process).
     redis_url: str | None = None
@@ -127,6 +128,28 @@ class Settings(BaseSettings):
 
     # Logging (gateway/logs.py): "json" writes one JSON object per line, with the request id.
     log_format: Literal["text", "json"] = "text"
+
+    # Selling credits (gateway/payments/). The providers' own variable names, as teams
+    # moving from credit-management have them set; a provider without its keys is off.
+    razorpay_key_id: str | None = Field(None, validation_alias=AliasChoices("RAZORPAY_KEY_ID"))
+    razorpay_key_secret: SecretStr | None = Field(None, validation_alias=AliasChoices("RAZORPAY_KEY_SECRET"))
+    razorpay_webhook_secret: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("RAZORPAY_WEBHOOK_SECRET")
+    )
+    stripe_api_key: SecretStr | None = Field(None, validation_alias=AliasChoices("STRIPE_API_KEY"))
+    stripe_webhook_secret: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("STRIPE_WEBHOOK_SECRET")
+    )
+    app_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("APP_BASE_URL"),
+        description="where the providers send the buyer back (callback, success and cancel URLs)",
+    )
+    razorpay_base_url: str | None = Field(None, description="another Razorpay API server (tests, sandboxes)")
+    stripe_api_base: str | None = Field(None, description="another Stripe API server (tests, sandboxes)")
+    payment_rates: str | None = Field(None, description='credits per unit of currency: "INR=1,USD=90"')
+    payment_provider_timeout_seconds: float = Field(10.0, gt=0, le=60)
+    stripe_webhook_tolerance_seconds: int = Field(300, ge=1)
 
     @field_validator("admin_keys", "client_keys")
     @classmethod

@@ -59,6 +59,7 @@ from ..core.money import AmountError, to_units
 from ..core.pricing import PricingTable
 from ..core.ratelimits import check_limit
 from ..core.redact import public_url
+from ..payments.catalog import CatalogError, build_catalog
 from .features import FEATURES
 from .kinds import ADAPTERS, FALLBACK, Adapter, adapter, metered_routes
 
@@ -114,6 +115,9 @@ class ProxyConfig:
     hold_margin_seconds: float = 30.0
     max_body_bytes: int = 4 * 1024 * 1024
     rate_limits: RateLimits = field(default_factory=RateLimits)
+    payments: dict[str, Any] = field(
+        default_factory=dict
+    )  # the [payments] section (gateway/payments/catalog.py)
 
     def upstream_for(self, path: str, model: str | None) -> Upstream | None:
         """The first upstream whose kind meters `path` and that serves `model`."""
@@ -244,7 +248,7 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyCon
     if not path:
         return ProxyConfig()
     data = _read(path)
-    unknown = set(data) - {"gateway", "upstreams", "routes", "pricing", "rate_limits"}
+    unknown = set(data) - {"gateway", "upstreams", "routes", "pricing", "rate_limits", "payments"}
     if unknown:
         raise ConfigError(f"{path}: unknown sections {sorted(unknown)}")
     gw = data.get("gateway") or {}
@@ -277,6 +281,11 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyCon
     if unknown_model == "default" and pricing.default is None:
         raise ConfigError("gateway.unknown_model = 'default' needs [pricing.default]")
     rl = data.get("rate_limits") or {}
+    payments = data.get("payments") or {}
+    try:
+        build_catalog(payments, env.get("CREDIT_PAYMENT_RATES"))  # a bad section fails at start
+    except CatalogError as exc:
+        raise ConfigError(f"{path}: payments: {exc}") from exc
     return ProxyConfig(
         upstreams=upstreams,
         routes=tuple(routes),
@@ -288,4 +297,5 @@ def load_config(path: str | None, env: dict[str, str] | None = None) -> ProxyCon
         hold_margin_seconds=float(gw.get("hold_margin_seconds", 30)),
         max_body_bytes=int(gw.get("max_body_bytes", 4 * 1024 * 1024)),
         rate_limits=_rate_limits(rl),
+        payments=payments,
     )

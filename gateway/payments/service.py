@@ -1,0 +1,404 @@
+"""Selling credits: payments created through a provider, credited from verified webhooks,
+refunded, and reconciled.
+
+Credited exactly once, for the life of the deployment:
+1. The durable payment record decides, not Redis: a payment is credited only by moving it
+   to paid (a conditional update only one delivery wins) and then granting with the op id
+   `payment:<payment id>`, and marking `credited_ms` once the grant is known to exist.
+2. A delivery (any event id, any process) that finds the payment paid but not credited
+   completes the crediting; one that finds it credited changes nothing, however long after.
+3. "Is the grant there?" is asked of the durable ledger first (it outlives Redis's memory
+   of op ids), then by granting with the same op id (Redis answers a replay while it
+   remembers), so a crash between the paid mark and the grant is finished once.
+Refunds follow the same pattern: recorded once per provider refund id, then a debit with
+the op id `refund:<provider>:<refund id>` that may leave the account in debt.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.core.engine import CreditEngine
+from gateway.core.store.base import Store
+from gateway.core.store.payments import (
+    PAID_STATES,
+    PaymentAnomaly,
+    PaymentRecord,
+    RefundRecord,
+    WebhookEvent,
+    sources_of,
+)
+
+from .catalog import Catalog, CatalogError, from_minor, to_minor
+from .providers import Provider, ProviderError, ProviderEvent, WebhookRefused
+
+log = logging.getLogger("credit.payments")
+
+MAX_WEBHOOK_BODY = 256 * 1024
+
+
+@dataclass
+class WebhookAnswer:
+    status: int
+    body: dict[str, Any]
+
+
+class PaymentError(Exception):
+    """A request the payment service refuses: `code` and HTTP `status` for the API."""
+
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def new_payment_id() -> str:
+    return "cgpay_" + uuid.uuid4().hex  # 38 characters: within Razorpay's 40 for reference_id
+
+
+class Payments:
+    def __init__(
+        self,
+        store: Store,
+        engine: CreditEngine,
+        catalog: Catalog,
+        providers: Mapping[str, Provider],
+        *,
+        now_ms: Callable[[], int] | None = None,
+    ) -> None:
+        self.store, self.engine, self.catalog = store, engine, catalog
+        self.providers = dict(providers)
+        self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+
+    def provider(self, name: Any) -> Provider:
+        if name not in ("razorpay", "stripe"):
+            raise PaymentError("unknown_provider", "provider must be razorpay or stripe")
+        prov = self.providers.get(name)
+        if prov is None:
+            raise PaymentError("provider_not_configured", f"payments through {name} are not configured")
+        return prov
+
+    # -- creating ------------------------------------------------------------------------
+
+    async def create(
+        self,
+        user: str,
+        *,
+        provider: Any,
+        amount: Any = None,
+        currency: Any = None,
+        pack: Any = None,
+        description: Any = None,
+    ) -> PaymentRecord:
+        prov = self.provider(provider)
+        if (pack is None) == (amount is None):
+            raise PaymentError("invalid_request", "give either amount (with currency) or pack")
+        try:
+            if pack is not None:
+                pk = self.catalog.pack(pack)
+                minor, cur, credits, pack_name = pk.amount_minor, pk.currency, pk.credits, pk.name
+            else:
+                minor, cur, credits = self.catalog.price(amount, currency if currency is not None else "INR")
+                pack_name = None
+        except CatalogError as exc:
+            raise PaymentError("invalid_amount", str(exc)) from None
+        if credits <= 0:
+            raise PaymentError("invalid_amount", "the amount buys less than one micro-credit")
+        if description is not None and not isinstance(description, str):
+            raise PaymentError("invalid_request", "description must be a string")
+        now = self.now_ms()
+        p = PaymentRecord(
+            payment_id=new_payment_id(),
+            user=user,
+            provider=prov.name,
+            amount_minor=minor,
+            currency=cur,
+            credits=credits,
+            status="created",
+            created_ms=now,
+            updated_ms=now,
+            pack=pack_name,
+            description=(description or "Credit top-up")[:200],
+        )
+        await self.store.create_payment(p)
+        try:
+            checkout = await prov.create(p)
+        except ProviderError as exc:
+            await self.store.update_payment(
+                p.payment_id, {"error": str(exc)[:500], "updated_ms": self.now_ms()}
+            )
+            log.warning("payment %s: %s", p.payment_id, exc)
+            raise PaymentError(
+                "provider_unavailable", f"{prov.name} did not create the payment", 502
+            ) from None
+        changes = {
+            "url": checkout.url,
+            "link_id": checkout.link_id,
+            "session_id": checkout.session_id,
+            "order_id": checkout.order_id,
+            "updated_ms": self.now_ms(),
+        }
+        await self.store.update_payment(p.payment_id, changes)
+        for k, v in changes.items():
+            setattr(p, k, v)
+        return p
+
+    # -- webhooks --------------------------------------------------------------------------
+
+    async def webhook(self, provider: str, body: bytes, headers: Mapping[str, str]) -> WebhookAnswer:
+        """One delivery: verified over the raw bytes, deduplicated by the provider's event
+        id, applied by the payment's own state. Fast: store and Redis calls only."""
+        prov = self.providers.get(provider)
+        if prov is None:
+            return WebhookAnswer(401, {"error": "provider_not_configured"})
+        try:
+            prov.verify(body, headers)
+        except WebhookRefused as exc:
+            log.warning("%s webhook refused: %s", provider, exc)
+            return WebhookAnswer(401, {"error": "signature_refused"})
+        try:
+            ev = prov.parse(body, headers)
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("%s webhook: a signed body that is not an event (%s)", provider, exc)
+            return WebhookAnswer(400, {"error": "malformed_event"})
+        record = WebhookEvent(
+            provider=provider,
+            event_id=ev.event_id,
+            type=ev.type,
+            received_ms=self.now_ms(),
+            body=body.decode("utf-8", "replace"),
+            payment_id=ev.payment_ref,
+        )
+        seen = await self.store.record_webhook_event(record)
+        if seen is not None and seen.outcome != "received":
+            # Delivered before and finished: the first answer again, nothing applied twice.
+            return WebhookAnswer(seen.status_code, {"status": "duplicate", "outcome": seen.outcome})
+        # New, or a delivery that never finished (a crash): applying it again is safe.
+        outcome, status, pid = await self._apply(prov, ev)
+        await self.store.finish_webhook_event(provider, ev.event_id, outcome, status, pid)
+        return WebhookAnswer(status, {"status": outcome})
+
+    async def _find(self, prov: Provider, ev: ProviderEvent) -> PaymentRecord | None:
+        if ev.payment_ref:
+            p = await self.store.payment(ev.payment_ref)
+            if p is not None and p.provider == prov.name:
+                return p
+        if ev.provider_payment_id:
+            return await self.store.payment_by_provider_id(prov.name, ev.provider_payment_id)
+        return None
+
+    async def _anomaly(
+        self, prov: Provider, ev: ProviderEvent, p: PaymentRecord | None, kind: str, **detail: Any
+    ) -> None:
+        await self.store.add_anomaly(
+            PaymentAnomaly(
+                payment_id=p.payment_id if p else ev.payment_ref,
+                provider=prov.name,
+                event_id=ev.event_id,
+                kind=kind,
+                detail={"event_type": ev.type, **detail},
+                at_ms=self.now_ms(),
+            )
+        )
+        log.warning("payment %s: %s %s (%s)", p.payment_id if p else ev.payment_ref, kind, detail, ev.type)
+
+    async def _apply(self, prov: Provider, ev: ProviderEvent) -> tuple[str, int, str | None]:
+        if ev.kind == "ignored":
+            return "ignored", 200, ev.payment_ref
+        p = await self._find(prov, ev)
+        if p is None:
+            if ev.kind == "paid" and not ev.payment_ref:
+                return "ignored", 200, None  # a capture the link's own event will name
+            await self._anomaly(prov, ev, None, "unknown_payment", provider_payment_id=ev.provider_payment_id)
+            return "anomaly", 200, ev.payment_ref
+        mismatch = self._mismatch(p, ev)
+        if mismatch is not None:
+            await self._anomaly(prov, ev, p, mismatch[0], **mismatch[1])
+            return "anomaly", 400, p.payment_id
+        if ev.kind == "paid":
+            await self._paid(p, ev)
+        elif ev.kind == "refund":
+            await self._refunded(prov, p, ev)
+        else:
+            changes: dict[str, Any] = {"status": ev.kind, "updated_ms": self.now_ms()}
+            if ev.error:
+                changes["error"] = ev.error
+            await self.store.update_payment(p.payment_id, changes, from_status=sources_of(ev.kind))
+        return "applied", 200, p.payment_id
+
+    @staticmethod
+    def _mismatch(p: PaymentRecord, ev: ProviderEvent) -> tuple[str, dict[str, Any]] | None:
+        if ev.user is not None and ev.user != p.user:
+            return "user_mismatch", {"expected": p.user, "got": ev.user}
+        if ev.currency is not None and ev.currency.upper() != p.currency:
+            return "currency_mismatch", {"expected": p.currency, "got": ev.currency}
+        if ev.kind == "paid" and ev.amount_minor is not None and ev.amount_minor != p.amount_minor:
+            return "amount_mismatch", {"expected": p.amount_minor, "got": ev.amount_minor}
+        if ev.kind == "paid" and ev.amount_minor is None:
+            return "amount_missing", {"expected": p.amount_minor}
+        return None
+
+    async def _paid(self, p: PaymentRecord, ev: ProviderEvent) -> None:
+        now = self.now_ms()
+        changes: dict[str, Any] = {"status": "paid", "paid_ms": now, "updated_ms": now, "error": None}
+        for k in ("provider_payment_id", "order_id", "link_id", "session_id"):
+            v = getattr(ev, k)
+            if v and not getattr(p, k):
+                changes[k] = v
+        if await self.store.update_payment(p.payment_id, changes, from_status=sources_of("paid")):
+            for k, v in changes.items():
+                setattr(p, k, v)
+        else:
+            fresh = await self.store.payment(p.payment_id)
+            if fresh is None or fresh.status not in PAID_STATES:
+                return  # cancelled meanwhile: money taken for a cancelled payment is an anomaly
+            p = fresh
+        await self.credit(p)
+
+    async def credit(self, p: PaymentRecord) -> bool:
+        """Grants a paid payment's credits unless it is known to be credited; marks it.
+        True when this call marked it."""
+        if p.credited_ms is not None or p.status not in PAID_STATES:
+            return False
+        op = f"payment:{p.payment_id}"
+        if not await self.store.ledger_has(p.user, op):
+            await self.engine.grant_units(
+                p.user,
+                p.credits,
+                op_id=op,
+                source="payment",
+                metadata={"payment_id": p.payment_id, "provider": p.provider},
+            )
+        return await self.store.update_payment(
+            p.payment_id, {"credited_ms": self.now_ms()}, unset="credited_ms"
+        )
+
+    # -- refunds ---------------------------------------------------------------------------
+
+    async def _refunded(self, prov: Provider, p: PaymentRecord, ev: ProviderEvent) -> None:
+        for r in ev.refunds:
+            amount = r.amount_minor
+            if ev.refunded_total_minor is not None:
+                done = sum(x.amount_minor for x in await self.store.refunds(p.payment_id))
+                amount = ev.refunded_total_minor - done
+                if amount <= 0:
+                    continue
+            await self.apply_refund(prov.name, p, r.refund_id, amount)
+
+    async def apply_refund(self, provider: str, p: PaymentRecord, refund_id: str, amount_minor: int) -> None:
+        earlier = await self.store.refunds(p.payment_id)
+        if any(x.refund_id == refund_id for x in earlier):
+            rec = next(x for x in earlier if x.refund_id == refund_id)
+        else:
+            before = sum(x.amount_minor for x in earlier)
+            amount_minor = max(0, min(amount_minor, p.amount_minor - before))
+            taken = sum(x.credits for x in earlier)
+            if before + amount_minor >= p.amount_minor:
+                credits = p.credits - taken  # the last refund takes what rounding left
+            else:
+                credits = p.credits * amount_minor // p.amount_minor
+            rec = RefundRecord(provider, refund_id, p.payment_id, amount_minor, credits, self.now_ms())
+            stored = await self.store.add_refund(rec)
+            rec = stored or rec
+        await self._debit_refund(p, rec)
+        refunds = await self.store.refunds(p.payment_id)
+        total = sum(x.amount_minor for x in refunds)
+        status = "refunded" if total >= p.amount_minor else "partially_refunded"
+        await self.store.update_payment(
+            p.payment_id,
+            {
+                "status": status,
+                "refunded_minor": total,
+                "refunded_credits": sum(x.credits for x in refunds),
+                "updated_ms": self.now_ms(),
+            },
+            from_status=sources_of(status),
+        )
+
+    async def _debit_refund(self, p: PaymentRecord, r: RefundRecord) -> None:
+        if r.debited_ms is not None or r.credits <= 0:
+            if r.debited_ms is None:
+                await self.store.mark_refund_debited(r.provider, r.refund_id, self.now_ms())
+            return
+        op = f"refund:{r.provider}:{r.refund_id}"
+        if not await self.store.ledger_has(p.user, op):
+            await self.engine.debit_units(
+                p.user,
+                r.credits,
+                op_id=op,
+                metadata={"payment_id": p.payment_id, "refund_id": r.refund_id},
+                allow_debt=True,  # what was already spent becomes debt
+            )
+        await self.store.mark_refund_debited(r.provider, r.refund_id, self.now_ms())
+
+    async def request_refund(self, payment_id: str, amount: Any = None) -> dict[str, Any]:
+        """Asks the provider for a refund; the credits come back out when its webhook arrives."""
+        p = await self.store.payment(payment_id)
+        if p is None:
+            raise PaymentError("not_found", "no such payment", 404)
+        if p.status not in ("paid", "partially_refunded"):
+            raise PaymentError("not_refundable", f"a {p.status} payment cannot be refunded", 409)
+        left = p.amount_minor - p.refunded_minor
+        if amount is None:
+            minor = left
+        else:
+            try:
+                minor = to_minor(amount, p.currency)
+            except CatalogError as exc:
+                raise PaymentError("invalid_amount", str(exc)) from None
+        if not 0 < minor <= left:
+            raise PaymentError(
+                "invalid_amount", f"at most {from_minor(left, p.currency)} {p.currency} is left to refund"
+            )
+        prov = self.provider(p.provider)
+        key = f"refund-{p.payment_id}-{p.refunded_minor}-{minor}"
+        try:
+            refund_id = await prov.refund(p, minor, key)
+        except ProviderError as exc:
+            raise PaymentError("provider_error", str(exc)[:300], 502) from None
+        return {
+            "payment_id": p.payment_id,
+            "refund_id": refund_id,
+            "amount": str(from_minor(minor, p.currency)),
+            "currency": p.currency,
+            "status": "requested",
+        }
+
+    # -- reconciliation --------------------------------------------------------------------
+
+    async def reconcile(self, older_than_ms: int) -> list[str]:
+        """Completes what a crash or a lost webhook left half done: paid payments not
+        credited, recorded refunds not debited, and payments still open that the provider
+        says are paid, expired or cancelled. Returns a line per change."""
+        changed: list[str] = []
+        cutoff = self.now_ms() - older_than_ms
+        for p in await self.store.payments_to_reconcile(cutoff):
+            if p.status in PAID_STATES:
+                if await self.credit(p):
+                    changed.append(f"{p.payment_id}: credited {p.credits} micro-credits to {p.user}")
+                continue
+            prov = self.providers.get(p.provider)
+            if prov is None:
+                continue
+            try:
+                ev = await prov.lookup(p)
+            except ProviderError as exc:
+                log.warning("reconcile %s: %s", p.payment_id, exc)
+                continue
+            if ev is None:
+                continue
+            outcome, _, _ = await self._apply(prov, ev)
+            fresh = await self.store.payment(p.payment_id)
+            if fresh is not None and fresh.status != p.status:
+                changed.append(f"{p.payment_id}: {p.status} -> {fresh.status} ({outcome})")
+        for r in await self.store.refunds_to_reconcile(cutoff):
+            owner = await self.store.payment(r.payment_id)
+            if owner is None:
+                continue
+            await self._debit_refund(owner, r)
+            changed.append(f"{owner.payment_id}: refund {r.refund_id} debited {r.credits} micro-credits")
+        return changed
