@@ -211,8 +211,11 @@ class Payments:
             return "ignored", 200, ev.payment_ref
         p = await self._find(prov, ev)
         if p is None:
-            if ev.kind == "paid" and not ev.payment_ref:
-                return "ignored", 200, None  # a capture the link's own event will name
+            if not ev.payment_ref and ev.kind in ("paid", "failed"):
+                # A payment event that names no payment of ours (Razorpay's payment.* events
+                # for a link carry the link's ids only on its own events): the link's event
+                # decides; a failure changes no money.
+                return "ignored", 200, None
             await self._anomaly(prov, ev, None, "unknown_payment", provider_payment_id=ev.provider_payment_id)
             return "anomaly", 200, ev.payment_ref
         mismatch = self._mismatch(p, ev)
