@@ -1,6 +1,6 @@
 """The `credit-gateway` command line: a thin shell over the runners.
 
-Commands: serve, keys, worker, reconcile, rehydrate, mock-upstream."""
+Commands: serve, keys, worker, reconcile, payments reconcile, rehydrate, mock-upstream."""
 
 from __future__ import annotations
 
@@ -124,6 +124,38 @@ async def _with_engine(fn):
         await redis.aclose()
 
 
+def duration_seconds(text: str) -> float:
+    """ "15m", "900s", "2h", "1d" or a number of seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (write 15m, 900s, 2h)") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError("a duration is zero or more")
+    return value
+
+
+def cmd_payments_reconcile(args: argparse.Namespace) -> int:
+    from contextlib import AsyncExitStack
+
+    from .payments.setup import build_payments
+
+    async def run(settings, engine, store):
+        async with AsyncExitStack() as stack:
+            payments = await build_payments(stack, settings, None, store, engine)
+            if not payments.providers:
+                print("no payment provider is configured (RAZORPAY_KEY_ID/_SECRET, STRIPE_API_KEY)")
+            changed = await payments.reconcile(int(args.older_than * 1000))
+        for line in changed:
+            print(line)
+        print(f"payments reconcile: {len(changed)} change(s)")
+        return 0
+
+    return asyncio.run(_with_engine(run))
+
+
 def cmd_rehydrate(args: argparse.Namespace) -> int:
     from .core.recovery import rehydrate
 
@@ -209,6 +241,20 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("reconcile", help="drain, then compare every account in Redis with the store")
     p.add_argument("--no-drain", action="store_true", help="compare without draining first")
     p.set_defaults(fn=cmd_reconcile)
+    p = sub.add_parser("payments", help="selling credits: payments reconcile")
+    psub = p.add_subparsers(dest="payments_command", required=True)
+    pr = psub.add_parser(
+        "reconcile",
+        help="ask the providers about payments still open or paid but not credited, and apply "
+        "what they say (the worker also runs this on a schedule)",
+    )
+    pr.add_argument(
+        "--older-than",
+        type=duration_seconds,
+        default=900.0,
+        help="leave younger payments to their webhooks (default 15m)",
+    )
+    pr.set_defaults(fn=cmd_payments_reconcile)
     p = sub.add_parser("rehydrate", help="rebuild Redis accounts, grants and open holds from the store")
     p.add_argument("--all", action="store_true", help="every partition, not only those Redis lost")
     p.set_defaults(fn=cmd_rehydrate)

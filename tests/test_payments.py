@@ -437,3 +437,71 @@ async def test_stripe_refund_without_the_refund_list_takes_back_the_new_part_onc
     assert (await st_deliver(gw, event)).status_code == 200
     assert await available(gw, "mo") == Decimal("675")
     assert (await admin_view(gw, p["payment_id"]))["status"] == "partially_refunded"
+
+
+async def crashed_payment(gw, monkeypatch, user):
+    """A payment marked paid whose grant never happened (the process died in between)."""
+    p, events = await rz_paid(gw, user)
+    engine = gw.app.state.services.payments.engine
+
+    async def crash(*a, **kw):
+        raise ConnectionError("the process died here")
+
+    monkeypatch.setattr(engine, "grant_units", crash)
+    raw, headers = fake_razorpay.webhook_request(events["payment_link.paid"], RZ_WEBHOOK)
+    with pytest.raises(ConnectionError):
+        await gw.app.state.services.payments.webhook(
+            "razorpay", raw, {k.lower(): v for k, v in headers.items()}
+        )
+    monkeypatch.undo()
+    assert await available(gw, user) == 0
+    return p
+
+
+async def test_the_worker_reconciles_payments_on_a_schedule(gw, monkeypatch):
+    from gateway.worker.service import reconcile_payments_every
+
+    p = await crashed_payment(gw, monkeypatch, "nia")
+    stop = asyncio.Event()
+    job = asyncio.create_task(reconcile_payments_every(gw.app.state.services.payments, 0.05, 0, stop))
+    for _ in range(100):
+        if await available(gw, "nia") == 500:
+            break
+        await asyncio.sleep(0.02)
+    stop.set()
+    await asyncio.wait_for(job, 5)
+    assert await available(gw, "nia") == 500
+    assert (await admin_view(gw, p["payment_id"]))["credited"]
+
+
+async def test_payments_reconcile_command_completes_what_a_crash_left(
+    gw, monkeypatch, redis_url, fakes, tmp_path
+):
+    import os
+    import subprocess
+    import sys
+
+    from gateway.core.store import MongoStore
+
+    p = await crashed_payment(gw, monkeypatch, "oto")
+    env = {
+        **os.environ,
+        "CREDIT_REDIS_URL": redis_url,
+        "CREDIT_PARTITIONS": "16",
+        "RAZORPAY_KEY_ID": RZ_KEY,
+        "RAZORPAY_KEY_SECRET": RZ_SECRET,
+        "CREDIT_RAZORPAY_BASE_URL": fakes.urls["razorpay"],
+    }
+    if isinstance(gw.store, MongoStore):
+        env.update({"CREDIT_MONGO_URI": gw.store.uri, "CREDIT_MONGO_DB": gw.store.db_name})
+    else:
+        env.pop("CREDIT_MONGO_URI", None)
+        env["CREDIT_SQLITE_PATH"] = gw.store.path
+    cmd = [sys.executable, "-m", "gateway.cli", "payments", "reconcile", "--older-than", "0s"]
+    out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"{p['payment_id']}: credited 500000000 micro-credits to oto" in out.stdout
+    assert "payments reconcile: 1 change(s)" in out.stdout
+    assert await available(gw, "oto") == 500
+    again = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert "payments reconcile: 0 change(s)" in again.stdout

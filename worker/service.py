@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
+from contextlib import AsyncExitStack
 from functools import partial
 
 from gateway.core.connections import describe, make_engine, make_redis, make_store
@@ -15,6 +17,8 @@ from gateway.core.recovery import ensure_ready, rehydrate
 from gateway.core.settings import Settings, load_settings
 from gateway.core.store.base import Store
 from gateway.logs import configure_logging
+from gateway.payments.service import Payments
+from gateway.payments.setup import build_payments
 
 from .audit import AuditLog
 from .runner import Worker, WorkerStats
@@ -59,13 +63,45 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     try:
         await ensure_ready(engine, store)
         _tune_gc()
-        stats = await worker.run(burst=burst)
+        async with AsyncExitStack() as stack:
+            payments = await build_payments(stack, settings, None, store, engine)
+            interval = settings.payment_reconcile_interval_seconds
+            job = None
+            if payments.providers and interval > 0 and not burst:
+                after_ms = int(settings.payment_reconcile_after_seconds * 1000)
+                job = asyncio.create_task(
+                    reconcile_payments_every(payments, interval, after_ms, worker.stop_event)
+                )
+            try:
+                stats = await worker.run(burst=burst)
+            finally:
+                if job is not None:
+                    worker.stop_event.set()
+                    await asyncio.gather(job, return_exceptions=True)
     finally:
         worker.close()
         await store.close()
         await redis.aclose()
     log.info("worker %s stopped: %s", worker.consumer, stats)
     return stats
+
+
+async def reconcile_payments_every(
+    payments: Payments, interval: float, after_ms: int, stop: asyncio.Event
+) -> None:
+    """Payments reconciliation on a schedule, until `stop`: what a lost webhook or a crash
+    left open is settled with the provider's word, through the same idempotent path (several
+    workers doing it at once change each payment once)."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        if stop.is_set():
+            return
+        try:
+            for line in await payments.reconcile(after_ms):
+                log.info("payments reconcile: %s", line)
+        except Exception:
+            log.exception("payments reconcile failed; trying again in %.0f s", interval)
 
 
 def _tune_gc() -> None:
