@@ -92,6 +92,7 @@ async def gw(redis, redis_url, fakes, store):
 
 async def buy(c, user, **body):
     body = {"amount": "500", "currency": "INR", "provider": "razorpay", **body}
+    body = {k: v for k, v in body.items() if v is not None}
     r = await c.post("/credits/payments", json=body, headers=client_headers(user))
     assert r.status_code == 201, r.text
     return r.json()
@@ -505,3 +506,60 @@ async def test_payments_reconcile_command_completes_what_a_crash_left(
     assert await available(gw, "oto") == 500
     again = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60)
     assert "payments reconcile: 0 change(s)" in again.stdout
+
+
+async def test_a_lost_webhook_is_settled_by_asking_the_provider(gw):
+    rz, _ = await rz_paid(gw, "pia")  # paid at Razorpay; its webhooks never arrive
+    st = await buy(gw, "pia", amount="2", currency="USD", provider="stripe")
+    gw.fakes.stripe.pay((await admin_view(gw, st["payment_id"]))["session_id"])
+    open_one = await buy(gw, "pia", amount="7")  # not paid anywhere
+    changed = await gw.app.state.services.payments.reconcile(0)
+    assert sorted(changed) == sorted(
+        [f"{rz['payment_id']}: created -> paid (applied)", f"{st['payment_id']}: created -> paid (applied)"]
+    )
+    assert await available(gw, "pia") == 500 + 180
+    assert (await admin_view(gw, open_one["payment_id"]))["status"] == "created"
+    assert await gw.app.state.services.payments.reconcile(0) == []
+
+
+async def test_packs_from_the_config_file(redis, redis_url, fakes, store, tmp_path):
+    conf = tmp_path / "gw.toml"
+    conf.write_text(
+        '[payments]\nrates = { INR = "1" }\n'
+        '[payments.packs.starter]\namount = "499"\ncurrency = "INR"\ncredits = "550"\n'
+    )
+    settings = gateway_settings(redis_url, fakes, gateway_config=str(conf), payment_rates=None)
+    async with gateway(settings, redis, store) as c:
+        c.fakes = fakes
+        p = await buy(c, "quin", pack="starter", amount=None, currency=None)
+        assert (p["amount"], p["currency"], p["credits"], p["pack"]) == ("499.00", "INR", "550", "starter")
+        events = fakes.razorpay.pay((await admin_view(c, p["payment_id"]))["link_id"])
+        assert (await rz_deliver(c, events["payment_link.paid"])).status_code == 200
+        assert await available(c, "quin") == 550
+
+
+async def test_admin_lists_payments_by_user_status_and_provider_page_by_page(gw):
+    ids = [(await buy(gw, f"u{i % 2}", amount=str(10 + i)))["payment_id"] for i in range(5)]
+    stripe_id = (await buy(gw, "u0", amount="3", currency="USD", provider="stripe"))["payment_id"]
+    seen, cursor = [], None
+    while True:
+        r = await gw.get(
+            "/admin/payments", params={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=H_ADMIN
+        )
+        assert r.status_code == 200, r.text
+        seen += [p["payment_id"] for p in r.json()["payments"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted([*ids, stripe_id]) and len(seen) == 6
+    r = await gw.get("/admin/payments", params={"user": "u1"}, headers=H_ADMIN)
+    assert sorted(p["payment_id"] for p in r.json()["payments"]) == sorted(ids[1::2])
+    r = await gw.get("/admin/payments", params={"provider": "stripe"}, headers=H_ADMIN)
+    assert [p["payment_id"] for p in r.json()["payments"]] == [stripe_id]
+    r = await gw.get("/admin/payments", params={"status": "paid"}, headers=H_ADMIN)
+    assert r.json()["payments"] == []
+    assert (await gw.get("/admin/payments", params={"status": "bogus"}, headers=H_ADMIN)).status_code == 400
+    assert (await gw.get("/admin/payments", params={"cursor": "x"}, headers=H_ADMIN)).status_code == 400
+    assert (await gw.get("/admin/payments", headers=client_headers("u0"))).status_code == 401
+    mine = await gw.get("/credits/payments", headers=client_headers("u1"))
+    assert sorted(p["payment_id"] for p in mine.json()["payments"]) == sorted(ids[1::2])
