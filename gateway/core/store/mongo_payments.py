@@ -91,6 +91,19 @@ class MongoPayments(PaymentStore):
         await db.payment_refunds.create_index([("payment_id", ASCENDING), ("at_ms", ASCENDING)])
         await db.payment_anomalies.create_index([("payment_id", ASCENDING), ("at_ms", ASCENDING)])
 
+    @staticmethod
+    async def _insert_or_get(collection: Any, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """Inserts `doc` unless its _id exists; None when inserted, else the stored document
+        (events and refunds are never deleted, so a duplicate key means it is there)."""
+        try:
+            await collection.insert_one(doc)
+            return None
+        except DuplicateKeyError:
+            found: dict[str, Any] | None = await collection.find_one({"_id": doc["_id"]})
+            if found is None:  # pragma: no cover - never deleted
+                raise
+            return found
+
     async def create_payment(self, p: PaymentRecord) -> None:
         doc: dict[str, Any] = {"_id": p.payment_id}
         for f in PAYMENT_FIELDS:
@@ -178,14 +191,8 @@ class MongoPayments(PaymentStore):
             "outcome": ev.outcome,
             "status_code": ev.status_code,
         }
-        try:
-            await self.db.payment_events.insert_one(doc)
-            return None
-        except DuplicateKeyError:
-            d = await self.db.payment_events.find_one({"_id": key})
-            if d is None:  # pragma: no cover - events are never deleted
-                raise
-            return _event_of(d)
+        d = await self._insert_or_get(self.db.payment_events, doc)
+        return None if d is None else _event_of(d)
 
     async def finish_webhook_event(
         self, provider: str, event_id: str, outcome: str, status_code: int, payment_id: str | None
@@ -213,14 +220,8 @@ class MongoPayments(PaymentStore):
             "at_ms": Int64(r.at_ms),
             "debited_ms": None if r.debited_ms is None else Int64(r.debited_ms),
         }
-        try:
-            await self.db.payment_refunds.insert_one(doc)
-            return None
-        except DuplicateKeyError:
-            d = await self.db.payment_refunds.find_one({"_id": key})
-            if d is None:  # pragma: no cover - refunds are never deleted
-                raise
-            return _refund_of(d)
+        d = await self._insert_or_get(self.db.payment_refunds, doc)
+        return None if d is None else _refund_of(d)
 
     async def mark_refund_debited(self, provider: str, refund_id: str, at_ms: int) -> bool:
         res = await self.db.payment_refunds.update_one(
