@@ -30,29 +30,25 @@ and headers to POST.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import copy
 import hashlib
 import hmac
-import html
 import json
 import re
 import secrets
-import string
 import time
 import urllib.parse
-import warnings
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import web
+
+from gateway.devtools import fake_provider
 
 Entity = dict[str, Any]
 
-_ALNUM = string.ascii_letters + string.digits
 # What POST /v1/payment_links accepts; anything else is refused, as Razorpay refuses it.
 _CREATE_FIELDS = frozenset(
     {
@@ -78,7 +74,7 @@ _OPEN = ("created", "partially_paid")
 
 
 def _random_id(prefix: str, n: int = 14) -> str:
-    return f"{prefix}_" + "".join(secrets.choice(_ALNUM) for _ in range(n))
+    return fake_provider.random_id(prefix, n)
 
 
 def _php_notes(notes: Mapping[str, Any] | None) -> Any:
@@ -101,7 +97,7 @@ def webhook_request(
     body = json.dumps(event, separators=(",", ":")).encode("utf-8")
     if event_id is None:
         digest = hashlib.sha256(body).digest()
-        event_id = "".join(_ALNUM[b % len(_ALNUM)] for b in digest[:14])
+        event_id = "".join(fake_provider.ALNUM[b % len(fake_provider.ALNUM)] for b in digest[:14])
     headers = {
         "Content-Type": "application/json",
         "X-Razorpay-Signature": sign(body, secret),
@@ -121,8 +117,10 @@ class RazorpayError(Exception):
         self.field = field
 
 
-class RazorpayState:
+class RazorpayState(fake_provider.ProviderState):
     """Everything the fake holds, and the helpers tests use to play the customer's part."""
+
+    event_name_field: ClassVar[str] = "event"
 
     def __init__(
         self,
@@ -135,14 +133,12 @@ class RazorpayState:
         public_url: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(
+            webhook_url=webhook_url, webhook_secret=webhook_secret, public_url=public_url, clock=clock
+        )
         self.key_id = key_id
         self.key_secret = key_secret
         self.account_id = account_id
-        self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret
-        # Where short_url points; by default the address the create request came in on.
-        self.public_url = public_url
-        self.clock = clock
         # Razorpay's sample payment_link.paid payload carries the link's notes on the order and
         # leaves the payment's notes empty ([]); set this to copy them onto the payment too.
         self.copy_notes_to_payment = False
@@ -152,10 +148,7 @@ class RazorpayState:
         self.refunds: dict[str, Entity] = {}
         # The payment as it stood right after each refund (refund id -> snapshot).
         self._refunded_payment: dict[str, Entity] = {}
-        self.events: list[Entity] = []
-        self.calls: Counter[str] = Counter()
         self.requests: list[tuple[str, str]] = []
-        self.deliveries: list[tuple[str, int]] = []
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -163,9 +156,6 @@ class RazorpayState:
     def create_calls(self) -> int:
         """POST /v1/payment_links requests received (refused ones included)."""
         return self.calls["payment_links.create"]
-
-    def now(self) -> int:
-        return int(self.clock())
 
     # -- entities ------------------------------------------------------------------------------
 
@@ -274,7 +264,7 @@ class RazorpayState:
             "reference_id": reference_id or "",
             "reminder_enable": bool(body.get("reminder_enable", False)),
             "reminders": [],
-            "short_url": f"{(self.public_url or base_url).rstrip('/')}/pay/{link_id}",
+            "short_url": self.pay_url(link_id, base_url),
             "status": "created",
             "updated_at": now,
             "upi_link": bool(body.get("upi_link", False)),
@@ -513,23 +503,8 @@ class RazorpayState:
             "razorpay_signature": signature,
         }
 
-    async def deliver(self, events: Iterable[Mapping[str, Any]]) -> list[int]:
-        """POST each event, signed, to webhook_url (demos); answers the HTTP statuses. Delivery
-        failures are recorded as status 0, never retried."""
-        if not self.webhook_url or not self.webhook_secret:
-            return []
-        statuses: list[int] = []
-        async with ClientSession(timeout=ClientTimeout(total=10)) as session:
-            for event in events:
-                body, headers = webhook_request(event, self.webhook_secret)
-                try:
-                    async with session.post(self.webhook_url, data=body, headers=headers) as resp:
-                        status = resp.status
-                except (OSError, TimeoutError):
-                    status = 0
-                self.deliveries.append((str(event["event"]), status))
-                statuses.append(status)
-        return statuses
+    def signed_webhook(self, event: Mapping[str, Any], secret: str) -> tuple[bytes, dict[str, str]]:
+        return webhook_request(event, secret)
 
 
 STATE: web.AppKey[RazorpayState] = web.AppKey("state", RazorpayState)
@@ -561,17 +536,9 @@ def _authorised(request: web.Request, state: RazorpayState) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
-@web.middleware
-async def _api(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _api(request: web.Request, handler: fake_provider.Handler) -> web.StreamResponse:
     state = request.app[STATE]
-    if request.path.startswith("/pay/"):
-        return await handler(request)
     state.requests.append((request.method, request.path_qs))
-    name = request.match_info.route.name
-    if name:
-        state.calls[name] += 1
     if not _authorised(request, state):
         return _error(401, "Authentication failed")
     try:
@@ -601,14 +568,10 @@ async def _json_body(request: web.Request) -> Entity:
     return body
 
 
-def _base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
-
-
 async def _create_link(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await _json_body(request)
-    return web.json_response(state.create_link(body, _base_url(request)))
+    return web.json_response(state.create_link(body, fake_provider.base_url(request)))
 
 
 async def _list_links(request: web.Request) -> web.Response:
@@ -626,62 +589,35 @@ async def _list_links(request: web.Request) -> web.Response:
     return web.json_response({"payment_links": found})
 
 
-async def _fetch_link(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.link(request.match_info["id"]))
-
-
-async def _cancel_link(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.cancel_link(request.match_info["id"]))
-
-
-async def _fetch_payment(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.payment(request.match_info["id"]))
-
-
 async def _refund_payment(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await _json_body(request)
     return web.json_response(state.refund_payment(request.match_info["id"], body))
 
 
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Fake Razorpay</title></head>
-<body style="font-family: sans-serif; max-width: 32em; margin: 3em auto">
-<p><small>Fake Razorpay (local tests and demos: no money moves)</small></p>
-<h1>{description}</h1><p>{amount} {currency} &middot; status <b>{status}</b></p>
-<form method="post"><button name="action" value="pay">Pay</button>
-<button name="action" value="fail">Fail</button></form></body></html>"""
+_MISSING_LINK = "no such payment link"
 
 
 async def _pay_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    link = state.links.get(request.match_info["id"])
-    if link is None:
-        raise web.HTTPNotFound(text="no such payment link")
+    link = state.links[fake_provider.page_id(request, state.links, _MISSING_LINK)]
     state._expire_if_due(link)
     left = link["amount"] - link["amount_paid"]
-    page = _PAGE.format(
-        description=html.escape(link["description"] or link["id"]),
-        amount=f"{left / 100:.2f}",
-        currency=html.escape(link["currency"]),
-        status=html.escape(link["status"]),
+    return fake_provider.pay_page(
+        title="Fake Razorpay",
+        heading=link["description"] or link["id"],
+        amount=f"{left / 100:.2f} {link['currency']}",
+        status=link["status"],
+        other="fail",
     )
-    return web.Response(text=page, content_type="text/html")
 
 
 async def _pay_submit(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    link_id = request.match_info["id"]
-    if link_id not in state.links:
-        raise web.HTTPNotFound(text="no such payment link")
-    form = await request.post()
-    try:
-        events = [state.fail(link_id)] if form.get("action") == "fail" else list(state.pay(link_id).values())
-    except ValueError as e:
-        return web.Response(text=str(e), status=409)
-    await state.deliver(events)
+    link_id, action = await fake_provider.pay_form(request, state.links, _MISSING_LINK)
+    events = await fake_provider.settle(
+        state, lambda: [state.fail(link_id)] if action == "fail" else list(state.pay(link_id).values())
+    )
     link = state.links[link_id]
     payment_id = str(events[-1]["payload"]["payment"]["entity"]["id"])
     if link["callback_url"] and link["status"] in ("paid", "partially_paid"):
@@ -703,34 +639,36 @@ def make_app(
     state = RazorpayState(
         key_id, key_secret, webhook_url=webhook_url, webhook_secret=webhook_secret, public_url=public_url
     )
-    app = web.Application(middlewares=[_api])
-    app[STATE] = state
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", web.NotAppKeyWarning)
-        app["state"] = state
-    app.router.add_post("/v1/payment_links", _create_link, name="payment_links.create")
-    app.router.add_get("/v1/payment_links", _list_links, name="payment_links.all")
-    app.router.add_get("/v1/payment_links/{id}", _fetch_link, name="payment_links.fetch")
-    app.router.add_post("/v1/payment_links/{id}/cancel", _cancel_link, name="payment_links.cancel")
-    app.router.add_get("/v1/payments/{id}", _fetch_payment, name="payments.fetch")
-    app.router.add_post("/v1/payments/{id}/refund", _refund_payment, name="payments.refund")
-    app.router.add_get("/pay/{id}", _pay_page)
-    app.router.add_post("/pay/{id}", _pay_submit)
-    return app
+    routes = [
+        web.post("/v1/payment_links", _create_link, name="payment_links.create"),
+        web.get("/v1/payment_links", _list_links, name="payment_links.all"),
+        web.get(
+            "/v1/payment_links/{id}",
+            fake_provider.by_id(STATE, RazorpayState.link),
+            name="payment_links.fetch",
+        ),
+        web.post(
+            "/v1/payment_links/{id}/cancel",
+            fake_provider.by_id(STATE, RazorpayState.cancel_link),
+            name="payment_links.cancel",
+        ),
+        web.get(
+            "/v1/payments/{id}", fake_provider.by_id(STATE, RazorpayState.payment), name="payments.fetch"
+        ),
+        web.post("/v1/payments/{id}/refund", _refund_payment, name="payments.refund"),
+    ]
+    return fake_provider.provider_app(STATE, state, _api, routes, pay_page=_pay_page, pay_submit=_pay_submit)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="fake Razorpay Payment Links API (local tests and demos; not a payment provider)"
+    args = fake_provider.parse_args(
+        argv,
+        description="fake Razorpay Payment Links API (local tests and demos; not a payment provider)",
+        port=9001,
+        credentials={"--key-id": "rzp_test_fake", "--key-secret": "fake_secret"},
+        secret_help="sign them with this secret",
+        public_url_help="base of short_url (default: the address a request used)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9001)
-    parser.add_argument("--key-id", default="rzp_test_fake")
-    parser.add_argument("--key-secret", default="fake_secret")
-    parser.add_argument("--webhook-url", help="POST the webhooks of payments made on /pay/{id} here")
-    parser.add_argument("--webhook-secret", help="sign them with this secret")
-    parser.add_argument("--public-url", help="base of short_url (default: the address a request used)")
-    args = parser.parse_args(argv)
     app = make_app(
         args.key_id,
         args.key_secret,
@@ -738,13 +676,12 @@ def main(argv: list[str] | None = None) -> int:
         webhook_secret=args.webhook_secret,
         public_url=args.public_url,
     )
-    print(
+    return fake_provider.serve(
+        app,
+        args,
         f"fake Razorpay on http://{args.host}:{args.port} (key id {args.key_id}); "
         f'razorpay.Client(auth=(key_id, key_secret), base_url="http://{args.host}:{args.port}")',
-        flush=True,
     )
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=lambda *_: None)
-    return 0
 
 
 if __name__ == "__main__":

@@ -35,27 +35,22 @@ gives their Stripe-Signature header and `webhook_request()` the raw body and hea
 
 from __future__ import annotations
 
-import argparse
 import copy
 import hmac
-import html
 import json
 import re
-import secrets
-import string
 import time
-import warnings
-from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import stripe
-from aiohttp import ClientSession, ClientTimeout, web
+from aiohttp import web
+
+from gateway.devtools import fake_provider
 
 Obj = dict[str, Any]
 
-_ALNUM = string.ascii_letters + string.digits
 _IDEMPOTENCY_TTL = 24 * 3600
 # The top-level parameters POST /v1/checkout/sessions accepts here; Stripe refuses unknown ones.
 _SESSION_PARAMS = frozenset(
@@ -86,7 +81,7 @@ _ZERO_DECIMAL = frozenset({"jpy", "krw", "vnd", "clp", "isk", "ugx", "xaf", "xof
 
 
 def _random_id(prefix: str, n: int = 24) -> str:
-    return f"{prefix}_" + "".join(secrets.choice(_ALNUM) for _ in range(n))
+    return fake_provider.random_id(prefix, n)
 
 
 def _money(amount: int, currency: str) -> str:
@@ -144,8 +139,12 @@ class StripeError(Exception):
         return {"error": error}
 
 
-def _missing(kind: str, object_id: str, param: str) -> StripeError:
-    return StripeError(f"No such {kind}: '{object_id}'", status=404, code="resource_missing", param=param)
+def _find(objects: Mapping[str, Obj], object_id: str, kind: str, param: str) -> Obj:
+    """objects[object_id], or Stripe's 404 resource_missing error naming `kind` and `param`."""
+    found = objects.get(object_id)
+    if found is None:
+        raise StripeError(f"No such {kind}: '{object_id}'", status=404, code="resource_missing", param=param)
+    return found
 
 
 def parse_form(pairs: Iterable[tuple[str, str]]) -> Obj:
@@ -228,8 +227,10 @@ class _Saved:
     at: float
 
 
-class StripeState:
+class StripeState(fake_provider.ProviderState):
     """Everything the fake holds, and the helpers tests use to play the customer's part."""
+
+    event_name_field: ClassVar[str] = "type"
 
     def __init__(
         self,
@@ -240,12 +241,10 @@ class StripeState:
         public_url: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__(
+            webhook_url=webhook_url, webhook_secret=webhook_secret, public_url=public_url, clock=clock
+        )
         self.api_key = api_key
-        self.webhook_url = webhook_url
-        self.webhook_secret = webhook_secret
-        # Where a session's url points; by default the address the create request came in on.
-        self.public_url = public_url
-        self.clock = clock
         # The api_version events carry (the SDK's own pinned version).
         self.api_version: str = stripe.api_version
         self.sessions: dict[str, Obj] = {}
@@ -258,10 +257,7 @@ class StripeState:
         # The charge as it stood right after each refund (refund id -> snapshot, previous amount).
         self._refunded_charge: dict[str, tuple[Obj, int]] = {}
         self.idempotency: dict[str, _Saved] = {}
-        self.events: list[Obj] = []
-        self.calls: Counter[str] = Counter()
         self.requests: list[tuple[str, str, str | None]] = []
-        self.deliveries: list[tuple[str, int]] = []
 
     # -- counters ------------------------------------------------------------------------------
 
@@ -271,36 +267,22 @@ class StripeState:
         included; len(state.sessions) counts the sessions made)."""
         return self.calls["checkout.sessions.create"]
 
-    def now(self) -> int:
-        return int(self.clock())
-
     # -- objects -------------------------------------------------------------------------------
 
     def session(self, session_id: str) -> Obj:
-        session = self.sessions.get(session_id)
-        if session is None:
-            raise _missing("checkout.session", session_id, "session")
+        session = _find(self.sessions, session_id, "checkout.session", "session")
         if session["status"] == "open" and self.now() >= session["expires_at"]:
             self._expire(session)
         return session
 
     def payment_intent(self, intent_id: str) -> Obj:
-        intent = self.payment_intents.get(intent_id)
-        if intent is None:
-            raise _missing("payment_intent", intent_id, "intent")
-        return intent
+        return _find(self.payment_intents, intent_id, "payment_intent", "intent")
 
     def charge(self, charge_id: str) -> Obj:
-        charge = self.charges.get(charge_id)
-        if charge is None:
-            raise _missing("charge", charge_id, "charge")
-        return charge
+        return _find(self.charges, charge_id, "charge", "charge")
 
     def refund(self, refund_id: str) -> Obj:
-        refund = self.refunds.get(refund_id)
-        if refund is None:
-            raise _missing("refund", refund_id, "refund")
-        return refund
+        return _find(self.refunds, refund_id, "refund", "refund")
 
     def create_session(self, params: Obj, base_url: str) -> Obj:
         unknown = sorted(set(params) - _SESSION_PARAMS)
@@ -437,7 +419,7 @@ class StripeState:
             "success_url": params.get("success_url"),
             "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
             "ui_mode": params.get("ui_mode", "hosted"),
-            "url": f"{(self.public_url or base_url).rstrip('/')}/pay/{session_id}",
+            "url": self.pay_url(session_id, base_url),
         }
         self.sessions[session_id] = session
         self.line_items[session_id] = line_items
@@ -691,23 +673,8 @@ class StripeState:
             changed["refunded"] = False
         return self._event("charge.refunded", charge, changed)
 
-    async def deliver(self, events: Iterable[Mapping[str, Any]]) -> list[int]:
-        """POST each event, signed, to webhook_url (demos); answers the HTTP statuses. Delivery
-        failures are recorded as status 0, never retried."""
-        if not self.webhook_url or not self.webhook_secret:
-            return []
-        statuses: list[int] = []
-        async with ClientSession(timeout=ClientTimeout(total=10)) as session:
-            for event in events:
-                body, headers = webhook_request(event, self.webhook_secret)
-                try:
-                    async with session.post(self.webhook_url, data=body, headers=headers) as resp:
-                        status = resp.status
-                except (OSError, TimeoutError):
-                    status = 0
-                self.deliveries.append((str(event["type"]), status))
-                statuses.append(status)
-        return statuses
+    def signed_webhook(self, event: Mapping[str, Any], secret: str) -> tuple[bytes, dict[str, str]]:
+        return webhook_request(event, secret)
 
 
 STATE: web.AppKey[StripeState] = web.AppKey("state", StripeState)
@@ -732,19 +699,11 @@ def _masked(key: str) -> str:
     return f"{key[:8]}{'*' * max(len(key) - 12, 4)}{key[-4:]}" if len(key) > 12 else "****"
 
 
-@web.middleware
-async def _api(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _api(request: web.Request, handler: fake_provider.Handler) -> web.StreamResponse:
     state = request.app[STATE]
-    if request.path.startswith("/pay/"):
-        return await handler(request)
     request_id = _request_id()
     key = request.headers.get("Idempotency-Key")
     state.requests.append((request.method, request.path_qs, key))
-    name = request.match_info.route.name
-    if name:
-        state.calls[name] += 1
     try:
         if not _authorised(request, state):
             _, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -817,28 +776,9 @@ async def _api(
         )
 
 
-def _base_url(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
-
-
 async def _create_session(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return web.json_response(state.create_session(request[PARAMS], _base_url(request)))
-
-
-async def _retrieve_session(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.session(request.match_info["id"]))
-
-
-async def _expire_session(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.expire_session(request.match_info["id"]))
-
-
-async def _retrieve_intent(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.payment_intent(request.match_info["id"]))
+    return web.json_response(state.create_session(request[PARAMS], fake_provider.base_url(request)))
 
 
 async def _retrieve_charge(request: web.Request) -> web.Response:
@@ -853,49 +793,31 @@ async def _create_refund(request: web.Request) -> web.Response:
     return web.json_response(state.create_refund(request[PARAMS]))
 
 
-async def _retrieve_refund(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    return web.json_response(state.refund(request.match_info["id"]))
-
-
-_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Fake Stripe Checkout</title></head>
-<body style="font-family: sans-serif; max-width: 32em; margin: 3em auto">
-<p><small>Fake Stripe Checkout (local tests and demos: no money moves)</small></p>
-<h1>{items}</h1><p>{amount} &middot; status <b>{status}</b></p>
-<form method="post"><button name="action" value="pay">Pay</button>
-<button name="action" value="cancel">Cancel</button></form></body></html>"""
+_MISSING_SESSION = "no such checkout session"
 
 
 async def _pay_page(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    session_id = request.match_info["id"]
-    if session_id not in state.sessions:
-        raise web.HTTPNotFound(text="no such checkout session")
+    session_id = fake_provider.page_id(request, state.sessions, _MISSING_SESSION)
     session = state.session(session_id)
-    page = _PAGE.format(
-        items=html.escape(", ".join(str(i["description"]) for i in state.line_items[session_id])),
-        amount=html.escape(_money(session["amount_total"], session["currency"])),
-        status=html.escape(session["status"]),
+    return fake_provider.pay_page(
+        title="Fake Stripe Checkout",
+        heading=", ".join(str(i["description"]) for i in state.line_items[session_id]),
+        amount=_money(session["amount_total"], session["currency"]),
+        status=session["status"],
+        other="cancel",
     )
-    return web.Response(text=page, content_type="text/html")
 
 
 async def _pay_submit(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
-    session_id = request.match_info["id"]
-    if session_id not in state.sessions:
-        raise web.HTTPNotFound(text="no such checkout session")
-    form = await request.post()
+    session_id, action = await fake_provider.pay_form(request, state.sessions, _MISSING_SESSION)
     session = state.session(session_id)
-    if form.get("action") == "cancel":
+    if action == "cancel":
         if session["cancel_url"]:
             raise web.HTTPSeeOther(session["cancel_url"])
         return web.Response(text="cancelled")
-    try:
-        event = state.pay(session_id)
-    except ValueError as e:
-        return web.Response(text=str(e), status=409)
-    await state.deliver([event])
+    await fake_provider.settle(state, lambda: [state.pay(session_id)])
     if session["success_url"]:
         raise web.HTTPSeeOther(str(session["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id))
     return web.Response(text=f"checkout session {session_id}: paid")
@@ -912,47 +834,51 @@ def make_app(
     state = StripeState(
         api_key, webhook_url=webhook_url, webhook_secret=webhook_secret, public_url=public_url
     )
-    app = web.Application(middlewares=[_api])
-    app[STATE] = state
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", web.NotAppKeyWarning)
-        app["state"] = state
-    app.router.add_post("/v1/checkout/sessions", _create_session, name="checkout.sessions.create")
-    app.router.add_get("/v1/checkout/sessions/{id}", _retrieve_session, name="checkout.sessions.retrieve")
-    app.router.add_post("/v1/checkout/sessions/{id}/expire", _expire_session, name="checkout.sessions.expire")
-    app.router.add_get("/v1/payment_intents/{id}", _retrieve_intent, name="payment_intents.retrieve")
-    app.router.add_get("/v1/charges/{id}", _retrieve_charge, name="charges.retrieve")
-    app.router.add_post("/v1/refunds", _create_refund, name="refunds.create")
-    app.router.add_get("/v1/refunds/{id}", _retrieve_refund, name="refunds.retrieve")
-    app.router.add_get("/pay/{id}", _pay_page)
-    app.router.add_post("/pay/{id}", _pay_submit)
-    return app
+    routes = [
+        web.post("/v1/checkout/sessions", _create_session, name="checkout.sessions.create"),
+        web.get(
+            "/v1/checkout/sessions/{id}",
+            fake_provider.by_id(STATE, StripeState.session),
+            name="checkout.sessions.retrieve",
+        ),
+        web.post(
+            "/v1/checkout/sessions/{id}/expire",
+            fake_provider.by_id(STATE, StripeState.expire_session),
+            name="checkout.sessions.expire",
+        ),
+        web.get(
+            "/v1/payment_intents/{id}",
+            fake_provider.by_id(STATE, StripeState.payment_intent),
+            name="payment_intents.retrieve",
+        ),
+        web.get("/v1/charges/{id}", _retrieve_charge, name="charges.retrieve"),
+        web.post("/v1/refunds", _create_refund, name="refunds.create"),
+        web.get("/v1/refunds/{id}", fake_provider.by_id(STATE, StripeState.refund), name="refunds.retrieve"),
+    ]
+    return fake_provider.provider_app(STATE, state, _api, routes, pay_page=_pay_page, pay_submit=_pay_submit)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="fake Stripe Checkout API (local tests and demos; not a payment provider)"
+    args = fake_provider.parse_args(
+        argv,
+        description="fake Stripe Checkout API (local tests and demos; not a payment provider)",
+        port=9002,
+        credentials={"--api-key": "sk_test_fake"},
+        secret_help="sign them with this secret (whsec_...)",
+        public_url_help="base of a session's url (default: the address a request used)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9002)
-    parser.add_argument("--api-key", default="sk_test_fake")
-    parser.add_argument("--webhook-url", help="POST the webhooks of payments made on /pay/{id} here")
-    parser.add_argument("--webhook-secret", help="sign them with this secret (whsec_...)")
-    parser.add_argument("--public-url", help="base of a session's url (default: the address a request used)")
-    args = parser.parse_args(argv)
     app = make_app(
         args.api_key,
         webhook_url=args.webhook_url,
         webhook_secret=args.webhook_secret,
         public_url=args.public_url,
     )
-    print(
+    return fake_provider.serve(
+        app,
+        args,
         f"fake Stripe on http://{args.host}:{args.port}; "
         f'stripe.StripeClient(api_key, base_addresses={{"api": "http://{args.host}:{args.port}"}})',
-        flush=True,
     )
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=lambda *_: None)
-    return 0
 
 
 if __name__ == "__main__":
