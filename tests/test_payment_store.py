@@ -69,10 +69,10 @@ async def test_status_moves_only_forward_and_one_of_many_racers_wins(store):
     assert not await store.update_payment("pay_race", {"status": "paid"}, from_status=sources_of("paid"))
 
 
-async def test_a_failure_is_not_final_but_a_cancel_is():
+async def test_a_failure_is_not_final_and_money_taken_is_always_credited():
     assert "paid" in NEXT["failed"]
-    assert NEXT["cancelled"] == frozenset() and NEXT["refunded"] == frozenset()
-    assert sources_of("paid") == {"created", "failed", "expired"}
+    assert NEXT["cancelled"] == {"paid"} and NEXT["refunded"] == frozenset()
+    assert sources_of("paid") == {"created", "failed", "expired", "cancelled"}
 
 
 async def test_credited_is_marked_once(store):

@@ -18,7 +18,11 @@ class WebhookRefused(Exception):
 
 
 class ProviderError(Exception):
-    """The provider's API refused a call or did not answer in time."""
+    """The provider's API refused a call (`refused`) or did not answer in time."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 @dataclass(frozen=True)

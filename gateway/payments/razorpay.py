@@ -81,7 +81,7 @@ class RazorpayProvider:
             # A create that timed out may have been made: the reference id finds it.
             found = await self._by_reference(p.payment_id)
             if found is None:
-                raise ProviderError(f"razorpay refused the payment link: {exc}") from exc
+                raise ProviderError(f"razorpay refused the payment link: {exc}", refused=True) from exc
             link = found
         return Checkout(url=str(link["short_url"]), link_id=str(link["id"]))
 
@@ -109,6 +109,8 @@ class RazorpayProvider:
             raise ValueError("not a Razorpay event")
         # Razorpay puts the event id in a header only; without one, the body's digest.
         event_id = headers.get("x-razorpay-event-id") or "sha256:" + hashlib.sha256(body).hexdigest()
+        if len(event_id) > 200:
+            raise ValueError("an X-Razorpay-Event-Id longer than 200 characters")
         raw_payload = doc.get("payload")
         payload: dict[str, Any] = raw_payload if isinstance(raw_payload, dict) else {}
         link, pay = _entity(payload, "payment_link"), _entity(payload, "payment")
@@ -117,7 +119,7 @@ class RazorpayProvider:
         ref = link.get("reference_id") or _notes(link).get("payment_id") or _notes(pay).get("payment_id")
         user = _notes(link).get("user_id") or _notes(pay).get("user_id")
         ev = ProviderEvent(
-            event_id=str(event_id)[:200],
+            event_id=event_id,
             type=typ,
             kind="ignored",
             payment_ref=str(ref) if ref else None,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.engine import CreditEngine
+from gateway.core.money import MAX_UNITS
 from gateway.core.store.base import Store
 from gateway.core.store.payments import (
     PAID_STATES,
@@ -34,7 +35,8 @@ from gateway.core.store.payments import (
     sources_of,
 )
 
-from .catalog import Catalog, CatalogError, from_minor, to_minor
+from .catalog import Catalog, CatalogError, credits_text, from_minor, to_minor
+from .lock import Busy, payment_lease
 from .providers import Provider, ProviderError, ProviderEvent, WebhookRefused
 
 log = logging.getLogger("credit.payments")
@@ -97,17 +99,21 @@ class Payments:
         prov = self.provider(provider)
         if (pack is None) == (amount is None):
             raise PaymentError("invalid_request", "give either amount (with currency) or pack")
+        if pack is None and currency is None:
+            raise PaymentError("invalid_request", 'currency is required with amount (e.g. "INR")')
         try:
             if pack is not None:
                 pk = self.catalog.pack(pack)
                 minor, cur, credits, pack_name = pk.amount_minor, pk.currency, pk.credits, pk.name
             else:
-                minor, cur, credits = self.catalog.price(amount, currency if currency is not None else "INR")
+                minor, cur, credits = self.catalog.price(amount, currency)
                 pack_name = None
         except CatalogError as exc:
             raise PaymentError("invalid_amount", str(exc)) from None
         if credits <= 0:
             raise PaymentError("invalid_amount", "the amount buys less than one micro-credit")
+        if credits > MAX_UNITS:
+            raise PaymentError("invalid_amount", "one payment buys at most 1,000,000,000 credits")
         if description is not None and not isinstance(description, str):
             raise PaymentError("invalid_request", "description must be a string")
         now = self.now_ms()
@@ -128,9 +134,10 @@ class Payments:
         try:
             checkout = await prov.create(p)
         except ProviderError as exc:
-            await self.store.update_payment(
-                p.payment_id, {"error": str(exc)[:500], "updated_ms": self.now_ms()}
-            )
+            failed: dict[str, Any] = {"error": str(exc)[:500], "updated_ms": self.now_ms()}
+            if exc.refused:  # no link or session exists: nothing can pay this attempt
+                failed["status"] = "failed"
+            await self.store.update_payment(p.payment_id, failed, from_status=("created",))
             log.warning("payment %s: %s", p.payment_id, exc)
             raise PaymentError(
                 "provider_unavailable", f"{prov.name} did not create the payment", 502
@@ -220,12 +227,15 @@ class Payments:
             return "anomaly", 200, ev.payment_ref
         mismatch = self._mismatch(p, ev)
         if mismatch is not None:
+            # Refused and recorded; answered 2xx all the same: a redelivery would not match
+            # either, and a provider that keeps seeing errors disables the webhook.
             await self._anomaly(prov, ev, p, mismatch[0], **mismatch[1])
-            return "anomaly", 400, p.payment_id
+            return "anomaly", 200, p.payment_id
         if ev.kind == "paid":
             await self._paid(p, ev)
         elif ev.kind == "refund":
-            await self._refunded(prov, p, ev)
+            outcome, status = await self._refunded(prov, p, ev)
+            return outcome, status, p.payment_id
         else:
             changes: dict[str, Any] = {"status": ev.kind, "updated_ms": self.now_ms()}
             if ev.error:
@@ -237,6 +247,10 @@ class Payments:
     def _mismatch(p: PaymentRecord, ev: ProviderEvent) -> tuple[str, dict[str, Any]] | None:
         if ev.user is not None and ev.user != p.user:
             return "user_mismatch", {"expected": p.user, "got": ev.user}
+        for field in ("link_id", "session_id", "provider_payment_id"):
+            ours, theirs = getattr(p, field), getattr(ev, field)
+            if ours and theirs and ours != theirs:
+                return f"{field}_mismatch", {"expected": ours, "got": theirs}
         if ev.currency is not None and ev.currency.upper() != p.currency:
             return "currency_mismatch", {"expected": p.currency, "got": ev.currency}
         if ev.kind == "paid" and ev.amount_minor is not None and ev.amount_minor != p.amount_minor:
@@ -282,37 +296,56 @@ class Payments:
 
     # -- refunds ---------------------------------------------------------------------------
 
-    async def _refunded(self, prov: Provider, p: PaymentRecord, ev: ProviderEvent) -> None:
-        for r in ev.refunds:
-            amount = r.amount_minor
-            if ev.refunded_total_minor is not None:
-                done = sum(x.amount_minor for x in await self.store.refunds(p.payment_id))
-                amount = ev.refunded_total_minor - done
-                if amount <= 0:
-                    continue
-            await self.apply_refund(prov.name, p, r.refund_id, amount)
+    async def _refunded(self, prov: Provider, p: PaymentRecord, ev: ProviderEvent) -> tuple[str, int]:
+        """Applies the event's refunds, taking turns with other deliveries for the same
+        payment (each reads the refunds so far and writes new totals)."""
+        try:
+            async with payment_lease(self.engine.redis, self.engine.keys.prefix, p.payment_id):
+                outcome = "applied"
+                for r in ev.refunds:
+                    total = ev.refunded_total_minor
+                    fits = await self.apply_refund(
+                        prov.name, p.payment_id, r.refund_id, r.amount_minor, total
+                    )
+                    if not fits:
+                        detail = {"refund_id": r.refund_id, "amount": r.amount_minor, "cumulative": total}
+                        await self._anomaly(prov, ev, p, "refund_exceeds_payment", **detail)
+                        outcome = "anomaly"
+                return outcome, 200
+        except Busy:
+            return "busy", 503  # the provider delivers it again
 
-    async def apply_refund(self, provider: str, p: PaymentRecord, refund_id: str, amount_minor: int) -> None:
-        earlier = await self.store.refunds(p.payment_id)
-        if any(x.refund_id == refund_id for x in earlier):
-            rec = next(x for x in earlier if x.refund_id == refund_id)
-        else:
+    async def apply_refund(
+        self, provider: str, payment_id: str, refund_id: str, amount_minor: int, cumulative: int | None = None
+    ) -> bool:
+        """Records one refund (once per provider refund id), debits its share of the credits
+        and writes the payment's totals. `cumulative`: the event gives only the total
+        refunded so far, and the refund is what it adds. False when the refund does not fit
+        the payment (nothing is taken); the caller holds the payment's lease."""
+        p = await self.store.payment(payment_id)
+        if p is None:
+            return False
+        earlier = await self.store.refunds(payment_id)
+        rec = next((x for x in earlier if x.refund_id == refund_id), None)
+        if rec is None:
             before = sum(x.amount_minor for x in earlier)
-            amount_minor = max(0, min(amount_minor, p.amount_minor - before))
-            taken = sum(x.credits for x in earlier)
-            if before + amount_minor >= p.amount_minor:
-                credits = p.credits - taken  # the last refund takes what rounding left
-            else:
-                credits = p.credits * amount_minor // p.amount_minor
-            rec = RefundRecord(provider, refund_id, p.payment_id, amount_minor, credits, self.now_ms())
-            stored = await self.store.add_refund(rec)
-            rec = stored or rec
+            amount = cumulative - before if cumulative is not None else amount_minor
+            if cumulative is not None and amount <= 0:
+                return True  # already taken back by earlier events
+            if amount <= 0 or before + amount > p.amount_minor:
+                return False
+            after, taken = before + amount, sum(x.credits for x in earlier)
+            # Credits in proportion to the amount refunded so far, rounded down; the refund
+            # that completes the payment takes what rounding left.
+            credits = (p.credits if after == p.amount_minor else p.credits * after // p.amount_minor) - taken
+            rec = RefundRecord(provider, refund_id, payment_id, amount, credits, self.now_ms())
+            rec = await self.store.add_refund(rec) or rec
         await self._debit_refund(p, rec)
-        refunds = await self.store.refunds(p.payment_id)
+        refunds = await self.store.refunds(payment_id)
         total = sum(x.amount_minor for x in refunds)
         status = "refunded" if total >= p.amount_minor else "partially_refunded"
         await self.store.update_payment(
-            p.payment_id,
+            payment_id,
             {
                 "status": status,
                 "refunded_minor": total,
@@ -321,6 +354,7 @@ class Payments:
             },
             from_status=sources_of(status),
         )
+        return True
 
     async def _debit_refund(self, p: PaymentRecord, r: RefundRecord) -> None:
         if r.debited_ms is not None or r.credits <= 0:
@@ -373,6 +407,27 @@ class Payments:
 
     # -- reconciliation --------------------------------------------------------------------
 
+    async def _reconcile_one(self, p: PaymentRecord) -> str | None:
+        if p.status in PAID_STATES:
+            if await self.credit(p):
+                return f"{p.payment_id}: credited {credits_text(p.credits)} credits to {p.user}"
+            return None
+        prov = self.providers.get(p.provider)
+        if prov is None:
+            return None
+        try:
+            ev = await prov.lookup(p)
+        except ProviderError as exc:
+            log.warning("reconcile %s: %s", p.payment_id, exc)
+            return None
+        if ev is None:
+            return None
+        outcome, _, _ = await self._apply(prov, ev)
+        fresh = await self.store.payment(p.payment_id)
+        if fresh is not None and fresh.status != p.status:
+            return f"{p.payment_id}: {p.status} -> {fresh.status} ({outcome})"
+        return None
+
     async def reconcile(self, older_than_ms: int) -> list[str]:
         """Completes what a crash or a lost webhook left half done: paid payments not
         credited, recorded refunds not debited, and payments still open that the provider
@@ -380,28 +435,22 @@ class Payments:
         changed: list[str] = []
         cutoff = self.now_ms() - older_than_ms
         for p in await self.store.payments_to_reconcile(cutoff):
-            if p.status in PAID_STATES:
-                if await self.credit(p):
-                    changed.append(f"{p.payment_id}: credited {p.credits} micro-credits to {p.user}")
-                continue
-            prov = self.providers.get(p.provider)
-            if prov is None:
-                continue
             try:
-                ev = await prov.lookup(p)
-            except ProviderError as exc:
-                log.warning("reconcile %s: %s", p.payment_id, exc)
+                line = await self._reconcile_one(p)
+            except Exception:
+                # One payment that cannot be settled (its error is logged) holds up no other.
+                log.exception("reconcile: payment %s failed; left for the next run", p.payment_id)
                 continue
-            if ev is None:
-                continue
-            outcome, _, _ = await self._apply(prov, ev)
-            fresh = await self.store.payment(p.payment_id)
-            if fresh is not None and fresh.status != p.status:
-                changed.append(f"{p.payment_id}: {p.status} -> {fresh.status} ({outcome})")
+            if line:
+                changed.append(line)
+
         for r in await self.store.refunds_to_reconcile(cutoff):
-            owner = await self.store.payment(r.payment_id)
-            if owner is None:
+            try:
+                async with payment_lease(self.engine.redis, self.engine.keys.prefix, r.payment_id):
+                    await self.apply_refund(r.provider, r.payment_id, r.refund_id, r.amount_minor)
+            except Exception:
+                log.exception("reconcile: refund %s of %s failed; left for later", r.refund_id, r.payment_id)
                 continue
-            await self._debit_refund(owner, r)
-            changed.append(f"{owner.payment_id}: refund {r.refund_id} debited {r.credits} micro-credits")
+            took = credits_text(r.credits)
+            changed.append(f"{r.payment_id}: refund {r.refund_id} took back {took} credits")
         return changed

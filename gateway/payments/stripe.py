@@ -86,7 +86,9 @@ class StripeProvider:
                 options={"idempotency_key": f"checkout-{p.payment_id}"},
             )
         except stripe.StripeError as exc:
-            raise ProviderError(f"stripe: {type(exc).__name__}: {exc.user_message or exc}") from exc
+            refused = isinstance(exc, stripe.InvalidRequestError)
+            message = f"stripe: {type(exc).__name__}: {exc.user_message or exc}"
+            raise ProviderError(message, refused=refused) from exc
         return Checkout(url=str(session.url), session_id=str(session.id))
 
     def verify(self, body: bytes, headers: Mapping[str, str]) -> None:
@@ -108,8 +110,10 @@ class StripeProvider:
         doc = orjson.loads(body)
         if not isinstance(doc, dict) or not _str(doc.get("id")) or not _str(doc.get("type")):
             raise ValueError("not a Stripe event")
+        if len(doc["id"]) > 200:
+            raise ValueError("an event id longer than 200 characters")
         typ, obj = doc["type"], _obj(doc)
-        ev = ProviderEvent(event_id=doc["id"][:200], type=typ, kind="ignored")
+        ev = ProviderEvent(event_id=doc["id"], type=typ, kind="ignored")
         if typ.startswith("checkout.session."):
             meta = _dict(obj.get("metadata"))
             ev.payment_ref = _str(obj.get("client_reference_id")) or _str(meta.get("payment_id"))
@@ -118,7 +122,7 @@ class StripeProvider:
             ev.provider_payment_id = _str(obj.get("payment_intent"))
             ev.amount_minor = _int(obj.get("amount_total"))
             ev.currency = (_str(obj.get("currency")) or "").upper() or None
-            paid = obj.get("payment_status") in ("paid", "no_payment_required")
+            paid = obj.get("payment_status") == "paid"  # a top-up always has something to pay
             if typ == "checkout.session.completed":
                 ev.kind = "paid" if paid else "ignored"  # an async method pays later
             elif typ == "checkout.session.async_payment_succeeded":
@@ -133,21 +137,15 @@ class StripeProvider:
             ev.currency = (_str(obj.get("currency")) or "").upper() or None
             meta = _dict(obj.get("metadata"))
             ev.payment_ref = _str(meta.get("payment_id"))
-            refunds = obj.get("refunds")
-            data = refunds.get("data") if isinstance(refunds, dict) else None
-            for r in data if isinstance(data, list) else []:
-                good = isinstance(r, dict) and _str(r.get("id")) and _int(r.get("amount")) is not None
-                if good and r.get("status") in (None, "succeeded"):
-                    ev.refunds.append(Refund(r["id"], r["amount"]))
-            if not ev.refunds:
-                # API versions since 2022-11-15 leave the charge's refund list out: the
-                # cumulative amount refunded is what the event says. The payment service
-                # takes back the part not yet taken, once per cumulative figure.
-                total = _int(obj.get("amount_refunded"))
-                if total is None or not _str(obj.get("id")):
-                    raise ValueError("a charge.refunded event without its refunds or amount_refunded")
-                ev.refunded_total_minor = total
-                ev.refunds = [Refund(f"{obj['id']}@{total}", 0)]
+            # The charge's cumulative amount refunded, in every API version (the refund
+            # list is left out since 2022-11-15): the payment service takes back the part
+            # not yet taken, recorded once per cumulative figure, so events of either
+            # version, in any order or together, take each refund once.
+            total = _int(obj.get("amount_refunded"))
+            if total is None or not _str(obj.get("id")):
+                raise ValueError("a charge.refunded event without its id or amount_refunded")
+            ev.refunded_total_minor = total
+            ev.refunds = [Refund(f"{obj['id']}@{total}", 0)]
         return ev
 
     async def refund(self, p: PaymentRecord, amount_minor: int, key: str) -> str:

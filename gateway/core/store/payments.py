@@ -9,6 +9,7 @@ read followed by a write:
     created -> failed | expired | cancelled
     failed  -> paid | expired | cancelled      (a failed attempt is not final: the same
                                                 link or session can still be paid)
+    expired | cancelled -> paid                (money captured in a race is still credited)
 
 Whether the credits were granted is a mark of its own (`credited_ms`), set once the grant
 is known to have happened, so a payment can be paid and not yet credited (a crash in
@@ -28,8 +29,10 @@ NEXT: dict[str, frozenset[str]] = {
     "failed": frozenset({"paid", "expired", "cancelled"}),
     "paid": frozenset({"partially_refunded", "refunded"}),
     "partially_refunded": frozenset({"partially_refunded", "refunded"}),
-    "expired": frozenset({"paid"}),  # a capture reported after the link's expiry still pays
-    "cancelled": frozenset(),
+    # Money captured after the link or session expired or was cancelled (a race at the
+    # provider) was taken all the same: it is credited.
+    "expired": frozenset({"paid"}),
+    "cancelled": frozenset({"paid"}),
     "refunded": frozenset(),
 }
 PAID_STATES = frozenset({"paid", "partially_refunded", "refunded"})
