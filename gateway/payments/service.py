@@ -53,9 +53,11 @@ class WebhookAnswer:
 class PaymentError(Exception):
     """A request the payment service refuses: `code` and HTTP `status` for the API."""
 
-    def __init__(self, code: str, message: str, status: int = 400) -> None:
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.status = code, message, status
+        # invalid_amount is 422 across the API; other refusals of a request are 400.
+        self.code, self.message = code, message
+        self.status = status if status is not None else (422 if code == "invalid_amount" else 400)
 
 
 def new_payment_id() -> str:

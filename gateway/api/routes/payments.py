@@ -193,7 +193,7 @@ async def refund_payment(payment_id: PaymentId, _: AdminCaller, services: Servic
         raise ApiError(400, "invalid_request", 'the body is {"amount": "<decimal>"} or empty')
     amount = body.get("amount")
     if amount is not None and (isinstance(amount, bool) or not isinstance(amount, str | int | Decimal)):
-        raise ApiError(400, "invalid_amount", 'the amount is a decimal: "12.50" or 12.50')
+        raise ApiError(422, "invalid_amount", 'the amount is a decimal: "12.50" or 12.50')
     try:
         return await _payments(services).request_refund(payment_id, amount)
     except PaymentError as exc:
