@@ -693,3 +693,28 @@ async def test_reconcile_goes_on_past_a_payment_it_cannot_settle(gw, monkeypatch
     changed = await payments.reconcile(0)
     assert changed == [f"{fine['payment_id']}: credited 500 credits to xia"]
     assert (await admin_view(gw, stuck["payment_id"]))["credited"] is False
+
+
+async def test_anomalies_of_unknown_payments_and_reused_event_ids_are_listed(gw):
+    p, events = await rz_paid(gw, "yan")
+    paid = events["payment_link.paid"]
+    assert (await rz_deliver(gw, paid, event_id="evt_once")).json()["status"] == "applied"
+    other = json.loads(json.dumps(paid))
+    other["payload"]["payment_link"]["entity"]["notes"] = {
+        "payment_id": p["payment_id"],
+        "user_id": "yan",
+        "x": "1",
+    }
+    r = await rz_deliver(gw, other, event_id="evt_once")  # the same id, another body
+    assert (r.status_code, r.json()["status"]) == (200, "anomaly")
+    ghost = json.loads(json.dumps(paid))
+    link = ghost["payload"]["payment_link"]["entity"]
+    link["reference_id"] = "cgpay_" + "0" * 32
+    link["notes"] = {"payment_id": link["reference_id"]}
+    assert (await rz_deliver(gw, ghost, event_id="evt_ghost")).json()["status"] == "anomaly"
+    r = await gw.get("/admin/payments/anomalies", headers=H_ADMIN)
+    assert r.status_code == 200, r.text
+    kinds = [(a["kind"], a["payment_id"]) for a in r.json()["anomalies"]]
+    assert kinds == [("unknown_payment", link["reference_id"]), ("event_id_reused", p["payment_id"])]
+    assert await available(gw, "yan") == 500
+    assert (await gw.get("/admin/payments/anomalies", headers=client_headers("yan"))).status_code == 401

@@ -183,6 +183,11 @@ class Payments:
             payment_id=ev.payment_ref,
         )
         seen = await self.store.record_webhook_event(record)
+        if seen is not None and seen.body != record.body:
+            # Event ids are the provider's and unique: the same id with another body is not
+            # a redelivery. Nothing is applied; it is recorded.
+            await self._anomaly(prov, ev, None, "event_id_reused", first_type=seen.type)
+            return WebhookAnswer(200, {"status": "anomaly"})
         if seen is not None and seen.outcome != "received":
             # Delivered before and finished: the first answer again, nothing applied twice.
             return WebhookAnswer(seen.status_code, {"status": "duplicate", "outcome": seen.outcome})
@@ -192,10 +197,9 @@ class Payments:
         return WebhookAnswer(status, {"status": outcome})
 
     async def _find(self, prov: Provider, ev: ProviderEvent) -> PaymentRecord | None:
-        if ev.payment_ref:
+        if ev.payment_ref:  # the event names its payment: that one, or none
             p = await self.store.payment(ev.payment_ref)
-            if p is not None and p.provider == prov.name:
-                return p
+            return p if p is not None and p.provider == prov.name else None
         if ev.provider_payment_id:
             return await self.store.payment_by_provider_id(prov.name, ev.provider_payment_id)
         return None

@@ -154,6 +154,19 @@ async def all_payments(
     return _page(items, limit, full=True)
 
 
+@router.get("/admin/payments/anomalies")
+async def payment_anomalies(_: AdminCaller, services: ServicesDep, limit: Limit = 100):
+    """The newest anomalies (mismatched or unknown payments, refunds that do not fit, event
+    ids reused with another body), with the payment they name, if any."""
+    return {
+        "anomalies": [
+            {"payment_id": a.payment_id, "provider": a.provider, "kind": a.kind, "event_id": a.event_id,
+             "detail": a.detail, "at": _iso(a.at_ms)}
+            for a in await services.store.recent_anomalies(limit)
+        ]
+    }  # fmt: skip
+
+
 @router.get("/admin/payments/{payment_id}")
 async def one_payment(payment_id: PaymentId, _: AdminCaller, services: ServicesDep):
     store = services.store

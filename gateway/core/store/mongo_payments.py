@@ -59,6 +59,12 @@ def _event_of(d: dict[str, Any]) -> WebhookEvent:
     )
 
 
+def _anomaly_of(d: dict[str, Any]) -> PaymentAnomaly:
+    return PaymentAnomaly(
+        d["payment_id"], d["provider"], d["event_id"], d["kind"], d["detail"], int(d["at_ms"])
+    )
+
+
 def _refund_of(d: dict[str, Any]) -> RefundRecord:
     debited = d.get("debited_ms")
     return RefundRecord(
@@ -257,12 +263,13 @@ class MongoPayments(PaymentStore):
         cur = self.db.payment_anomalies.find({"payment_id": payment_id}).sort(
             [("at_ms", ASCENDING), ("_id", ASCENDING)]
         )
-        return [
-            PaymentAnomaly(
-                d["payment_id"], d["provider"], d["event_id"], d["kind"], d["detail"], int(d["at_ms"])
-            )
-            async for d in cur
-        ]
+        return [_anomaly_of(d) async for d in cur]
+
+    async def recent_anomalies(self, limit: int = 100) -> list[PaymentAnomaly]:
+        cur = (
+            self.db.payment_anomalies.find({}).sort([("at_ms", DESCENDING), ("_id", DESCENDING)]).limit(limit)
+        )
+        return [_anomaly_of(d) async for d in cur]
 
     async def ledger_has(self, user: str, op_id: str) -> bool:
         return await self.db.ledger.find_one({"user_id": user, "op_id": op_id}, {"_id": 1}) is not None

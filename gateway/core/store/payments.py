@@ -187,6 +187,10 @@ class PaymentStore(ABC):
     async def anomalies(self, payment_id: str) -> list[PaymentAnomaly]: ...
 
     @abstractmethod
+    async def recent_anomalies(self, limit: int = 100) -> list[PaymentAnomaly]:
+        """The newest anomalies of every payment, those of no known payment included."""
+
+    @abstractmethod
     async def ledger_has(self, user: str, op_id: str) -> bool:
         """Whether the ledger holds the operation (the durable answer to "did it happen",
         long after Redis has forgotten the operation id)."""

@@ -58,6 +58,10 @@ _EVENT_COLS = "provider, event_id, type, received_ms, body, payment_id, outcome,
 _REFUND_COLS = "provider, refund_id, payment_id, amount_minor, credits, at_ms, debited_ms"
 
 
+def _anomaly_of(r: Any) -> PaymentAnomaly:
+    return PaymentAnomaly(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5])
+
+
 class SQLitePayments(PaymentStore):
     """Mixed into SQLiteStore: every call runs on the store's thread (`_call`)."""
 
@@ -265,7 +269,17 @@ class SQLitePayments(PaymentStore):
                 (payment_id,),
             ).fetchall()
         )
-        return [PaymentAnomaly(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5]) for r in rows]
+        return [_anomaly_of(r) for r in rows]
+
+    async def recent_anomalies(self, limit: int = 100) -> list[PaymentAnomaly]:
+        rows = await self._call(
+            lambda: self.db.execute(
+                "SELECT payment_id, provider, event_id, kind, detail, at_ms FROM payment_anomalies "
+                "ORDER BY at_ms DESC, id DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [_anomaly_of(r) for r in rows]
 
     async def ledger_has(self, user: str, op_id: str) -> bool:
         row = await self._call(
