@@ -148,10 +148,11 @@ def cmd_payments_reconcile(args: argparse.Namespace) -> int:
             if not payments.providers:
                 print("no payment provider is configured (RAZORPAY_KEY_ID/_SECRET, STRIPE_API_KEY)")
             changed = await payments.reconcile(int(args.older_than * 1000))
+        failed = [line for line in changed if line.startswith("FAILED")]
         for line in changed:
             print(line)
-        print(f"payments reconcile: {len(changed)} change(s)")
-        return 0
+        print(f"payments reconcile: {len(changed) - len(failed)} change(s), {len(failed)} failed")
+        return 1 if failed else 0
 
     return asyncio.run(_with_engine(run))
 

@@ -512,10 +512,10 @@ async def test_payments_reconcile_command_completes_what_a_crash_left(
     out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert f"{p['payment_id']}: credited 500 credits to oto" in out.stdout
-    assert "payments reconcile: 1 change(s)" in out.stdout
+    assert "payments reconcile: 1 change(s), 0 failed" in out.stdout
     assert await available(gw, "oto") == 500
     again = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert "payments reconcile: 0 change(s)" in again.stdout
+    assert "payments reconcile: 0 change(s), 0 failed" in again.stdout
 
 
 async def test_a_lost_webhook_is_settled_by_asking_the_provider(gw):
@@ -691,8 +691,12 @@ async def test_reconcile_goes_on_past_a_payment_it_cannot_settle(gw, monkeypatch
 
     monkeypatch.setattr(payments.engine, "grant_units", picky)
     changed = await payments.reconcile(0)
-    assert changed == [f"{fine['payment_id']}: credited 500 credits to xia"]
-    assert (await admin_view(gw, stuck["payment_id"]))["credited"] is False
+    assert changed == [
+        f"FAILED {stuck['payment_id']}: reconcile: RuntimeError: this one cannot be granted now",
+        f"{fine['payment_id']}: credited 500 credits to xia",
+    ]
+    view = await admin_view(gw, stuck["payment_id"])
+    assert view["credited"] is False and "cannot be granted" in view["error"]
 
 
 async def test_anomalies_of_unknown_payments_and_reused_event_ids_are_listed(gw):
@@ -718,3 +722,36 @@ async def test_anomalies_of_unknown_payments_and_reused_event_ids_are_listed(gw)
     assert kinds == [("unknown_payment", link["reference_id"]), ("event_id_reused", p["payment_id"])]
     assert await available(gw, "yan") == 500
     assert (await gw.get("/admin/payments/anomalies", headers=client_headers("yan"))).status_code == 401
+
+
+async def test_a_refund_delivered_before_the_payment_is_paid_waits_for_it(gw):
+    p = await buy(gw, "zed", amount="10", currency="USD", provider="stripe")
+    completed = gw.fakes.stripe.pay((await admin_view(gw, p["payment_id"]))["session_id"])
+    intent = completed["data"]["object"]["payment_intent"]
+    refund = gw.fakes.stripe.create_refund({"payment_intent": intent, "amount": "1000"})
+    refunded = gw.fakes.stripe.refund_event(refund["id"], include_refunds=False)
+    early = await st_deliver(gw, refunded)  # before checkout.session.completed
+    assert (early.status_code, early.json()["status"]) == (503, "not_yet_paid")
+    acct = await gw.get("/admin/accounts/zed", headers=H_ADMIN)
+    assert acct.status_code == 404 or Decimal(acct.json()["debt"]) == 0
+    assert (await st_deliver(gw, completed)).status_code == 200
+    assert (await st_deliver(gw, refunded)).status_code == 200  # the provider's redelivery
+    acct = (await gw.get("/admin/accounts/zed", headers=H_ADMIN)).json()
+    assert (Decimal(acct["available"]), Decimal(acct["debt"])) == (0, 0)
+    view = await admin_view(gw, p["payment_id"])
+    assert (view["status"], view["refunded_amount"], view["refunded_credits"]) == ("refunded", "10.00", "900")
+
+
+async def test_a_provider_payment_id_already_credited_to_another_payment_is_an_anomaly(gw):
+    first, first_events = await rz_paid(gw, "aba")
+    await rz_deliver(gw, first_events["payment_link.paid"])
+    second, second_events = await rz_paid(gw, "abb")
+    forged = json.loads(json.dumps(second_events["payment_link.paid"]))
+    forged["payload"]["payment"]["entity"]["id"] = (await admin_view(gw, first["payment_id"]))[
+        "provider_payment_id"
+    ]
+    r = await rz_deliver(gw, forged, event_id="evt_reused_pay_id")
+    assert r.json()["status"] == "anomaly"
+    assert await available(gw, "abb") == 0
+    kinds = [a["kind"] for a in (await admin_view(gw, second["payment_id"]))["anomalies"]]
+    assert kinds == ["provider_payment_id_reused"]

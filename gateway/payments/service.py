@@ -188,8 +188,9 @@ class Payments:
             # a redelivery. Nothing is applied; it is recorded.
             await self._anomaly(prov, ev, None, "event_id_reused", first_type=seen.type)
             return WebhookAnswer(200, {"status": "anomaly"})
-        if seen is not None and seen.outcome != "received":
+        if seen is not None and seen.outcome != "received" and seen.status_code < 500:
             # Delivered before and finished: the first answer again, nothing applied twice.
+            # (One answered 5xx asked the provider to come back: it is applied now.)
             return WebhookAnswer(seen.status_code, {"status": "duplicate", "outcome": seen.outcome})
         # New, or a delivery that never finished (a crash): applying it again is safe.
         outcome, status, pid = await self._apply(prov, ev)
@@ -238,6 +239,12 @@ class Payments:
             await self._anomaly(prov, ev, p, mismatch[0], **mismatch[1])
             return "anomaly", 200, p.payment_id
         if ev.kind == "paid":
+            if ev.provider_payment_id and not p.provider_payment_id:
+                holder = await self.store.payment_by_provider_id(prov.name, ev.provider_payment_id)
+                if holder is not None and holder.payment_id != p.payment_id:
+                    detail = {"provider_payment_id": ev.provider_payment_id, "held_by": holder.payment_id}
+                    await self._anomaly(prov, ev, p, "provider_payment_id_reused", **detail)
+                    return "anomaly", 200, p.payment_id
             await self._paid(p, ev)
         elif ev.kind == "refund":
             outcome, status = await self._refunded(prov, p, ev)
@@ -305,6 +312,10 @@ class Payments:
     async def _refunded(self, prov: Provider, p: PaymentRecord, ev: ProviderEvent) -> tuple[str, int]:
         """Applies the event's refunds, taking turns with other deliveries for the same
         payment (each reads the refunds so far and writes new totals)."""
+        if p.status not in PAID_STATES:
+            # Delivered before the payment's own paid event (any order is possible): answered
+            # 503 so the provider delivers it again, by when the payment is paid.
+            return "not_yet_paid", 503
         try:
             async with payment_lease(self.engine.redis, self.engine.keys.prefix, p.payment_id):
                 outcome = "applied"
@@ -336,7 +347,7 @@ class Payments:
         if rec is None:
             before = sum(x.amount_minor for x in earlier)
             amount = cumulative - before if cumulative is not None else amount_minor
-            if cumulative is not None and amount <= 0:
+            if cumulative is not None and cumulative >= 0 and amount <= 0:
                 return True  # already taken back by earlier events
             if amount <= 0 or before + amount > p.amount_minor:
                 return False
@@ -437,15 +448,19 @@ class Payments:
     async def reconcile(self, older_than_ms: int) -> list[str]:
         """Completes what a crash or a lost webhook left half done: paid payments not
         credited, recorded refunds not debited, and payments still open that the provider
-        says are paid, expired or cancelled. Returns a line per change."""
+        says are paid, expired or cancelled. Returns a line per change, and a line starting
+        with "FAILED" per payment or refund it could not settle (kept as the payment's error)."""
         changed: list[str] = []
         cutoff = self.now_ms() - older_than_ms
         for p in await self.store.payments_to_reconcile(cutoff):
             try:
                 line = await self._reconcile_one(p)
-            except Exception:
-                # One payment that cannot be settled (its error is logged) holds up no other.
+            except Exception as exc:
+                # One payment that cannot be settled holds up no other; its error is kept.
                 log.exception("reconcile: payment %s failed; left for the next run", p.payment_id)
+                error = f"reconcile: {type(exc).__name__}: {exc}"[:500]
+                await self.store.update_payment(p.payment_id, {"error": error})
+                changed.append(f"FAILED {p.payment_id}: {error}")
                 continue
             if line:
                 changed.append(line)
@@ -454,8 +469,9 @@ class Payments:
             try:
                 async with payment_lease(self.engine.redis, self.engine.keys.prefix, r.payment_id):
                     await self.apply_refund(r.provider, r.payment_id, r.refund_id, r.amount_minor)
-            except Exception:
+            except Exception as exc:
                 log.exception("reconcile: refund %s of %s failed; left for later", r.refund_id, r.payment_id)
+                changed.append(f"FAILED {r.payment_id}: refund {r.refund_id}: {type(exc).__name__}: {exc}")
                 continue
             took = credits_text(r.credits)
             changed.append(f"{r.payment_id}: refund {r.refund_id} took back {took} credits")
