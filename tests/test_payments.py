@@ -9,6 +9,7 @@ import contextlib
 import json
 from decimal import Decimal
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -295,16 +296,33 @@ async def test_a_failure_is_not_final(gw):
 
 
 async def test_twenty_concurrent_deliveries_across_two_gateway_processes_credit_once(
-    redis, redis_url, fakes, store, gw
+    redis_url, fakes, store, gw
 ):
+    """The second gateway has its own Redis client and its own store connection (another
+    SQLite connection to the file, another MongoDB client), as another process would."""
+    import redis.asyncio as aioredis
+
+    from gateway.core.store import MongoStore, SQLiteStore
+
     _, events = await rz_paid(gw, "fa")
     paid = events["payment_link.paid"]
-    async with gateway(gateway_settings(redis_url, fakes), redis, store) as second:
-        answers = await asyncio.gather(
-            *(rz_deliver(gw if i % 2 else second, paid, event_id=f"evt_c{i % 4}") for i in range(20))
-        )
+    if isinstance(store, MongoStore):
+        other_store: Any = MongoStore(store.uri, db=store.db_name)
+    else:
+        other_store = SQLiteStore(store.path)
+    other_redis = aioredis.Redis.from_url(redis_url)
+    try:
+        async with gateway(gateway_settings(redis_url, fakes), other_redis, other_store) as second:
+            answers = await asyncio.gather(
+                *(rz_deliver(gw if i % 2 else second, paid, event_id=f"evt_c{i % 4}") for i in range(20))
+            )
+    finally:
+        await other_store.close()
+        await other_redis.aclose()
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
     assert await available(gw, "fa") == 500
+    acct = (await gw.get("/admin/accounts/fa", headers=H_ADMIN)).json()
+    assert Decimal(acct["granted"]) == 500
 
 
 async def test_a_refund_after_spending_leaves_debt(gw):
