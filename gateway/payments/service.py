@@ -285,8 +285,8 @@ class Payments:
         else:
             fresh = await self.store.payment(p.payment_id)
             if fresh is None or fresh.status not in PAID_STATES:
-                return  # cancelled meanwhile: money taken for a cancelled payment is an anomaly
-            p = fresh
+                return  # no status refuses "paid" today; kept should one ever do
+            p = fresh  # paid by another delivery: credit it if that one has not yet
         await self.credit(p)
 
     async def credit(self, p: PaymentRecord) -> bool:
