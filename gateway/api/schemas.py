@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -170,6 +170,48 @@ class GrantOut(BaseModel):
     description: str | None = None
 
 
+class ExpiringGrant(BaseModel):
+    grant_id: str
+    source: str
+    remaining: Money
+    held: Money  # expires only if the hold on it is released or expires after this date
+    expires_at: datetime
+
+
+class Expiring(BaseModel):
+    """Credit that expires within the next `days` days, soonest first."""
+
+    days: int
+    until: datetime
+    total: Money  # the free credit among it (held credit is counted apart)
+    held: Money
+    grants: list[ExpiringGrant]
+
+    @classmethod
+    def of(cls, grants: list[Any], now_ms: int, days: int) -> Expiring:
+        until = datetime.fromtimestamp(now_ms / 1000 + days * 86400, UTC)
+        due = sorted(
+            (g for g in grants if g.expires_at is not None and not g.expired and g.expires_at <= until),
+            key=lambda g: g.expires_at,
+        )
+        return cls(
+            days=days,
+            until=until,
+            total=sum((g.free for g in due), Decimal(0)),
+            held=sum((g.earmarked for g in due), Decimal(0)),
+            grants=[
+                ExpiringGrant(
+                    grant_id=g.grant_id,
+                    source=g.source,
+                    remaining=g.free,
+                    held=g.earmarked,
+                    expires_at=g.expires_at,
+                )
+                for g in due
+            ],
+        )
+
+
 class HoldOut(BaseModel):
     hold_id: str
     amount: Money
@@ -182,6 +224,7 @@ class AccountResponse(Balance):
     expired: Money
     grants: list[GrantOut]
     holds: list[HoldOut]
+    expiring: Expiring
 
 
 class LedgerItem(BaseModel):

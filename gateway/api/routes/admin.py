@@ -20,6 +20,7 @@ from ..schemas import (
     Balance,
     DebitRequest,
     DebitResponse,
+    Expiring,
     GrantOut,
     GrantRequest,
     GrantResponse,
@@ -105,8 +106,14 @@ async def add_debit(
 
 
 @router.get("/{user_id}", response_model=AccountResponse)
-async def get_account(user_id: UserId, caller: AdminCaller, engine: EngineDep):
-    """Available, held, debt, grants in spend order, open holds."""
+async def get_account(
+    user_id: UserId,
+    caller: AdminCaller,
+    engine: EngineDep,
+    expiring_days: Annotated[int, Query(ge=0, le=3650)] = 30,
+):
+    """Available, held, debt, grants in spend order, open holds, and the credit expiring
+    within `expiring_days` (30 by default)."""
     v = await engine.account(user_id)
     s = v.state
     return AccountResponse(
@@ -131,6 +138,7 @@ async def get_account(user_id: UserId, caller: AdminCaller, engine: EngineDep):
             for g in v.grants
         ],
         holds=[HoldOut(hold_id=h.hold_id, amount=h.amount, expires_at=h.expires_at) for h in v.holds],
+        expiring=Expiring.of(v.grants, engine.now_ms(), expiring_days),
     )
 
 

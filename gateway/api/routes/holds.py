@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from ...core.errors import HoldNotFound
 from ...core.keys import ID_PATTERN, METERED_HOLD_PREFIXES, is_metered_hold
@@ -13,7 +13,7 @@ from ...core.results import HoldResolution
 from ..body import DecimalRoute
 from ..deps import ClientCaller, EngineDep, ServicesDep
 from ..errors import ApiError
-from ..schemas import Balance, HoldRequest, HoldResponse, ResolutionResponse, SettleRequest
+from ..schemas import Balance, Expiring, HoldRequest, HoldResponse, ResolutionResponse, SettleRequest
 
 router = APIRouter(prefix="/credits", tags=["holds"], route_class=DecimalRoute, strict_content_type=False)
 
@@ -106,3 +106,9 @@ async def release_hold(hold_id: HoldId, caller: ClientCaller, engine: EngineDep,
 async def balance(caller: ClientCaller, engine: EngineDep):
     """The calling user's balance."""
     return Balance.of(caller.user_id, await engine.balance(caller.user_id))
+
+
+@router.get("/expiring", response_model=Expiring)
+async def expiring(caller: ClientCaller, engine: EngineDep, days: Annotated[int, Query(ge=0, le=3650)] = 30):
+    """The calling user's credit that expires within `days` days, soonest first."""
+    return Expiring.of((await engine.account(caller.user_id)).grants, engine.now_ms(), days)
