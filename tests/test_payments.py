@@ -488,11 +488,14 @@ async def crashed_payment(gw, monkeypatch, user):
 
 
 async def test_the_worker_reconciles_payments_on_a_schedule(gw, monkeypatch):
-    from gateway.worker.service import reconcile_payments_every
+    from functools import partial
+
+    from gateway.worker.service import every
 
     p = await crashed_payment(gw, monkeypatch, "nia")
     stop = asyncio.Event()
-    job = asyncio.create_task(reconcile_payments_every(gw.app.state.services.payments, 0.05, 0, stop))
+    reconcile = partial(gw.app.state.services.payments.reconcile, 0)
+    job = asyncio.create_task(every(0.05, reconcile, stop))
     for _ in range(100):
         if await available(gw, "nia") == 500:
             break

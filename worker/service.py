@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from functools import partial
 
@@ -17,8 +18,8 @@ from gateway.core.recovery import ensure_ready, rehydrate
 from gateway.core.settings import Settings, load_settings
 from gateway.core.store.base import Store
 from gateway.logs import configure_logging
-from gateway.payments.service import Payments
 from gateway.payments.setup import build_payments
+from gateway.promos import Promos
 
 from .audit import AuditLog
 from .runner import Worker, WorkerStats
@@ -65,19 +66,21 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
         _tune_gc()
         async with AsyncExitStack() as stack:
             payments = await build_payments(stack, settings, None, store, engine)
-            interval = settings.payment_reconcile_interval_seconds
-            job = None
-            if payments.providers and interval > 0 and not burst:
-                after_ms = int(settings.payment_reconcile_after_seconds * 1000)
-                job = asyncio.create_task(
-                    reconcile_payments_every(payments, interval, after_ms, worker.stop_event)
-                )
+            promos = Promos(store, engine)
+            jobs = []
+            if not burst:
+                # Claims a crash left between their two steps are finished (see gateway/promos.py).
+                jobs.append(asyncio.create_task(every(60.0, promos.complete_pending, worker.stop_event)))
+                interval = settings.payment_reconcile_interval_seconds
+                if payments.providers and interval > 0:
+                    after_ms = int(settings.payment_reconcile_after_seconds * 1000)
+                    reconcile = partial(payments.reconcile, after_ms)
+                    jobs.append(asyncio.create_task(every(interval, reconcile, worker.stop_event)))
             try:
                 stats = await worker.run(burst=burst)
             finally:
-                if job is not None:
-                    worker.stop_event.set()
-                    await asyncio.gather(job, return_exceptions=True)
+                worker.stop_event.set()
+                await asyncio.gather(*jobs, return_exceptions=True)
     finally:
         worker.close()
         await store.close()
@@ -86,22 +89,21 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     return stats
 
 
-async def reconcile_payments_every(
-    payments: Payments, interval: float, after_ms: int, stop: asyncio.Event
-) -> None:
-    """Payments reconciliation on a schedule, until `stop`: what a lost webhook or a crash
-    left open is settled with the provider's word, through the same idempotent path (several
-    workers doing it at once change each payment once)."""
+async def every(interval: float, job: Callable[[], Awaitable[list[str]]], stop: asyncio.Event) -> None:
+    """`job` every `interval` seconds until `stop`, each line it returns logged. Jobs are
+    idempotent (several workers running them at once change each thing once), and one that
+    fails is tried again next time."""
+    name = getattr(job, "__qualname__", None) or getattr(getattr(job, "func", None), "__qualname__", "job")
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval)
         if stop.is_set():
             return
         try:
-            for line in await payments.reconcile(after_ms):
-                log.info("payments reconcile: %s", line)
+            for line in await job():
+                log.info("%s: %s", name, line)
         except Exception:
-            log.exception("payments reconcile failed; trying again in %.0f s", interval)
+            log.exception("%s failed; trying again in %.0f s", name, interval)
 
 
 def _tune_gc() -> None:

@@ -28,10 +28,11 @@ from ..core.settings import Settings
 from ..core.store.base import Store
 from ..core.stored_versions import StoredVersions
 from ..payments.setup import build_payments
+from ..promos import Promos
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
-from .routes import access, admin, health, holds, payments, pricing
+from .routes import access, admin, health, holds, payments, pricing, promos
 from .services import InProcessWorker, Services
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def create_app(
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
-    for module in (health, admin, access, holds, pricing, payments):
+    for module in (health, admin, access, holds, pricing, payments, promos):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.kinds import metered_routes
@@ -198,6 +199,7 @@ async def _start(
         log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
     log.info("credit gateway starting; %s", describe(settings))
     await _make_ready(stack, services)
+    services.promos = Promos(s, engine)
     services.payments = await build_payments(
         stack, settings, proxy_config.payments if proxy_config else None, s, engine
     )

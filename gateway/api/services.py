@@ -14,6 +14,7 @@ from ..core.store.base import Store
 
 if TYPE_CHECKING:
     from ..payments.service import Payments
+    from ..promos import Promos
     from ..proxy.forward import MeteringProxy
     from ..proxy.pricing_cache import PricingCache
 
@@ -41,4 +42,5 @@ class Services:
     proxy: MeteringProxy | None = None  # when upstreams are configured
     pricing: PricingCache | None = None  # idem
     payments: Payments | None = None  # selling credits (built with every app)
+    promos: Promos | None = None  # promo codes (built with every app)
     ready: bool = False  # Redis rebuilt from the store where it had lost its state

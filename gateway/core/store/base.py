@@ -21,6 +21,7 @@ from typing import Any
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
 from .payments import PaymentStore
+from .promos import PromoStore
 
 # Schema version 1 -> 2, the same in every backend: the short names (the Lua hash fields')
 # of the hold and rate-limit fields, and of the grant fields but its metadata (which each
@@ -150,7 +151,7 @@ class RateLimitOverride:
     tokens_per_minute: int | None = None
 
 
-class Store(PaymentStore):
+class Store(PaymentStore, PromoStore):
     """One durable store. Implementations: SQLiteStore (embedded), MongoStore. The payment
     records' half of the contract is in store/payments.py."""
 

@@ -45,6 +45,7 @@ from .base import (
 )
 from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
 from .mongo_payments import MongoPayments
+from .mongo_promos import MongoPromos
 
 Doc = dict[str, Any]
 
@@ -92,7 +93,7 @@ def _ledger_entry(d: Doc) -> LedgerEntry:
     )
 
 
-class MongoStore(MongoPayments, Store):
+class MongoStore(MongoPayments, MongoPromos, Store):
     def __init__(self, uri: str, db: str = "credit_management") -> None:
         self.uri = uri
         self.db_name = db

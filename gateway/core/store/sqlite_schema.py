@@ -6,6 +6,7 @@ The schema version is kept in `PRAGMA user_version`:
      (r, e, x, pri, meta; st, amt, exp, fin, ear, at, op, x) and rate_limits' rpm / tpm
   2  the same tables with readable column names (this module's DDL)
   3  the payment tables added (store/sqlite_payments.py); nothing else changes
+  4  the promo codes' table added (store/sqlite_promos.py)
 A file of a newer version than this code knows is refused rather than misread.
 """
 
@@ -15,8 +16,9 @@ import sqlite3
 
 from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
 from .sqlite_payments import TABLES as PAYMENT_TABLES
+from .sqlite_promos import TABLES as PROMO_TABLES
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
 # rows are appended in order and only the small indexes take random inserts), `accounts` (one
@@ -62,6 +64,7 @@ TABLES = (
     user TEXT PRIMARY KEY, requests_per_minute INTEGER, tokens_per_minute INTEGER
 ) WITHOUT ROWID""",
     *PAYMENT_TABLES,
+    *PROMO_TABLES,
 )
 
 # Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
@@ -98,10 +101,10 @@ def _rename_1_to_2(db: sqlite3.Connection) -> None:
 
 
 def _nothing_to_change(db: sqlite3.Connection) -> None:
-    """2 -> 3 only adds tables, which TABLES creates."""
+    """2 -> 3 and 3 -> 4 only add tables, which TABLES creates."""
 
 
-MIGRATIONS = {1: _rename_1_to_2, 2: _nothing_to_change}  # from version k to k + 1
+MIGRATIONS = {1: _rename_1_to_2, 2: _nothing_to_change, 3: _nothing_to_change}  # from version k to k + 1
 
 
 def migrate(db: sqlite3.Connection) -> int:

@@ -1,0 +1,51 @@
+"""The MongoDB store's promo codes (see store/promos.py): `promos` (_id = code)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pymongo import ASCENDING
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError
+
+from .promos import PromoRecord, PromoStore, parse_claim_op_id, promo_doc, promo_of
+
+
+class MongoPromos(PromoStore):
+    """Mixed into MongoStore."""
+
+    @property
+    def db(self) -> AsyncDatabase:  # provided by MongoStore
+        raise NotImplementedError
+
+    async def create_promo(self, p: PromoRecord) -> None:
+        try:
+            await self.db.promos.insert_one({"_id": p.code, **promo_doc(p)})
+        except DuplicateKeyError:
+            raise KeyError(p.code) from None
+
+    async def promo(self, code: str) -> PromoRecord | None:
+        d = await self.db.promos.find_one({"_id": code})
+        return None if d is None else promo_of(d)
+
+    async def list_promos(self, *, active_only: bool = False) -> list[PromoRecord]:
+        cur = self.db.promos.find({"active": True} if active_only else {})
+        return [promo_of(d) async for d in cur.sort([("created_ms", ASCENDING), ("_id", ASCENDING)])]
+
+    async def update_promo(self, code: str, changes: dict[str, Any]) -> PromoRecord | None:
+        current = await self.promo(code)
+        if current is None:
+            return None
+        p = promo_of({**promo_doc(current), **changes})
+        await self.db.promos.update_one({"_id": code}, {"$set": promo_doc(p)})
+        return p
+
+    async def promo_claims(self, code: str) -> list[tuple[str, int]]:
+        cur = self.db.ledger.find({"op_id": {"$regex": "^" + re.escape(f"promo:{code}:")}}, {"op_id": 1})
+        return [c async for d in cur if (c := parse_claim_op_id(code, d["op_id"])) is not None]
+
+    async def first_seen_ms(self, user: str) -> int | None:
+        async for d in self.db.ledger.find({"user_id": user}).sort("ts_ms", ASCENDING).limit(1):
+            return int(d["ts_ms"])
+        return None

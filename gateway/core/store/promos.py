@@ -1,0 +1,77 @@
+"""Promo codes as durable records: the code's definition. Its claims are grants in the
+ledger (op id `promo:<CODE>:<user>:<n>`, the user's n-th claim of the code), which is what
+Redis's claim counters are rebuilt from when Redis loses them."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(slots=True)
+class PromoRecord:
+    code: str  # upper case, trimmed: codes are case-insensitive
+    credits: int  # micro-credits per claim
+    created_ms: int
+    updated_ms: int
+    description: str | None = None
+    valid_from_ms: int | None = None
+    valid_until_ms: int | None = None
+    max_uses: int | None = None  # None: no global limit
+    max_uses_per_user: int = 1
+    grant_expires_at_ms: int | None = None  # the grant expires at this time...
+    grant_expires_after_s: int | None = None  # ...or this long after the claim
+    target_users: list[str] | None = None  # None: anyone
+    new_accounts_days: int | None = None  # only accounts first seen within this many days
+    active: bool = True
+
+
+PROMO_FIELDS = tuple(PromoRecord.__dataclass_fields__)
+
+
+def promo_doc(p: PromoRecord) -> dict[str, Any]:
+    return asdict(p)
+
+
+def promo_of(doc: dict[str, Any]) -> PromoRecord:
+    return PromoRecord(**{k: doc[k] for k in PROMO_FIELDS if k in doc})
+
+
+def claim_op_id(code: str, user: str, n: int) -> str:
+    return f"promo:{code}:{user}:{n}"
+
+
+def parse_claim_op_id(code: str, op_id: str) -> tuple[str, int] | None:
+    """(user, n) of a claim's op id of `code`; None for any other op id."""
+    prefix = f"promo:{code}:"
+    if not op_id.startswith(prefix):
+        return None
+    user, _, n = op_id[len(prefix) :].rpartition(":")
+    return (user, int(n)) if user and n.isdigit() else None
+
+
+class PromoStore(ABC):
+    """The promo half of a store's contract."""
+
+    @abstractmethod
+    async def create_promo(self, p: PromoRecord) -> None:
+        """Inserts a new code; raises KeyError if it exists."""
+
+    @abstractmethod
+    async def promo(self, code: str) -> PromoRecord | None: ...
+
+    @abstractmethod
+    async def list_promos(self, *, active_only: bool = False) -> list[PromoRecord]: ...
+
+    @abstractmethod
+    async def update_promo(self, code: str, changes: dict[str, Any]) -> PromoRecord | None:
+        """Sets `changes`; the record after, or None if there is no such code."""
+
+    @abstractmethod
+    async def promo_claims(self, code: str) -> list[tuple[str, int]]:
+        """(user, n) of every claim of `code` the ledger holds a grant for."""
+
+    @abstractmethod
+    async def first_seen_ms(self, user: str) -> int | None:
+        """When the ledger first saw the user (their account's age), or None."""

@@ -1,0 +1,89 @@
+"""The SQLite store's promo codes (see store/promos.py): one row per code, its definition
+as JSON."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .promos import PromoRecord, PromoStore, parse_claim_op_id, promo_doc, promo_of
+
+T = TypeVar("T")
+
+TABLES = (
+    """CREATE TABLE IF NOT EXISTS promos (
+    code TEXT NOT NULL PRIMARY KEY, active INTEGER NOT NULL, created_ms INTEGER NOT NULL, doc TEXT NOT NULL
+) WITHOUT ROWID""",
+)
+
+
+class SQLitePromos(PromoStore):
+    """Mixed into SQLiteStore: every call runs on the store's thread (`_call`)."""
+
+    @property
+    def db(self) -> sqlite3.Connection:  # provided by SQLiteStore
+        raise NotImplementedError
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:  # provided by SQLiteStore
+        raise NotImplementedError
+
+    async def create_promo(self, p: PromoRecord) -> None:
+        row = (p.code, int(p.active), p.created_ms, json.dumps(promo_doc(p)))
+        try:
+            await self._call(lambda: self.db.execute("INSERT INTO promos VALUES (?, ?, ?, ?)", row))
+        except sqlite3.IntegrityError:
+            raise KeyError(p.code) from None
+
+    async def promo(self, code: str) -> PromoRecord | None:
+        row = await self._call(
+            lambda: self.db.execute("SELECT doc FROM promos WHERE code = ?", (code,)).fetchone()
+        )
+        return promo_of(json.loads(row[0])) if row else None
+
+    async def list_promos(self, *, active_only: bool = False) -> list[PromoRecord]:
+        sql = (
+            "SELECT doc FROM promos"
+            + (" WHERE active = 1" if active_only else "")
+            + " ORDER BY created_ms, code"
+        )
+        rows = await self._call(lambda: self.db.execute(sql).fetchall())
+        return [promo_of(json.loads(r[0])) for r in rows]
+
+    def _update(self, code: str, changes: dict[str, Any]) -> PromoRecord | None:
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")  # read and write of one admin change, not interleaved
+        try:
+            row = db.execute("SELECT doc FROM promos WHERE code = ?", (code,)).fetchone()
+            if row is None:
+                db.execute("ROLLBACK")
+                return None
+            p = promo_of({**json.loads(row[0]), **changes})
+            db.execute(
+                "UPDATE promos SET active = ?, doc = ? WHERE code = ?",
+                (int(p.active), json.dumps(promo_doc(p)), code),
+            )
+            db.execute("COMMIT")
+            return p
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def update_promo(self, code: str, changes: dict[str, Any]) -> PromoRecord | None:
+        return await self._call(self._update, code, changes)
+
+    async def promo_claims(self, code: str) -> list[tuple[str, int]]:
+        prefix = f"promo:{code}:"
+        rows = await self._call(
+            lambda: self.db.execute(
+                "SELECT op_id FROM ledger WHERE op_id >= ? AND op_id < ?", (prefix, prefix[:-1] + ";")
+            ).fetchall()
+        )
+        return [c for r in rows if (c := parse_claim_op_id(code, r[0])) is not None]
+
+    async def first_seen_ms(self, user: str) -> int | None:
+        row = await self._call(
+            lambda: self.db.execute("SELECT min(ts_ms) FROM ledger WHERE user = ?", (user,)).fetchone()
+        )
+        return int(row[0]) if row and row[0] is not None else None
