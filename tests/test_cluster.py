@@ -94,3 +94,29 @@ async def test_api_keys_and_rate_limits_on_the_cluster(cengine, cluster, store, 
     with pytest.raises(RateLimited):
         await cengine.reserve("ck1", "1", hold_id="h2", ttl_seconds=60, rate=RateCharge(10, 100, 1000))
     await cengine.settle("ck1", "h1", "0.5", tokens=3)
+
+
+async def test_promo_claims_hold_their_limits_across_slots_on_the_cluster(cengine, store):
+    """A code's counters and its claimants' accounts live on different slots (nodes): the
+    claim's two steps each stay within one slot, and the limits hold."""
+    import asyncio
+
+    from gateway.core.store.promos import PromoRecord
+    from gateway.promos import PromoError, Promos
+
+    promos = Promos(store, cengine)
+    await store.create_promo(
+        PromoRecord(code="CL10", credits=1_000_000, created_ms=0, updated_ms=0, max_uses=10)
+    )
+
+    async def one(user: str) -> bool:
+        try:
+            await promos.claim(user, "cl10")
+            return True
+        except PromoError:
+            return False
+
+    got = await asyncio.gather(*(one(f"pc{i}") for i in range(40)), *(one("pc0") for _ in range(5)))
+    assert sum(got) >= 10
+    balances = [(await cengine.balance(f"pc{i}")).available for i in range(40)]
+    assert sum(balances) == 10 and max(balances) == 1
