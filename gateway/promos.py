@@ -15,16 +15,19 @@ from the ledger's promo grants when Redis has lost them (`promo_restore.lua`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.core.engine import CreditEngine
+from gateway.core.engine import MAX_EXPIRY_MS, CreditEngine
 from gateway.core.keys import ID_PATTERN
 from gateway.core.money import MAX_UNITS, AmountError, to_units
 from gateway.core.scripts import ScriptRegistry
 from gateway.core.store.base import Store
 from gateway.core.store.promos import PromoRecord, claim_op_id
+
+log = logging.getLogger("credit.promos")
 
 CODE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 FIELDS = {
@@ -32,6 +35,7 @@ FIELDS = {
     "grant_expires_at", "grant_expires_after_seconds", "target_users", "new_accounts_days", "active",
 }  # fmt: skip
 PENDING_GRACE_MS = 60_000
+MAX_GRANT_AFTER_S = 50 * 365 * 86_400
 
 
 class PromoError(Exception):
@@ -135,6 +139,13 @@ class Promos:
             raise PromoError(
                 400, "invalid_request", "give grant_expires_at or grant_expires_after_seconds, not both"
             )
+        at, after = out.get("grant_expires_at_ms"), out.get("grant_expires_after_s")
+        if at is not None and not self.now_ms() < at <= MAX_EXPIRY_MS:
+            raise PromoError(
+                400, "invalid_request", "grant_expires_at must be in the future, and before 2248"
+            )
+        if after is not None and after > MAX_GRANT_AFTER_S:
+            raise PromoError(400, "invalid_request", "grant_expires_after_seconds is at most 50 years")
         frm, until = out.get("valid_from_ms"), out.get("valid_until_ms")
         if frm is not None and until is not None and frm >= until:
             raise PromoError(400, "invalid_request", "valid_from must be before valid_until")
@@ -208,6 +219,8 @@ class Promos:
             return "not_yet_valid"
         if p.valid_until_ms is not None and now >= p.valid_until_ms:
             return "expired"
+        if p.grant_expires_at_ms is not None and now >= p.grant_expires_at_ms:
+            return "expired"  # its credit would expire at once
         if p.target_users is not None and user not in p.target_users:
             return "not_targeted"
         if p.new_accounts_days is not None:
@@ -306,7 +319,13 @@ class Promos:
         for p in await self.store.list_promos():
             for member in await self.engine.redis.zrangebyscore(self._keys(p.code)[1], "-inf", cutoff):
                 n, _, user = _s(member).partition("|")
-                await self._grant(p, user, int(n))
+                try:
+                    await self._grant(p, user, int(n))
+                except Exception as exc:
+                    # One claim that cannot be granted now holds up no other.
+                    log.exception("promo %s: claim %s of %s not granted; tried again later", p.code, n, user)
+                    done.append(f"FAILED {p.code}: claim {n} of {user}: {type(exc).__name__}: {exc}")
+                    continue
                 done.append(f"{p.code}: claim {n} of {user} granted")
         return done
 

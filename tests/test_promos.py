@@ -207,3 +207,53 @@ async def test_counters_lost_with_redis_are_rebuilt_from_the_ledger(gw, redis):
     assert (await claim(gw, "ivy", "KEEP")).status_code == 200
     assert (await claim(gw, "jon", "KEEP")).json()["error"]["code"] == "exhausted"
     assert await available(gw, "hal") == 5
+
+
+async def test_a_grant_expiry_that_cannot_be_used_is_refused_before_any_use_is_taken(gw, clock):
+    past = await gw.post(
+        "/admin/promos",
+        json={"code": "PAST", "credits": "1", "grant_expires_at": iso(clock, -1)},
+        headers=H_ADMIN,
+    )
+    assert past.status_code == 400
+    huge = await gw.post(
+        "/admin/promos",
+        json={"code": "HUGE", "credits": "1", "grant_expires_after_seconds": 10**14},
+        headers=H_ADMIN,
+    )
+    assert huge.status_code == 400
+    await make(gw, code="SOON", credits="1", grant_expires_at=iso(clock, 1))
+    clock.advance(86400 + 1)  # the grant it gives would now expire at once
+    r = await claim(gw, "kai", "SOON")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "expired")
+    assert (await gw.get("/admin/promos/SOON", headers=H_ADMIN)).json()["claims"] == 0
+
+
+async def test_one_claim_that_cannot_be_granted_holds_up_no_other(gw, monkeypatch, clock):
+    await make(gw, code="P1", credits="1")
+    await make(gw, code="P2", credits="2")
+    promos = gw.app.state.services.promos
+    engine = promos.engine
+    real = engine.grant_units
+
+    async def crash(*a, **kw):
+        raise ConnectionError("the process died between the steps")
+
+    monkeypatch.setattr(engine, "grant_units", crash)
+    for code, user in (("P1", "lee"), ("P2", "mia")):
+        with pytest.raises(ConnectionError):
+            await promos.claim(user, code)
+
+    async def picky(user, *a, **kw):
+        if user == "lee":
+            raise RuntimeError("cannot be granted now")
+        return await real(user, *a, **kw)
+
+    monkeypatch.setattr(engine, "grant_units", picky)
+    clock.advance(61)
+    lines = await promos.complete_pending()
+    assert lines == [
+        "FAILED P1: claim 1 of lee: RuntimeError: cannot be granted now",
+        "P2: claim 1 of mia granted",
+    ]
+    assert await available(gw, "mia") == 2

@@ -70,7 +70,7 @@ async def deactivate_promo(code: str, _: AdminCaller, services: ServicesDep):
 
 
 @router.get("/credits/promo/eligibility")
-async def promo_eligibility(caller: ClientCaller, services: ServicesDep, code: str = Query(max_length=64)):
+async def promo_eligibility(caller: ClientCaller, services: ServicesDep, code: str = Query()):
     return await _promos(services).eligibility(caller.user_id, code)
 
 
