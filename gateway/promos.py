@@ -9,8 +9,10 @@ partitions (on a Redis Cluster, different slots, which one script cannot both to
 A crash after 1 leaves the claim pending: the user's next claim resumes it (the script
 answers "resume" with the same n), and the worker completes pending claims left for a
 minute; the grant's op id makes a repeated step 2 a replay. Nothing grants twice (one op id
-per claim) and nothing is lost (a pending claim is finished). Redis's counters are rebuilt
-from the ledger's promo grants when Redis has lost them (`promo_restore.lua`).
+per claim) and nothing is lost (a pending claim is finished). Each claim is recorded in the
+store before its grant, and Redis's counters are rebuilt from those records when Redis has
+lost them (`promo_restore.lua`; a recorded claim whose grant is not in the ledger comes back
+pending, and the worker's pass grants it).
 """
 
 from __future__ import annotations
@@ -283,6 +285,8 @@ class Promos:
         if p.grant_expires_after_s is not None:
             expires_ms = at + p.grant_expires_after_s * 1000
         expires = datetime.fromtimestamp(expires_ms / 1000, UTC) if expires_ms is not None else None
+        # Durable before the grant: what Redis's counters are rebuilt from if Redis is lost.
+        await self.store.add_promo_claim(p.code, user, n, at)
         r = await self.engine.grant_units(
             user,
             p.credits,
@@ -303,13 +307,14 @@ class Promos:
 
     async def _ensure_state(self, code: str) -> None:
         """Builds the code's counters in Redis from the ledger, unless Redis has them."""
-        state = self._keys(code)[0]
-        if await self.engine.redis.hget(state, "ready") is not None:
+        keys = self._keys(code)
+        if await self.engine.redis.hget(keys[0], "ready") is not None:
             return
         args: list[Any] = []
-        for user, n in await self.store.promo_claims(code):
-            args += [user, n]
-        await self.scripts.call(self.engine.redis, "promo_restore", [state], args)
+        for user, n, at_ms in await self.store.promo_claims(code):
+            granted = await self.store.ledger_has(user, claim_op_id(code, user, n))
+            args += [user, n, 1 if granted else 0, at_ms]
+        await self.scripts.call(self.engine.redis, "promo_restore", keys, args)
 
     async def complete_pending(self, older_than_ms: int = PENDING_GRACE_MS) -> list[str]:
         """The worker's part: claims taken but not granted for a while (their claimant gone,

@@ -257,3 +257,24 @@ async def test_one_claim_that_cannot_be_granted_holds_up_no_other(gw, monkeypatc
         "P2: claim 1 of mia granted",
     ]
     assert await available(gw, "mia") == 2
+
+
+async def test_a_claim_the_worker_had_not_persisted_when_redis_was_lost_is_neither_lost_nor_taken_twice(
+    gw, redis, clock
+):
+    """The claim's record is written by the claiming process before the grant: a rebuild
+    counts it whatever the worker has persisted, and brings it back pending when its grant
+    went with Redis."""
+    from gateway.core.recovery import rehydrate
+
+    await make(gw, code="ONE1", credits="4", max_uses=1)
+    assert (await claim(gw, "ada", "ONE1")).status_code == 200  # granted in Redis only
+    services = gw.app.state.services
+    await redis.flushall()  # the grant and the counters go; the worker never ran
+    await rehydrate(services.engine, services.store)
+    r = await claim(gw, "bob", "ONE1")
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "exhausted")
+    clock.advance(61)
+    assert await services.promos.complete_pending() == ["ONE1: claim 1 of ada granted"]
+    assert await available(gw, "ada") == 4 and await available(gw, "bob") == 0
+    assert (await claim(gw, "ada", "ONE1")).json()["error"]["code"] == "already_claimed"

@@ -125,6 +125,7 @@ class MongoStore(MongoPayments, MongoPromos, Store):
         await db.api_keys.create_index([("digest", ASCENDING)], unique=True)
         await db.api_keys.create_index([("user_id", ASCENDING), ("created_ms", ASCENDING)])
         await self._payment_indexes()
+        await self._promo_indexes()
 
     async def _migrate(self) -> None:
         """Brings the documents to SCHEMA_VERSION. Each step may run again (a $rename of a

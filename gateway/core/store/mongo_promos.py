@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import re
+import contextlib
 from typing import Any
 
+from bson import Int64
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from .promos import PromoRecord, PromoStore, parse_claim_op_id, promo_doc, promo_of
+from .promos import PromoRecord, PromoStore, promo_doc, promo_of
 
 
 class MongoPromos(PromoStore):
@@ -18,6 +19,9 @@ class MongoPromos(PromoStore):
     @property
     def db(self) -> AsyncDatabase:  # provided by MongoStore
         raise NotImplementedError
+
+    async def _promo_indexes(self) -> None:
+        await self.db.promo_claims.create_index([("code", ASCENDING), ("user_id", ASCENDING)])
 
     async def create_promo(self, p: PromoRecord) -> None:
         try:
@@ -41,9 +45,14 @@ class MongoPromos(PromoStore):
         await self.db.promos.update_one({"_id": code}, {"$set": promo_doc(p)})
         return p
 
-    async def promo_claims(self, code: str) -> list[tuple[str, int]]:
-        cur = self.db.ledger.find({"op_id": {"$regex": "^" + re.escape(f"promo:{code}:")}}, {"op_id": 1})
-        return [c async for d in cur if (c := parse_claim_op_id(code, d["op_id"])) is not None]
+    async def add_promo_claim(self, code: str, user: str, n: int, at_ms: int) -> None:
+        doc = {"_id": f"{code}|{user}|{n}", "code": code, "user_id": user, "n": n, "at_ms": Int64(at_ms)}
+        with contextlib.suppress(DuplicateKeyError):  # recorded already: a repeat changes nothing
+            await self.db.promo_claims.insert_one(doc)
+
+    async def promo_claims(self, code: str) -> list[tuple[str, int, int]]:
+        cur = self.db.promo_claims.find({"code": code}).sort([("user_id", ASCENDING), ("n", ASCENDING)])
+        return [(d["user_id"], int(d["n"]), int(d["at_ms"])) async for d in cur]
 
     async def first_seen_ms(self, user: str) -> int | None:
         async for d in self.db.ledger.find({"user_id": user}).sort("ts_ms", ASCENDING).limit(1):

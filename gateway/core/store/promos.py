@@ -1,6 +1,7 @@
-"""Promo codes as durable records: the code's definition. Its claims are grants in the
-ledger (op id `promo:<CODE>:<user>:<n>`, the user's n-th claim of the code), which is what
-Redis's claim counters are rebuilt from when Redis loses them."""
+"""Promo codes as durable records: the code's definition, and its claims: each written by
+the claiming process before its grant (op id `promo:<CODE>:<user>:<n>`, the user's n-th
+claim of the code), so Redis's claim counters can be rebuilt from them whatever the
+worker has persisted yet."""
 
 from __future__ import annotations
 
@@ -42,15 +43,6 @@ def claim_op_id(code: str, user: str, n: int) -> str:
     return f"promo:{code}:{user}:{n}"
 
 
-def parse_claim_op_id(code: str, op_id: str) -> tuple[str, int] | None:
-    """(user, n) of a claim's op id of `code`; None for any other op id."""
-    prefix = f"promo:{code}:"
-    if not op_id.startswith(prefix):
-        return None
-    user, _, n = op_id[len(prefix) :].rpartition(":")
-    return (user, int(n)) if user and n.isdigit() else None
-
-
 class PromoStore(ABC):
     """The promo half of a store's contract."""
 
@@ -69,8 +61,12 @@ class PromoStore(ABC):
         """Sets `changes`; the record after, or None if there is no such code."""
 
     @abstractmethod
-    async def promo_claims(self, code: str) -> list[tuple[str, int]]:
-        """(user, n) of every claim of `code` the ledger holds a grant for."""
+    async def add_promo_claim(self, code: str, user: str, n: int, at_ms: int) -> None:
+        """Records the user's n-th claim of `code` (once; a repeat changes nothing)."""
+
+    @abstractmethod
+    async def promo_claims(self, code: str) -> list[tuple[str, int, int]]:
+        """(user, n, at_ms) of every claim of `code` recorded."""
 
     @abstractmethod
     async def first_seen_ms(self, user: str) -> int | None:

@@ -8,11 +8,15 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from .promos import PromoRecord, PromoStore, parse_claim_op_id, promo_doc, promo_of
+from .promos import PromoRecord, PromoStore, promo_doc, promo_of
 
 T = TypeVar("T")
 
 TABLES = (
+    """CREATE TABLE IF NOT EXISTS promo_claims (
+    code TEXT NOT NULL, user TEXT NOT NULL, n INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+    PRIMARY KEY (code, user, n)
+) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS promos (
     code TEXT NOT NULL PRIMARY KEY, active INTEGER NOT NULL, created_ms INTEGER NOT NULL, doc TEXT NOT NULL
 ) WITHOUT ROWID""",
@@ -73,14 +77,14 @@ class SQLitePromos(PromoStore):
     async def update_promo(self, code: str, changes: dict[str, Any]) -> PromoRecord | None:
         return await self._call(self._update, code, changes)
 
-    async def promo_claims(self, code: str) -> list[tuple[str, int]]:
-        prefix = f"promo:{code}:"
-        rows = await self._call(
-            lambda: self.db.execute(
-                "SELECT op_id FROM ledger WHERE op_id >= ? AND op_id < ?", (prefix, prefix[:-1] + ";")
-            ).fetchall()
-        )
-        return [c for r in rows if (c := parse_claim_op_id(code, r[0])) is not None]
+    async def add_promo_claim(self, code: str, user: str, n: int, at_ms: int) -> None:
+        sql = "INSERT INTO promo_claims VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        await self._call(lambda: self.db.execute(sql, (code, user, n, at_ms)))
+
+    async def promo_claims(self, code: str) -> list[tuple[str, int, int]]:
+        sql = "SELECT user, n, at_ms FROM promo_claims WHERE code = ? ORDER BY user, n"
+        rows = await self._call(lambda: self.db.execute(sql, (code,)).fetchall())
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def first_seen_ms(self, user: str) -> int | None:
         row = await self._call(
