@@ -6,7 +6,7 @@ The schema version is kept in `PRAGMA user_version`:
      (r, e, x, pri, meta; st, amt, exp, fin, ear, at, op, x) and rate_limits' rpm / tpm
   2  the same tables with readable column names (this module's DDL)
   3  the payment tables added (store/sqlite_payments.py); nothing else changes
-  4  the promo codes' table added (store/sqlite_promos.py)
+  4  the promo codes' tables added (store/sqlite_promos.py: promos, promo_claims)
 A file of a newer version than this code knows is refused rather than misread.
 """
 
