@@ -24,8 +24,7 @@ from typing import Any
 
 from gateway.core.engine import MAX_EXPIRY_MS, CreditEngine
 from gateway.core.keys import ID_PATTERN
-from gateway.core.money import MAX_UNITS, AmountError, to_units
-from gateway.core.scripts import ScriptRegistry
+from gateway.core.money import MAX_UNITS, AmountError, credits_text, to_units
 from gateway.core.store.base import Store
 from gateway.core.store.promos import PromoRecord, claim_op_id
 
@@ -83,7 +82,7 @@ class Promos:
         self, store: Store, engine: CreditEngine, *, now_ms: Callable[[], int] | None = None
     ) -> None:
         self.store, self.engine = store, engine
-        self.scripts = ScriptRegistry()
+        self.scripts = engine.scripts  # the engine's registry: the Lua files are read once
         self.now_ms = now_ms or engine.now_ms
 
     def _keys(self, code: str) -> list[str]:
@@ -191,8 +190,6 @@ class Promos:
         return int(uses or 0)
 
     def view(self, p: PromoRecord, claims: int) -> dict[str, Any]:
-        from gateway.payments.catalog import credits_text
-
         return {
             "code": p.code,
             "credits": credits_text(p.credits),
@@ -232,8 +229,6 @@ class Promos:
         return None
 
     async def eligibility(self, user: str, code: Any) -> dict[str, Any]:
-        from gateway.payments.catalog import credits_text
-
         try:
             p = await self.get(code)
         except PromoError as exc:
@@ -276,8 +271,6 @@ class Promos:
 
     async def _grant(self, p: PromoRecord, user: str, n: int) -> dict[str, Any]:
         """Steps 2 and 3 of a claim taken (or resumed): the grant, then the claim marked."""
-        from gateway.payments.catalog import credits_text
-
         keys = self._keys(p.code)
         taken_ms = await self.engine.redis.zscore(keys[1], f"{n}|{user}")
         at = int(taken_ms) if taken_ms is not None else self.now_ms()

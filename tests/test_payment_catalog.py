@@ -6,10 +6,10 @@ from decimal import Decimal
 
 import pytest
 
+from gateway.core.money import credits_text
 from gateway.payments.catalog import (
     CatalogError,
     build_catalog,
-    credits_text,
     from_minor,
     parse_rates,
     to_minor,

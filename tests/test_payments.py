@@ -21,6 +21,7 @@ from gateway.core.settings import Settings
 from gateway.devtools import fake_razorpay, fake_stripe
 from gateway.worker.runner import Worker
 from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
+from tests.support.engine_helpers import all_but, dies_here
 
 RZ_KEY, RZ_SECRET, RZ_WEBHOOK = "rzp_test_k1", "rzp-secret-1", "rzp-webhook-secret"
 ST_KEY, ST_WEBHOOK = "sk_test_k1", "whsec_test_secret"
@@ -410,10 +411,7 @@ async def test_a_crash_between_the_paid_mark_and_the_grant_is_completed_once_by_
     engine = payments.engine
     real = engine.grant_units
 
-    async def crash(*a, **kw):
-        raise ConnectionError("the process died here")
-
-    monkeypatch.setattr(engine, "grant_units", crash)
+    monkeypatch.setattr(engine, "grant_units", dies_here)
     raw, headers = fake_razorpay.webhook_request(events["payment_link.paid"], RZ_WEBHOOK)
     with pytest.raises(ConnectionError):
         await payments.webhook("razorpay", raw, {k.lower(): v for k, v in headers.items()})
@@ -473,10 +471,7 @@ async def crashed_payment(gw, monkeypatch, user):
     p, events = await rz_paid(gw, user)
     engine = gw.app.state.services.payments.engine
 
-    async def crash(*a, **kw):
-        raise ConnectionError("the process died here")
-
-    monkeypatch.setattr(engine, "grant_units", crash)
+    monkeypatch.setattr(engine, "grant_units", dies_here)
     raw, headers = fake_razorpay.webhook_request(events["payment_link.paid"], RZ_WEBHOOK)
     with pytest.raises(ConnectionError):
         await gw.app.state.services.payments.webhook(
@@ -705,15 +700,10 @@ async def test_reconcile_goes_on_past_a_payment_it_cannot_settle(gw, monkeypatch
     payments = gw.app.state.services.payments
     real = payments.engine.grant_units
 
-    async def picky(user, *a, **kw):
-        if user == "wes":
-            raise RuntimeError("this one cannot be granted now")
-        return await real(user, *a, **kw)
-
-    monkeypatch.setattr(payments.engine, "grant_units", picky)
+    monkeypatch.setattr(payments.engine, "grant_units", all_but("wes", real))
     changed = await payments.reconcile(0)
     assert changed == [
-        f"FAILED {stuck['payment_id']}: reconcile: RuntimeError: this one cannot be granted now",
+        f"FAILED {stuck['payment_id']}: reconcile: RuntimeError: cannot be granted now",
         f"{fine['payment_id']}: credited 500 credits to xia",
     ]
     view = await admin_view(gw, stuck["payment_id"])

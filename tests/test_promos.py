@@ -16,6 +16,7 @@ from gateway.api.app import create_app
 from gateway.core.settings import Settings
 from gateway.worker.runner import Worker
 from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
+from tests.support.engine_helpers import all_but, dies_here
 
 
 @pytest_asyncio.fixture
@@ -166,10 +167,7 @@ async def test_a_crash_between_the_two_steps_neither_grants_twice_nor_loses_the_
     engine = promos.engine
     real = engine.grant_units
 
-    async def crash(*a, **kw):
-        raise ConnectionError("the process died between the steps")
-
-    monkeypatch.setattr(engine, "grant_units", crash)
+    monkeypatch.setattr(engine, "grant_units", dies_here)
     with pytest.raises(ConnectionError):
         await promos.claim("eli", "CRASH")
     monkeypatch.setattr(engine, "grant_units", real)
@@ -183,7 +181,7 @@ async def test_a_crash_between_the_two_steps_neither_grants_twice_nor_loses_the_
     assert (await claim(gw, "eli", "CRASH")).json()["error"]["code"] == "already_claimed"
     # A claimant who never comes back: the worker's pass grants it, once.
     await make(gw, code="CRASH2", credits="3")
-    monkeypatch.setattr(engine, "grant_units", crash)
+    monkeypatch.setattr(engine, "grant_units", dies_here)
     with pytest.raises(ConnectionError):
         await promos.claim("gus", "CRASH2")
     monkeypatch.setattr(engine, "grant_units", real)
@@ -236,20 +234,12 @@ async def test_one_claim_that_cannot_be_granted_holds_up_no_other(gw, monkeypatc
     engine = promos.engine
     real = engine.grant_units
 
-    async def crash(*a, **kw):
-        raise ConnectionError("the process died between the steps")
-
-    monkeypatch.setattr(engine, "grant_units", crash)
+    monkeypatch.setattr(engine, "grant_units", dies_here)
     for code, user in (("P1", "lee"), ("P2", "mia")):
         with pytest.raises(ConnectionError):
             await promos.claim(user, code)
 
-    async def picky(user, *a, **kw):
-        if user == "lee":
-            raise RuntimeError("cannot be granted now")
-        return await real(user, *a, **kw)
-
-    monkeypatch.setattr(engine, "grant_units", picky)
+    monkeypatch.setattr(engine, "grant_units", all_but("lee", real))
     clock.advance(61)
     lines = await promos.complete_pending()
     assert lines == [

@@ -81,3 +81,9 @@ def to_units(value: Decimal | str | int, *, allow_zero: bool = False) -> int:
 def from_units(units: int | str) -> Decimal:
     """Micro-credits -> credits, exact (6 decimal places)."""
     return Decimal(int(units)).scaleb(-6)
+
+
+def credits_text(units: int) -> str:
+    """Micro-credits as plain text without trailing zeros ("1809.095"), for messages and
+    the payment and promo views."""
+    return format(from_units(units).normalize(), "f")

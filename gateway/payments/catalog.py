@@ -70,12 +70,6 @@ def from_minor(minor: int, currency: str) -> Decimal:
     return Decimal(minor).scaleb(-MINOR_DIGITS[currency])
 
 
-def credits_text(units: int) -> str:
-    """Micro-credits as the API shows credits (plain notation, no trailing zeros)."""
-    d = (Decimal(units) / UNITS_PER_CREDIT).normalize()
-    return format(d, "f")
-
-
 @dataclass(frozen=True)
 class Pack:
     name: str

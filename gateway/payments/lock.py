@@ -10,10 +10,7 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 
-from gateway.core.redis_client import RedisClient
-
-# Deletes the lease only if it is still ours (it may have lapsed and been taken by another).
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+from gateway.core.engine import CreditEngine
 
 
 class Busy(Exception):
@@ -22,9 +19,10 @@ class Busy(Exception):
 
 @contextlib.asynccontextmanager
 async def payment_lease(
-    redis: RedisClient, prefix: str, payment_id: str, *, ttl_ms: int = 30_000, wait_s: float = 5.0
+    engine: CreditEngine, payment_id: str, *, ttl_ms: int = 30_000, wait_s: float = 5.0
 ) -> AsyncIterator[None]:
-    key = f"{prefix}:paylease:{payment_id}"
+    redis = engine.redis
+    key = f"{engine.keys.prefix}:paylease:{payment_id}"
     token = os.urandom(12).hex()
     deadline = asyncio.get_running_loop().time() + wait_s
     while not await redis.set(key, token, nx=True, px=ttl_ms):
@@ -35,4 +33,4 @@ async def payment_lease(
         yield
     finally:
         with contextlib.suppress(Exception):  # a lease not released lapses by itself
-            await redis.eval(_RELEASE, 1, key, token)
+            await engine.scripts.call(redis, "lease_drop", [key], [token])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.engine import CreditEngine
-from gateway.core.money import MAX_UNITS
+from gateway.core.money import MAX_UNITS, credits_text
 from gateway.core.store.base import Store
 from gateway.core.store.payments import (
     PAID_STATES,
@@ -35,7 +35,7 @@ from gateway.core.store.payments import (
     sources_of,
 )
 
-from .catalog import Catalog, CatalogError, credits_text, from_minor, to_minor
+from .catalog import Catalog, CatalogError, from_minor, to_minor
 from .lock import Busy, payment_lease
 from .providers import Provider, ProviderError, ProviderEvent, WebhookRefused
 
@@ -317,7 +317,7 @@ class Payments:
             # 503 so the provider delivers it again, by when the payment is paid.
             return "not_yet_paid", 503
         try:
-            async with payment_lease(self.engine.redis, self.engine.keys.prefix, p.payment_id):
+            async with payment_lease(self.engine, p.payment_id):
                 outcome = "applied"
                 for r in ev.refunds:
                     total = ev.refunded_total_minor
@@ -358,7 +358,8 @@ class Payments:
             rec = RefundRecord(provider, refund_id, payment_id, amount, credits, self.now_ms())
             rec = await self.store.add_refund(rec) or rec
         await self._debit_refund(p, rec)
-        refunds = await self.store.refunds(payment_id)
+        # Under the lease no other refund of this payment was added meanwhile.
+        refunds = [*earlier, rec] if all(x.refund_id != rec.refund_id for x in earlier) else earlier
         total = sum(x.amount_minor for x in refunds)
         status = "refunded" if total >= p.amount_minor else "partially_refunded"
         await self.store.update_payment(
@@ -467,7 +468,7 @@ class Payments:
 
         for r in await self.store.refunds_to_reconcile(cutoff):
             try:
-                async with payment_lease(self.engine.redis, self.engine.keys.prefix, r.payment_id):
+                async with payment_lease(self.engine, r.payment_id):
                     await self.apply_refund(r.provider, r.payment_id, r.refund_id, r.amount_minor)
             except Exception as exc:
                 log.exception("reconcile: refund %s of %s failed; left for later", r.refund_id, r.payment_id)

@@ -45,3 +45,20 @@ async def all_events(engine: CreditEngine) -> list:
 def at(clock, seconds: float) -> datetime:
     """An aware datetime `seconds` after the clock's now."""
     return datetime.fromtimestamp(clock() + seconds, tz=UTC)
+
+
+async def dies_here(*args: object, **kwargs: object) -> None:
+    """Stands in for an engine call when the process dies at that point (monkeypatched)."""
+    raise ConnectionError("the process died here")
+
+
+def all_but(user: str, real):
+    """The engine call `real` for every user but `user`, for whom it fails (one stuck claim
+    or payment among others)."""
+
+    async def call(who, *args, **kwargs):
+        if who == user:
+            raise RuntimeError("cannot be granted now")
+        return await real(who, *args, **kwargs)
+
+    return call

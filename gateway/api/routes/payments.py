@@ -11,8 +11,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse
 
+from ...core.money import credits_text
 from ...core.store.payments import STATUSES, PaymentRecord
-from ...payments.catalog import credits_text, from_minor
+from ...payments.catalog import from_minor
 from ...payments.service import PaymentError, Payments
 from ..body import DecimalRoute
 from ..deps import AdminCaller, ClientCaller, ServicesDep
