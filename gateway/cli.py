@@ -140,11 +140,12 @@ def duration_seconds(text: str) -> float:
 def cmd_payments_reconcile(args: argparse.Namespace) -> int:
     from contextlib import AsyncExitStack
 
-    from .payments.setup import build_payments
+    from .selling import build_selling
 
     async def run(settings, engine, store):
         async with AsyncExitStack() as stack:
-            payments = await build_payments(stack, settings, None, store, engine)
+            # With the subscriptions: a subscription's payment is credited as its period.
+            payments = (await build_selling(stack, settings, None, store, engine)).payments
             if not payments.providers:
                 print("no payment provider is configured (RAZORPAY_KEY_ID/_SECRET, STRIPE_API_KEY)")
             changed = await payments.reconcile(int(args.older_than * 1000))

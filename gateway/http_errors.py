@@ -30,6 +30,7 @@ from .core.errors import (
     InsufficientCredits,
     InvalidAmount,
     InvalidExpiry,
+    ModelNotAllowed,
     OperationConflict,
     RateLimited,
     StateLost,
@@ -49,6 +50,7 @@ CREDIT_STATUS: dict[type[CreditError], int] = {
     InvalidExpiry: 400,
     InvalidAmount: 422,
     RateLimited: 429,
+    ModelNotAllowed: 403,
     BacklogFull: 503,
     StateLost: 503,
 }

@@ -2,7 +2,8 @@
 -- KEYS[1] account hash        KEYS[2] account grant order (zset)   KEYS[3] partition events stream
 -- KEYS[4] partition ready marker   KEYS[5] operation-id key        KEYS[6] hold hash
 -- KEYS[7] partition hold expiry zset  KEYS[8] partition grant expiry zset  KEYS[9] partition users set
--- KEYS[10] account rate-limit overrides (hash rpm, tpm)   KEYS[11] account rate state (hash)
+-- KEYS[10] account limits (hash: rpm, tpm the admin's overrides; prpm, ptpm the plan's;
+--          models, the plan's allowed models as |a|b|)   KEYS[11] account rate state (hash)
 -- KEYS[12] (only when the operation id is not the hold id) the hold hash named by the
 --         operation id (see "Operation records" in lib.lua)
 -- ARGV[1] now (ms)  ARGV[2] retention of op and resolved-hold keys (s)  ARGV[3] user id
@@ -13,6 +14,7 @@
 --         the account's overrides win)  ARGV[11] tokens this call may use ('' = not rate limited)
 -- ARGV[12] the partition stream's backlog limit, in entries (0 = none): at it, new holds
 --         are refused until the worker has persisted and trimmed the stream
+-- ARGV[13] the model asked for ('' = not checked): refused unless the account's plan allows it
 -- Returns {code, JSON}:
 --   ok                    {hold_id, amount, expires_at, state...}
 --   exists                the first answer, for a replay with the same fields
@@ -20,6 +22,7 @@
 --   hold_exists           the hold id is already taken (by another operation)
 --   backlog_full          {backlog, limit}: the partition stream holds ARGV[12] entries the
 --                         worker has not persisted yet; nothing changes (retry later)
+--   model_not_allowed     {model}: the account's plan does not include the model; nothing changes
 --   in_debt               the account owes credits and cannot reserve until repaid {debt}
 --   insufficient_credits  {available}; nothing changes
 --   rate_limited          {limit, value, retry_after_ms}; retry_after_ms -1: the call's tokens
@@ -36,6 +39,7 @@ local now = tonumber(now_text)
 -- The *_text arguments go verbatim into the fingerprint, the hold and the event.
 local hid, amount_text, ttl_text, meta = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local default_rpm, default_tpm, call_tokens, max_backlog = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
+local model = ARGV[13] or ''
 if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
 if not amount_arg(amount_text, 1) then return {'invalid_amount', '{}'} end
 local amount, ttl = tonumber(amount_text), tonumber(ttl_text)
@@ -60,15 +64,23 @@ if limit > 0 then
   end
 end
 
+local rated = call_tokens and call_tokens ~= ''
+local lim
+if rated or model ~= '' then lim = redis.call('HMGET', limits, 'rpm', 'tpm', 'prpm', 'ptpm', 'models') end
+if model ~= '' and lim[5] and not string.find(lim[5], '|' .. model .. '|', 1, true) then
+  return {'model_not_allowed', cjson.encode({model = model})}
+end
+
 local debt = num(redis.call('HGET', acct, 'debt'))
 if debt > 0 then return {'in_debt', cjson.encode({debt = fmt(debt)})} end
 
--- Rate limits are checked before credit, and take effect only with the hold.
+-- Rate limits are checked before credit, and take effect only with the hold. The admin's
+-- override beats the plan's limit, which beats the gateway's default.
 local rq, tk, tokens, tk_interval = nil, nil, 0, 0
-if call_tokens and call_tokens ~= '' then
+if rated then
   tokens = tonumber(call_tokens) or 0
-  local lim = redis.call('HMGET', limits, 'rpm', 'tpm')
-  local rpm, tpm = tonumber(lim[1]) or num(default_rpm), tonumber(lim[2]) or num(default_tpm)
+  local rpm = tonumber(lim[1]) or tonumber(lim[3]) or num(default_rpm)
+  local tpm = tonumber(lim[2]) or tonumber(lim[4]) or num(default_tpm)
   local tat = redis.call('HMGET', rates, 'rq', 'tk')
   local wait
   if rpm > 0 then

@@ -759,8 +759,11 @@ async def test_sqlite_file_of_the_first_schema_is_migrated_and_keeps_every_row(e
         await assert_zed_reads_back(s)
     finally:
         await s.close()
-    # every row, every value, in the renamed columns
-    assert {t: _rows(path, t) for t in tables} == before
+    # every row, every value, in the renamed columns (rate_limits gained the plan's, empty)
+    after = {t: _rows(path, t) for t in tables}
+    assert [r[3:] for r in after["rate_limits"]] == [(None, None, None)] * len(before["rate_limits"])
+    after["rate_limits"] = [r[:3] for r in after["rate_limits"]]
+    assert after == before
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         cols = {
@@ -794,7 +797,14 @@ async def test_sqlite_file_of_the_first_schema_is_migrated_and_keeps_every_row(e
             "op_id",
             "metadata",
         ],
-        "rate_limits": ["user", "requests_per_minute", "tokens_per_minute"],
+        "rate_limits": [
+            "user",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "plan_requests_per_minute",
+            "plan_tokens_per_minute",
+            "allowed_models",
+        ],
     }
     # opened again: nothing to migrate; and the file takes the engine's events like a new one
     s = SQLiteStore(str(path))

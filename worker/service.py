@@ -18,8 +18,7 @@ from gateway.core.recovery import ensure_ready, rehydrate
 from gateway.core.settings import Settings, load_settings
 from gateway.core.store.base import Store
 from gateway.logs import configure_logging
-from gateway.payments.setup import build_payments
-from gateway.promos import Promos
+from gateway.selling import Selling, build_selling
 
 from .audit import AuditLog
 from .runner import Worker, WorkerStats
@@ -65,17 +64,8 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
         await ensure_ready(engine, store)
         _tune_gc()
         async with AsyncExitStack() as stack:
-            payments = await build_payments(stack, settings, None, store, engine)
-            promos = Promos(store, engine)
-            jobs = []
-            if not burst:
-                # Claims a crash left between their two steps are finished (see gateway/promos.py).
-                jobs.append(asyncio.create_task(every(60.0, promos.complete_pending, worker.stop_event)))
-                interval = settings.payment_reconcile_interval_seconds
-                if payments.providers and interval > 0:
-                    after_ms = int(settings.payment_reconcile_after_seconds * 1000)
-                    reconcile = partial(payments.reconcile, after_ms)
-                    jobs.append(asyncio.create_task(every(interval, reconcile, worker.stop_event)))
+            selling = await build_selling(stack, settings, None, store, engine)
+            jobs = [] if burst else selling_jobs(settings, selling, worker.stop_event)
             try:
                 stats = await worker.run(burst=burst)
             finally:
@@ -87,6 +77,21 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
         await redis.aclose()
     log.info("worker %s stopped: %s", worker.consumer, stats)
     return stats
+
+
+def selling_jobs(settings: Settings, selling: Selling, stop: asyncio.Event) -> list[asyncio.Task]:
+    """The worker's timed jobs for the selling services, running until `stop`."""
+    jobs = [
+        # Claims a crash left between their two steps are finished (see gateway/promos.py).
+        every(60.0, selling.promos.complete_pending, stop),
+        # Renewals, grants a crash left fixed but not made, and ended subscriptions' wind-up.
+        every(settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, stop),
+    ]
+    interval = settings.payment_reconcile_interval_seconds
+    if selling.payments.providers and interval > 0:
+        after_ms = int(settings.payment_reconcile_after_seconds * 1000)
+        jobs.append(every(interval, partial(selling.payments.reconcile, after_ms), stop))
+    return [asyncio.create_task(job) for job in jobs]
 
 
 async def every(interval: float, job: Callable[[], Awaitable[list[str]]], stop: asyncio.Event) -> None:

@@ -27,12 +27,11 @@ from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
 from ..core.stored_versions import StoredVersions
-from ..payments.setup import build_payments
-from ..promos import Promos
+from ..selling import Selling, build_selling
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
-from .routes import access, admin, health, holds, payments, pricing, promos
+from .routes import access, admin, health, holds, payments, plans, pricing, promos
 from .services import InProcessWorker, Services
 
 if TYPE_CHECKING:
@@ -139,7 +138,7 @@ def create_app(
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
-    for module in (health, admin, access, holds, pricing, payments, promos):
+    for module in (health, admin, access, holds, pricing, payments, promos, plans):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.kinds import metered_routes
@@ -199,13 +198,12 @@ async def _start(
         log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
     log.info("credit gateway starting; %s", describe(settings))
     await _make_ready(stack, services)
-    services.promos = Promos(s, engine)
-    services.payments = await build_payments(
-        stack, settings, proxy_config.payments if proxy_config else None, s, engine
-    )
+    selling = await build_selling(stack, settings, proxy_config.payments if proxy_config else None, s, engine)
+    services.promos, services.payments = selling.promos, selling.payments
+    services.subscriptions = selling.subscriptions
     # Before the proxy: stopped after it, the worker persists the proxy's last settlements.
     if in_process_worker:
-        await _run_worker(stack, services)
+        await _run_worker(stack, services, selling if settings.embedded else None)
     else:
         await _watch_partitions(stack, services)
     if proxy_config is not None:
@@ -249,7 +247,7 @@ async def _make_ready(stack: AsyncExitStack, services: Services) -> None:
     services.ready = True
 
 
-async def _run_worker(stack: AsyncExitStack, services: Services) -> None:
+async def _run_worker(stack: AsyncExitStack, services: Services, selling: Selling | None) -> None:
     """The worker in this process (embedded mode): stopped, then waited for (up to 30 s)."""
     # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
     from gateway.worker.service import build_worker  # type: ignore[import-not-found]
@@ -259,8 +257,15 @@ async def _run_worker(stack: AsyncExitStack, services: Services) -> None:
     if services.settings.embedded:  # Redis keeps nothing on disk: answer what is stored
         services.engine.stored_versions = StoredVersions()
     task = asyncio.create_task(worker.run(), name="credit-worker")
+    # In one process, its timed jobs too (renewals, pending promo claims, payment reconcile).
+    from gateway.worker.service import selling_jobs
+
+    jobs_stop = asyncio.Event()
+    jobs = selling_jobs(services.settings, selling, jobs_stop) if selling is not None else []
 
     async def stop() -> None:
+        jobs_stop.set()
+        await asyncio.gather(*jobs, return_exceptions=True)
         worker.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)

@@ -14,6 +14,7 @@ from ..core.store.base import Store
 
 if TYPE_CHECKING:
     from ..payments.service import Payments
+    from ..plans.subscriptions import Subscriptions
     from ..promos import Promos
     from ..proxy.forward import MeteringProxy
     from ..proxy.pricing_cache import PricingCache
@@ -43,4 +44,5 @@ class Services:
     pricing: PricingCache | None = None  # idem
     payments: Payments | None = None  # selling credits (built with every app)
     promos: Promos | None = None  # promo codes (built with every app)
+    subscriptions: Subscriptions | None = None  # plans and subscriptions (built with every app)
     ready: bool = False  # Redis rebuilt from the store where it had lost its state

@@ -73,11 +73,13 @@ def grant_expiry_ms(expires_at: datetime | None) -> int:
 class RateCharge:
     """What a reserve counts against the account's per-minute limits: one request and
     `tokens` (the call's worst case; settle corrects it to the real count). The limits are
-    defaults (0 = none); an account's overrides (`set_rate_limits`) win."""
+    defaults (0 = none); an account's overrides (`set_rate_limits`) win. `model`, when
+    given, is refused (ModelNotAllowed) unless the account's plan allows it."""
 
     tokens: int = 0
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
+    model: str = ""
 
 
 def _units_arg(units: int, *, allow_zero: bool = False) -> int:
@@ -234,6 +236,23 @@ class CreditEngine:
             replayed,
         )
 
+    async def trim_plan_credit(
+        self, user: str, *, op_id: str, subscription: str, before_period: int, cap_units: int
+    ) -> tuple[int, int]:
+        """Expires the subscription's plan credit from periods before `before_period` down to
+        `cap_units` (0: all of it), oldest grant first (lua/plan_trim.lua). Returns how many
+        grants were trimmed and by how many micro-credits."""
+        check_id("user_id", user)
+        check_id("op_id", op_id)
+        _units_arg(cap_units, allow_zero=True)
+        r, _ = await self._run(
+            "plan_trim",
+            user,
+            self.keys.account_keys(user, op_id, op_id),
+            [*self._base(user, op_id), subscription, before_period, cap_units],
+        )
+        return int(r["grants"]), int(r["credits"])
+
     async def debit(
         self,
         user: str,
@@ -321,11 +340,22 @@ class CreditEngine:
         ):
             raise ValueError("rate limits and tokens must be non-negative ints")
         limits = (rate.requests_per_minute, rate.tokens_per_minute, rate.tokens) if rate else (0, 0, "")
+        # A name with the list's separator in it matches no list (reserve.lua looks up |name|).
+        model = "" if rate is None else ("|" if "|" in rate.model else rate.model)
         r, replayed = await self._run(
             "reserve",
             user,
             self._hold_keys(user, op_id, hold_id, hold_id),
-            [*self._base(user, op_id), hold_id, units, ttl_ms, _meta(metadata), *limits, self.max_backlog],
+            [
+                *self._base(user, op_id),
+                hold_id,
+                units,
+                ttl_ms,
+                _meta(metadata),
+                *limits,
+                self.max_backlog,
+                model,
+            ],
         )
         return Hold(
             r["hold_id"], int(r["amount"]), int(r["expires_at"]), AccountState.from_wire(r["state"]), replayed

@@ -78,6 +78,12 @@ class RateLimited(CreditError):
         return int(self.details.get("retry_after_ms", 0))
 
 
+class ModelNotAllowed(CreditError):
+    """The account's plan does not include the model asked for. details: model."""
+
+    code = "model_not_allowed"
+
+
 class BacklogFull(CreditError):
     """The account's partition stream holds as many events as the worker may fall behind
     by (CREDIT_MAX_BACKLOG): no new hold until it has persisted them; retry later.
@@ -108,6 +114,7 @@ _BY_CODE: dict[str, type[CreditError]] = {
         RateLimited,
         StateLost,
         BacklogFull,
+        ModelNotAllowed,
     )
 }
 _AMOUNT_FIELDS = {"available", "debt"}

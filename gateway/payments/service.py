@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,9 @@ class Payments:
         self.store, self.engine, self.catalog = store, engine, catalog
         self.providers = dict(providers)
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+        # Who credits a paid payment that has a purpose (the subscriptions): True when it
+        # did; False leaves the payment to be credited as a top-up (nothing paid is lost).
+        self.on_paid: Callable[[PaymentRecord], Awaitable[bool]] | None = None
 
     def provider(self, name: Any) -> Provider:
         if name not in ("razorpay", "stripe"):
@@ -118,6 +121,35 @@ class Payments:
             raise PaymentError("invalid_amount", "one payment buys at most 1,000,000,000 credits")
         if description is not None and not isinstance(description, str):
             raise PaymentError("invalid_request", "description must be a string")
+        return await self._open(prov, user, minor, cur, credits, pack_name, description or "Credit top-up")
+
+    async def create_for(
+        self,
+        user: str,
+        provider: Any,
+        amount_minor: int,
+        currency: str,
+        credits: int,
+        description: str,
+        purpose: str,
+    ) -> PaymentRecord:
+        """A payment at a set price for something other than a top-up (`purpose`, e.g. a
+        subscription's period: see `on_paid`), through `provider`."""
+        return await self._open(
+            self.provider(provider), user, amount_minor, currency, credits, None, description, purpose
+        )
+
+    async def _open(
+        self,
+        prov: Provider,
+        user: str,
+        minor: int,
+        cur: str,
+        credits: int,
+        pack_name: str | None,
+        description: str,
+        purpose: str | None = None,
+    ) -> PaymentRecord:
         now = self.now_ms()
         p = PaymentRecord(
             payment_id=new_payment_id(),
@@ -130,7 +162,8 @@ class Payments:
             created_ms=now,
             updated_ms=now,
             pack=pack_name,
-            description=(description or "Credit top-up")[:200],
+            description=description[:200],
+            purpose=purpose,
         )
         await self.store.create_payment(p)
         try:
@@ -295,7 +328,9 @@ class Payments:
         if p.credited_ms is not None or p.status not in PAID_STATES:
             return False
         op = f"payment:{p.payment_id}"
-        if not await self.store.ledger_has(p.user, op):
+        if p.purpose and self.on_paid is not None and await self.on_paid(p):
+            pass  # credited as what it paid for
+        elif not await self.store.ledger_has(p.user, op):
             await self.engine.grant_units(
                 p.user,
                 p.credits,

@@ -14,6 +14,7 @@ from ..core.errors import (
     BacklogFull,
     CreditError,
     InsufficientCredits,
+    ModelNotAllowed,
     RateLimited,
     StateLost,
 )
@@ -46,6 +47,9 @@ def reserve_refusal(kind: Adapter, exc: CreditError, rid: dict[str, str]) -> Res
             "the gateway is behind persisting charges; retry shortly",
             {**rid, "Retry-After": "5"},
         )
+    elif isinstance(exc, ModelNotAllowed):
+        model = str(exc.details.get("model", ""))[:100]
+        message, headers = f"the account's plan does not include the model {model!r}", rid
     elif isinstance(exc, StateLost):
         return state_lost(kind, rid)
     else:

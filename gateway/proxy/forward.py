@@ -33,6 +33,7 @@ from ..core.errors import (
     CreditError,
     HoldNotFound,
     InsufficientCredits,
+    ModelNotAllowed,
     RateLimited,
     StateLost,
 )
@@ -127,7 +128,9 @@ class MeteringProxy:
         clamped: set[str] = set()  # each limit may lower the requested output once
         for _ in range(3):
             # The tokens-per-minute count takes the worst case too; settle corrects it.
-            rate = RateCharge(worst_tokens(call), limits.requests_per_minute, limits.tokens_per_minute)
+            rate = RateCharge(
+                worst_tokens(call), limits.requests_per_minute, limits.tokens_per_minute, call.model
+            )
             try:
                 hold = await self.engine.reserve_units(
                     call.user, worst, hold_id=call.request_id, ttl_seconds=ttl, metadata=call.meta, rate=rate
@@ -150,7 +153,7 @@ class MeteringProxy:
                     worst = worst_units(call)
                     continue
                 return reserve_refusal(call.kind, exc, rid)
-            except (AccountInDebt, StateLost, BacklogFull) as exc:
+            except (AccountInDebt, StateLost, BacklogFull, ModelNotAllowed) as exc:
                 return reserve_refusal(call.kind, exc, rid)
             except RedisError as exc:
                 return self._reserve_unconfirmed(call.kind, call.user, call.request_id, call.meta, exc, ttl)

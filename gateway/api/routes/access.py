@@ -75,6 +75,9 @@ class LimitsOut(BaseModel):
     user_id: str
     requests_per_minute: int | None = Field(description="the account's override (null: the default applies)")
     tokens_per_minute: int | None
+    plan_requests_per_minute: int | None = Field(None, description="the subscriber's plan's limit")
+    plan_tokens_per_minute: int | None = None
+    allowed_models: list[str] | None = Field(None, description="the plan's models (null: every model)")
     effective_requests_per_minute: int = Field(description="what applies now (0 = no limit)")
     effective_tokens_per_minute: int
 
@@ -112,18 +115,25 @@ async def revoke_key(
 def _limits_out(services, user_id: str, o: RateLimitOverride | None) -> LimitsOut:
     proxy = services.proxy
     defaults = proxy.config.rate_limits if proxy is not None else None
-    rpm = o.requests_per_minute if o else None
-    tpm = o.tokens_per_minute if o else None
+    o = o or RateLimitOverride(user_id)
+    # The admin's override, else the plan's, else the gateway's default (as reserve.lua reads them).
+    rpm = next(
+        (v for v in (o.requests_per_minute, o.plan_requests_per_minute) if v is not None),
+        defaults.requests_per_minute if defaults else 0,
+    )
+    tpm = next(
+        (v for v in (o.tokens_per_minute, o.plan_tokens_per_minute) if v is not None),
+        defaults.tokens_per_minute if defaults else 0,
+    )
     return LimitsOut(
         user_id=user_id,
-        requests_per_minute=rpm,
-        tokens_per_minute=tpm,
-        effective_requests_per_minute=rpm
-        if rpm is not None
-        else (defaults.requests_per_minute if defaults else 0),
-        effective_tokens_per_minute=tpm
-        if tpm is not None
-        else (defaults.tokens_per_minute if defaults else 0),
+        requests_per_minute=o.requests_per_minute,
+        tokens_per_minute=o.tokens_per_minute,
+        plan_requests_per_minute=o.plan_requests_per_minute,
+        plan_tokens_per_minute=o.plan_tokens_per_minute,
+        allowed_models=o.allowed_models,
+        effective_requests_per_minute=rpm,
+        effective_tokens_per_minute=tpm,
     )
 
 
@@ -139,7 +149,5 @@ async def put_limits(
 ):
     """Replaces the account's overrides (null: the gateway's default; both null: no override)."""
     o = RateLimitOverride(user_id, body.requests_per_minute, body.tokens_per_minute)
-    await set_rate_limits(engine.redis, engine.keys, services.store, o)
-    return _limits_out(
-        services, user_id, o if (o.requests_per_minute, o.tokens_per_minute) != (None, None) else None
-    )
+    after = await set_rate_limits(engine.redis, engine.keys, services.store, o)
+    return _limits_out(services, user_id, after)

@@ -21,6 +21,7 @@ from typing import Any
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
 from .payments import PaymentStore
+from .plans import PlanStore
 from .promos import PromoStore
 
 # Schema version 1 -> 2, the same in every backend: the short names (the Lua hash fields')
@@ -149,11 +150,28 @@ class RateLimitOverride:
     user: str
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # The subscriber's plan's limits, set by subscriptions: the admin's override above wins.
+    plan_requests_per_minute: int | None = None
+    plan_tokens_per_minute: int | None = None
+    allowed_models: list[str] | None = None  # the plan's models (None: every model)
+
+    @property
+    def admin_part_empty(self) -> bool:
+        return self.requests_per_minute is None and self.tokens_per_minute is None
+
+    @property
+    def empty(self) -> bool:
+        return self.admin_part_empty and (
+            self.plan_requests_per_minute is None
+            and self.plan_tokens_per_minute is None
+            and self.allowed_models is None
+        )
 
 
-class Store(PaymentStore, PromoStore):
-    """One durable store. Implementations: SQLiteStore (embedded), MongoStore. The payment
-    records' half of the contract is in store/payments.py."""
+class Store(PaymentStore, PromoStore, PlanStore):
+    """One durable store. Implementations: SQLiteStore (embedded), MongoStore. The payment,
+    promo and plan records' parts of the contract are in store/payments.py, promos.py and
+    plans.py."""
 
     @classmethod
     @abstractmethod
@@ -275,7 +293,18 @@ class Store(PaymentStore, PromoStore):
 
     @abstractmethod
     async def set_rate_limits(self, override: RateLimitOverride) -> None:
-        """Stores the override; one with both limits None removes it."""
+        """Stores the admin's part of the override (the two limits; both None: none),
+        keeping the plan's part."""
+
+    @abstractmethod
+    async def set_plan_limits(
+        self,
+        user: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        models: list[str] | None,
+    ) -> RateLimitOverride | None:
+        """Stores the plan's part (all None: none), keeping the admin's; the record after."""
 
     @abstractmethod
     async def rate_limits(self, user: str) -> RateLimitOverride | None: ...

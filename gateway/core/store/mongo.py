@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 from bson import Int64
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -45,6 +45,7 @@ from .base import (
 )
 from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
 from .mongo_payments import MongoPayments
+from .mongo_plans import MongoPlans
 from .mongo_promos import MongoPromos
 
 Doc = dict[str, Any]
@@ -66,6 +67,13 @@ OLD_INDEXES = {"holds": ["user_id_1_st_1"]}  # version 1's index on a renamed fi
 # mongoeco's index scans compare an int32 bound with int64 values by type, not by value
 # ({ts_ms: {$gte: 0}} finds nothing on an index of millisecond times). Harmless on MongoDB.
 L = Int64
+LIMIT_FIELDS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "plan_requests_per_minute",
+    "plan_tokens_per_minute",
+    "allowed_models",
+)
 
 
 class SchemaTooNew(RuntimeError):
@@ -93,7 +101,7 @@ def _ledger_entry(d: Doc) -> LedgerEntry:
     )
 
 
-class MongoStore(MongoPayments, MongoPromos, Store):
+class MongoStore(MongoPayments, MongoPromos, MongoPlans, Store):
     def __init__(self, uri: str, db: str = "credit_management") -> None:
         self.uri = uri
         self.db_name = db
@@ -126,6 +134,7 @@ class MongoStore(MongoPayments, MongoPromos, Store):
         await db.api_keys.create_index([("user_id", ASCENDING), ("created_ms", ASCENDING)])
         await self._payment_indexes()
         await self._promo_indexes()
+        await self._plan_indexes()
 
     async def _migrate(self) -> None:
         """Brings the documents to SCHEMA_VERSION. Each step may run again (a $rename of a
@@ -426,26 +435,49 @@ class MongoStore(MongoPayments, MongoPromos, Store):
         async for d in self.db.api_keys.find({"revoked_ms": None}).sort("_id", ASCENDING):
             yield self._key_of(d)
 
+    async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+        d = await self.db.rate_limits.find_one_and_update(
+            {"_id": user}, {"$set": values}, upsert=True, return_document=ReturnDocument.AFTER
+        )
+        o = self._limits_of(d or {"_id": user})
+        if o.empty:
+            # Removed only if still empty: a concurrent change in between keeps the row.
+            await self.db.rate_limits.delete_one({"_id": user, **dict.fromkeys(LIMIT_FIELDS)})
+            return None
+        return o
+
     async def set_rate_limits(self, override: RateLimitOverride) -> None:
         o = override
-        if o.requests_per_minute is None and o.tokens_per_minute is None:
-            await self.db.rate_limits.delete_one({"_id": o.user})
-            return
-        await self.db.rate_limits.replace_one(
-            {"_id": o.user},
-            {
-                "_id": o.user,
-                "requests_per_minute": o.requests_per_minute,
-                "tokens_per_minute": o.tokens_per_minute,
-            },
-            upsert=True,
-        )
+        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
+        await self._set_limits(o.user, values)
+
+    async def set_plan_limits(
+        self,
+        user: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        models: list[str] | None,
+    ) -> RateLimitOverride | None:
+        values = {
+            "plan_requests_per_minute": requests_per_minute,
+            "plan_tokens_per_minute": tokens_per_minute,
+            "allowed_models": models,
+        }
+        return await self._set_limits(user, values)
 
     @staticmethod
     def _limits_of(d: Doc) -> RateLimitOverride:
-        rpm, tpm = d.get("requests_per_minute"), d.get("tokens_per_minute")
+        def n(f: str) -> int | None:
+            return None if d.get(f) is None else int(d[f])
+
+        models = d.get("allowed_models")
         return RateLimitOverride(
-            d["_id"], None if rpm is None else int(rpm), None if tpm is None else int(tpm)
+            d["_id"],
+            n("requests_per_minute"),
+            n("tokens_per_minute"),
+            n("plan_requests_per_minute"),
+            n("plan_tokens_per_minute"),
+            None if models is None else [str(m) for m in models],
         )
 
     async def rate_limits(self, user: str) -> RateLimitOverride | None:

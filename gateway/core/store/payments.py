@@ -66,6 +66,7 @@ class PaymentRecord:
     refunded_minor: int = 0
     refunded_credits: int = 0
     error: str | None = None
+    purpose: str | None = None  # `subscription:<id>:<period>`: credited as that period's plan credit
 
 
 PAYMENT_FIELDS = tuple(PaymentRecord.__dataclass_fields__)

@@ -33,6 +33,7 @@ from .base import (
 )
 from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
 from .sqlite_payments import SQLitePayments
+from .sqlite_plans import SQLitePlans
 from .sqlite_promos import SQLitePromos
 from .sqlite_schema import migrate
 
@@ -105,7 +106,10 @@ WHERE l.user = json_extract(k.value, '$[0]') AND l.op_id = json_extract(k.value,
 
 ACCOUNT_COLS = "user, version, partition, available, held, debt, granted, spent, expired, seq, debt_total"
 LEDGER_COLS = "user, op_id, type, version, ts_ms, amount, hold_id, event"
-LIMIT_COLS = "user, requests_per_minute, tokens_per_minute"
+LIMIT_COLS = (
+    "user, requests_per_minute, tokens_per_minute, plan_requests_per_minute, plan_tokens_per_minute, "
+    "allowed_models"
+)
 
 
 def _run_to_end(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
@@ -129,7 +133,7 @@ def _ledger_entry(row: tuple) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, json.loads(event))
 
 
-class SQLiteStore(SQLitePayments, SQLitePromos, Store):
+class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, Store):
     """The durable store in one SQLite file (or ":memory:")."""
 
     def __init__(self, path: str) -> None:
@@ -470,19 +474,45 @@ class SQLiteStore(SQLitePayments, SQLitePromos, Store):
         for r in rows:
             yield ApiKeyRecord(*r)
 
+    def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+        """Sets some of the account's limit columns in one transaction; a row left with
+        nothing set is removed."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cols = ", ".join(values)
+            sets = ", ".join(f"{c} = excluded.{c}" for c in values)
+            marks = ", ".join("?" * (len(values) + 1))
+            insert = f"INSERT INTO rate_limits (user, {cols}) VALUES ({marks})"
+            db.execute(f"{insert} ON CONFLICT (user) DO UPDATE SET {sets}", (user, *values.values()))
+            row = db.execute(f"SELECT {LIMIT_COLS} FROM rate_limits WHERE user = ?", (user,)).fetchone()
+            o = _limits_of(row)
+            if o.empty:
+                db.execute("DELETE FROM rate_limits WHERE user = ?", (user,))
+            db.execute("COMMIT")
+            return None if o.empty else o
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     async def set_rate_limits(self, override: RateLimitOverride) -> None:
         o = override
-        if o.requests_per_minute is None and o.tokens_per_minute is None:
-            await self._call(lambda: self.db.execute("DELETE FROM rate_limits WHERE user = ?", (o.user,)))
-            return
-        await self._call(
-            lambda: self.db.execute(
-                "INSERT INTO rate_limits (user, requests_per_minute, tokens_per_minute) VALUES (?, ?, ?) "
-                "ON CONFLICT (user) DO UPDATE SET requests_per_minute = excluded.requests_per_minute, "
-                "tokens_per_minute = excluded.tokens_per_minute",
-                (o.user, o.requests_per_minute, o.tokens_per_minute),
-            )
-        )
+        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
+        await self._call(self._set_limits, o.user, values)
+
+    async def set_plan_limits(
+        self,
+        user: str,
+        requests_per_minute: int | None,
+        tokens_per_minute: int | None,
+        models: list[str] | None,
+    ) -> RateLimitOverride | None:
+        values = {
+            "plan_requests_per_minute": requests_per_minute,
+            "plan_tokens_per_minute": tokens_per_minute,
+            "allowed_models": None if models is None else json.dumps(models),
+        }
+        return await self._call(self._set_limits, user, values)
 
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
         row = await self._call(
@@ -490,11 +520,17 @@ class SQLiteStore(SQLitePayments, SQLitePromos, Store):
                 f"SELECT {LIMIT_COLS} FROM rate_limits WHERE user = ?", (user,)
             ).fetchone()
         )
-        return RateLimitOverride(*row) if row else None
+        return _limits_of(row) if row else None
 
     async def all_rate_limits(self) -> AsyncIterator[RateLimitOverride]:
         rows = await self._call(
             lambda: self.db.execute(f"SELECT {LIMIT_COLS} FROM rate_limits ORDER BY user").fetchall()
         )
         for r in rows:
-            yield RateLimitOverride(*r)
+            yield _limits_of(r)
+
+
+def _limits_of(row: Any) -> RateLimitOverride:
+    models = json.loads(row[5]) if row[5] is not None else None
+    user, rpm, tpm, plan_rpm, plan_tpm = row[:5]
+    return RateLimitOverride(user, rpm, tpm, plan_rpm, plan_tpm, models)

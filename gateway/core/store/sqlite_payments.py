@@ -25,7 +25,8 @@ TABLES = (
     status TEXT NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
     pack TEXT, description TEXT, url TEXT, link_id TEXT, provider_payment_id TEXT,
     session_id TEXT, order_id TEXT, paid_ms INTEGER, credited_ms INTEGER,
-    refunded_minor INTEGER NOT NULL DEFAULT 0, refunded_credits INTEGER NOT NULL DEFAULT 0, error TEXT
+    refunded_minor INTEGER NOT NULL DEFAULT 0, refunded_credits INTEGER NOT NULL DEFAULT 0, error TEXT,
+    purpose TEXT
 ) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS payments_user ON payments(user, created_ms, payment_id)",
     "CREATE INDEX IF NOT EXISTS payments_created ON payments(created_ms, payment_id)",

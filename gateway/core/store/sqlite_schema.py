@@ -7,6 +7,8 @@ The schema version is kept in `PRAGMA user_version`:
   2  the same tables with readable column names (this module's DDL)
   3  the payment tables added (store/sqlite_payments.py); nothing else changes
   4  the promo codes' tables added (store/sqlite_promos.py: promos, promo_claims)
+  5  plans and subscriptions (store/sqlite_plans.py); payments.purpose (what a payment is
+     for: a subscription's period); rate_limits' plan columns (a subscriber's plan limits)
 A file of a newer version than this code knows is refused rather than misread.
 """
 
@@ -16,9 +18,10 @@ import sqlite3
 
 from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
 from .sqlite_payments import TABLES as PAYMENT_TABLES
+from .sqlite_plans import TABLES as PLAN_TABLES
 from .sqlite_promos import TABLES as PROMO_TABLES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
 # rows are appended in order and only the small indexes take random inserts), `accounts` (one
@@ -61,10 +64,12 @@ TABLES = (
 )""",
     "CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user, created_ms)",
     """CREATE TABLE IF NOT EXISTS rate_limits (
-    user TEXT PRIMARY KEY, requests_per_minute INTEGER, tokens_per_minute INTEGER
+    user TEXT PRIMARY KEY, requests_per_minute INTEGER, tokens_per_minute INTEGER,
+    plan_requests_per_minute INTEGER, plan_tokens_per_minute INTEGER, allowed_models TEXT
 ) WITHOUT ROWID""",
     *PAYMENT_TABLES,
     *PROMO_TABLES,
+    *PLAN_TABLES,
 )
 
 # Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
@@ -104,7 +109,33 @@ def _nothing_to_change(db: sqlite3.Connection) -> None:
     """2 -> 3 and 3 -> 4 only add tables, which TABLES creates."""
 
 
-MIGRATIONS = {1: _rename_1_to_2, 2: _nothing_to_change, 3: _nothing_to_change}  # from version k to k + 1
+# Version 4 -> 5: the columns added to existing tables (new tables come from TABLES).
+COLUMNS_4_TO_5 = {
+    "payments": ("purpose TEXT",),
+    "rate_limits": (
+        "plan_requests_per_minute INTEGER",
+        "plan_tokens_per_minute INTEGER",
+        "allowed_models TEXT",
+    ),
+}
+
+
+def _columns_4_to_5(db: sqlite3.Connection) -> None:
+    for table, columns in COLUMNS_4_TO_5.items():
+        have = _columns(db, table)
+        if not have:
+            continue  # the file predates the table: TABLES creates it whole
+        for column in columns:
+            if column.split()[0] not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+
+
+MIGRATIONS = {
+    1: _rename_1_to_2,
+    2: _nothing_to_change,
+    3: _nothing_to_change,
+    4: _columns_4_to_5,
+}  # from version k to k + 1
 
 
 def migrate(db: sqlite3.Connection) -> int:
