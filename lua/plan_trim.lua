@@ -26,7 +26,7 @@ local now = tonumber(now_text)
 if redis.call('EXISTS', ready) == 0 then return {'state_lost', '{}'} end
 if not amount_arg(cap_text, 0) or not tonumber(period_text) then return {'invalid_amount', '{}'} end
 local cap, period = tonumber(cap_text), tonumber(period_text)
-local fp = 'plan_trim|' .. sub .. '|' .. period_text .. '|' .. cap_text
+local fp = 'trim|' .. sub .. '|' .. period_text .. '|' .. cap_text
 local seen = op_replay(opkey, fp) or foreign_record(named_hold)
 if seen then return seen end
 

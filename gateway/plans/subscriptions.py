@@ -132,8 +132,10 @@ class Subscriptions:
         return await self._grant(s, plan)
 
     def _provider(self, name: Any) -> str:
-        if self.payments is None:
-            raise PlanError(409, "payments_not_configured", "paid subscriptions need a payment provider")
+        if self.payments is None or not self.payments.providers:
+            raise PlanError(
+                409, "provider_not_configured", "a paid subscription needs a payment provider; none is set up"
+            )
         if name is None:
             if len(self.payments.providers) != 1:
                 raise PlanError(

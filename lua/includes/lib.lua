@@ -37,7 +37,9 @@ local ANSWER_FIELDS = {
   release = {'status', 'charged', 'held_amount', 'returned', 'lapsed', 'debt_added', 'debt_repaid'},
   grant = {'grant_seq', 'amount', 'debt_repaid', 'expires_at'},
   debit = {'amount', 'debt_added'},
+  trim = {'grants', 'credits'},
 }
+local HOLD_KINDS = {reserve = true, settle = true, release = true}
 local CONFLICT = {'op_conflict', cjson.encode({reason = 'operation id already used with other fields'})}
 
 -- A field the answer does not have is an empty value, and stays absent.
@@ -62,7 +64,7 @@ end
 local function record_answer(fp, answer, state)
   local kind, hid = string.match(fp, '^(%a+)|?([^|]*)')
   local res = from_csv(answer, ANSWER_FIELDS[kind], {})
-  if kind ~= 'grant' and kind ~= 'debit' then res.hold_id = hid end
+  if HOLD_KINDS[kind] then res.hold_id = hid end
   res.state = from_csv(state, STATE_FIELDS, {})
   return cjson.encode(res)
 end
