@@ -89,6 +89,11 @@ def test_the_worker_imports_the_domain_only():
     assert _violations("worker", (*ENTRY_POINTS, "worker")) == []
 
 
+@pytest.mark.parametrize("folder", ["gateway/payments", "gateway/plans"])
+def test_the_selling_services_import_neither_the_worker_nor_the_web_layer(folder):
+    assert _violations(folder, ("gateway.worker", "worker", *ENTRY_POINTS)) == []
+
+
 def test_nothing_imports_the_worker_by_a_generic_top_level_name():
     assert _violations("gateway", ("worker",)) == []
     assert _violations("tests", ("worker",)) == []
