@@ -378,3 +378,14 @@ async def test_the_plan_s_models_are_enforced_in_the_reserve(gw):
     r = await gw.put("/admin/accounts/mm/limits", json={"requests_per_minute": 3}, headers=H_ADMIN)
     assert r.status_code == 200 and r.json()["allowed_models"] == ["medium", "small"]
     assert r.json()["effective_requests_per_minute"] == 3
+
+
+async def test_twenty_concurrent_subscriptions_of_one_account_make_one(gw):
+    plan = await make_plan(gw, credits="3")
+    body = {"plan_id": plan["id"]}
+    answers = await asyncio.gather(
+        *(gw.post("/admin/accounts/zed/subscriptions", json=body, headers=H_ADMIN) for _ in range(20))
+    )
+    assert sorted(r.status_code for r in answers) == [201] + [409] * 19
+    assert await available(gw, "zed") == 3
+    assert len((await gw.get("/admin/accounts/zed/subscriptions", headers=H_ADMIN)).json()["subscriptions"]) == 1
