@@ -152,7 +152,11 @@ async def test_bad_subscription_requests_are_refused_clearly(gw):
         (subs, "POST", {"plan_id": plan["id"], "paid": "yes"}, 400, "invalid_request"),
         (subs, "POST", {"plan_id": plan["id"], "x": 1}, 400, "invalid_request"),
         # No payment provider is configured here: a paid subscription cannot be sold.
-        (subs, "POST", {"plan_id": paid["id"], "paid": True}, 409, "provider_not_configured"),
+        (subs, "POST", {"plan_id": paid["id"], "paid": True}, 400, "provider_not_configured"),
+        (subs, "POST", {"plan_id": paid["id"], "paid": True, "provider": "paypal"}, 400, "unknown_provider"),
+        # A priced plan is never given away by default: paid must be said.
+        (subs, "POST", {"plan_id": paid["id"]}, 400, "invalid_request"),
+        (subs, "POST", {"plan_id": plan["id"], "provider": "stripe"}, 400, "invalid_request"),
         ("/admin/accounts/u1/subscriptions", "DELETE", None, 404, "no_subscription"),
     ]  # fmt: skip
     for path, method, body, status, code in cases:
@@ -196,7 +200,11 @@ async def test_calendar_months_renew_once_each_and_last_period_credit_expires(gw
         assert await gw.subs.run_due() == []  # once
         view = (await gw.get("/admin/accounts/mo/subscriptions", headers=H_ADMIN)).json()["subscriptions"][0]
         ends.append(day(view["current_period_end"]))
-        assert await available(gw, "mo") == 100  # last period's credit expired, this one's granted
+        # The last period's credit lasts a minute past its end (no gap while the renewal
+        # runs), spent first; then only this period's is left.
+        assert await available(gw, "mo") == 200
+        gw.clock.advance(60)
+        assert await available(gw, "mo") == 100
     assert ends == ["2027-03-31", "2027-04-30", "2027-05-31"]
     assert await plan_grants(gw, "mo") == [
         (0, "100000000"),
@@ -241,6 +249,7 @@ async def test_several_workers_at_once_renew_each_period_once(gw):
         # makes it too, as a replay, and says so); none failed.
         reported = {line.split(" of ")[1].split(":")[0] for x in lines for line in x}
         assert reported == set(users) and not any("FAILED" in line for x in lines for line in x), lines
+    gw.clock.advance(60)  # past the last period's minute of grace
     for u in users:
         assert await plan_grants(gw, u) == [(k, "10000000") for k in range(4)]
         assert await available(gw, u) == 10
@@ -388,4 +397,61 @@ async def test_twenty_concurrent_subscriptions_of_one_account_make_one(gw):
     )
     assert sorted(r.status_code for r in answers) == [201] + [409] * 19
     assert await available(gw, "zed") == 3
-    assert len((await gw.get("/admin/accounts/zed/subscriptions", headers=H_ADMIN)).json()["subscriptions"]) == 1
+    assert (
+        len((await gw.get("/admin/accounts/zed/subscriptions", headers=H_ADMIN)).json()["subscriptions"]) == 1
+    )
+
+
+async def test_a_subscription_ended_while_its_grant_is_being_made_keeps_none_of_it(gw):
+    plan = await make_plan(gw, credits="120", period="daily", rollover=True)
+    users = [f"race{i}" for i in range(12)]
+
+    async def both(user):
+        sub = gw.post(f"/admin/accounts/{user}/subscriptions", json={"plan_id": plan["id"]}, headers=H_ADMIN)
+        end = gw.delete(
+            f"/admin/accounts/{user}/subscriptions", params={"at_period_end": False}, headers=H_ADMIN
+        )
+        return await asyncio.gather(sub, end)
+
+    await asyncio.gather(*(both(u) for u in users))
+    for u in users:
+        history = (await gw.get(f"/admin/accounts/{u}/subscriptions", headers=H_ADMIN)).json()[
+            "subscriptions"
+        ]
+        if history and history[0]["status"] == "ended":
+            assert await available(gw, u) == 0, (u, history[0]["history"])
+        elif history:  # the cancel came first and found nothing to cancel
+            assert await available(gw, u) == 120
+        await assert_conserved(gw.engine, u)
+
+
+async def test_plan_text_and_amounts_that_cannot_be_stored_are_refused(gw):
+    lone = b'{"name": "\\ud800", "credits": "1", "period": "daily"}'
+    r = await gw.post("/admin/plans", content=lone, headers={**H_ADMIN, "Content-Type": "application/json"})
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] in (
+        "malformed_json",
+        "invalid_request",
+    ), r.text
+    for body in (
+        {**DAILY, "name": "a\x00b"},
+        {**DAILY, "price": "1e999999", "currency": "USD"},
+        {**DAILY, "price": "5"},  # a price needs its currency
+    ):
+        r = await gw.post("/admin/plans", json=body, headers=H_ADMIN)
+        assert r.status_code in (400, 422), (body, r.text)
+    assert (await gw.get("/admin/plans", headers=H_ADMIN)).json()["plans"] == []
+    free = await make_plan(gw, price="0")
+    assert (free["price"], free["currency"], free["free"]) == ("0", None, True)
+
+
+async def test_a_plan_s_models_and_limits_change_for_its_subscribers_at_once(gw):
+    plan = await make_plan(gw, credits="5", allowed_models=["small"])
+    await subscribe(gw, "ch", plan)
+    with pytest.raises(ModelNotAllowed):
+        await gw.engine.reserve("ch", "1", hold_id="c-1", ttl_seconds=60, rate=RateCharge(model="large"))
+    r = await gw.patch(f"/admin/plans/{plan['id']}", json={"allowed_models": None}, headers=H_ADMIN)
+    assert r.status_code == 200
+    await gw.engine.reserve("ch", "1", hold_id="c-2", ttl_seconds=60, rate=RateCharge(model="large"))
+    # The period, sent unchanged, is no change.
+    same = await gw.patch(f"/admin/plans/{plan['id']}", json={"period": "monthly"}, headers=H_ADMIN)
+    assert same.status_code == 200

@@ -94,6 +94,7 @@ async def test_each_paid_period_is_granted_once_when_paid_and_an_unpaid_one_ends
     view = await mine(gw, "pia")
     assert (view["status"], view["period"], view["current_period_end"][:10]) == ("past_due", 1, "2027-05-31")
     assert view["payment"]["url"]
+    gw.clock.advance(60)
     assert await available(gw, "pia") == 0  # period 0's credit expired; period 1 not paid yet
     await pay(gw, view["payment"]["id"])
     assert await available(gw, "pia") == 1000
@@ -126,6 +127,7 @@ async def test_a_trial_is_granted_free_and_the_first_paid_period_follows_it(gw):
     await gw.subs.run_due()
     view = await mine(gw, "tia")
     assert (view["status"], view["period"]) == ("past_due", 0)
+    gw.clock.advance(60)
     assert await available(gw, "tia") == 0  # the trial's credit ended with it
     await pay(gw, view["payment"]["id"])
     assert await available(gw, "tia") == 200

@@ -85,7 +85,7 @@ def selling_jobs(settings: Settings, selling: Selling, stop: asyncio.Event) -> l
         # Claims a crash left between their two steps are finished (see gateway/promos.py).
         every(60.0, selling.promos.complete_pending, stop),
         # Renewals, grants a crash left fixed but not made, and ended subscriptions' wind-up.
-        every(settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, stop),
+        every(settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, stop, first_after=0),
     ]
     interval = settings.payment_reconcile_interval_seconds
     if selling.payments.providers and interval > 0:
@@ -94,14 +94,22 @@ def selling_jobs(settings: Settings, selling: Selling, stop: asyncio.Event) -> l
     return [asyncio.create_task(job) for job in jobs]
 
 
-async def every(interval: float, job: Callable[[], Awaitable[list[str]]], stop: asyncio.Event) -> None:
-    """`job` every `interval` seconds until `stop`, each line it returns logged. Jobs are
-    idempotent (several workers running them at once change each thing once), and one that
-    fails is tried again next time."""
+async def every(
+    interval: float,
+    job: Callable[[], Awaitable[list[str]]],
+    stop: asyncio.Event,
+    *,
+    first_after: float | None = None,
+) -> None:
+    """`job` every `interval` seconds until `stop` (the first time after `first_after`, by
+    default `interval`), each line it returns logged. Jobs are idempotent (several workers
+    running them at once change each thing once), and one that fails is tried again next time."""
     name = getattr(job, "__qualname__", None) or getattr(getattr(job, "func", None), "__qualname__", "job")
+    wait = interval if first_after is None else first_after
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), interval)
+            await asyncio.wait_for(stop.wait(), wait)
+        wait = interval
         if stop.is_set():
             return
         try:

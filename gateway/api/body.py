@@ -85,11 +85,26 @@ def _int(text: str) -> int | Decimal:
     return int(text) if len(text) <= 40 else Decimal(text)
 
 
+def _lone_surrogate(x: Any) -> bool:
+    if isinstance(x, str):
+        return any("\ud800" <= c <= "\udfff" for c in x)
+    if isinstance(x, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in x.items())
+    if isinstance(x, list):
+        return any(_lone_surrogate(v) for v in x)
+    return False
+
+
 def parse_json(body: bytes) -> Any:
     """JSON with every number exact: ints stay ints, the rest Decimal (never float).
-    NaN / Infinity are refused; every failure is a json.JSONDecodeError."""
+    NaN / Infinity are refused, and so are strings that are not Unicode text (a lone
+    surrogate, which no answer could carry back); every failure is a json.JSONDecodeError."""
     try:
-        return json.loads(body, parse_float=_decimal, parse_int=_int, parse_constant=_no_constants)
+        value = json.loads(body, parse_float=_decimal, parse_int=_int, parse_constant=_no_constants)
+        # Only an escape (\ud800) or surrogate bytes (ED A0..BF) can make one.
+        if (b"\\u" in body or b"\xed" in body) and _lone_surrogate(value):
+            raise ValueError("a string holds a lone surrogate: not Unicode text")
+        return value
     except json.JSONDecodeError:
         raise
     except ValueError as exc:  # a constant (NaN), or bytes that are not UTF-8

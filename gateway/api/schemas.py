@@ -197,8 +197,8 @@ class Expiring(BaseModel):
         return cls(
             days=days,
             until=until,
-            total=sum((g.free for g in due), Decimal(0)),
-            held=sum((g.earmarked for g in due), Decimal(0)),
+            total=sum((g.free for g in due), Decimal("0.000000")),
+            held=sum((g.earmarked for g in due), Decimal("0.000000")),
             grants=[
                 ExpiringGrant(
                     grant_id=g.grant_id,

@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     payment_rates: str | None = Field(None, description='credits per unit of currency: "INR=1,USD=90"')
     payment_provider_timeout_seconds: float = Field(10.0, gt=0, le=60)
     plan_renewal_interval_seconds: float = Field(
-        30.0, gt=0, description="how often the worker renews subscriptions whose period has ended"
+        5.0, gt=0, description="how often the worker renews subscriptions whose period has ended"
     )
     payment_reconcile_interval_seconds: float = Field(
         300.0, ge=0, description="how often the worker reconciles payments with the providers (0 = never)"

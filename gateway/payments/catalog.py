@@ -56,6 +56,10 @@ def to_minor(amount: Decimal | str | int, currency: str) -> int:
     except AmountError as exc:
         raise CatalogError(str(exc)) from None
     digits = MINOR_DIGITS[currency]
+    if d <= 0:
+        raise CatalogError("the amount must be more than zero")
+    if d.is_finite() and d.adjusted() > 15:  # scaleb would overflow Decimal's context first
+        raise CatalogError("the amount is too large")
     minor = d.scaleb(digits)
     if minor != minor.to_integral_value():
         raise CatalogError(f"{currency} amounts have at most {digits} decimal places")

@@ -46,6 +46,17 @@ def _credits(value: Any, name: str, *, zero: bool = False) -> int:
     return units
 
 
+def _text(value: Any, name: str, most: int) -> str:
+    """A name or description: text without control characters (newlines and tabs aside)."""
+    if (
+        not isinstance(value, str)
+        or not 0 < len(value.strip()) <= most
+        or any((ord(c) < 32 and c not in "\n\t") or ord(c) == 127 for c in value)
+    ):
+        raise _bad(f"{name} is text of 1-{most} characters, without control characters")
+    return value.strip()
+
+
 def _limit(value: Any, name: str) -> int | None:
     if value is None:
         return None
@@ -85,15 +96,10 @@ class Plans:
             raise _bad(f"unknown fields: {sorted(unknown)}")
         out: dict[str, Any] = {}
         if "name" in body:
-            name = body["name"]
-            if not isinstance(name, str) or not 0 < len(name.strip()) <= 100:
-                raise _bad("name is a string of 1-100 characters")
-            out["name"] = name.strip()
+            out["name"] = _text(body["name"], "name", 100)
         if "description" in body:
             d = body["description"]
-            if d is not None and (not isinstance(d, str) or len(d) > 500):
-                raise _bad("description is a string of at most 500 characters")
-            out["description"] = d
+            out["description"] = None if d is None or d == "" else _text(d, "description", 500)
         if "period" in body:
             period = body["period"].strip().lower() if isinstance(body["period"], str) else None
             if period not in PERIODS:
@@ -102,21 +108,27 @@ class Plans:
         if "credits" in body:
             out["credits"] = _credits(body["credits"], "credits")
         if "currency" in body or "price" in body:
+            # A free plan has no currency; a price needs one (there is no default).
+            cur = base.currency if base is not None else ""
+            if body.get("currency") is not None:
+                try:
+                    cur = currency_code(body["currency"])
+                except CatalogError as exc:
+                    raise _bad(f"currency: {exc}") from None
+            if "price" in body:
+                price = body["price"]
+            elif base is not None and base.price_minor:
+                price = from_minor(base.price_minor, base.currency)
+            else:
+                price = 0
             try:
-                cur = currency_code(body["currency"]) if "currency" in body else (base and base.currency)
-            except CatalogError as exc:
-                raise _bad(f"currency: {exc}") from None
-            if not cur:
+                free = parse_amount(price) == 0
+            except (AmountError, ValueError) as exc:
+                raise PlanError(422, "invalid_amount", f"price: {exc}") from None
+            if not free and not cur:
                 raise _bad('currency is required with a price (e.g. "USD")')
+            out["price_minor"] = 0 if free else _price(price, cur)
             out["currency"] = cur
-            price = (
-                body["price"]
-                if "price" in body
-                else from_minor(base.price_minor, base.currency)
-                if base
-                else 0
-            )
-            out["price_minor"] = _price(price, cur)
         for flag in ("rollover", "active"):
             if flag in body:
                 if not isinstance(body[flag], bool):
@@ -144,8 +156,7 @@ class Plans:
         missing = [f for f in ("name", "credits", "period") if f not in body]
         if missing:
             raise _bad(f"required: {', '.join(missing)}")
-        body = {"price": "0", "currency": "USD", **body}
-        fields = self._fields(body, None)
+        fields = self._fields({"price": "0", **body}, None)
         now = self.now_ms()
         p = PlanRecord(plan_id="plan_" + uuid.uuid4().hex[:16], created_ms=now, updated_ms=now, **fields)
         await self.store.create_plan(p)
@@ -159,7 +170,7 @@ class Plans:
 
     async def update(self, plan_id: Any, body: dict[str, Any]) -> PlanRecord:
         p = await self.get(plan_id)
-        fixed = FIXED & set(body)
+        fixed = {f for f in FIXED & set(body) if body[f] != getattr(p, f)}
         if fixed:
             raise _bad(
                 "a plan's period cannot change (its subscribers' calendars hang on it); create a new plan"
@@ -178,7 +189,7 @@ class Plans:
             "name": p.name,
             "description": p.description,
             "price": str(from_minor(p.price_minor, p.currency)) if p.price_minor else "0",
-            "currency": p.currency,
+            "currency": p.currency or None,
             "credits": credits_text(p.credits),
             "period": p.period,
             "rollover": p.rollover,

@@ -45,6 +45,9 @@ log = logging.getLogger("credit.plans")
 PLAN_PRIORITY = 50  # below a purchase's 100: plan credit is spent first
 FIRST_PAYMENT_WINDOW_MS = DAY_MS  # a paid plan's first payment, or the subscription ends
 RETRY_MS = 5 * 60_000  # a step that failed (a provider down) is tried again after this
+# A period's credit (no rollover) lasts this long past the period's end, so a renewal a few
+# seconds late leaves no gap; it expires before the next period's, so it is spent first.
+GRACE_MS = 60_000
 HISTORY = 50
 
 
@@ -83,18 +86,27 @@ class Subscriptions:
         unknown = set(body) - {"plan_id", "paid", "provider"}
         if unknown:
             raise PlanError(400, "invalid_request", f"unknown fields: {sorted(unknown)}")
-        paid = body.get("paid", False)
-        if not isinstance(paid, bool):
+        paid = body.get("paid")
+        if paid is not None and not isinstance(paid, bool):
             raise PlanError(400, "invalid_request", "paid is true or false")
         plan = await self.plans.get(body.get("plan_id"))
         if not plan.active:
             raise PlanError(409, "plan_inactive", "the plan takes no new subscribers")
-        paid = paid and plan.price_minor > 0  # a free plan is never paid for
+        if plan.price_minor and paid is None:
+            # Never guessed: a priced plan given away by mistake is credit nobody paid for.
+            raise PlanError(
+                400,
+                "invalid_request",
+                "paid is required for a priced plan: true (the user pays each period) "
+                "or false (granted without payment)",
+            )
         provider = body.get("provider")
+        paid = bool(paid) and plan.price_minor > 0  # a free plan is never paid for
         if paid:
             provider = self._provider(provider)
         elif provider is not None:
-            raise PlanError(400, "invalid_request", "provider applies only to a paid subscription")
+            why = "the plan is free" if plan.price_minor == 0 else "the subscription is not paid"
+            raise PlanError(400, "invalid_request", f"provider applies only to a paid subscription ({why})")
         now = self.now_ms()
         s = SubscriptionRecord(
             sub_id="sub_" + uuid.uuid4().hex[:20],
@@ -132,38 +144,56 @@ class Subscriptions:
         return await self._grant(s, plan)
 
     def _provider(self, name: Any) -> str:
-        if self.payments is None or not self.payments.providers:
+        """The provider a paid subscription pays through, refused as /credits/payments does."""
+        providers = self.payments.providers if self.payments is not None else {}
+        if name is None and len(providers) == 1:
+            return next(iter(providers))
+        if name is None and providers:
             raise PlanError(
-                409, "provider_not_configured", "a paid subscription needs a payment provider; none is set up"
+                400, "invalid_request", "provider is required (razorpay or stripe) when several are set up"
             )
-        if name is None:
-            if len(self.payments.providers) != 1:
-                raise PlanError(
-                    400,
-                    "invalid_request",
-                    "provider is required (razorpay or stripe) when several are set up",
-                )
-            return next(iter(self.payments.providers))
+        if name is None or self.payments is None:
+            raise PlanError(
+                400, "provider_not_configured", "a paid subscription needs a payment provider; none is set up"
+            )
         try:
             return self.payments.provider(name).name
         except PaymentError as exc:
             raise PlanError(exc.status, exc.code, exc.message) from None
 
     async def cancel(self, user: str, *, at_period_end: bool) -> SubscriptionRecord:
-        s = await self.live(user)
-        if s is None:
-            raise PlanError(404, "no_subscription", "the user has no live subscription")
-        if at_period_end and s.status in ("active", "trialing"):
-            changed = await self._update(
-                s, {"cancel_at_period_end": True}, "cancel_requested", expect={"status": s.status}
-            )
-            if changed is not None:
-                return changed
+        """At the period's end (a paid period keeps what was paid for), or now: ended, its
+        plan credit expired. Another change in between (a renewal, a payment): read again."""
+        for _ in range(5):
             s = await self.live(user)
             if s is None:
                 raise PlanError(404, "no_subscription", "the user has no live subscription")
-        ended = await self._end(s, "canceled")
-        return ended or s
+            if at_period_end and s.status in ("active", "trialing"):
+                if s.cancel_at_period_end:
+                    return s
+                changed = await self._update(
+                    s, {"cancel_at_period_end": True}, "cancel_requested", expect={"status": s.status}
+                )
+            elif s.grant is not None:
+                # A grant fixed but not made yet (a subscribe or a renewal in flight) is made
+                # first: ended after it, the end takes its credit back; never the reverse.
+                await self._grant(s, await self.plans.get(s.plan_id))
+                continue
+            else:
+                changed = await self._end(s, "canceled")
+            if changed is not None:
+                return changed
+        raise PlanError(409, "busy", "the subscription kept changing; try again")
+
+    async def update_plan(self, plan_id: Any, body: dict[str, Any]) -> PlanRecord:
+        """A plan changed (plans/catalog.py); its limits and models apply to its live
+        subscribers at once, the rest from their next renewal."""
+        plan = await self.plans.update(plan_id, body)
+        if {"requests_per_minute", "tokens_per_minute", "allowed_models"} & set(body):
+            for s in await self.store.live_subscriptions():
+                if s.plan_id == plan.plan_id:
+                    await self._apply_limits(s.user, plan)
+        return plan
 
     async def live(self, user: str) -> SubscriptionRecord | None:
         return next((s for s in await self.store.subscriptions_of(user) if s.live), None)
@@ -252,7 +282,7 @@ class Subscriptions:
         return {
             "period": period,
             "credits": plan.credits,
-            "expires_ms": 0 if plan.rollover else end_ms,
+            "expires_ms": 0 if plan.rollover else end_ms + GRACE_MS,
             "cap": plan.rollover_cap if plan.rollover else None,
         }
 
@@ -377,10 +407,12 @@ class Subscriptions:
             "status": "ended",
             "ended_ms": now,
             "end_reason": reason,
-            "grant": None,
             "next_action_ms": now,
         }
-        ended = await self._update(s, changes, "ended", expect={"status": s.status}, reason=reason)
+        # Only with no grant pending: one made after the end would escape its wind-up.
+        ended = await self._update(
+            s, changes, "ended", expect={"status": s.status, "grant": None}, reason=reason
+        )
         if ended is None:
             return None
         if self.notify is not None:

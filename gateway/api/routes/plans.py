@@ -54,9 +54,10 @@ async def get_plan(plan_id: str, _: AdminCaller, services: ServicesDep):
 
 @router.patch("/admin/plans/{plan_id}")
 async def update_plan(plan_id: str, body: dict[str, Any], _: AdminCaller, services: ServicesDep):
-    """Changes apply from each subscriber's next renewal; the period cannot change."""
+    """Limits and models apply to its subscribers at once; the rest from each subscriber's
+    next renewal. The period cannot change."""
     try:
-        return Plans.view(await _subs(services).plans.update(plan_id, body))
+        return Plans.view(await _subs(services).update_plan(plan_id, body))
     except PlanError as exc:
         raise _refuse(exc) from None
 

@@ -27,7 +27,7 @@ class PlanRecord:
     credits: int  # micro-credits per period
     period: str  # daily | weekly | monthly | yearly
     price_minor: int  # 0: free
-    currency: str
+    currency: str  # "" for a free plan
     created_ms: int
     updated_ms: int
     description: str | None = None
