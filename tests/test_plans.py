@@ -9,16 +9,13 @@ import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.api.app import create_app
 from gateway.core.engine import RateCharge
 from gateway.core.errors import ModelNotAllowed
-from gateway.core.settings import Settings
 from gateway.plans.subscriptions import Subscriptions
-from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
+from tests.support.api_fixtures import H_ADMIN, app_client, client_headers, settings_for
 from tests.support.engine_helpers import assert_conserved, dies_here
 
 DAILY = {"name": "A", "credits": "1", "period": "daily"}
@@ -34,17 +31,9 @@ async def store(new_store):
 @pytest_asyncio.fixture
 async def gw(redis, redis_url, store, clock):
     clock.t = JAN_31_2027
-    settings = Settings(
-        redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16, audit_path=None
-    )
-    app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
-    ):
-        c.app, c.clock = app, clock
-        c.subs = app.state.services.subscriptions
-        c.engine = app.state.services.engine
+    async with app_client(settings_for(redis_url), redis, store, clock) as c:
+        c.subs = c.app.state.services.subscriptions
+        c.engine = c.app.state.services.engine
         yield c
 
 

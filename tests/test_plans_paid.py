@@ -8,11 +8,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import httpx
 import pytest_asyncio
 
-from gateway.api.app import create_app
-from tests.support.api_fixtures import H_ADMIN, client_headers
+from tests.support.api_fixtures import H_ADMIN, app_client, client_headers
 from tests.test_payments import admin_view, available, fakes, gateway_settings, rz_deliver
 
 __all__ = ["fakes"]  # the fixture, used by name below
@@ -28,15 +26,8 @@ async def store(new_store):
 @pytest_asyncio.fixture
 async def gw(redis, redis_url, fakes, store, clock):
     clock.t = datetime(2027, 3, 31, 9, 0, tzinfo=UTC).timestamp()
-    app = create_app(
-        gateway_settings(redis_url, fakes), redis=redis, store=store, clock=clock, run_worker=False
-    )
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
-    ):
-        c.app, c.clock, c.fakes, c.store = app, clock, fakes, store
-        c.subs = app.state.services.subscriptions
+    async with app_client(gateway_settings(redis_url, fakes), redis, store, clock) as c:
+        c.fakes, c.subs = fakes, c.app.state.services.subscriptions
         yield c
 
 

@@ -8,14 +8,11 @@ import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 
-import httpx
 import pytest
 import pytest_asyncio
 
-from gateway.api.app import create_app
-from gateway.core.settings import Settings
 from gateway.worker.runner import Worker
-from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN, client_headers
+from tests.support.api_fixtures import H_ADMIN, app_client, client_headers, settings_for
 from tests.support.engine_helpers import all_but, dies_here
 
 
@@ -26,15 +23,7 @@ async def store(new_store):
 
 @pytest_asyncio.fixture
 async def gw(redis, redis_url, store, clock):
-    settings = Settings(
-        redis_url=redis_url, admin_keys=ADMIN, client_keys=CLIENT, partitions=16, audit_path=None
-    )
-    app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
-    ):
-        c.app, c.clock = app, clock
+    async with app_client(settings_for(redis_url), redis, store, clock) as c:
         yield c
 
 

@@ -22,25 +22,38 @@ def client_headers(user: str) -> dict:
     return {"Authorization": f"Bearer {CLIENT}", "X-User-Id": user}
 
 
+def settings_for(redis_url: str, **over) -> Settings:
+    """The gateway's settings for a test app on `redis_url`: the test keys, 16 partitions."""
+    values = {
+        "redis_url": redis_url,
+        "admin_keys": ADMIN,
+        "client_keys": CLIENT,
+        "partitions": 16,
+        "audit_path": None,
+    }
+    return Settings(**{**values, **over})
+
+
 @contextlib.asynccontextmanager
-async def api_client(redis, redis_url, tmp_path, clock=None):
-    """The app in process over ASGI (started, on a real redis-server and a SQLite store);
-    the client carries it as `.app`, and `.clock` / `.redis` as given."""
-    settings = Settings(
-        redis_url=redis_url,
-        admin_keys=ADMIN,
-        client_keys=CLIENT,
-        partitions=16,
-        sqlite_path=str(tmp_path / "s.db"),
-        audit_path=None,
-    )
-    store = SQLiteStore(str(tmp_path / "s.db"))
+async def app_client(settings: Settings, redis, store, clock=None):
+    """The app in process over ASGI, started on the given Redis client and store; the client
+    carries it as `.app`, and `.clock` / `.redis` / `.store` as given."""
     app = create_app(settings, redis=redis, store=store, clock=clock, run_worker=False)
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c,
     ):
-        c.app, c.clock, c.redis = app, clock, redis
+        c.app, c.clock, c.redis, c.store = app, clock, redis, store
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def api_client(redis, redis_url, tmp_path, clock=None):
+    """The app in process over ASGI (started, on a real redis-server and a SQLite store);
+    the client carries it as `.app`, and `.clock` / `.redis` as given."""
+    settings = settings_for(redis_url, sqlite_path=str(tmp_path / "s.db"))
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    async with app_client(settings, redis, store, clock) as c:
         yield c
     await store.close()
 
