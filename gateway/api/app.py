@@ -27,12 +27,13 @@ from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
 from ..core.stored_versions import StoredVersions
+from ..notifications import Notifier
 from ..payments.setup import build_payments
 from ..promos import Promos
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
-from .routes import access, admin, health, holds, payments, pricing, promos
+from .routes import access, admin, health, holds, notifications, payments, pricing, promos
 from .services import InProcessWorker, Services
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ def create_app(
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
-    for module in (health, admin, access, holds, pricing, payments, promos):
+    for module in (health, admin, access, holds, pricing, payments, promos, notifications):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.kinds import metered_routes
@@ -200,6 +201,9 @@ async def _start(
     log.info("credit gateway starting; %s", describe(settings))
     await _make_ready(stack, services)
     services.promos = Promos(s, engine)
+    services.notifications = Notifier(
+        s, default_threshold_units=settings.low_balance_threshold_units, now_ms=engine.now_ms
+    )
     services.payments = await build_payments(
         stack, settings, proxy_config.payments if proxy_config else None, s, engine
     )

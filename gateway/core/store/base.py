@@ -20,6 +20,7 @@ from typing import Any
 
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
+from .notifications import NotificationStore
 from .payments import PaymentStore
 from .promos import PromoStore
 
@@ -151,9 +152,10 @@ class RateLimitOverride:
     tokens_per_minute: int | None = None
 
 
-class Store(PaymentStore, PromoStore):
+class Store(PaymentStore, PromoStore, NotificationStore):
     """One durable store. Implementations: SQLiteStore (embedded), MongoStore. The payment
-    records' half of the contract is in store/payments.py."""
+    records' half of the contract is in store/payments.py, the promo codes' in
+    store/promos.py, the notifications' in store/notifications.py."""
 
     @classmethod
     @abstractmethod

@@ -7,6 +7,8 @@ The schema version is kept in `PRAGMA user_version`:
   2  the same tables with readable column names (this module's DDL)
   3  the payment tables added (store/sqlite_payments.py); nothing else changes
   4  the promo codes' tables added (store/sqlite_promos.py: promos, promo_claims)
+  5  the notification tables added (store/sqlite_notifications.py: notifications,
+     notify_accounts)
 A file of a newer version than this code knows is refused rather than misread.
 """
 
@@ -15,10 +17,11 @@ from __future__ import annotations
 import sqlite3
 
 from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
+from .sqlite_notifications import TABLES as NOTIFICATION_TABLES
 from .sqlite_payments import TABLES as PAYMENT_TABLES
 from .sqlite_promos import TABLES as PROMO_TABLES
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
 # rows are appended in order and only the small indexes take random inserts), `accounts` (one
@@ -65,6 +68,7 @@ TABLES = (
 ) WITHOUT ROWID""",
     *PAYMENT_TABLES,
     *PROMO_TABLES,
+    *NOTIFICATION_TABLES,
 )
 
 # Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
@@ -101,10 +105,15 @@ def _rename_1_to_2(db: sqlite3.Connection) -> None:
 
 
 def _nothing_to_change(db: sqlite3.Connection) -> None:
-    """2 -> 3 and 3 -> 4 only add tables, which TABLES creates."""
+    """2 -> 3, 3 -> 4 and 4 -> 5 only add tables, which TABLES creates."""
 
 
-MIGRATIONS = {1: _rename_1_to_2, 2: _nothing_to_change, 3: _nothing_to_change}  # from version k to k + 1
+MIGRATIONS = {
+    1: _rename_1_to_2,
+    2: _nothing_to_change,
+    3: _nothing_to_change,
+    4: _nothing_to_change,
+}  # from version k to k + 1
 
 
 def migrate(db: sqlite3.Connection) -> int:
