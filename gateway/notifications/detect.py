@@ -17,7 +17,7 @@ under their threshold or in debt now, and those who may have been so before the 
 latter is judged from the user's first event in the batch: its state after, minus what that
 event can have added (a grant's amount, a hold resolution's returned credit), is a lower
 bound of the balance before it, and its debt plus what it repaid an upper bound of the debt
-before it. Every other user was at or above the threshold and out of debt before and after
+before it (an account's first event: nothing before it, armed by default). Every other user was at or above the threshold and out of debt before and after
 the batch: armed already (the previous batch re-armed them), nothing to read or write.
 """
 
@@ -37,6 +37,7 @@ from .notifier import make_note
 GRANT_KINDS = {"payment": "payment_succeeded", "plan": "subscription_renewed", "promo": "promo_claimed"}
 RESOLVED = frozenset({HOLD_SETTLED, HOLD_RELEASED, HOLD_EXPIRED})
 REFUND_PREFIX = "refund:"
+NEW_ACCOUNT = (1 << 62, 0)  # as if far above any threshold, out of debt
 
 
 def _int(x: Any) -> int:
@@ -57,6 +58,8 @@ def _plain(x: Any) -> Any:
 
 def _before(ev: Event) -> tuple[int, int]:
     """(a lower bound of the available balance, an upper bound of the debt) before `ev`."""
+    if ev.version == 1:
+        return NEW_ACCOUNT  # the account's first event: its flags are armed (the default)
     a = ev.raw["a"]
     available, debt = _int(a.get("available")), _int(a.get("debt"))
     t, raw = ev.type, ev.raw

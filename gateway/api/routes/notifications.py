@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Body, Path
 
 from ...core.keys import ID_PATTERN
 from ...notifications import Notifier, NotifyError
@@ -74,7 +74,9 @@ async def account_notifications(user_id: UserId, _: AdminCaller, services: Servi
 
 
 @router.put("/admin/accounts/{user_id}/notifications")
-async def set_account_notifications(user_id: UserId, body: Any, _: AdminCaller, services: ServicesDep):
+async def set_account_notifications(
+    user_id: UserId, body: Annotated[Any, Body()], _: AdminCaller, services: ServicesDep
+):
     """`{"low_balance_threshold": "5"}`, or null for the gateway's default
     (CREDIT_LOW_BALANCE_THRESHOLD). Re-arms the account's low-balance notification."""
     try:
