@@ -17,8 +17,9 @@ under their threshold or in debt now, and those who may have been so before the 
 latter is judged from the user's first event in the batch: its state after, minus what that
 event can have added (a grant's amount, a hold resolution's returned credit), is a lower
 bound of the balance before it, and its debt plus what it repaid an upper bound of the debt
-before it (an account's first event: nothing before it, armed by default). Every other user was at or above the threshold and out of debt before and after
-the batch: armed already (the previous batch re-armed them), nothing to read or write.
+before it (an account's first event: nothing before it, armed by default). Every other
+user was at or above the threshold and out of debt before and after the batch: armed
+already (the previous batch re-armed them), nothing to read or write.
 """
 
 from __future__ import annotations
