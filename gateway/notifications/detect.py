@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway.core.events import GRANT, HOLD_EXPIRED, HOLD_RELEASED, HOLD_SETTLED, Event
+from gateway.core.events import DEBIT, GRANT, HOLD_EXPIRED, HOLD_RELEASED, HOLD_SETTLED, Event
 from gateway.core.money import credits_text
 from gateway.core.store.base import Store
 from gateway.core.store.notifications import NotificationRecord, NotifyFlags
@@ -125,7 +125,7 @@ class Detector:
                 newest[u] = ev
             if ev.type == GRANT:
                 self._grant_note(ev, now, notes)
-            elif ev.op_id.startswith(REFUND_PREFIX) and ev.type == "debit":
+            elif ev.type == DEBIT and ev.op_id.startswith(REFUND_PREFIX):
                 notes.append(self._refund_note(ev, now))
         overrides = await self._thresholds()
         default = self.default
@@ -166,7 +166,8 @@ class Detector:
                     "threshold": credits_text(threshold),
                     "version": n.version,
                 }
-                notes.append(make_note(u, "low_balance", f"low_balance:{u}:{fl.low_epoch}", data, now))
+                key = f"low_balance:{u}:{fl.low_epoch}"
+                notes.append(make_note(u, "low_balance", key, data, now, checked=True))
                 fl.low_armed, changed = False, True
         elif not fl.low_armed:
             fl.low_armed, fl.low_epoch, changed = True, fl.low_epoch + 1, True
@@ -177,7 +178,8 @@ class Detector:
                     "available": credits_text(available),
                     "version": n.version,
                 }
-                notes.append(make_note(u, "in_debt", f"in_debt:{u}:{fl.debt_epoch}", data, now))
+                key = f"in_debt:{u}:{fl.debt_epoch}"
+                notes.append(make_note(u, "in_debt", key, data, now, checked=True))
                 fl.debt_armed, changed = False, True
         elif not fl.debt_armed:
             fl.debt_armed, fl.debt_epoch, changed = True, fl.debt_epoch + 1, True
@@ -192,19 +194,20 @@ class Detector:
             if kind is None:
                 continue
             x = meta.get("x")
-            x = _plain(x) if isinstance(x, dict) else {}
+            x = x if isinstance(x, dict) else {}
             data: dict[str, Any] = {
                 "op_id": ev.op_id,
                 "credits": credits_text(_int(meta.get("amt"))),
                 "available": credits_text(_int(ev.raw["a"].get("available"))),
             }
             if kind == "payment_succeeded":
-                data.update(payment_id=x.get("payment_id"), provider=x.get("provider"))
+                data.update(payment_id=_plain(x.get("payment_id")), provider=_plain(x.get("provider")))
             elif kind == "promo_claimed":
-                data.update(code=x.get("promo"), claim=x.get("claim"))
+                data.update(code=_plain(x.get("promo")), claim=_plain(x.get("claim")))
             else:
-                data["metadata"] = x
-            notes.append(make_note(ev.user, kind, f"{kind}:{ev.user}:{ev.op_id}", data, now))
+                data["metadata"] = _plain(x)
+            key = f"{kind}:{ev.user}:{ev.op_id}"
+            notes.append(make_note(ev.user, kind, key, data, now, checked=True))
 
     @staticmethod
     def _refund_note(ev: Event, now: int) -> NotificationRecord:
@@ -218,4 +221,5 @@ class Detector:
             "available": credits_text(_int(a.get("available"))),
             "debt": credits_text(_int(a.get("debt"))),
         }
-        return make_note(ev.user, "payment_refunded", f"payment_refunded:{ev.user}:{ev.op_id}", data, now)
+        key = f"payment_refunded:{ev.user}:{ev.op_id}"
+        return make_note(ev.user, "payment_refunded", key, data, now, checked=True)

@@ -49,7 +49,14 @@ class ExpiringScan:
         while True:
             found, after = await self.store.expiring_grants(now, until, after, self.page)
             notes = [
-                make_note(g.user, "credit_expiring", f"credit_expiring:{g.user}:{g.seq}", _data(g), now)
+                make_note(
+                    g.user,
+                    "credit_expiring",
+                    f"credit_expiring:{g.user}:{g.seq}",
+                    _data(g),
+                    now,
+                    checked=True,
+                )
                 for g in found
             ]
             if notes:

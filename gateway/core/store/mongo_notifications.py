@@ -75,8 +75,7 @@ class MongoNotifications(NotificationStore):
         n = self.db.notifications
         await n.create_index([("id", ASCENDING)], unique=True)
         await n.create_index([("status", ASCENDING), ("next_attempt_ms", ASCENDING)])
-        await n.create_index([("created_ms", DESCENDING), ("id", DESCENDING)])
-        await n.create_index([("user_id", ASCENDING), ("created_ms", DESCENDING)])
+        await n.create_index([("user_id", ASCENDING), ("id", DESCENDING)])
         # The expiring-credit scan (MongoDB updates an index entry only when its value changes).
         await self.db.grants.create_index([("expires_ms", ASCENDING)])
 
@@ -104,7 +103,7 @@ class MongoNotifications(NotificationStore):
         user: str | None = None,
         kind: str | None = None,
         status: str | None = None,
-        before: tuple[int, str] | None = None,
+        before: str | None = None,
         limit: int = 50,
     ) -> list[NotificationRecord]:
         q: Doc = {}
@@ -115,14 +114,8 @@ class MongoNotifications(NotificationStore):
         if status is not None:
             q["status"] = status
         if before is not None:
-            ms, nid = before
-            q["$or"] = [
-                {"created_ms": {"$lt": Int64(ms)}},
-                {"created_ms": Int64(ms), "id": {"$lt": nid}},
-            ]
-        cur = (
-            self.db.notifications.find(q).sort([("created_ms", DESCENDING), ("id", DESCENDING)]).limit(limit)
-        )
+            q["id"] = {"$lt": before}
+        cur = self.db.notifications.find(q).sort("id", DESCENDING).limit(limit)
         return [_note(d) async for d in cur]
 
     async def claim_notifications(

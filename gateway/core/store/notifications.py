@@ -18,6 +18,8 @@ only with a newer account `version` than the one it was last evaluated at.
 
 from __future__ import annotations
 
+import re
+import secrets
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +41,7 @@ STATUSES = ("pending", "delivered", "failed")
 
 @dataclass(slots=True)
 class NotificationRecord:
-    id: str  # ntf_<hex>: the event id receivers deduplicate on
+    id: str  # ntf_<12 hex of created_ms><20 random hex>: the event id receivers dedup on
     dedup_key: str  # unique: recording the same key twice keeps the first row
     user: str
     kind: str
@@ -80,22 +82,13 @@ class NotifyFlags:
     changed: bool = field(default=False, compare=False)  # set by the detector: to be written
 
 
-@dataclass(slots=True)
-class NotificationPage:
-    items: list[NotificationRecord]
-    next_cursor: str | None  # "<created_ms>.<id>" of the last item when there may be more
+ID_PATTERN = re.compile(r"ntf_[0-9a-f]{32}", re.ASCII)
 
 
-def cursor_of(n: NotificationRecord) -> str:
-    return f"{n.created_ms}.{n.id}"
-
-
-def parse_cursor(cursor: str) -> tuple[int, str]:
-    """(created_ms, id) of a cursor; ValueError if it is not one."""
-    ms, sep, nid = cursor.partition(".")
-    if not sep or not ms.isdigit() or len(ms) > 18 or not nid.startswith("ntf_") or len(nid) > 40:
-        raise ValueError("not a notification cursor")
-    return int(ms), nid
+def new_notification_id(created_ms: int) -> str:
+    """Its creation time first (12 hex digits of ms), then 80 random bits: ids sort by
+    creation, so the outbox is appended to in order and listed newest first by its key."""
+    return f"ntf_{created_ms:012x}{secrets.token_hex(10)}"
 
 
 class NotificationStore(ABC):
@@ -117,10 +110,10 @@ class NotificationStore(ABC):
         user: str | None = None,
         kind: str | None = None,
         status: str | None = None,
-        before: tuple[int, str] | None = None,
+        before: str | None = None,
         limit: int = 50,
     ) -> list[NotificationRecord]:
-        """Newest first (created_ms, then id, descending), strictly before `before`."""
+        """Newest first (by id, which sorts by creation), those with an id below `before`."""
 
     @abstractmethod
     async def claim_notifications(

@@ -8,6 +8,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import orjson
+
 from .notifications import (
     NOTIFICATION_FIELDS,
     ExpiringGrant,
@@ -27,8 +29,7 @@ TABLES = (
 ) WITHOUT ROWID""",
     # The delivery loop's claim: only pending rows are in it.
     "CREATE INDEX IF NOT EXISTS notifications_due ON notifications(next_attempt_ms) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS notifications_created ON notifications(created_ms, id)",
-    "CREATE INDEX IF NOT EXISTS notifications_user ON notifications(user, created_ms, id)",
+    "CREATE INDEX IF NOT EXISTS notifications_user ON notifications(user, id)",
     """CREATE TABLE IF NOT EXISTS notify_accounts (
     user TEXT NOT NULL PRIMARY KEY, version INTEGER NOT NULL,
     low_armed INTEGER NOT NULL, low_epoch INTEGER NOT NULL,
@@ -36,6 +37,9 @@ TABLES = (
 ) WITHOUT ROWID""",
 )
 
+# The id sorts by creation (store/notifications.py): the table (keyed by it) and the due
+# index (by next_attempt_ms, which starts at creation) are appended to in order; the dedup
+# key's and the user's indexes take the random inserts.
 _COLS = ", ".join(NOTIFICATION_FIELDS)
 _FLAG_COLS = "user, version, low_armed, low_epoch, debt_armed, debt_epoch, low_balance_threshold"
 
@@ -73,7 +77,7 @@ RETURNING {_COLS}
 
 
 def _row(n: NotificationRecord) -> tuple:
-    return tuple(json.dumps(n.data) if f == "data" else getattr(n, f) for f in NOTIFICATION_FIELDS)
+    return tuple(orjson.dumps(n.data).decode() if f == "data" else getattr(n, f) for f in NOTIFICATION_FIELDS)
 
 
 def _note(row: tuple) -> NotificationRecord:
@@ -122,7 +126,7 @@ class SQLiteNotifications(NotificationStore):
         user: str | None = None,
         kind: str | None = None,
         status: str | None = None,
-        before: tuple[int, str] | None = None,
+        before: str | None = None,
         limit: int = 50,
     ) -> list[NotificationRecord]:
         where: list[str] = []
@@ -132,12 +136,12 @@ class SQLiteNotifications(NotificationStore):
                 where.append(f"{col} = ?")
                 args.append(value)
         if before is not None:
-            where.append("(created_ms, id) < (?, ?)")
-            args += list(before)
+            where.append("id < ?")
+            args.append(before)
         sql = (
             f"SELECT {_COLS} FROM notifications"
             + (" WHERE " + " AND ".join(where) if where else "")
-            + " ORDER BY created_ms DESC, id DESC LIMIT ?"
+            + " ORDER BY id DESC LIMIT ?"
         )
         rows = await self._call(lambda: self.db.execute(sql, (*args, limit)).fetchall())
         return [_note(r) for r in rows]
