@@ -25,6 +25,7 @@ from gateway.notifications.webhook import WebhookSink
 from gateway.worker.runner import Worker
 from tests.conftest import free_port
 from tests.support.api_fixtures import ADMIN, CLIENT, H_ADMIN
+from tests.support.engine_helpers import events_of
 from tests.support.notify_receiver import Receiver
 from tests.support.worker_helpers import until
 
@@ -151,8 +152,6 @@ async def test_a_redelivered_batch_does_not_notify_twice(engine, store, clock):
     assert kills == 2
     assert sorted(await kinds(store, "red")) == ["low_balance", "payment_succeeded"]
     # The same events again, cut in other batches: nothing new either.
-    from tests.support.engine_helpers import events_of
-
     evs = await events_of(engine, "red")
     for e in evs:
         await det.batch([e])
