@@ -11,9 +11,10 @@ from typing import Any
 from gateway.core.engine import CreditEngine
 from gateway.core.settings import Settings
 from gateway.core.store.base import Store
+from gateway.notifications import Notifier
 from gateway.payments.service import Payments
 from gateway.payments.setup import build_payments
-from gateway.plans.subscriptions import Notify, Subscriptions
+from gateway.plans.subscriptions import Subscriptions
 from gateway.promos import Promos
 
 
@@ -22,6 +23,7 @@ class Selling:
     payments: Payments
     promos: Promos
     subscriptions: Subscriptions
+    notifier: Notifier  # records notifications (the outbox); the worker detects and delivers
 
 
 async def build_selling(
@@ -30,9 +32,11 @@ async def build_selling(
     payments_section: dict[str, Any] | None,
     store: Store,
     engine: CreditEngine,
-    *,
-    notify: Notify | None = None,
 ) -> Selling:
+    notifier = Notifier(
+        store, default_threshold_units=settings.low_balance_threshold_units, now_ms=engine.now_ms
+    )
     payments = await build_payments(stack, settings, payments_section, store, engine)
-    subscriptions = Subscriptions(store, engine, payments, notify=notify)
-    return Selling(payments, Promos(store, engine), subscriptions)
+    payments.notifier = notifier
+    subscriptions = Subscriptions(store, engine, payments, notify=notifier.record)
+    return Selling(payments, Promos(store, engine), subscriptions, notifier)

@@ -439,8 +439,9 @@ class EngineVsModel(RuleBasedStateMachine):
 # CREDIT_MODEL_SEED=random a fresh one each run; CREDIT_MODEL_EXAMPLES=<n> runs longer.
 SEED = os.environ.get("CREDIT_MODEL_SEED", "4")
 # Paths the seeded runs must reach. (The seeded sequence shifts with the process's history:
-# run after other tests, or under another hypothesis release, it has missed settle:lapsed,
-# release:lapsed, settle:already_released and release:op_conflict, which
+# hypothesis also draws the constants it finds in every local module loaded so far, so
+# other tests, any change of the code, or another hypothesis release move it. It has missed
+# settle:lapsed, release:lapsed, settle:already_released and release:op_conflict, which
 # tests/test_engine_guarantees.py checks directly, and release:debt_repaid and
 # settle:debt_repaid, which tests/test_engine_repayment.py checks directly.)
 MUST_REACH = [

@@ -290,6 +290,17 @@ async def test_a_failure_is_not_final(gw):
     assert (await rz_deliver(gw, failed)).status_code == 200
     view = await admin_view(gw, p["payment_id"])
     assert view["status"] == "failed" and view["error"]
+    # One payment_failed notification, however often the failure is delivered.
+    assert (await rz_deliver(gw, failed)).status_code == 200
+    assert (await rz_deliver(gw, failed, event_id="evt_failed_again")).status_code == 200
+    listed = await gw.get("/admin/notifications", params={"user": "ed"}, headers=H_ADMIN)
+    [note] = listed.json()["notifications"]
+    assert (note["kind"], note["data"]["payment_id"], note["data"]["amount"]) == (
+        "payment_failed",
+        p["payment_id"],
+        "500.00",
+    )
+    assert note["data"]["currency"] == "INR" and note["data"]["error"]
     events = gw.fakes.razorpay.pay(link_id)
     assert (await rz_deliver(gw, events["payment_link.paid"])).status_code == 200
     assert (await admin_view(gw, p["payment_id"]))["status"] == "paid"

@@ -444,3 +444,33 @@ async def test_a_plan_s_models_and_limits_change_for_its_subscribers_at_once(gw)
     # The period, sent unchanged, is no change.
     same = await gw.patch(f"/admin/plans/{plan['id']}", json={"period": "monthly"}, headers=H_ADMIN)
     assert same.status_code == 200
+
+
+async def notes(gw, user) -> list[tuple[str, dict]]:
+    r = await gw.get("/admin/notifications", params={"user": user}, headers=H_ADMIN)
+    assert r.status_code == 200, r.text
+    return sorted((n["kind"], n["data"]) for n in r.json()["notifications"])
+
+
+async def test_an_ended_subscription_is_notified_once(gw, monkeypatch):
+    plan = await make_plan(gw, credits="5", period="daily")
+    s = await subscribe(gw, "no", plan)
+    await gw.delete("/admin/accounts/no/subscriptions", params={"at_period_end": False}, headers=H_ADMIN)
+    data = {"subscription": s["id"], "plan_id": plan["id"], "reason": "canceled"}
+    assert await notes(gw, "no") == [("subscription_ended", data)]
+    # The wind-up cut before its notification: the next pass records it, once.
+    s2 = await subscribe(gw, "no2", plan)
+    real = gw.subs.notify
+
+    async def cut(**_):
+        raise ConnectionError("the store went away")
+
+    monkeypatch.setattr(gw.subs, "notify", cut)
+    with pytest.raises(ConnectionError):
+        await gw.delete("/admin/accounts/no2/subscriptions", params={"at_period_end": False}, headers=H_ADMIN)
+    monkeypatch.setattr(gw.subs, "notify", real)
+    assert await notes(gw, "no2") == []
+    assert [line.split(": ")[1] for line in await gw.subs.run_due()] == ["ended (canceled)"]
+    assert await gw.subs.run_due() == []
+    data2 = {"subscription": s2["id"], "plan_id": plan["id"], "reason": "canceled"}
+    assert await notes(gw, "no2") == [("subscription_ended", data2)]

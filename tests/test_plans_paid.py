@@ -100,6 +100,9 @@ async def test_each_paid_period_is_granted_once_when_paid_and_an_unpaid_one_ends
     assert lines and lines[0].endswith("renewal not paid; ended"), lines
     view = await mine(gw, "pia")
     assert (view["status"], view["end_reason"]) == ("ended", "payment_failed")
+    listed = (await gw.get("/admin/notifications", params={"user": "pia"}, headers=H_ADMIN)).json()
+    kinds = sorted(n["kind"] for n in listed["notifications"] if n["kind"].startswith("subscription"))
+    assert kinds == ["subscription_ended", "subscription_renewal_failed"]
 
     # Paid after all, too late for the period: credited as a top-up, not lost.
     await pay(gw, unpaid)

@@ -24,7 +24,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +148,8 @@ class Worker:
         rehydrate: Any = None,
         block_ms: int = 1000,
         linger_seconds: float = 0.005,
+        on_stored: Callable[[list[Event]], Awaitable[object]] | None = None,
+        side_jobs: Iterable[Callable[[asyncio.Event], Awaitable[None]]] = (),
     ) -> None:
         self.engine = engine
         self.redis = engine.redis
@@ -161,6 +163,12 @@ class Worker:
         self.max_deliveries = max_deliveries
         self.sweep_interval = sweep_interval
         self.rehydrate = rehydrate  # async callable(partitions) for partitions Redis lost
+        # What a stored batch notifies (gateway/notifications/detect.py): run before the
+        # batch is acknowledged, so a batch whose step failed or was cut is delivered again.
+        self.on_stored = on_stored
+        # Loops beside the drain (notification delivery, scans) until the worker stops;
+        # not in a burst.
+        self.side_jobs = list(side_jobs)
         self.stats = WorkerStats()
         self.stop_event = asyncio.Event()
         self._pkeys = self.keys.all_partitions()
@@ -374,6 +382,8 @@ class Worker:
             stored = [e for e in good if e.stream_id not in poisoned]
         if self.engine.stored_versions is not None:
             self.engine.stored_versions.stored(stored)  # the writes waiting on these are answered
+        if self.on_stored is not None and stored:
+            await self.on_stored(stored)
         if dead:
             await self._dead_letter(dead)
         pipe = self.redis.pipeline(transaction=False)
@@ -505,6 +515,11 @@ class Worker:
             self.audit.write(good)
         try:
             new, poison = await self._one_by_one(good)
+            if self.on_stored is not None:
+                poisoned = {sid for _, sid, _, _ in poison}
+                stored = [e for e in good if e.stream_id not in poisoned]
+                if stored:
+                    await self.on_stored(stored)
         except Exception:
             log.exception(
                 "writing entries delivered more than %d times failed; they stay pending", self.max_deliveries
@@ -717,11 +732,14 @@ class Worker:
             pass
         done = asyncio.Event()
         upkeep = asyncio.create_task(self._upkeep_loop(done), name="credit-worker-upkeep")
+        side: list[asyncio.Future[None]] = (
+            [] if burst else [asyncio.ensure_future(job(done)) for job in self.side_jobs]
+        )
         try:
             await self._drain(burst, done, upkeep)
         finally:
             done.set()  # the pass under way finishes; none starts after it
-            await asyncio.gather(upkeep, return_exceptions=True)
+            await asyncio.gather(upkeep, *side, return_exceptions=True)
             if self._rebuilding is not None:  # not cut half way (its lease would do, but why)
                 await asyncio.gather(self._rebuilding, return_exceptions=True)
         return self.stats

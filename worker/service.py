@@ -18,6 +18,9 @@ from gateway.core.recovery import ensure_ready, rehydrate
 from gateway.core.settings import Settings, load_settings
 from gateway.core.store.base import Store
 from gateway.logs import configure_logging
+from gateway.notifications.delivery import Deliverer, build_sink
+from gateway.notifications.detect import Detector
+from gateway.notifications.expiring import ExpiringScan
 from gateway.selling import Selling, build_selling
 
 from .audit import AuditLog
@@ -26,9 +29,36 @@ from .runner import Worker, WorkerStats
 log = logging.getLogger("credit.worker")
 
 
+def notification_jobs(
+    settings: Settings, store: Store, now_ms: Callable[[], int]
+) -> list[Callable[[asyncio.Event], Awaitable[None]]]:
+    """The worker's notification loops: the expiring-credit scan, and the delivery loop when
+    a sink is configured (else notifications stay pending in the outbox)."""
+    scan = ExpiringScan(store, days=settings.notify_expiring_days, now_ms=now_ms)
+    jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [
+        partial(every, settings.notify_expiring_interval_seconds, scan.run, at_start=True)
+    ]
+    sink = build_sink(settings)  # a bad CREDIT_NOTIFY_SINK stops the start here
+    if sink is not None:
+        deliverer = Deliverer.from_settings(settings, store, sink, now_ms)
+
+        async def deliver(stop: asyncio.Event) -> None:
+            try:
+                await deliverer.run(stop, settings.notify_poll_seconds)
+            finally:
+                await sink.close()
+
+        jobs.append(deliver)
+    return jobs
+
+
 def build_worker(settings: Settings, engine: CreditEngine, store: Store) -> Worker:
-    """A Worker configured as `settings` say, on `engine` and `store`."""
+    """A Worker configured as `settings` say, on `engine` and `store`, with its notification
+    detection (before each batch is acknowledged) and loops."""
     audit = AuditLog(settings.audit_path) if settings.audit_path else None
+    detector = Detector(
+        store, default_threshold_units=settings.low_balance_threshold_units, now_ms=engine.now_ms
+    )
     return Worker(
         engine,
         store,
@@ -42,6 +72,8 @@ def build_worker(settings: Settings, engine: CreditEngine, store: Store) -> Work
         max_deliveries=settings.max_deliveries,
         sweep_interval=settings.sweep_interval_seconds,
         rehydrate=partial(rehydrate, engine, store, only_missing=True),
+        on_stored=detector.batch,
+        side_jobs=notification_jobs(settings, store, engine.now_ms),
     )
 
 
@@ -85,7 +117,7 @@ def selling_jobs(settings: Settings, selling: Selling, stop: asyncio.Event) -> l
         # Claims a crash left between their two steps are finished (see gateway/promos.py).
         every(60.0, selling.promos.complete_pending, stop),
         # Renewals, grants a crash left fixed but not made, and ended subscriptions' wind-up.
-        every(settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, stop, first_after=0),
+        every(settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, stop, at_start=True),
     ]
     interval = settings.payment_reconcile_interval_seconds
     if selling.payments.providers and interval > 0:
@@ -95,21 +127,18 @@ def selling_jobs(settings: Settings, selling: Selling, stop: asyncio.Event) -> l
 
 
 async def every(
-    interval: float,
-    job: Callable[[], Awaitable[list[str]]],
-    stop: asyncio.Event,
-    *,
-    first_after: float | None = None,
+    interval: float, job: Callable[[], Awaitable[list[str]]], stop: asyncio.Event, *, at_start: bool = False
 ) -> None:
-    """`job` every `interval` seconds until `stop` (the first time after `first_after`, by
-    default `interval`), each line it returns logged. Jobs are idempotent (several workers
-    running them at once change each thing once), and one that fails is tried again next time."""
+    """`job` every `interval` seconds until `stop` (and once at the start, with `at_start`),
+    each line it returns logged. Jobs are idempotent (several workers running them at once
+    change each thing once), and one that fails is tried again next time."""
     name = getattr(job, "__qualname__", None) or getattr(getattr(job, "func", None), "__qualname__", "job")
-    wait = interval if first_after is None else first_after
+    first = at_start
     while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), wait)
-        wait = interval
+        if not first:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+        first = False
         if stop.is_set():
             return
         try:

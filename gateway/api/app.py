@@ -31,7 +31,7 @@ from ..selling import Selling, build_selling
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
-from .routes import access, admin, health, holds, payments, plans, pricing, promos
+from .routes import access, admin, health, holds, notifications, payments, plans, pricing, promos
 from .services import InProcessWorker, Services
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def create_app(
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
-    for module in (health, admin, access, holds, pricing, payments, promos, plans):
+    for module in (health, admin, access, holds, pricing, payments, promos, plans, notifications):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.kinds import metered_routes
@@ -200,7 +200,7 @@ async def _start(
     await _make_ready(stack, services)
     selling = await build_selling(stack, settings, proxy_config.payments if proxy_config else None, s, engine)
     services.promos, services.payments = selling.promos, selling.payments
-    services.subscriptions = selling.subscriptions
+    services.subscriptions, services.notifications = selling.subscriptions, selling.notifier
     # Before the proxy: stopped after it, the worker persists the proxy's last settlements.
     if in_process_worker:
         await _run_worker(stack, services, selling if settings.embedded else None)

@@ -13,6 +13,7 @@ from ..core.settings import Settings
 from ..core.store.base import Store
 
 if TYPE_CHECKING:
+    from ..notifications import Notifier
     from ..payments.service import Payments
     from ..plans.subscriptions import Subscriptions
     from ..promos import Promos
@@ -45,4 +46,5 @@ class Services:
     payments: Payments | None = None  # selling credits (built with every app)
     promos: Promos | None = None  # promo codes (built with every app)
     subscriptions: Subscriptions | None = None  # plans and subscriptions (built with every app)
+    notifications: Notifier | None = None  # the outbox's admin side (built with every app)
     ready: bool = False  # Redis rebuilt from the store where it had lost its state

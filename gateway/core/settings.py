@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_KEY_LENGTH = 32
@@ -160,11 +160,75 @@ class Settings(BaseSettings):
     )
     stripe_webhook_tolerance_seconds: int = Field(300, ge=1)
 
+    # Notifications (gateway/notifications/, docs/notifications.md). Recorded in the store's
+    # outbox always; delivered only when a sink is configured (the webhook: a URL and its secret).
+    low_balance_threshold: str = Field(
+        "1", description="credits (a decimal string); available below it: low_balance; 0 = never"
+    )
+    notify_expiring_days: int = Field(3, ge=1, le=365, description="credit_expiring: grants expiring within")
+    notify_expiring_interval_seconds: float = Field(3600.0, gt=0, description="how often grants are scanned")
+    notify_url: str | None = Field(None, description="the webhook receiver (https://...); unset = no webhook")
+    notify_secret: SecretStr | None = Field(None, description="signs the webhook (required with the URL)")
+    notify_sink: str | None = Field(None, description="module:attr, a factory(settings) of another sink")
+    notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    notify_retry_seconds: float = Field(86400.0, gt=0, description="retried until this long after creation")
+    notify_retry_base_seconds: float = Field(10.0, gt=0)
+    notify_retry_cap_seconds: float = Field(3600.0, gt=0)
+    notify_lease_seconds: float = Field(
+        60.0, gt=0, description="a claimed notification is claimed again after this (its worker died)"
+    )
+    notify_poll_seconds: float = Field(1.0, gt=0)
+    notify_batch: int = Field(50, ge=1, le=1000)
+
     @field_validator("admin_keys", "client_keys")
     @classmethod
     def _keys_are_valid(cls, v: str) -> str:
         parse_keys(v)
         return v
+
+    @field_validator("low_balance_threshold")
+    @classmethod
+    def _threshold_is_an_amount(cls, v: str) -> str:
+        from .money import AmountError, to_units
+
+        try:
+            to_units(v, allow_zero=True)
+        except AmountError as exc:
+            raise ValueError(f'credits as a decimal string, e.g. "5" or "0.5": {exc}') from None
+        return v
+
+    @field_validator("notify_url")
+    @classmethod
+    def _url_is_http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("an http:// or https:// URL")
+        return v or None
+
+    @field_validator("notify_sink")
+    @classmethod
+    def _sink_is_named(cls, v: str | None) -> str | None:
+        if v and (v.count(":") != 1 or not all(v.split(":"))):
+            raise ValueError("module:attr, e.g. myapp.notify:make_sink")
+        return v or None
+
+    @model_validator(mode="after")
+    def _notify_url_needs_its_secret(self) -> Settings:
+        if self.notify_url:
+            secret = self.notify_secret.get_secret_value() if self.notify_secret else ""
+            if len(secret) < 16:
+                raise ValueError(
+                    "CREDIT_NOTIFY_URL is set: CREDIT_NOTIFY_SECRET must be set too, at least 16 "
+                    "characters (the receiver checks the webhook's signature with it)"
+                )
+        if self.notify_lease_seconds <= self.notify_timeout_seconds:
+            raise ValueError("CREDIT_NOTIFY_LEASE_SECONDS must be longer than CREDIT_NOTIFY_TIMEOUT_SECONDS")
+        return self
+
+    @property
+    def low_balance_threshold_units(self) -> int:
+        from .money import to_units
+
+        return to_units(self.low_balance_threshold, allow_zero=True)
 
     @property
     def embedded(self) -> bool:
@@ -191,8 +255,10 @@ def settings_from_env() -> Settings:
     except ValidationError as exc:
         lines = ["invalid configuration:"]
         for e in exc.errors(include_url=False, include_input=False, include_context=False):
-            name = "CREDIT_" + "_".join(str(p) for p in e.get("loc", ())).upper()
-            lines.append(f"  {name}: {str(e.get('msg', 'invalid')).removeprefix('Value error, ')}")
+            msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+            loc = e.get("loc", ())
+            # A check across settings (no loc) names its variables in its message.
+            lines.append(f"  CREDIT_{'_'.join(str(p) for p in loc).upper()}: {msg}" if loc else f"  {msg}")
         raise SettingsError("\n".join(lines)) from None
 
 

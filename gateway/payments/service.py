@@ -34,6 +34,7 @@ from gateway.core.store.payments import (
     WebhookEvent,
     sources_of,
 )
+from gateway.notifications import Notifier
 
 from .catalog import Catalog, CatalogError, from_minor, to_minor
 from .lock import Busy, payment_lease
@@ -73,6 +74,7 @@ class Payments:
         providers: Mapping[str, Provider],
         *,
         now_ms: Callable[[], int] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.store, self.engine, self.catalog = store, engine, catalog
         self.providers = dict(providers)
@@ -80,6 +82,7 @@ class Payments:
         # Who credits a paid payment that has a purpose (the subscriptions): True when it
         # did; False leaves the payment to be credited as a top-up (nothing paid is lost).
         self.on_paid: Callable[[PaymentRecord], Awaitable[bool]] | None = None
+        self.notifier = notifier or Notifier(store, now_ms=self.now_ms)
 
     def provider(self, name: Any) -> Provider:
         if name not in ("razorpay", "stripe"):
@@ -172,7 +175,10 @@ class Payments:
             failed: dict[str, Any] = {"error": str(exc)[:500], "updated_ms": self.now_ms()}
             if exc.refused:  # no link or session exists: nothing can pay this attempt
                 failed["status"] = "failed"
-            await self.store.update_payment(p.payment_id, failed, from_status=("created",))
+            moved = await self.store.update_payment(p.payment_id, failed, from_status=("created",))
+            if moved and exc.refused:
+                p.error = failed["error"]
+                await self._failed(p)
             log.warning("payment %s: %s", p.payment_id, exc)
             raise PaymentError(
                 "provider_unavailable", f"{prov.name} did not create the payment", 502
@@ -286,8 +292,30 @@ class Payments:
             changes: dict[str, Any] = {"status": ev.kind, "updated_ms": self.now_ms()}
             if ev.error:
                 changes["error"] = ev.error
-            await self.store.update_payment(p.payment_id, changes, from_status=sources_of(ev.kind))
+            moved = await self.store.update_payment(p.payment_id, changes, from_status=sources_of(ev.kind))
+            # Recorded when this delivery moved it, and again (the dedup key keeps one) when
+            # it was failed already: a delivery cut between the move and the record.
+            if ev.kind == "failed" and (moved or p.status == "failed"):
+                p.error = ev.error or p.error
+                await self._failed(p)
         return "applied", 200, p.payment_id
+
+    async def _failed(self, p: PaymentRecord) -> None:
+        """The payment_failed notification (once per payment: a failed payment moves on only
+        to paid, expired or cancelled)."""
+        await self.notifier.record(
+            user=p.user,
+            kind="payment_failed",
+            dedup_key=f"payment_failed:{p.payment_id}",
+            data={
+                "payment_id": p.payment_id,
+                "provider": p.provider,
+                "amount": str(from_minor(p.amount_minor, p.currency)),
+                "currency": p.currency,
+                "credits": credits_text(p.credits),
+                "error": p.error,
+            },
+        )
 
     @staticmethod
     def _mismatch(p: PaymentRecord, ev: ProviderEvent) -> tuple[str, dict[str, Any]] | None:

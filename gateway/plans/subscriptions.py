@@ -321,14 +321,6 @@ class Subscriptions:
             period=k,
             credits=credits_text(int(g["credits"])),
         )
-        if done is not None and self.notify is not None:
-            data = {
-                "subscription": s.sub_id,
-                "plan_id": s.plan_id,
-                "period": k,
-                "credits": credits_text(g["credits"]),
-            }
-            await self.notify(user=s.user, kind="subscription_renewed", dedup_key=op, data=data)
         return done or (await self.store.subscription(s.sub_id)) or s
 
     async def _open_payment(self, s: SubscriptionRecord, plan: PlanRecord) -> SubscriptionRecord:
@@ -415,23 +407,12 @@ class Subscriptions:
         )
         if ended is None:
             return None
-        if self.notify is not None:
-            data = {"subscription": s.sub_id, "plan_id": s.plan_id, "reason": reason}
-            if reason == "payment_failed":
-                await self.notify(
-                    user=s.user,
-                    kind="subscription_renewal_failed",
-                    dedup_key=f"sub_failed:{s.sub_id}",
-                    data=data,
-                )
-            await self.notify(
-                user=s.user, kind="subscription_ended", dedup_key=f"sub_ended:{s.sub_id}", data=data
-            )
         return await self._wind_up(ended)
 
     async def _wind_up(self, s: SubscriptionRecord) -> SubscriptionRecord:
-        """An ended subscription's plan credit expired and its plan limits removed; the
-        record stays due until both are done."""
+        """An ended subscription's plan credit expired, its plan limits removed, and its
+        notifications recorded; the record stays due until all is done (each step may run
+        again: the trim's op id, the notifications' dedup keys)."""
         await self.engine.trim_plan_credit(
             s.user,
             op_id=f"plan:{s.sub_id}:end",
@@ -440,6 +421,11 @@ class Subscriptions:
             cap_units=0,
         )
         await set_plan_limits(self.engine.redis, self.engine.keys, self.store, s.user, None, None, None)
+        if self.notify is not None:
+            data = {"subscription": s.sub_id, "plan_id": s.plan_id, "reason": s.end_reason}
+            kinds = ["subscription_renewal_failed"] if s.end_reason == "payment_failed" else []
+            for kind in [*kinds, "subscription_ended"]:
+                await self.notify(user=s.user, kind=kind, dedup_key=f"{kind}:{s.user}:{s.sub_id}", data=data)
         done = await self._update(s, {"next_action_ms": None}, None, expect={"status": "ended"})
         return done or s
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..events import Event
 from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow, collapse, reissued
+from .notifications import NotificationStore
 from .payments import PaymentStore
 from .plans import PlanStore
 from .promos import PromoStore
@@ -168,10 +169,10 @@ class RateLimitOverride:
         )
 
 
-class Store(PaymentStore, PromoStore, PlanStore):
+class Store(PaymentStore, PromoStore, PlanStore, NotificationStore):
     """One durable store. Implementations: SQLiteStore (embedded), MongoStore. The payment,
-    promo and plan records' parts of the contract are in store/payments.py, promos.py and
-    plans.py."""
+    promo, plan and notification records' parts of the contract are in store/payments.py,
+    promos.py, plans.py and notifications.py."""
 
     @classmethod
     @abstractmethod

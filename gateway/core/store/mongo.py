@@ -2,7 +2,9 @@
 
 Collections: `ledger` (one document per event, unique (user_id, op_id)), `accounts`
 (_id = user), `grants` (_id = "user|seq"), `holds` (_id = "user|hold_id"), `api_keys`,
-`rate_limits` (_id = user), and `meta` (the schema version, see `_migrate`).
+`rate_limits` (_id = user), `meta` (the schema version, see `_migrate`), and the payment,
+promo and notification collections of the mixins (mongo_payments.py, mongo_promos.py,
+mongo_notifications.py).
 
 Every snapshot write is an upsert guarded by the version: {_id, version: {$lt: v}}. When a
 newer version is already stored the filter misses, the upsert tries to insert a second
@@ -44,6 +46,7 @@ from .base import (
     restore_hold,
 )
 from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
+from .mongo_notifications import MongoNotifications
 from .mongo_payments import MongoPayments
 from .mongo_plans import MongoPlans
 from .mongo_promos import MongoPromos
@@ -101,7 +104,7 @@ def _ledger_entry(d: Doc) -> LedgerEntry:
     )
 
 
-class MongoStore(MongoPayments, MongoPromos, MongoPlans, Store):
+class MongoStore(MongoPayments, MongoPromos, MongoPlans, MongoNotifications, Store):
     def __init__(self, uri: str, db: str = "credit_management") -> None:
         self.uri = uri
         self.db_name = db
@@ -135,6 +138,7 @@ class MongoStore(MongoPayments, MongoPromos, MongoPlans, Store):
         await self._payment_indexes()
         await self._promo_indexes()
         await self._plan_indexes()
+        await self._notification_indexes()
 
     async def _migrate(self) -> None:
         """Brings the documents to SCHEMA_VERSION. Each step may run again (a $rename of a

@@ -32,6 +32,7 @@ from .base import (
     restore_hold,
 )
 from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
+from .sqlite_notifications import SQLiteNotifications
 from .sqlite_payments import SQLitePayments
 from .sqlite_plans import SQLitePlans
 from .sqlite_promos import SQLitePromos
@@ -133,7 +134,7 @@ def _ledger_entry(row: tuple) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, json.loads(event))
 
 
-class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, Store):
+class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, Store):
     """The durable store in one SQLite file (or ":memory:")."""
 
     def __init__(self, path: str) -> None:

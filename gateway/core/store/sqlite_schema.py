@@ -9,6 +9,8 @@ The schema version is kept in `PRAGMA user_version`:
   4  the promo codes' tables added (store/sqlite_promos.py: promos, promo_claims)
   5  plans and subscriptions (store/sqlite_plans.py); payments.purpose (what a payment is
      for: a subscription's period); rate_limits' plan columns (a subscriber's plan limits)
+     and the notification tables (store/sqlite_notifications.py: notifications,
+     notify_accounts)
 A file of a newer version than this code knows is refused rather than misread.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import sqlite3
 
 from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
+from .sqlite_notifications import TABLES as NOTIFICATION_TABLES
 from .sqlite_payments import TABLES as PAYMENT_TABLES
 from .sqlite_plans import TABLES as PLAN_TABLES
 from .sqlite_promos import TABLES as PROMO_TABLES
@@ -70,6 +73,7 @@ TABLES = (
     *PAYMENT_TABLES,
     *PROMO_TABLES,
     *PLAN_TABLES,
+    *NOTIFICATION_TABLES,
 )
 
 # Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
