@@ -559,3 +559,63 @@ async def test_embedded_mode_detects_and_delivers_in_process(tmp_path, receiver)
         await until(delivered, "the low_balance webhook arrives")
         listed = (await c.get("/admin/notifications", params={"user": "emb"}, headers=H_ADMIN)).json()
         assert [(n["kind"], n["status"]) for n in listed["notifications"]] == [("low_balance", "delivered")]
+
+
+async def test_a_worker_process_killed_mid_delivery_is_followed_by_one_delivery_per_id(redis_url, tmp_path):
+    """A real worker process, SIGKILLed while its webhook request hangs at the receiver;
+    the next worker delivers it after the lease; after its dedup the receiver has it once."""
+    import signal
+    import subprocess
+    import sys
+
+    from gateway.core.store.sqlite import SQLiteStore
+    from tests.support.worker_helpers import REPO, worker_env
+
+    receiver = Receiver(SECRET)
+    url = await receiver.start()
+    receiver.gate = asyncio.Event()
+    db = tmp_path / "kill-notify.db"
+    store = SQLiteStore(str(db))
+    await store.open()
+    env = worker_env(
+        redis_url,
+        db,
+        CREDIT_NOTIFY_URL=url,
+        CREDIT_NOTIFY_SECRET=SECRET,
+        CREDIT_NOTIFY_LEASE_SECONDS=3,
+        CREDIT_NOTIFY_TIMEOUT_SECONDS=2,
+        CREDIT_NOTIFY_POLL_SECONDS=0.1,
+    )
+    procs = []
+    try:
+        await Notifier(store).record(user="kay", kind="promo_claimed", dedup_key="k-1", data={"code": "X"})
+        [note] = (await Notifier(store).list(user="kay"))["notifications"]
+
+        def start() -> subprocess.Popen:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "gateway.worker"], env=env, cwd=REPO, stderr=subprocess.DEVNULL
+            )
+            procs.append(p)
+            return p
+
+        first = start()
+        await asyncio.wait_for(receiver.entered.wait(), 60)  # its request is in flight
+        first.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+        receiver.gate.set()  # the receiver answers the dead worker's request: nobody reads it
+        assert (await store.notification(note["id"])).status == "pending"
+        start()
+
+        async def delivered() -> bool:
+            return (await store.notification(note["id"])).status == "delivered"
+
+        await until(delivered, "the next worker delivers it", 60)
+        assert list(receiver.events) == [note["id"]]  # after the receiver's dedup: once
+        assert receiver.accepted[note["id"]] >= 1 and receiver.bad_signatures == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                await asyncio.to_thread(p.wait, 20)
+        await store.close()
+        await receiver.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -24,7 +23,13 @@ from gateway.core.store.sqlite import SQLiteStore
 from gateway.worker.audit import AuditLog
 from gateway.worker.runner import Worker
 from tests.support.worker_helpers import equals as _eq
-from tests.support.worker_helpers import ledger_count, make_traffic, until, users_on_distinct_partitions
+from tests.support.worker_helpers import (
+    ledger_count,
+    make_traffic,
+    until,
+    users_on_distinct_partitions,
+    worker_env,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,21 +212,6 @@ async def test_reconcile_reports_planted_drift(engine, store):
 
 
 # -- real processes ------------------------------------------------------------------------
-
-
-def worker_env(redis_url, db, **extra):
-    env = {
-        **os.environ,
-        "CREDIT_REDIS_URL": redis_url,
-        "CREDIT_SQLITE_PATH": str(db),
-        "CREDIT_PARTITIONS": "16",
-        "CREDIT_AUDIT_PATH": "",
-        "PYTHONPATH": str(REPO),
-    }
-    env.pop("CREDIT_AUDIT_PATH")
-    env["CREDIT_AUDIT_PATH"] = str(Path(db).with_suffix(".jsonl"))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing(engine, redis_url, tmp_path):

@@ -5,6 +5,7 @@ and answers `status` (500 while "down")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections import Counter
@@ -37,10 +38,17 @@ class Receiver:
         self.accepted: Counter[str] = Counter()  # id -> 2xx answers given
         self._runner: web.AppRunner | None = None
         self.url = ""
+        # While `gate` is set and closed, a request waits for it (a receiver that hangs);
+        # `entered` says one is waiting.
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.requests += 1
+        if self.gate is not None and not self.gate.is_set():
+            self.entered.set()
+            await self.gate.wait()
         try:
             good = self.check(self.secret, body, request.headers.get("X-Credit-Signature", ""))
         except (ValueError, KeyError):  # no header, or not of the form t=...,v1=...

@@ -1,12 +1,31 @@
 """Helpers shared by the worker and partition-loss tests: traffic to drain, counting the
-ledger, and waiting for a running worker to get somewhere."""
+ledger, waiting for a running worker to get somewhere, and a worker process's environment."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def worker_env(redis_url, db, **extra) -> dict[str, str]:
+    """The environment of a `python -m gateway.worker` process on `redis_url` and the SQLite
+    file `db` (its audit file beside it), with `extra` settings."""
+    env = {
+        **os.environ,
+        "CREDIT_REDIS_URL": redis_url,
+        "CREDIT_SQLITE_PATH": str(db),
+        "CREDIT_PARTITIONS": "16",
+        "CREDIT_AUDIT_PATH": str(Path(db).with_suffix(".jsonl")),
+        "PYTHONPATH": str(REPO),
+    }
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
 
 
 async def make_traffic(engine, users=("u1", "u2", "u3", "u4"), rounds=5):
