@@ -120,3 +120,23 @@ async def test_promo_claims_hold_their_limits_across_slots_on_the_cluster(cengin
     assert sum(got) >= 10
     balances = [(await cengine.balance(f"pc{i}")).available for i in range(40)]
     assert sum(balances) == 10 and max(balances) == 1
+
+
+async def test_plan_periods_limits_and_the_end_s_trim_run_on_the_cluster(cengine, store):
+    """A subscription's grant, its plan limits and models, and the trim at its end each stay
+    on the account's own slot."""
+    from gateway.core.engine import RateCharge
+    from gateway.core.errors import ModelNotAllowed
+    from gateway.plans.subscriptions import Subscriptions
+
+    subs = Subscriptions(store, cengine, None)
+    plan = await subs.plans.create(
+        {"name": "C", "credits": "7", "period": "daily", "rollover": True, "allowed_models": ["m"]}
+    )
+    for user in ("cp1", "cp2", "cp3"):
+        await subs.subscribe(user, {"plan_id": plan.plan_id})
+        assert (await cengine.balance(user)).available == 7
+        with pytest.raises(ModelNotAllowed):
+            await cengine.reserve(user, "1", hold_id=f"{user}-h", ttl_seconds=60, rate=RateCharge(model="x"))
+        await subs.cancel(user, at_period_end=False)
+        assert (await cengine.balance(user)).available == 0
