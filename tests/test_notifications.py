@@ -619,3 +619,50 @@ async def test_a_worker_process_killed_mid_delivery_is_followed_by_one_delivery_
                 await asyncio.to_thread(p.wait, 20)
         await store.close()
         await receiver.stop()
+
+
+async def test_a_resend_while_its_delivery_is_under_way_is_refused(store, clock):
+    from gateway.notifications.notifier import NotifyError
+
+    n = await add(store, clock)
+    hangs = Hangs()
+    busy = asyncio.create_task(deliverer(store, hangs, clock).run_once())
+    await asyncio.wait_for(hangs.entered.wait(), 10)
+    notifier = Notifier(store, now_ms=lambda: ms(clock))
+    with pytest.raises(NotifyError, match="being delivered now") as refused:
+        await notifier.resend(n.id)
+    assert refused.value.status == 409
+    busy.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await busy
+    clock.advance(61)  # its lease over: a resend goes through
+    assert (await notifier.resend(n.id)).lease is None
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"CREDIT_NOTIFY_LEASE_SECONDS": "1e300"}, "CREDIT_NOTIFY_LEASE_SECONDS"),
+        ({"CREDIT_NOTIFY_POLL_SECONDS": "inf"}, "CREDIT_NOTIFY_POLL_SECONDS"),
+        ({"CREDIT_NOTIFY_RETRY_CAP_SECONDS": "nan"}, "CREDIT_NOTIFY_RETRY_CAP_SECONDS"),
+        ({"CREDIT_NOTIFY_RETRY_BASE_SECONDS": "100", "CREDIT_NOTIFY_RETRY_CAP_SECONDS": "10"}, "RETRY_BASE"),
+        ({"CREDIT_NOTIFY_URL": "http://", "CREDIT_NOTIFY_SECRET": "s" * 20}, "CREDIT_NOTIFY_URL"),
+        (
+            {"CREDIT_NOTIFY_URL": "http://exa mple.com/", "CREDIT_NOTIFY_SECRET": "s" * 20},
+            "CREDIT_NOTIFY_URL",
+        ),
+        (
+            {"CREDIT_NOTIFY_URL": "http://127.0.0.1:99999/", "CREDIT_NOTIFY_SECRET": "s" * 20},
+            "CREDIT_NOTIFY_URL",
+        ),
+        (
+            {"CREDIT_NOTIFY_URL": "https://a.example/h", "CREDIT_NOTIFY_SECRET": " " * 20},
+            "CREDIT_NOTIFY_SECRET",
+        ),
+    ],
+)
+def test_settings_that_would_stop_delivery_refuse_to_start(monkeypatch, env, names):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SettingsError, match=names):
+        settings_from_env()

@@ -166,18 +166,26 @@ class Settings(BaseSettings):
         "1", description="credits (a decimal string); available below it: low_balance; 0 = never"
     )
     notify_expiring_days: int = Field(3, ge=1, le=365, description="credit_expiring: grants expiring within")
-    notify_expiring_interval_seconds: float = Field(3600.0, gt=0, description="how often grants are scanned")
+    notify_expiring_interval_seconds: float = Field(
+        3600.0, gt=0, le=7 * 86400, allow_inf_nan=False, description="how often grants are scanned"
+    )
     notify_url: str | None = Field(None, description="the webhook receiver (https://...); unset = no webhook")
     notify_secret: SecretStr | None = Field(None, description="signs the webhook (required with the URL)")
     notify_sink: str | None = Field(None, description="module:attr, a factory(settings) of another sink")
     notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
-    notify_retry_seconds: float = Field(86400.0, gt=0, description="retried until this long after creation")
-    notify_retry_base_seconds: float = Field(10.0, gt=0)
-    notify_retry_cap_seconds: float = Field(3600.0, gt=0)
-    notify_lease_seconds: float = Field(
-        60.0, gt=0, description="a claimed notification is claimed again after this (its worker died)"
+    notify_retry_seconds: float = Field(
+        86400.0, gt=0, le=30 * 86400, allow_inf_nan=False, description="retried until this long after creation"
     )
-    notify_poll_seconds: float = Field(1.0, gt=0)
+    notify_retry_base_seconds: float = Field(10.0, gt=0, le=86400, allow_inf_nan=False)
+    notify_retry_cap_seconds: float = Field(3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
+    notify_lease_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        allow_inf_nan=False,
+        description="a claimed notification is claimed again after this (its worker died)",
+    )
+    notify_poll_seconds: float = Field(1.0, gt=0, le=60, allow_inf_nan=False)
     notify_batch: int = Field(50, ge=1, le=1000)
 
     @field_validator("admin_keys", "client_keys")
@@ -200,9 +208,23 @@ class Settings(BaseSettings):
     @field_validator("notify_url")
     @classmethod
     def _url_is_http(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("http://", "https://")):
-            raise ValueError("an http:// or https:// URL")
-        return v or None
+        from urllib.parse import urlsplit
+
+        if v is None:
+            return None
+        try:
+            parts = urlsplit(v)
+            port_ok = parts.port is None or parts.port > 0  # .port raises past 65535
+        except ValueError:
+            port_ok = False
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or not port_ok
+            or any(c.isspace() or ord(c) < 32 for c in v)
+        ):
+            raise ValueError("an http:// or https:// URL with a host (and a port up to 65535)")
+        return v
 
     @field_validator("notify_sink")
     @classmethod
@@ -215,13 +237,17 @@ class Settings(BaseSettings):
     def _notify_url_needs_its_secret(self) -> Settings:
         if self.notify_url:
             secret = self.notify_secret.get_secret_value() if self.notify_secret else ""
-            if len(secret) < 16:
+            if len(secret.strip()) < 16:
                 raise ValueError(
                     "CREDIT_NOTIFY_URL is set: CREDIT_NOTIFY_SECRET must be set too, at least 16 "
                     "characters (the receiver checks the webhook's signature with it)"
                 )
         if self.notify_lease_seconds <= self.notify_timeout_seconds:
             raise ValueError("CREDIT_NOTIFY_LEASE_SECONDS must be longer than CREDIT_NOTIFY_TIMEOUT_SECONDS")
+        if self.notify_retry_base_seconds > self.notify_retry_cap_seconds:
+            raise ValueError(
+                "CREDIT_NOTIFY_RETRY_BASE_SECONDS must not be above CREDIT_NOTIFY_RETRY_CAP_SECONDS"
+            )
         return self
 
     @property

@@ -82,7 +82,7 @@ class Detector:
         *,
         default_threshold_units: int,
         now_ms: Callable[[], int] | None = None,
-        refresh_seconds: float = 30.0,
+        refresh_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store

@@ -148,9 +148,13 @@ class Notifier:
     async def resend(self, notification_id: str) -> NotificationRecord:
         """Back to pending and delivered again (with its same id: receivers that dedup
         on it see a repeat). Its retry window starts again now."""
-        n = await self.store.resend_notification(notification_id, self.now_ms())
+        now = self.now_ms()
+        n = await self.store.resend_notification(notification_id, now)
         if n is None:
             raise NotifyError(404, "not_found", "no such notification")
+        if n.lease is not None and n.next_attempt_ms > now:
+            # Two deliveries of one notification at the same moment: never.
+            raise NotifyError(409, "in_flight", "it is being delivered now; resend it once that ends")
         return n
 
     # -- an account's threshold -------------------------------------------------------------

@@ -146,8 +146,9 @@ class MongoNotifications(NotificationStore):
         return r.modified_count == 1
 
     async def resend_notification(self, notification_id: str, now_ms: int) -> NotificationRecord | None:
+        not_in_flight = [{"lease": None}, {"next_attempt_ms": {"$lte": Int64(now_ms)}}]
         d = await self.db.notifications.find_one_and_update(
-            {"id": notification_id},
+            {"id": notification_id, "$or": not_in_flight},
             {
                 "$set": {
                     "status": "pending",
@@ -161,6 +162,8 @@ class MongoNotifications(NotificationStore):
             },
             return_document=ReturnDocument.AFTER,
         )
+        if d is None:  # no such id, or its delivery is under way: the record as it is
+            d = await self.db.notifications.find_one({"id": notification_id})
         return None if d is None else _note(d)
 
     async def notify_flags(self, users: list[str]) -> dict[str, NotifyFlags]:

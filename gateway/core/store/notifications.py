@@ -129,7 +129,9 @@ class NotificationStore(ABC):
 
     @abstractmethod
     async def resend_notification(self, notification_id: str, now_ms: int) -> NotificationRecord | None:
-        """Back to pending, due now, its retry window restarted; None if there is no such id."""
+        """Back to pending, due now, its retry window restarted; None if there is no such id.
+        One whose delivery is under way (claimed, its lease running) is left as it is: the
+        record returned still has its `lease`."""
 
     # -- accounts' notification state ---------------------------------------------------------
 

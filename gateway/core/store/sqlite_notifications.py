@@ -164,8 +164,9 @@ class SQLiteNotifications(NotificationStore):
     def _resend(self, notification_id: str, now_ms: int) -> NotificationRecord | None:
         self.db.execute(
             "UPDATE notifications SET status = 'pending', attempts = 0, next_attempt_ms = ?, "
-            "pending_since_ms = ?, last_error = NULL, delivered_ms = NULL, lease = NULL WHERE id = ?",
-            (now_ms, now_ms, notification_id),
+            "pending_since_ms = ?, last_error = NULL, delivered_ms = NULL, lease = NULL "
+            "WHERE id = ? AND (lease IS NULL OR next_attempt_ms <= ?)",
+            (now_ms, now_ms, notification_id, now_ms),
         )
         row = self.db.execute(
             f"SELECT {_COLS} FROM notifications WHERE id = ?", (notification_id,)
