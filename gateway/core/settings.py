@@ -174,7 +174,11 @@ class Settings(BaseSettings):
     notify_sink: str | None = Field(None, description="module:attr, a factory(settings) of another sink")
     notify_timeout_seconds: float = Field(10.0, gt=0, le=120)
     notify_retry_seconds: float = Field(
-        86400.0, gt=0, le=30 * 86400, allow_inf_nan=False, description="retried until this long after creation"
+        86400.0,
+        gt=0,
+        le=30 * 86400,
+        allow_inf_nan=False,
+        description="retried until this long after creation",
     )
     notify_retry_base_seconds: float = Field(10.0, gt=0, le=86400, allow_inf_nan=False)
     notify_retry_cap_seconds: float = Field(3600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
