@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import redis.exceptions as redis_errors
 from fastapi import FastAPI, Request
@@ -81,6 +81,20 @@ class ApiError(Exception):
             headers,
             details,
         )
+
+
+class ServiceRefusal(Protocol):
+    """A selling service's refusal (payments, promo codes, plans, notifications): it names
+    its own status."""
+
+    status: int
+    code: str
+    message: str
+
+
+def refusal(exc: ServiceRefusal) -> ApiError:
+    """The API's error for a selling service's refusal."""
+    return ApiError(exc.status, exc.code, exc.message)
 
 
 # Error types of the API's own validators (gateway/api/schemas.py) that are also its codes.

@@ -11,7 +11,7 @@ from ...core.keys import ID_PATTERN
 from ...notifications import Notifier, NotifyError
 from ..body import DecimalRoute
 from ..deps import AdminCaller, ServicesDep
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 
 router = APIRouter(tags=["notifications"], route_class=DecimalRoute, strict_content_type=False)
 
@@ -22,10 +22,6 @@ def _notifier(services: Any) -> Notifier:
     if services.notifications is None:  # pragma: no cover - built with every app
         raise ApiError(503, "unavailable", "notifications are not running")
     return services.notifications
-
-
-def _refuse(exc: NotifyError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message)
 
 
 @router.get("/admin/notifications")
@@ -46,7 +42,7 @@ async def list_notifications(
             user=user, kind=kind, status=status, before=before, limit=int(limit)
         )
     except NotifyError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.get("/admin/notifications/{notification_id}")
@@ -55,7 +51,7 @@ async def get_notification(notification_id: str, _: AdminCaller, services: Servi
     try:
         return notifier.view(await notifier.get(notification_id))
     except NotifyError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.post("/admin/notifications/{notification_id}/resend")
@@ -65,7 +61,7 @@ async def resend_notification(notification_id: str, _: AdminCaller, services: Se
     try:
         return notifier.view(await notifier.resend(notification_id))
     except NotifyError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.get("/admin/accounts/{user_id}/notifications")
@@ -82,4 +78,4 @@ async def set_account_notifications(
     try:
         return await _notifier(services).set_account_settings(user_id, body)
     except NotifyError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None

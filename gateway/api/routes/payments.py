@@ -17,7 +17,7 @@ from ...payments.catalog import from_minor
 from ...payments.service import PaymentError, Payments
 from ..body import DecimalRoute
 from ..deps import AdminCaller, ClientCaller, ServicesDep
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 
 router = APIRouter(tags=["payments"], route_class=DecimalRoute, strict_content_type=False)
 
@@ -82,10 +82,6 @@ def _page(items: list[PaymentRecord], limit: int, *, full: bool) -> dict[str, An
     return {"payments": [view(p, full=full) for p in items], "next_cursor": nxt}
 
 
-def _refuse(exc: PaymentError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message)
-
-
 # -- the user's own ---------------------------------------------------------------------------
 
 
@@ -107,7 +103,7 @@ async def create_payment(body: dict[str, Any], caller: ClientCaller, services: S
             description=body.get("description"),
         )
     except PaymentError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
     return view(p)
 
 
@@ -211,7 +207,7 @@ async def refund_payment(payment_id: PaymentId, _: AdminCaller, services: Servic
     try:
         return await _payments(services).request_refund(payment_id, amount)
     except PaymentError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 # -- the providers' webhooks -------------------------------------------------------------------

@@ -12,7 +12,7 @@ from ...plans.catalog import PlanError, Plans
 from ...plans.subscriptions import Subscriptions
 from ..body import DecimalRoute
 from ..deps import AdminCaller, ClientCaller, ServicesDep
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 
 router = APIRouter(tags=["plans"], route_class=DecimalRoute, strict_content_type=False)
 
@@ -25,10 +25,6 @@ def _subs(services: Any) -> Subscriptions:
     return services.subscriptions
 
 
-def _refuse(exc: PlanError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message)
-
-
 @router.post("/admin/plans", status_code=201)
 async def create_plan(body: dict[str, Any], _: AdminCaller, services: ServicesDep):
     """`{"name": "Pro", "price": "29.99", "currency": "USD", "credits": "10000",
@@ -36,7 +32,7 @@ async def create_plan(body: dict[str, Any], _: AdminCaller, services: ServicesDe
     try:
         return Plans.view(await _subs(services).plans.create(body))
     except PlanError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.get("/admin/plans")
@@ -49,7 +45,7 @@ async def get_plan(plan_id: str, _: AdminCaller, services: ServicesDep):
     try:
         return Plans.view(await _subs(services).plans.get(plan_id))
     except PlanError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.patch("/admin/plans/{plan_id}")
@@ -59,7 +55,7 @@ async def update_plan(plan_id: str, body: dict[str, Any], _: AdminCaller, servic
     try:
         return Plans.view(await _subs(services).update_plan(plan_id, body))
     except PlanError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.post("/admin/plans/{plan_id}/deactivate")
@@ -76,7 +72,7 @@ async def subscribe(user_id: UserId, body: dict[str, Any], _: AdminCaller, servi
     try:
         return await subs.view(await subs.subscribe(user_id, body))
     except PlanError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.get("/admin/accounts/{user_id}/subscriptions")
@@ -97,7 +93,7 @@ async def cancel(
     try:
         return await subs.view(await subs.cancel(user_id, at_period_end=at_period_end))
     except PlanError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
 
 
 @router.get("/credits/subscription")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from ...promos import PromoError, Promos
 from ..body import DecimalRoute
 from ..deps import AdminCaller, ClientCaller, ServicesDep
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 
 router = APIRouter(tags=["promos"], route_class=DecimalRoute, strict_content_type=False)
 
@@ -21,10 +21,6 @@ def _promos(services: Any) -> Promos:
     return services.promos
 
 
-def _refuse(exc: PromoError) -> ApiError:
-    return ApiError(exc.status, exc.code, exc.message)
-
-
 @router.post("/admin/promos", status_code=201)
 async def create_promo(body: dict[str, Any], _: AdminCaller, services: ServicesDep):
     """`{"code": "LAUNCH100", "credits": "100", "max_uses": 500, "max_uses_per_user": 1,
@@ -33,7 +29,7 @@ async def create_promo(body: dict[str, Any], _: AdminCaller, services: ServicesD
     try:
         p = await promos.create(body)
     except PromoError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
     return promos.view(p, 0)
 
 
@@ -50,7 +46,7 @@ async def get_promo(code: str, _: AdminCaller, services: ServicesDep):
     try:
         p = await promos.get(code)
     except PromoError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
     return promos.view(p, await promos.claims_so_far(p))
 
 
@@ -60,7 +56,7 @@ async def update_promo(code: str, body: dict[str, Any], _: AdminCaller, services
     try:
         p = await promos.update(code, body)
     except PromoError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
     return promos.view(p, await promos.claims_so_far(p))
 
 
@@ -81,4 +77,4 @@ async def claim_promo(body: dict[str, Any], caller: ClientCaller, services: Serv
     try:
         return await _promos(services).claim(caller.user_id, body["code"])
     except PromoError as exc:
-        raise _refuse(exc) from None
+        raise refusal(exc) from None
