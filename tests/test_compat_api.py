@@ -161,6 +161,8 @@ async def test_an_unknown_provider_is_a_400(gw):
     assert (r.status_code, r.json()["error"]["code"]) == (400, "unknown_provider")
     unsigned = await gw.post("/webhooks/razorpay", json={"event": "payment.captured"})
     assert unsigned.status_code == 401  # webhooks are signed or refused
+    other = await gw.post("/webhooks/paypal", content=b"{}")
+    assert (other.status_code, other.json()["error"]["code"]) == (404, "not_found")
 
 
 # -- promos ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from pydantic import Field
 
 from ...core.errors import InsufficientCredits
 from ...core.keyring import bearer
@@ -101,7 +102,7 @@ async def balance_of(user: Annotated[str, Depends(_balance_reader)], engine: Eng
 class Adjustment(Body):
     user_id: Ident
     amount: Credits
-    description: str | None = None
+    description: str | None = Field(None, max_length=500)
 
 
 def _adjusted(user: str, state: Any, op_id: str, replayed: bool, response: Response) -> dict[str, Any]:
@@ -291,9 +292,9 @@ def old_payment(p: PaymentRecord) -> dict[str, Any]:
 
 class PaymentCreate(Body):
     amount_inr: Credits
-    description: str | None = "Credit top-up"
-    customer_email: str | None = None
-    customer_phone: str | None = None
+    description: str | None = Field("Credit top-up", max_length=200)
+    customer_email: str | None = Field(None, max_length=320)
+    customer_phone: str | None = Field(None, max_length=32)
     provider: str = "razorpay"
 
 
