@@ -1,5 +1,5 @@
 """credit-management 0.7.1's REST calls (gateway/api/routes/compat.py), on a real redis-server,
-SQLite and the fake Razorpay: its paths and bodies answer its shapes, behind this gateway's
+SQLite and MongoDB, and the fake Razorpay: its paths and bodies answer its shapes, behind this gateway's
 keys; the paths shared with the gateway's own keep answering both forms."""
 
 from __future__ import annotations
@@ -8,18 +8,16 @@ from decimal import Decimal
 
 import pytest_asyncio
 
-from gateway.core.store.sqlite import SQLiteStore
 from tests.support.api_fixtures import H_ADMIN, client_headers
-from tests.test_payments import fakes, gateway, gateway_settings, rz_deliver  # noqa: F401 (fixture)
+from tests.test_payments import fakes, gateway, gateway_settings, rz_deliver, store  # noqa: F401 (fixtures)
 
 
 @pytest_asyncio.fixture
-async def gw(redis, redis_url, fakes, tmp_path):  # noqa: F811
-    store = SQLiteStore(str(tmp_path / "compat.db"))
+async def gw(redis, redis_url, fakes, store):  # noqa: F811
+    """The gateway on each store backend (SQLite, the MongoDB wire server)."""
     async with gateway(gateway_settings(redis_url, fakes), redis, store) as c:
         c.fakes, c.store = fakes, store
         yield c
-    await store.close()
 
 
 async def add(gw, user, amount, **headers):
