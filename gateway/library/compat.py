@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MAX_ESTIMATED_TOKENS = 100_000_000
+DOC_PATHS = ("/docs", "/redoc", "/openapi.json")
 # Set per request: whether the app behind the middleware was entered (what was answered
 # before that is the middleware's own refusal, which gets the old body).
 _ENTERED: contextvars.ContextVar[list[bool] | None] = contextvars.ContextVar("cm_entered", default=None)
@@ -89,7 +90,8 @@ class CreditManagementMiddleware(_Base):
         self.default_estimated_tokens = default_estimated_tokens
         header = user_id_header.lower().encode("latin-1")
         prefix = path_prefix.rstrip("*")
-        skips = tuple(p.rstrip("*") for p in skip_paths)
+        # FastAPI's documentation routes are never metered, whatever skip_paths says.
+        skips = (*(p.rstrip("*") for p in skip_paths), *DOC_PATHS)
 
         def user_of(scope: Scope) -> str | None:
             return next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == header), None)

@@ -10,7 +10,6 @@ cannot lose an update. docs/migrating-from-credit-management.md maps each call.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -54,10 +53,6 @@ PERIOD_DAYS = {"daily": {1}, "weekly": {7}, "monthly": {28, 29, 30, 31}, "yearly
 NOMINAL_DAYS = {"daily": 1, "weekly": 7, "monthly": 30, "yearly": 365}
 # Its promo target types: everyone, or the users listed in target_user_ids.
 TARGET_ALL, TARGET_USERS = "all", "specific_users"
-
-
-def _iso(ms: int | None) -> str | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
 def _bad(message: str) -> ApiError:
@@ -243,7 +238,8 @@ async def create_promo(body: dict[str, Any], _: AdminCaller, services: ServicesD
     ids = body.get("target_user_ids") or []
     names = ("code", "credits", "description", "max_uses", "valid_from", "valid_until")
     mapped = {k: body[k] for k in names if k in body}
-    mapped["max_uses_per_user"] = body.get("max_uses_per_user", 1)
+    per_user = body.get("max_uses_per_user")
+    mapped["max_uses_per_user"] = 1 if per_user is None else per_user  # its default, null included
     if target == TARGET_ALL:
         if ids:
             raise _bad("target_user_ids is for target_type specific_users")
