@@ -4,6 +4,7 @@ keys; the paths shared with the gateway's own keep answering both forms."""
 
 from __future__ import annotations
 
+import asyncio
 from decimal import Decimal
 
 import pytest_asyncio
@@ -45,6 +46,21 @@ async def test_add_and_deduct_answer_the_old_shape_read_amounts_exactly_and_refu
     # A float never gets in: a JSON number is a Decimal; a bad amount is a clear 422.
     bad = await gw.post("/admin/credits/add", json={"user_id": "ana", "amount": "1e-9"}, headers=H_ADMIN)
     assert (bad.status_code, bad.json()["error"]["code"]) == (422, "invalid_amount")
+
+
+async def test_concurrent_deducts_lose_no_update_and_never_overdraw(gw):
+    await add(gw, "max", "10")
+    answers = await asyncio.gather(
+        *(
+            gw.post("/admin/credits/deduct", json={"user_id": "max", "amount": "1"}, headers=H_ADMIN)
+            for _ in range(25)
+        )
+    )
+    assert sorted(r.status_code for r in answers) == [200] * 10 + [400] * 15
+    assert {r.json()["credits"] for r in answers if r.status_code == 200} == {
+        f"{n}.000000" for n in range(10)
+    }
+    assert (await gw.get("/credits/balance/max", headers=H_ADMIN)).json()["credits"] == "0.000000"
 
 
 async def test_an_idempotency_key_makes_a_retried_add_apply_once(gw):
