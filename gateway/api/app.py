@@ -31,7 +31,7 @@ from ..selling import Selling, build_selling
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
-from .routes import access, admin, health, holds, notifications, payments, plans, pricing, promos
+from .routes import access, admin, compat, health, holds, notifications, payments, plans, pricing, promos
 from .services import InProcessWorker, Services
 
 if TYPE_CHECKING:
@@ -138,7 +138,8 @@ def create_app(
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
-    for module in (health, admin, access, holds, pricing, payments, promos, plans, notifications):
+    # compat first: its /credits/payments/history must not be read as a payment id.
+    for module in (health, admin, access, holds, pricing, compat, payments, promos, plans, notifications):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.kinds import metered_routes

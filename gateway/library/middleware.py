@@ -80,6 +80,7 @@ class CreditMiddleware:
         engine: CreditEngine | Callable[[], CreditEngine | None],
         pricing: PricingTable | None = None,
         reserve: Decimal | str | int = Decimal("1"),
+        reserve_for: Callable[[Scope], Decimal | str | int] | None = None,
         ttl_seconds: float = 300,
         user_of: Callable[[Scope], str | None] | None = None,
         paths: Iterable[str] | None = None,
@@ -93,6 +94,7 @@ class CreditMiddleware:
         self._engine = engine
         self.pricing = pricing
         self.reserve_units = to_units(reserve)
+        self.reserve_for = reserve_for
         if not ttl_seconds > 0:
             raise ValueError("ttl_seconds must be positive")
         self.ttl_seconds = ttl_seconds
@@ -155,9 +157,15 @@ class CreditMiddleware:
             for m in _error(401, "missing_user", "X-User-Id is missing or not a valid user id"):
                 await send(m)
             return
+        try:
+            units = self.reserve_units if self.reserve_for is None else to_units(self.reserve_for(scope))
+        except ValueError as exc:  # AmountError too: what the request asks to hold is refused
+            for m in _error(400, "invalid_reserve", f"the credits to hold for this request: {exc}"):
+                await send(m)
+            return
         settler = self.settler_for(engine)
         hold_id = f"{LIBRARY_HOLD_PREFIX}{uuid.uuid4().hex}"
-        expires_at_ms = await self._reserve(engine, settler, user, hold_id)
+        expires_at_ms = await self._reserve(engine, settler, user, hold_id, units)
         if not isinstance(expires_at_ms, int):
             for m in expires_at_ms:
                 await send(m)
@@ -165,13 +173,11 @@ class CreditMiddleware:
         await _MeteredRequest(self, settler, user, hold_id, expires_at_ms, scope).run(receive, send)
 
     async def _reserve(
-        self, engine: CreditEngine, settler: Settler, user: str, hold_id: str
+        self, engine: CreditEngine, settler: Settler, user: str, hold_id: str, units: int
     ) -> int | tuple[Message, Message]:
         """The hold's deadline (ms), or the refusal to send."""
         try:
-            hold = await engine.reserve_units(
-                user, self.reserve_units, hold_id=hold_id, ttl_seconds=self.ttl_seconds
-            )
+            hold = await engine.reserve_units(user, units, hold_id=hold_id, ttl_seconds=self.ttl_seconds)
         except InsufficientCredits as exc:
             return _refusal(exc, "not enough credits for this request", available=str(exc.available))
         except AccountInDebt as exc:

@@ -12,7 +12,7 @@ import concurrent.futures
 import contextvars
 import logging
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import Any
@@ -58,10 +58,12 @@ def add_llm_usage(
     output_tokens: int = 0,
     cached_input_tokens: int = 0,
     cost: Decimal | str | int | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Any:
     """Records one LLM call of the current request: its token usage, priced by `model` in
     the middleware's pricing table, or its `cost` in credits (Decimal or decimal string;
-    then the tokens are only noted). Works from the handler, from tasks it spawned, from
+    then the tokens are only noted). `metadata` (a mapping) is kept with the call in the
+    ledger. Works from the handler, from tasks it spawned, from
     FastAPI background tasks and from threads the handler's context was copied to.
 
     Raises UsageError (a ValueError) at once, recording nothing, when the usage cannot be
@@ -84,14 +86,18 @@ def add_llm_usage(
         raise UsageError("cached_input_tokens is part of input_tokens and cannot exceed it")
     if model is not None and not isinstance(model, str):
         raise UsageError(f"model must be a string, not {type(model).__name__}")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise UsageError(f"metadata must be a mapping, not {type(metadata).__name__}")
     units = meter.cost_of(model, input_tokens, output_tokens, cached_input_tokens, cost)
-    call = {
+    call: dict[str, Any] = {
         "model": model,
         "input": input_tokens,
         "output": output_tokens,
         "cached_input": cached_input_tokens,
         "units": units,
     }
+    if metadata:
+        call["metadata"] = dict(metadata)
     return meter.record(units, call)
 
 

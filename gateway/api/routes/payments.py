@@ -68,6 +68,23 @@ def view(p: PaymentRecord, *, full: bool = False) -> dict[str, Any]:
     return out
 
 
+def legacy_fields(p: PaymentRecord) -> dict[str, Any]:
+    """credit-management's fields of a payment, answered beside `view` where its paths
+    and this gateway's meet (routes/compat.py)."""
+    amount = str(from_minor(p.amount_minor, p.currency))
+    return {
+        "id": p.payment_id,
+        "provider_payment_id": p.provider_payment_id,
+        "provider_payment_link_id": p.link_id or p.session_id,
+        "amount_inr": amount if p.currency == "INR" else None,
+        "credits_to_add": credits_text(p.credits),
+        "credits_added": credits_text(p.credits) if p.credited_ms is not None else "0",
+        "payment_method": None,  # not recorded: the provider's checkout chooses it
+        "completed_at": _iso(p.paid_ms),
+        "error_message": p.error,
+    }
+
+
 def _cursor(cursor: str | None) -> tuple[int, str] | None:
     if cursor is None:
         return None
@@ -127,7 +144,7 @@ async def my_payment(payment_id: PaymentId, caller: ClientCaller, services: Serv
     p = await services.store.payment(payment_id)
     if p is None or p.user != caller.user_id:
         raise ApiError(404, "not_found", "no such payment")
-    return view(p)
+    return {**view(p), **legacy_fields(p)}
 
 
 # -- admin ------------------------------------------------------------------------------------

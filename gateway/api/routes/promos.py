@@ -66,15 +66,55 @@ async def deactivate_promo(code: str, _: AdminCaller, services: ServicesDep):
 
 
 @router.get("/credits/promo/eligibility")
-async def promo_eligibility(caller: ClientCaller, services: ServicesDep, code: str = Query()):
-    return await _promos(services).eligibility(caller.user_id, code)
+async def promo_eligibility(
+    caller: ClientCaller,
+    services: ServicesDep,
+    code: str | None = Query(None),
+    promo_code: str | None = Query(None, description="credit-management's name for `code`"),
+):
+    """`?code=`: whether the caller's user may claim it. Asked in credit-management's form
+    (`?promo_code=`), the answer adds its fields (`promo_code`, `description`)."""
+    wanted = _one_code(code, promo_code)
+    promos = _promos(services)
+    answer = await promos.eligibility(caller.user_id, wanted)
+    if promo_code is None:
+        return answer
+    description = None
+    if answer["credits"] is not None:  # a known code
+        description = (await promos.get(answer["code"])).description
+    return {**answer, "promo_code": answer["code"], "description": description}
 
 
 @router.post("/credits/promo/claim")
 async def claim_promo(body: dict[str, Any], caller: ClientCaller, services: ServicesDep):
-    if set(body) - {"code"} or "code" not in body:
+    """`{"code": ...}`, or credit-management's `{"promo_code": ..., "user_id"?: ...}` (a
+    `user_id` must be the caller's own user), whose answer adds its fields (`success`,
+    `credits_awarded`, `promo_code`, `message`). A refusal is a 4xx error either way, never
+    a 200 with `success: false`."""
+    if set(body) - {"code", "promo_code", "user_id"}:
         raise ApiError(400, "invalid_request", 'the body is {"code": "<promo code>"}')
+    if "user_id" in body and body["user_id"] != caller.user_id:
+        raise ApiError(403, "forbidden", "user_id must be the caller's own user")
+    wanted = _one_code(body.get("code"), body.get("promo_code"))
     try:
-        return await _promos(services).claim(caller.user_id, body["code"])
+        r = await _promos(services).claim(caller.user_id, wanted)
     except PromoError as exc:
         raise refusal(exc) from None
+    if "promo_code" not in body:
+        return r
+    return {
+        **r,
+        "success": True,
+        "credits_awarded": r["credits"],
+        "promo_code": r["code"],
+        "message": f"{r['credits']} credits added",
+    }
+
+
+def _one_code(code: Any, promo_code: Any) -> Any:
+    """The code, named `code` or (credit-management) `promo_code`; both must agree."""
+    if code is None and promo_code is None:
+        raise ApiError(400, "invalid_request", 'give the promo code as "code" (or "promo_code")')
+    if code is not None and promo_code is not None and code != promo_code:
+        raise ApiError(400, "invalid_request", "code and promo_code name different codes")
+    return code if code is not None else promo_code
