@@ -35,7 +35,7 @@ from ..deps import (
     idempotency_op_id,
     require_client_user,
 )
-from ..errors import ApiError
+from ..errors import ApiError, refusal
 from ..schemas import Balance, Body, Credits, Ident
 from .payments import legacy_fields
 from .payments import view as payment_view
@@ -183,7 +183,7 @@ async def create_plan(body: dict[str, Any], _: AdminCaller, services: ServicesDe
     try:
         p = await services.subscriptions.plans.create(mapped)
     except PlanError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        raise refusal(exc) from None
     v = Plans.view(p)
     return {
         **v,
@@ -255,7 +255,7 @@ async def create_promo(body: dict[str, Any], _: AdminCaller, services: ServicesD
     try:
         p = await promos.create(mapped)
     except PromoError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        raise refusal(exc) from None
     return promo_view(promos, p, 0)
 
 
@@ -275,7 +275,7 @@ async def toggle_promo(promo_id: str, _: AdminCaller, services: ServicesDep):
     try:
         p = await promos.update(promo_id, {"active": not (await promos.get(promo_id)).active})
     except PromoError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        raise refusal(exc) from None
     return {"id": p.code, "code": p.code, "is_active": p.active}
 
 
@@ -310,7 +310,7 @@ async def create_payment(body: PaymentCreate, caller: ClientCaller, services: Se
             description=body.description,
         )
     except PaymentError as exc:
-        raise ApiError(exc.status, exc.code, exc.message) from None
+        raise refusal(exc) from None
     return {**old_payment(p), "payment_url": p.url}
 
 
