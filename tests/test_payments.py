@@ -777,3 +777,13 @@ async def test_a_provider_payment_id_already_credited_to_another_payment_is_an_a
     assert await available(gw, "abb") == 0
     kinds = [a["kind"] for a in (await admin_view(gw, second["payment_id"]))["anomalies"]]
     assert kinds == ["provider_payment_id_reused"]
+
+
+async def test_a_payment_the_provider_refuses_is_a_4xx_with_its_reason(gw):
+    r = await gw.post(
+        "/credits/payments",
+        json={"amount": "0.1", "currency": "INR", "provider": "razorpay"},
+        headers=client_headers("tiny"),
+    )
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "provider_refused"), r.text
+    assert "INR 1.00" in r.json()["error"]["message"]

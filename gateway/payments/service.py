@@ -180,6 +180,8 @@ class Payments:
                 p.error = failed["error"]
                 await self._failed(p)
             log.warning("payment %s: %s", p.payment_id, exc)
+            if exc.refused:  # the request as made is wrong for the provider (its minimum...)
+                raise PaymentError("provider_refused", str(exc)[:300], 422) from None
             raise PaymentError(
                 "provider_unavailable", f"{prov.name} did not create the payment", 502
             ) from None
