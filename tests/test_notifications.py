@@ -666,3 +666,32 @@ def test_settings_that_would_stop_delivery_refuse_to_start(monkeypatch, env, nam
         monkeypatch.setenv(k, v)
     with pytest.raises(SettingsError, match=names):
         settings_from_env()
+
+
+async def test_delivered_and_failed_notifications_are_pruned_after_the_keep_days(store, clock):
+    from gateway.notifications.notifier import prune_outbox
+
+    async def finished(user: str, key: str, status: str) -> NotificationRecord:
+        n = await add(store, clock, user=user, key=key)
+        assert n.id in [c.id for c in await store.claim_notifications(ms(clock), 60_000, f"t-{key}", 10)]
+        assert await store.finish_notification(n.id, f"t-{key}", {"status": status})
+        return n
+
+    delivered = await finished("old", "old-1", "delivered")
+    failed = await finished("old", "old-2", "failed")
+    pending = await add(store, clock, user="old", key="old-3")  # never delivered: kept
+    clock.advance(40 * 86400)
+    recent = await finished("new", "new-1", "delivered")
+    clock.advance(5 * 86400)
+    lines = await prune_outbox(store, lambda: ms(clock), 30)
+    assert lines == ["2 delivered or failed notifications older than 30 days removed"]
+    assert {n.id for n in await notes(store)} == {pending.id, recent.id}
+    assert await store.notification(delivered.id) is None and await store.notification(failed.id) is None
+    assert await prune_outbox(store, lambda: ms(clock), 30) == []
+
+
+def test_keeping_notifications_shorter_than_the_expiring_window_refuses_to_start(monkeypatch):
+    monkeypatch.setenv("CREDIT_NOTIFY_KEEP_DAYS", "3")
+    monkeypatch.setenv("CREDIT_NOTIFY_EXPIRING_DAYS", "7")
+    with pytest.raises(SettingsError, match="CREDIT_NOTIFY_KEEP_DAYS"):
+        settings_from_env()

@@ -21,6 +21,7 @@ from gateway.logs import configure_logging
 from gateway.notifications.delivery import Deliverer, build_sink
 from gateway.notifications.detect import Detector
 from gateway.notifications.expiring import ExpiringScan
+from gateway.notifications.notifier import prune_outbox
 from gateway.selling import Selling, build_selling
 
 from .audit import AuditLog
@@ -36,7 +37,8 @@ def notification_jobs(
     a sink is configured (else notifications stay pending in the outbox)."""
     scan = ExpiringScan(store, days=settings.notify_expiring_days, now_ms=now_ms)
     jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [
-        partial(every, settings.notify_expiring_interval_seconds, scan.run, at_start=True)
+        partial(every, settings.notify_expiring_interval_seconds, scan.run, at_start=True),
+        partial(every, 3600.0, partial(prune_outbox, store, now_ms, settings.notify_keep_days)),
     ]
     sink = build_sink(settings)  # a bad CREDIT_NOTIFY_SINK stops the start here
     if sink is not None:

@@ -191,6 +191,9 @@ class Settings(BaseSettings):
     )
     notify_poll_seconds: float = Field(1.0, gt=0, le=60, allow_inf_nan=False)
     notify_batch: int = Field(50, ge=1, le=1000)
+    notify_keep_days: int = Field(
+        30, ge=1, le=3650, description="delivered and failed notifications are removed after this"
+    )
 
     @field_validator("admin_keys", "client_keys")
     @classmethod
@@ -248,6 +251,10 @@ class Settings(BaseSettings):
                 )
         if self.notify_lease_seconds <= self.notify_timeout_seconds:
             raise ValueError("CREDIT_NOTIFY_LEASE_SECONDS must be longer than CREDIT_NOTIFY_TIMEOUT_SECONDS")
+        if self.notify_keep_days <= self.notify_expiring_days:
+            # A pruned credit_expiring note must be for a grant that has expired by then,
+            # or the scan would notify it again.
+            raise ValueError("CREDIT_NOTIFY_KEEP_DAYS must be more than CREDIT_NOTIFY_EXPIRING_DAYS")
         if self.notify_retry_base_seconds > self.notify_retry_cap_seconds:
             raise ValueError(
                 "CREDIT_NOTIFY_RETRY_BASE_SECONDS must not be above CREDIT_NOTIFY_RETRY_CAP_SECONDS"

@@ -188,3 +188,12 @@ class Notifier:
                 raise NotifyError(422, "invalid_amount", f"low_balance_threshold: {exc}") from None
         flags = await self.store.set_low_balance_threshold(user, units)
         return self._threshold_view(user, flags.low_balance_threshold)
+
+
+async def prune_outbox(store: Store, now_ms: Callable[[], int], keep_days: int) -> list[str]:
+    """The worker's job: delivered and failed notifications older than `keep_days` go
+    (pending ones stay). A line when it removed any."""
+    removed = await store.prune_notifications(now_ms() - keep_days * 86_400_000)
+    if not removed:
+        return []
+    return [f"{removed} delivered or failed notifications older than {keep_days} days removed"]

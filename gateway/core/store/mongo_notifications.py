@@ -17,6 +17,7 @@ from .notifications import (
     NotificationRecord,
     NotificationStore,
     NotifyFlags,
+    new_notification_id,
 )
 
 Doc = dict[str, Any]
@@ -144,6 +145,13 @@ class MongoNotifications(NotificationStore):
         sets["lease"] = None
         r = await self.db.notifications.update_one({"id": notification_id, "lease": token}, {"$set": sets})
         return r.modified_count == 1
+
+    async def prune_notifications(self, before_ms: int) -> int:
+        first_kept = new_notification_id(before_ms)[: len("ntf_") + 12]  # its creation-time prefix
+        done = await self.db.notifications.delete_many(
+            {"id": {"$lt": first_kept}, "status": {"$in": ["delivered", "failed"]}}
+        )
+        return done.deleted_count
 
     async def resend_notification(self, notification_id: str, now_ms: int) -> NotificationRecord | None:
         not_in_flight = [{"lease": None}, {"next_attempt_ms": {"$lte": Int64(now_ms)}}]

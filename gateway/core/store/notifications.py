@@ -128,6 +128,11 @@ class NotificationStore(ABC):
         """Sets `changes` (and clears the lease) if the lease is still `token`; True if so."""
 
     @abstractmethod
+    async def prune_notifications(self, before_ms: int) -> int:
+        """Removes the delivered and failed notifications created before `before_ms` (ids
+        sort by creation); returns how many. Pending ones stay, however old."""
+
+    @abstractmethod
     async def resend_notification(self, notification_id: str, now_ms: int) -> NotificationRecord | None:
         """Back to pending, due now, its retry window restarted; None if there is no such id.
         One whose delivery is under way (claimed, its lease running) is left as it is: the

@@ -16,6 +16,7 @@ from .notifications import (
     NotificationRecord,
     NotificationStore,
     NotifyFlags,
+    new_notification_id,
 )
 
 T = TypeVar("T")
@@ -172,6 +173,11 @@ class SQLiteNotifications(NotificationStore):
             f"SELECT {_COLS} FROM notifications WHERE id = ?", (notification_id,)
         ).fetchone()
         return _note(row) if row else None
+
+    async def prune_notifications(self, before_ms: int) -> int:
+        sql = "DELETE FROM notifications WHERE id < ? AND status IN ('delivered', 'failed')"
+        first_kept = new_notification_id(before_ms)[: len("ntf_") + 12]  # its creation-time prefix
+        return await self._call(lambda: self.db.execute(sql, (first_kept,)).rowcount)
 
     async def resend_notification(self, notification_id: str, now_ms: int) -> NotificationRecord | None:
         return await self._call(self._resend, notification_id, now_ms)
