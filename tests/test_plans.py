@@ -474,3 +474,18 @@ async def test_an_ended_subscription_is_notified_once(gw, monkeypatch):
     assert await gw.subs.run_due() == []
     data2 = {"subscription": s2["id"], "plan_id": plan["id"], "reason": "canceled"}
     assert await notes(gw, "no2") == [("subscription_ended", data2)]
+
+
+async def test_concurrent_changes_of_a_plan_s_fields_keep_each_other(gw):
+    plan = await make_plan(gw, credits="5")
+    path = f"/admin/plans/{plan['id']}"
+    bodies = [{"name": "Renamed"}, {"credits": "6"}, {"description": "d"}, {"trial_days": 3}] * 3
+    answers = await asyncio.gather(*(gw.patch(path, json=b, headers=H_ADMIN) for b in bodies))
+    assert {r.status_code for r in answers} == {200}
+    after = (await gw.get(path, headers=H_ADMIN)).json()
+    assert (after["name"], after["credits"], after["description"], after["trial_days"]) == (
+        "Renamed",
+        "6",
+        "d",
+        3,
+    )

@@ -50,12 +50,11 @@ class MongoPlans(PlanStore):
         return [plan_of(d) async for d in cur.sort([("created_ms", ASCENDING), ("_id", ASCENDING)])]
 
     async def update_plan(self, plan_id: str, changes: dict[str, Any]) -> PlanRecord | None:
-        current = await self.plan(plan_id)
-        if current is None:
-            return None
-        p = plan_of({**plan_doc(current), **changes})
-        await self.db.plans.update_one({"_id": plan_id}, {"$set": plan_doc(p)})
-        return p
+        # Only the changed fields: a concurrent change of other fields is kept.
+        d = await self.db.plans.find_one_and_update(
+            {"_id": plan_id}, {"$set": changes}, return_document=ReturnDocument.AFTER
+        )
+        return None if d is None else plan_of(d)
 
     async def create_subscription(self, s: SubscriptionRecord) -> None:
         try:

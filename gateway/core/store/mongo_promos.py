@@ -6,7 +6,7 @@ import contextlib
 from typing import Any
 
 from bson import Int64
-from pymongo import ASCENDING
+from pymongo import ASCENDING, ReturnDocument
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
@@ -38,12 +38,11 @@ class MongoPromos(PromoStore):
         return [promo_of(d) async for d in cur.sort([("created_ms", ASCENDING), ("_id", ASCENDING)])]
 
     async def update_promo(self, code: str, changes: dict[str, Any]) -> PromoRecord | None:
-        current = await self.promo(code)
-        if current is None:
-            return None
-        p = promo_of({**promo_doc(current), **changes})
-        await self.db.promos.update_one({"_id": code}, {"$set": promo_doc(p)})
-        return p
+        # Only the changed fields: a concurrent change of other fields is kept.
+        d = await self.db.promos.find_one_and_update(
+            {"_id": code}, {"$set": changes}, return_document=ReturnDocument.AFTER
+        )
+        return None if d is None else promo_of(d)
 
     async def add_promo_claim(self, code: str, user: str, n: int, at_ms: int) -> None:
         doc = {"_id": f"{code}|{user}|{n}", "code": code, "user_id": user, "n": n, "at_ms": Int64(at_ms)}
