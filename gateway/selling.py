@@ -36,7 +36,6 @@ async def build_selling(
     notifier = Notifier(
         store, default_threshold_units=settings.low_balance_threshold_units, now_ms=engine.now_ms
     )
-    payments = await build_payments(stack, settings, payments_section, store, engine)
-    payments.notifier = notifier
+    payments = await build_payments(stack, settings, payments_section, store, engine, notifier)
     subscriptions = Subscriptions(store, engine, payments, notify=notifier.record)
     return Selling(payments, Promos(store, engine), subscriptions, notifier)

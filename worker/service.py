@@ -54,9 +54,12 @@ def notification_jobs(
     return jobs
 
 
-def build_worker(settings: Settings, engine: CreditEngine, store: Store) -> Worker:
+def build_worker(
+    settings: Settings, engine: CreditEngine, store: Store, selling: Selling | None = None
+) -> Worker:
     """A Worker configured as `settings` say, on `engine` and `store`, with its notification
-    detection (before each batch is acknowledged) and loops."""
+    detection (before each batch is acknowledged) and loops, and the selling services' timed
+    jobs when given (all of them beside the drain, not in a burst)."""
     audit = AuditLog(settings.audit_path) if settings.audit_path else None
     detector = Detector(
         store, default_threshold_units=settings.low_balance_threshold_units, now_ms=engine.now_ms
@@ -75,7 +78,10 @@ def build_worker(settings: Settings, engine: CreditEngine, store: Store) -> Work
         sweep_interval=settings.sweep_interval_seconds,
         rehydrate=partial(rehydrate, engine, store, only_missing=True),
         on_stored=detector.batch,
-        side_jobs=notification_jobs(settings, store, engine.now_ms),
+        side_jobs=[
+            *notification_jobs(settings, store, engine.now_ms),
+            *(selling_jobs(settings, selling) if selling is not None else []),
+        ],
     )
 
 
@@ -89,43 +95,42 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     store = make_store(settings)
     await store.open()
     engine = make_engine(settings, redis)
-    worker = build_worker(settings, engine, store)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    log.info("worker %s starting; %s", worker.consumer, describe(settings))
+    stack = AsyncExitStack()  # the payment providers' clients
     try:
-        await ensure_ready(engine, store)
-        _tune_gc()
-        async with AsyncExitStack() as stack:
-            selling = await build_selling(stack, settings, None, store, engine)
-            jobs = [] if burst else selling_jobs(settings, selling, worker.stop_event)
-            try:
-                stats = await worker.run(burst=burst)
-            finally:
-                worker.stop_event.set()
-                await asyncio.gather(*jobs, return_exceptions=True)
+        worker = build_worker(
+            settings, engine, store, await build_selling(stack, settings, None, store, engine)
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        log.info("worker %s starting; %s", worker.consumer, describe(settings))
+        try:
+            await ensure_ready(engine, store)
+            _tune_gc()
+            stats = await worker.run(burst=burst)
+        finally:
+            worker.close()
     finally:
-        worker.close()
+        await stack.aclose()
         await store.close()
         await redis.aclose()
     log.info("worker %s stopped: %s", worker.consumer, stats)
     return stats
 
 
-def selling_jobs(settings: Settings, selling: Selling, stop: asyncio.Event) -> list[asyncio.Task]:
-    """The worker's timed jobs for the selling services, running until `stop`."""
-    jobs = [
+def selling_jobs(settings: Settings, selling: Selling) -> list[Callable[[asyncio.Event], Awaitable[None]]]:
+    """The worker's timed jobs for the selling services (each runs until its stop event)."""
+    jobs: list[Callable[[asyncio.Event], Awaitable[None]]] = [
         # Claims a crash left between their two steps are finished (see gateway/promos.py).
-        every(60.0, selling.promos.complete_pending, stop),
+        partial(every, 60.0, selling.promos.complete_pending),
         # Renewals, grants a crash left fixed but not made, and ended subscriptions' wind-up.
-        every(settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, stop, at_start=True),
+        partial(every, settings.plan_renewal_interval_seconds, selling.subscriptions.run_due, at_start=True),
     ]
     interval = settings.payment_reconcile_interval_seconds
     if selling.payments.providers and interval > 0:
         after_ms = int(settings.payment_reconcile_after_seconds * 1000)
-        jobs.append(every(interval, partial(selling.payments.reconcile, after_ms), stop))
-    return [asyncio.create_task(job) for job in jobs]
+        jobs.append(partial(every, interval, partial(selling.payments.reconcile, after_ms)))
+    return jobs
 
 
 async def every(

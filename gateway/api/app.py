@@ -253,20 +253,15 @@ async def _run_worker(stack: AsyncExitStack, services: Services, selling: Sellin
     # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
     from gateway.worker.service import build_worker  # type: ignore[import-not-found]
 
-    worker: InProcessWorker = build_worker(services.settings, services.engine, services.store)
+    # In one process, the selling services' timed jobs too (renewals, pending promo claims,
+    # payment reconcile), beside the drain.
+    worker: InProcessWorker = build_worker(services.settings, services.engine, services.store, selling)
     services.worker = worker
     if services.settings.embedded:  # Redis keeps nothing on disk: answer what is stored
         services.engine.stored_versions = StoredVersions()
     task = asyncio.create_task(worker.run(), name="credit-worker")
-    # In one process, its timed jobs too (renewals, pending promo claims, payment reconcile).
-    from gateway.worker.service import selling_jobs
-
-    jobs_stop = asyncio.Event()
-    jobs = selling_jobs(services.settings, selling, jobs_stop) if selling is not None else []
 
     async def stop() -> None:
-        jobs_stop.set()
-        await asyncio.gather(*jobs, return_exceptions=True)
         worker.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(task, 30)

@@ -9,6 +9,7 @@ from typing import Any
 from gateway.core.engine import CreditEngine
 from gateway.core.settings import Settings
 from gateway.core.store.base import Store
+from gateway.notifications import Notifier
 
 from .catalog import build_catalog
 from .providers import Provider
@@ -25,6 +26,7 @@ async def build_payments(
     section: dict[str, Any] | None,
     store: Store,
     engine: CreditEngine,
+    notifier: Notifier | None = None,
 ) -> Payments:
     """Payments for a running app or worker; provider clients are closed with `stack`."""
     providers: dict[str, Provider] = {}
@@ -56,4 +58,4 @@ async def build_payments(
         stack.push_async_callback(stripe_provider.close)
         providers["stripe"] = stripe_provider
     catalog = build_catalog(section, settings.payment_rates)
-    return Payments(store, engine, catalog, providers)
+    return Payments(store, engine, catalog, providers, notifier=notifier)
