@@ -201,6 +201,22 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return asyncio.run(_with_engine(run))
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .core.store.schema import ddl_script, mongo_script
+
+    if args.backend == "mongo":
+        if args.dialect:
+            print("--dialect is for --backend sql", file=sys.stderr)
+            return 2
+        sys.stdout.write(mongo_script())
+        return 0
+    if not args.dialect:
+        print("--backend sql needs --dialect postgres or --dialect sqlite", file=sys.stderr)
+        return 2
+    sys.stdout.write(ddl_script(args.dialect))
+    return 0
+
+
 def _mock_upstream(args: argparse.Namespace) -> int:
     from .devtools.mock_upstream import run
 
@@ -260,6 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("rehydrate", help="rebuild Redis accounts, grants and open holds from the store")
     p.add_argument("--all", action="store_true", help="every partition, not only those Redis lost")
     p.set_defaults(fn=cmd_rehydrate)
+    p = sub.add_parser(
+        "schema",
+        help="print the durable schema the stores create: SQL DDL (tables, keys, indexes) or "
+        "MongoDB's collections with their indexes and $jsonSchema validators (JSON)",
+    )
+    p.add_argument("--backend", choices=["sql", "mongo"], required=True)
+    p.add_argument("--dialect", choices=["postgres", "sqlite"], help="with --backend sql")
+    p.set_defaults(fn=cmd_schema)
     args = parser.parse_args(argv)
     configure_logging(_log_format())
     try:

@@ -4,7 +4,8 @@ Collections: `ledger` (one document per event, unique (user_id, op_id)), `accoun
 (_id = user), `grants` (_id = "user|seq"), `holds` (_id = "user|hold_id"), `api_keys`,
 `rate_limits` (_id = user), `meta` (the schema version, see `_migrate`), and the payment,
 promo and notification collections of the mixins (mongo_payments.py, mongo_promos.py,
-mongo_notifications.py).
+mongo_notifications.py). Their validators and indexes are defined in store/schema.py and
+applied on open (mongo_schema.py).
 
 Every snapshot write is an upsert guarded by the version: {_id, version: {$lt: v}}. When a
 newer version is already stored the filter misses, the upsert tries to insert a second
@@ -50,6 +51,7 @@ from .mongo_notifications import MongoNotifications
 from .mongo_payments import MongoPayments
 from .mongo_plans import MongoPlans
 from .mongo_promos import MongoPromos
+from .mongo_schema import apply_mongo_schema
 
 Doc = dict[str, Any]
 
@@ -125,20 +127,8 @@ class MongoStore(MongoPayments, MongoPromos, MongoPlans, MongoNotifications, Sto
         if self._client is not None:
             return
         self._client = AsyncMongoClient(self.uri)
-        db = self.db
+        await apply_mongo_schema(self.db)
         await self._migrate()
-        await db.ledger.create_index([("user_id", ASCENDING), ("op_id", ASCENDING)], unique=True)
-        await db.ledger.create_index([("user_id", ASCENDING), ("version", ASCENDING)])
-        await db.ledger.create_index([("ts_ms", ASCENDING)])
-        await db.accounts.create_index([("partition", ASCENDING)])
-        await db.grants.create_index([("user_id", ASCENDING), ("seq", ASCENDING)])
-        await db.holds.create_index([("user_id", ASCENDING), ("status", ASCENDING)])
-        await db.api_keys.create_index([("digest", ASCENDING)], unique=True)
-        await db.api_keys.create_index([("user_id", ASCENDING), ("created_ms", ASCENDING)])
-        await self._payment_indexes()
-        await self._promo_indexes()
-        await self._plan_indexes()
-        await self._notification_indexes()
 
     async def _migrate(self) -> None:
         """Brings the documents to SCHEMA_VERSION. Each step may run again (a $rename of a

@@ -72,14 +72,6 @@ class MongoNotifications(NotificationStore):
     def db(self) -> AsyncDatabase:  # provided by MongoStore
         raise NotImplementedError
 
-    async def _notification_indexes(self) -> None:
-        n = self.db.notifications
-        await n.create_index([("id", ASCENDING)], unique=True)
-        await n.create_index([("status", ASCENDING), ("next_attempt_ms", ASCENDING)])
-        await n.create_index([("user_id", ASCENDING), ("id", DESCENDING)])
-        # The expiring-credit scan (MongoDB updates an index entry only when its value changes).
-        await self.db.grants.create_index([("expires_ms", ASCENDING)])
-
     async def add_notifications(self, notes: list[NotificationRecord]) -> int:
         if not notes:
             return 0

@@ -85,18 +85,6 @@ class MongoPayments(PaymentStore):
     def db(self) -> AsyncDatabase:  # provided by MongoStore
         raise NotImplementedError
 
-    async def _payment_indexes(self) -> None:
-        db = self.db
-        await db.payments.create_index(
-            [("user_id", ASCENDING), ("created_ms", DESCENDING), ("_id", DESCENDING)]
-        )
-        await db.payments.create_index([("created_ms", DESCENDING), ("_id", DESCENDING)])
-        await db.payments.create_index([("status", ASCENDING), ("created_ms", ASCENDING)])
-        await db.payments.create_index([("provider", ASCENDING), ("provider_payment_id", ASCENDING)])
-        await db.payment_events.create_index([("payment_id", ASCENDING), ("received_ms", ASCENDING)])
-        await db.payment_refunds.create_index([("payment_id", ASCENDING), ("at_ms", ASCENDING)])
-        await db.payment_anomalies.create_index([("payment_id", ASCENDING), ("at_ms", ASCENDING)])
-
     @staticmethod
     async def _insert_or_get(collection: Any, doc: dict[str, Any]) -> dict[str, Any] | None:
         """Inserts `doc` unless its _id exists; None when inserted, else the stored document

@@ -30,11 +30,6 @@ class MongoPlans(PlanStore):
     def db(self) -> AsyncDatabase:  # provided by MongoStore
         raise NotImplementedError
 
-    async def _plan_indexes(self) -> None:
-        await self.db.subscriptions.create_index([("live_user", ASCENDING)], unique=True)
-        await self.db.subscriptions.create_index([("user", ASCENDING), ("created_ms", ASCENDING)])
-        await self.db.subscriptions.create_index([("due_ms", ASCENDING)])
-
     async def create_plan(self, p: PlanRecord) -> None:
         try:
             await self.db.plans.insert_one({"_id": p.plan_id, **plan_doc(p)})

@@ -20,9 +20,6 @@ class MongoPromos(PromoStore):
     def db(self) -> AsyncDatabase:  # provided by MongoStore
         raise NotImplementedError
 
-    async def _promo_indexes(self) -> None:
-        await self.db.promo_claims.create_index([("code", ASCENDING), ("user_id", ASCENDING)])
-
     async def create_promo(self, p: PromoRecord) -> None:
         try:
             await self.db.promos.insert_one({"_id": p.code, **promo_doc(p)})

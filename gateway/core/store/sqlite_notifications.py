@@ -21,23 +21,6 @@ from .notifications import (
 
 T = TypeVar("T")
 
-TABLES = (
-    """CREATE TABLE IF NOT EXISTS notifications (
-    id TEXT NOT NULL PRIMARY KEY, dedup_key TEXT NOT NULL UNIQUE, user TEXT NOT NULL,
-    kind TEXT NOT NULL, data TEXT NOT NULL, created_ms INTEGER NOT NULL, status TEXT NOT NULL,
-    attempts INTEGER NOT NULL, next_attempt_ms INTEGER NOT NULL, last_error TEXT,
-    delivered_ms INTEGER, pending_since_ms INTEGER NOT NULL, lease TEXT
-) WITHOUT ROWID""",
-    # The delivery loop's claim: only pending rows are in it.
-    "CREATE INDEX IF NOT EXISTS notifications_due ON notifications(next_attempt_ms) WHERE status = 'pending'",
-    "CREATE INDEX IF NOT EXISTS notifications_user ON notifications(user, id)",
-    """CREATE TABLE IF NOT EXISTS notify_accounts (
-    user TEXT NOT NULL PRIMARY KEY, version INTEGER NOT NULL,
-    low_armed INTEGER NOT NULL, low_epoch INTEGER NOT NULL,
-    debt_armed INTEGER NOT NULL, debt_epoch INTEGER NOT NULL, low_balance_threshold INTEGER
-) WITHOUT ROWID""",
-)
-
 # The id sorts by creation (store/notifications.py): the table (keyed by it) and the due
 # index (by next_attempt_ms, which starts at creation) are appended to in order; the dedup
 # key's and the user's indexes take the random inserts.

@@ -18,42 +18,6 @@ from .payments import (
 
 T = TypeVar("T")
 
-TABLES = (
-    """CREATE TABLE IF NOT EXISTS payments (
-    payment_id TEXT NOT NULL PRIMARY KEY, user TEXT NOT NULL, provider TEXT NOT NULL,
-    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, credits INTEGER NOT NULL,
-    status TEXT NOT NULL, created_ms INTEGER NOT NULL, updated_ms INTEGER NOT NULL,
-    pack TEXT, description TEXT, url TEXT, link_id TEXT, provider_payment_id TEXT,
-    session_id TEXT, order_id TEXT, paid_ms INTEGER, credited_ms INTEGER,
-    refunded_minor INTEGER NOT NULL DEFAULT 0, refunded_credits INTEGER NOT NULL DEFAULT 0, error TEXT,
-    purpose TEXT
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS payments_user ON payments(user, created_ms, payment_id)",
-    "CREATE INDEX IF NOT EXISTS payments_created ON payments(created_ms, payment_id)",
-    (
-        "CREATE INDEX IF NOT EXISTS payments_open ON payments(status, created_ms) "
-        "WHERE status IN ('created', 'failed') OR credited_ms IS NULL"
-    ),
-    "CREATE INDEX IF NOT EXISTS payments_provider_id ON payments(provider, provider_payment_id)",
-    """CREATE TABLE IF NOT EXISTS payment_events (
-    provider TEXT NOT NULL, event_id TEXT NOT NULL, type TEXT NOT NULL, received_ms INTEGER NOT NULL,
-    body TEXT NOT NULL, payment_id TEXT, outcome TEXT NOT NULL, status_code INTEGER NOT NULL,
-    PRIMARY KEY (provider, event_id)
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS payment_events_payment ON payment_events(payment_id, received_ms)",
-    """CREATE TABLE IF NOT EXISTS payment_refunds (
-    provider TEXT NOT NULL, refund_id TEXT NOT NULL, payment_id TEXT NOT NULL,
-    amount_minor INTEGER NOT NULL, credits INTEGER NOT NULL, at_ms INTEGER NOT NULL, debited_ms INTEGER,
-    PRIMARY KEY (provider, refund_id)
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS payment_refunds_payment ON payment_refunds(payment_id, at_ms)",
-    """CREATE TABLE IF NOT EXISTS payment_anomalies (
-    id INTEGER PRIMARY KEY, payment_id TEXT, provider TEXT NOT NULL, event_id TEXT, kind TEXT NOT NULL,
-    detail TEXT NOT NULL, at_ms INTEGER NOT NULL
-)""",
-    "CREATE INDEX IF NOT EXISTS payment_anomalies_payment ON payment_anomalies(payment_id, at_ms)",
-)
-
 _COLS = ", ".join(PAYMENT_FIELDS)
 _EVENT_COLS = "provider, event_id, type, received_ms, body, payment_id, outcome, status_code"
 _REFUND_COLS = "provider, refund_id, payment_id, amount_minor, credits, at_ms, debited_ms"

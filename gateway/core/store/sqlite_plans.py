@@ -13,22 +13,6 @@ from .plans import PlanRecord, PlanStore, SubscriptionRecord, plan_doc, plan_of,
 
 T = TypeVar("T")
 
-TABLES = (
-    """CREATE TABLE IF NOT EXISTS plans (
-    plan_id TEXT NOT NULL PRIMARY KEY, active INTEGER NOT NULL, created_ms INTEGER NOT NULL,
-    doc TEXT NOT NULL
-) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS subscriptions (
-    sub_id TEXT NOT NULL PRIMARY KEY, user TEXT NOT NULL, live_user TEXT NOT NULL UNIQUE,
-    next_action_ms INTEGER, created_ms INTEGER NOT NULL, doc TEXT NOT NULL
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS subscriptions_user ON subscriptions(user, created_ms)",
-    (
-        "CREATE INDEX IF NOT EXISTS subscriptions_due ON subscriptions(next_action_ms) "
-        "WHERE next_action_ms IS NOT NULL"
-    ),
-)
-
 
 def _live_user(s: SubscriptionRecord) -> str:
     return s.user if s.live else f"ended:{s.sub_id}"

@@ -12,16 +12,6 @@ from .promos import PromoRecord, PromoStore, promo_doc, promo_of
 
 T = TypeVar("T")
 
-TABLES = (
-    """CREATE TABLE IF NOT EXISTS promo_claims (
-    code TEXT NOT NULL, user TEXT NOT NULL, n INTEGER NOT NULL, at_ms INTEGER NOT NULL,
-    PRIMARY KEY (code, user, n)
-) WITHOUT ROWID""",
-    """CREATE TABLE IF NOT EXISTS promos (
-    code TEXT NOT NULL PRIMARY KEY, active INTEGER NOT NULL, created_ms INTEGER NOT NULL, doc TEXT NOT NULL
-) WITHOUT ROWID""",
-)
-
 
 class SQLitePromos(PromoStore):
     """Mixed into SQLiteStore: every call runs on the store's thread (`_call`)."""

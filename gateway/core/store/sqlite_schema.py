@@ -4,14 +4,15 @@ The schema version is kept in `PRAGMA user_version`:
   0  a new, empty file (or one made before the version was kept: see `_found_version`)
   1  the first schema, whose grant and hold columns had the Lua hash fields' short names
      (r, e, x, pri, meta; st, amt, exp, fin, ear, at, op, x) and rate_limits' rpm / tpm
-  2  the same tables with readable column names (this module's DDL)
+  2  the same tables with readable column names
   3  the payment tables added (store/sqlite_payments.py); nothing else changes
   4  the promo codes' tables added (store/sqlite_promos.py: promos, promo_claims)
   5  plans and subscriptions (store/sqlite_plans.py); payments.purpose (what a payment is
      for: a subscription's period); rate_limits' plan columns (a subscriber's plan limits)
      and the notification tables (store/sqlite_notifications.py: notifications,
      notify_accounts)
-A file of a newer version than this code knows is refused rather than misread.
+The tables themselves are defined in store/schema.py, with the other backends'. A file of a
+newer version than this code knows is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -19,62 +20,9 @@ from __future__ import annotations
 import sqlite3
 
 from .base import GRANT_RENAMES_1_TO_2, HOLD_RENAMES_1_TO_2, RATE_LIMIT_RENAMES_1_TO_2
-from .sqlite_notifications import TABLES as NOTIFICATION_TABLES
-from .sqlite_payments import TABLES as PAYMENT_TABLES
-from .sqlite_plans import TABLES as PLAN_TABLES
-from .sqlite_promos import TABLES as PROMO_TABLES
+from .schema import TABLE, column_sql, ddl
 
 SCHEMA_VERSION = 5
-
-# Tables: `ledger` (one row per event, unique on (user, op_id); a rowid table so the large
-# rows are appended in order and only the small indexes take random inserts), `accounts` (one
-# row per user), `grants` (one row per (user, seq); a gone grant stays as a tombstone so that a
-# late, older event cannot bring it back), `holds` (one row per (user, hold_id)).
-TABLES = (
-    """CREATE TABLE IF NOT EXISTS ledger (
-    id INTEGER PRIMARY KEY,
-    user TEXT NOT NULL, op_id TEXT NOT NULL, type TEXT NOT NULL, version INTEGER NOT NULL,
-    ts_ms INTEGER NOT NULL, amount INTEGER NOT NULL, hold_id TEXT, fingerprint TEXT,
-    event TEXT NOT NULL
-)""",
-    "CREATE UNIQUE INDEX IF NOT EXISTS ledger_key ON ledger(user, op_id)",
-    "CREATE INDEX IF NOT EXISTS ledger_user_version ON ledger(user, version)",
-    """CREATE TABLE IF NOT EXISTS accounts (
-    user TEXT PRIMARY KEY, version INTEGER NOT NULL, partition INTEGER NOT NULL,
-    available INTEGER NOT NULL, held INTEGER NOT NULL, debt INTEGER NOT NULL,
-    granted INTEGER NOT NULL, spent INTEGER NOT NULL, expired INTEGER NOT NULL,
-    seq INTEGER NOT NULL, debt_total INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS accounts_partition ON accounts(partition, user)",
-    """CREATE TABLE IF NOT EXISTS grants (
-    user TEXT NOT NULL, seq TEXT NOT NULL, version INTEGER NOT NULL,
-    free INTEGER, earmarked INTEGER, gone INTEGER NOT NULL DEFAULT 0,
-    metadata TEXT, expires_ms INTEGER, priority INTEGER,
-    PRIMARY KEY (user, seq)
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS grants_live ON grants(user, seq) WHERE gone = 0",
-    """CREATE TABLE IF NOT EXISTS holds (
-    user TEXT NOT NULL, hold_id TEXT NOT NULL, version INTEGER NOT NULL,
-    status TEXT, amount INTEGER, expires_ms INTEGER, charged INTEGER,
-    open_version INTEGER NOT NULL DEFAULT 0, earmarks TEXT, opened_ms INTEGER, op_id TEXT,
-    metadata TEXT,
-    PRIMARY KEY (user, hold_id)
-) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS holds_open ON holds(user, hold_id) WHERE status = 'open'",
-    """CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY, user TEXT NOT NULL, digest TEXT NOT NULL UNIQUE, prefix TEXT NOT NULL,
-    name TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked_ms INTEGER
-)""",
-    "CREATE INDEX IF NOT EXISTS api_keys_user ON api_keys(user, created_ms)",
-    """CREATE TABLE IF NOT EXISTS rate_limits (
-    user TEXT PRIMARY KEY, requests_per_minute INTEGER, tokens_per_minute INTEGER,
-    plan_requests_per_minute INTEGER, plan_tokens_per_minute INTEGER, allowed_models TEXT
-) WITHOUT ROWID""",
-    *PAYMENT_TABLES,
-    *PROMO_TABLES,
-    *PLAN_TABLES,
-    *NOTIFICATION_TABLES,
-)
 
 # Version 1 -> 2: the short column names, by table. RENAME COLUMN rewrites the indexes that
 # name a column (holds_open's `st = 'open'`) and touches no row, so it takes the same time
@@ -113,25 +61,24 @@ def _nothing_to_change(db: sqlite3.Connection) -> None:
     """2 -> 3 and 3 -> 4 only add tables, which TABLES creates."""
 
 
-# Version 4 -> 5: the columns added to existing tables (new tables come from TABLES).
+# Version 4 -> 5: the columns added to existing tables (new tables come from the schema).
 COLUMNS_4_TO_5 = {
-    "payments": ("purpose TEXT",),
-    "rate_limits": (
-        "plan_requests_per_minute INTEGER",
-        "plan_tokens_per_minute INTEGER",
-        "allowed_models TEXT",
-    ),
+    "payments": ("purpose",),
+    "rate_limits": ("plan_requests_per_minute", "plan_tokens_per_minute", "allowed_models"),
 }
 
 
 def _columns_4_to_5(db: sqlite3.Connection) -> None:
-    for table, columns in COLUMNS_4_TO_5.items():
-        have = _columns(db, table)
+    for name, columns in COLUMNS_4_TO_5.items():
+        have = _columns(db, name)
         if not have:
-            continue  # the file predates the table: TABLES creates it whole
+            continue  # the file predates the table: the schema's DDL creates it whole
+        table = TABLE[name]
         for column in columns:
-            if column.split()[0] not in have:
-                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+            if column not in have:
+                db.execute(
+                    f"ALTER TABLE {name} ADD COLUMN {column_sql(table, table.column(column), 'sqlite')}"
+                )
 
 
 MIGRATIONS = {
@@ -156,7 +103,7 @@ def migrate(db: sqlite3.Connection) -> int:
         if found:  # a new file gets the tables below as they are
             for version in range(found, SCHEMA_VERSION):
                 MIGRATIONS[version](db)
-        for statement in TABLES:
+        for statement in ddl("sqlite"):
             db.execute(statement)
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         db.execute("COMMIT")
