@@ -219,7 +219,7 @@ async def test_the_printed_mongo_schema_is_what_the_store_applies(capsys, mongo_
                 "created_ms": 1,
             },
             "status",
-        ),  # fmt: skip
+        ),
         ("promo_claims", {"code": "X", "user_id": "u", "n": "1", "at_ms": 1}, "n"),
     ],
 )
