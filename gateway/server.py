@@ -236,11 +236,14 @@ def run(settings: Settings, *, workers: int = 1, log_level: str = "info") -> Non
     from uvicorn.supervisors import Multiprocess
 
     if workers > 1:
+        from .metrics import shared_metrics_dir
+
         config = build_config(
             settings, "gateway.server:app_from_environment", workers=workers, log_level=log_level
         )
         sock = config.bind_socket()
-        Multiprocess(config, sockets=[sock]).run()
+        with shared_metrics_dir():  # one /metrics for all the processes
+            Multiprocess(config, sockets=[sock]).run()
         return
     from .api.app import create_app
 

@@ -129,6 +129,14 @@ def test_serve_with_workers_runs_that_many_processes_on_one_port(tmp_path, redis
                     "/credits/balance", headers={"Authorization": f"Bearer {CLIENT}", "X-User-Id": "wk"}
                 )
                 assert json.loads(r.text)["available"] == "2.000000"
+            # /metrics sums every process's counts, whichever process answers the scrape
+            for _ in range(20):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}") as fresh:  # a new connection each
+                    assert fresh.get("/healthz").status_code == 200
+            for _ in range(4):
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}") as fresh:
+                    text = fresh.get("/metrics", headers=admin).text
+                assert 'credit_http_requests_total{method="GET",route="/healthz",status="200"} 20.0' in text
     finally:
         proc.stop()
 

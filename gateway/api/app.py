@@ -27,11 +27,24 @@ from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
 from ..core.stored_versions import StoredVersions
+from ..metrics import Metrics, MetricsMiddleware
 from ..selling import Selling, build_selling
 from .body import BodyLimitMiddleware
 from .errors import install_error_handlers
 from .request_id import RequestIdMiddleware
-from .routes import access, admin, compat, health, holds, notifications, payments, plans, pricing, promos
+from .routes import (
+    access,
+    admin,
+    compat,
+    health,
+    holds,
+    metrics,
+    notifications,
+    payments,
+    plans,
+    pricing,
+    promos,
+)
 from .services import InProcessWorker, Services
 
 if TYPE_CHECKING:
@@ -105,6 +118,7 @@ def create_app(
     `run_worker` defaults to embedded mode (the worker runs in this process)."""
 
     in_process_worker = settings.embedded if run_worker is None else run_worker
+    app_metrics = Metrics()
     proxy_config = None
     if settings.gateway_config:
         from ..proxy.config import load_config
@@ -122,6 +136,7 @@ def create_app(
                 store=store,
                 clock=clock,
                 in_process_worker=in_process_worker,
+                metrics=app_metrics,
             )
             yield
 
@@ -137,9 +152,23 @@ def create_app(
         BodyLimitMiddleware,
         limit=lambda path: llm_cap if path.startswith("/v1/") else settings.max_body_bytes,
     )
+    app.add_middleware(MetricsMiddleware, metrics=app_metrics)
     app.add_middleware(RequestIdMiddleware)  # outermost: every line of the request carries its id
     # compat first: its /credits/payments/history must not be read as a payment id.
-    for module in (health, admin, access, holds, pricing, compat, payments, promos, plans, notifications):
+    app.state.metrics = app_metrics
+    for module in (
+        health,
+        metrics,
+        admin,
+        access,
+        holds,
+        pricing,
+        compat,
+        payments,
+        promos,
+        plans,
+        notifications,
+    ):
         app.include_router(module.router)
     if proxy_config is not None:
         from ..proxy.kinds import metered_routes
@@ -179,6 +208,7 @@ async def _start(
     store: Store | None,
     clock: Callable[[], float] | None,
     in_process_worker: bool,
+    metrics: Metrics,
 ) -> Services:
     r = await _connect_redis(stack, settings, redis)
     # The hot path's script calls go multiplexed (when Redis is a single server named by the
@@ -193,6 +223,8 @@ async def _start(
         engine=engine,
         admin_keys=KeyRing(settings.admin_key_digests),
         client_keys=KeyRing(settings.client_key_digests),
+        metrics_keys=KeyRing(settings.metrics_key_digests),
+        metrics=metrics,
         api_keys=ApiKeys(r, engine.keys, s, cache_seconds=settings.api_key_cache_seconds),
     )
     if settings.embedded:
@@ -314,6 +346,7 @@ async def _start_proxy(stack: AsyncExitStack, services: Services, config: ProxyC
         pricing,
         Identity(services.client_keys, services.api_keys),
         session,
+        services.metrics,
     )
     services.proxy = proxy
     stack.push_async_callback(proxy.drain)

@@ -11,6 +11,7 @@ from ..core.keyring import KeyRing
 from ..core.redis_client import RedisClient
 from ..core.settings import Settings
 from ..core.store.base import Store
+from ..metrics import Metrics
 
 if TYPE_CHECKING:
     from ..notifications import Notifier
@@ -39,6 +40,8 @@ class Services:
     engine: CreditEngine
     admin_keys: KeyRing
     client_keys: KeyRing
+    metrics_keys: KeyRing
+    metrics: Metrics
     api_keys: ApiKeys
     worker: InProcessWorker | None = None  # embedded mode (or run_worker=True)
     proxy: MeteringProxy | None = None  # when upstreams are configured

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # Authentication (comma-separated keys or sha256:<hex> digests).
     admin_keys: str = ""
     client_keys: str = ""
+    # Bearer tokens that may read GET /metrics and nothing else (Prometheus'
+    # `authorization` credentials); the admin keys may read it too.
+    metrics_keys: str = ""
 
     # Operations.
     retention_seconds: int = Field(86400, ge=3600, description="op-id and resolved-hold memory in Redis")
@@ -195,7 +198,7 @@ class Settings(BaseSettings):
         30, ge=1, le=3650, description="delivered and failed notifications are removed after this"
     )
 
-    @field_validator("admin_keys", "client_keys")
+    @field_validator("admin_keys", "client_keys", "metrics_keys")
     @classmethod
     def _keys_are_valid(cls, v: str) -> str:
         parse_keys(v)
@@ -278,6 +281,10 @@ class Settings(BaseSettings):
     @property
     def client_key_digests(self) -> list[bytes]:
         return parse_keys(self.client_keys)
+
+    @property
+    def metrics_key_digests(self) -> list[bytes]:
+        return parse_keys(self.metrics_keys)
 
 
 class SettingsError(ValueError):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -42,6 +43,7 @@ from ..core.money import MAX_UNITS, from_units, to_units
 from ..core.pricing import Usage
 from ..core.settlement import Settler
 from ..logs import REQUEST_ID
+from ..metrics import Metrics
 from .call import Call
 from .config import ProxyConfig, Upstream
 from .credit_cap import CreditCap, usage_so_far
@@ -77,6 +79,7 @@ class MeteringProxy:
         pricing: PricingCache,
         identity: Identity,
         session: aiohttp.ClientSession,
+        metrics: Metrics,
     ) -> None:
         self.engine = engine
         self.config = config
@@ -87,6 +90,13 @@ class MeteringProxy:
         self.tokens = TokenCounter()  # loads a vocabulary at first use only
         # One timeout object per upstream, not one per request.
         self.timeouts = {u.name: aiohttp.ClientTimeout(total=u.timeout_seconds) for u in config.upstreams}
+        self.metrics = metrics
+        # The children the hot path touches, looked up once.
+        self._reserved_ok = metrics.reserves.labels("ok")
+        self._held = metrics.credits.labels("held")
+        self._charged = metrics.credits.labels("charged")
+        self._released = metrics.credits.labels("released")
+        self._over_hold = metrics.credits.labels("charged_over_hold")
 
     # -- entry -------------------------------------------------------------------------
 
@@ -137,6 +147,10 @@ class MeteringProxy:
                 )
                 call.hold_units, call.hold_expires_ms = worst, hold.expires_at_ms
                 call.budget_units = worst
+                self._reserved_ok.inc()
+                self._held.inc(worst)
+                if clamped:
+                    self.metrics.reserves.labels("clamped").inc()
                 return None
             except RateLimited as exc:
                 # Alone over the tokens limit: answer shorter when the prompt leaves room.
@@ -145,19 +159,25 @@ class MeteringProxy:
                     if clamp(call, fit, "tpm", clamped, self.config.min_output_tokens):
                         worst = worst_units(call)
                         continue
-                return reserve_refusal(call.kind, exc, rid)
+                return self._refused(call, exc, rid)
             except InsufficientCredits as exc:
                 available = to_units(exc.details.get("available", 0), allow_zero=True)
                 affordable = call.price.output_tokens_affordable(available, call.est_input)
                 if clamp(call, affordable, "credit", clamped, self.config.min_output_tokens):
                     worst = worst_units(call)
                     continue
-                return reserve_refusal(call.kind, exc, rid)
+                return self._refused(call, exc, rid)
             except (AccountInDebt, StateLost, BacklogFull, ModelNotAllowed) as exc:
-                return reserve_refusal(call.kind, exc, rid)
+                return self._refused(call, exc, rid)
             except RedisError as exc:
+                self.metrics.reserves.labels("unconfirmed").inc()
                 return self._reserve_unconfirmed(call.kind, call.user, call.request_id, call.meta, exc, ttl)
+        self.metrics.reserves.labels(InsufficientCredits.code).inc()
         return insufficient_credits(call.kind, rid)
+
+    def _refused(self, call: Call, exc: CreditError, rid: dict[str, str]) -> Response:
+        self.metrics.reserves.labels(exc.code).inc()
+        return reserve_refusal(call.kind, exc, rid)
 
     def _reserve_unconfirmed(
         self, kind: Adapter, user: str, hold_id: str, meta: dict[str, Any], exc: RedisError, ttl: float
@@ -179,21 +199,27 @@ class MeteringProxy:
         timeout = self._timeout(call.upstream)
         rid = {"X-Request-Id": call.request_id}
         uncharged = {**rid, "X-Credits-Charged": "0"}  # the hold is given back: nothing charged
+        sent = time.perf_counter()
         try:
             resp = await self.session.post(
                 url, data=orjson.dumps(call.body), headers=headers, allow_redirects=False, timeout=timeout
             )
         except TimeoutError:
+            self._upstream_done(call, sent, "timeout")
             await self._release(call, "upstream_timeout")
             return proxy_error(
                 call.kind, 504, "upstream_timeout", "the upstream did not answer in time", uncharged
             )
         except aiohttp.ClientError as exc:
+            self._upstream_done(call, sent, "unreachable")
             await self._release(call, "upstream_unreachable")
             log.warning("upstream %s unreachable: %s", call.upstream.name, exc)
             return proxy_error(
                 call.kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged
             )
+        self.metrics.upstream_first_byte_seconds.labels(call.upstream.name).observe(
+            time.perf_counter() - sent
+        )
         if resp.status >= 300:
             try:
                 raw = await resp.read()
@@ -201,16 +227,20 @@ class MeteringProxy:
                 raw = b""
             finally:
                 resp.release()
+            self._upstream_done(call, sent, f"http_{resp.status // 100}xx")
             await self._release(call, f"upstream_status_{resp.status}")
             return Response(raw, status_code=resp.status, headers={**passed_headers(resp), **uncharged})
         if call.stream and resp.content_type == "text/event-stream":
             return StreamingResponse(
-                self._stream(call, resp),
+                self._stream(call, resp, sent),
                 status_code=resp.status,
                 headers={**passed_headers(resp), **rid},
                 media_type="text/event-stream",
             )
-        return await self._whole(call, resp)
+        return await self._whole(call, resp, sent)
+
+    def _upstream_done(self, call: Call, sent: float, outcome: str) -> None:
+        self.metrics.upstream_seconds.labels(call.upstream.name, outcome).observe(time.perf_counter() - sent)
 
     def _timeout(self, upstream: Upstream) -> aiohttp.ClientTimeout:
         timeout = self.timeouts.get(upstream.name)
@@ -218,12 +248,13 @@ class MeteringProxy:
             timeout = self.timeouts[upstream.name] = aiohttp.ClientTimeout(total=upstream.timeout_seconds)
         return timeout
 
-    async def _whole(self, call: Call, resp: aiohttp.ClientResponse) -> Response:
+    async def _whole(self, call: Call, resp: aiohttp.ClientResponse, sent: float) -> Response:
         rid = {"X-Request-Id": call.request_id}
         try:
             raw = await resp.read()
         except (TimeoutError, aiohttp.ClientError):
             resp.release()
+            self._upstream_done(call, sent, "broken")
             await self._release(call, "upstream_failed")
             return proxy_error(
                 call.kind,
@@ -234,6 +265,7 @@ class MeteringProxy:
             )
         headers = passed_headers(resp)
         resp.release()
+        self._upstream_done(call, sent, "ok")
         usage, answer = None, None
         try:
             answer = orjson.loads(raw)
@@ -250,10 +282,11 @@ class MeteringProxy:
             headers["X-Credits-Remaining"] = str(from_units(remaining))
         return Response(raw, status_code=resp.status, headers=headers)
 
-    async def _stream(self, call: Call, resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def _stream(self, call: Call, resp: aiohttp.ClientResponse, sent: float) -> AsyncIterator[bytes]:
         meter = call.kind.stream_meter()
         cap = CreditCap(call, meter, self.config.chars_per_token) if self.config.hard_cap else None
         done = False
+        outcome = "client_gone"
         try:
             buf = b""
             async for chunk in resp.content.iter_any():
@@ -278,20 +311,20 @@ class MeteringProxy:
                     yield b"".join(out)
             if buf:
                 yield buf
-            done = True
+            done, outcome = True, "ok"
             charged, remaining = await self._settle_stream(call, meter, partial=False)
             tail = f": credits charged={_credits(charged)}"
             if remaining is not None:
                 tail += f" remaining={from_units(remaining)}"
             yield (tail + f" request_id={call.request_id}\n\n").encode()
         except _HardCap:
-            done = True
+            done, outcome = True, "credit_cap"
             resp.close()
             charged, remaining = await self._settle_stream(call, meter, partial=True)
             yield f": stopped at the credit cap; credits charged={_credits(charged)}\n\n".encode()
         except (TimeoutError, aiohttp.ClientError) as exc:
             # The upstream broke off mid-stream: pay for what was produced, tell the client.
-            done = True
+            done, outcome = True, "broken"
             resp.close()
             charged, _ = await self._settle_stream(call, meter, partial=True)
             why = (
@@ -302,6 +335,7 @@ class MeteringProxy:
             yield f": {why}; credits charged={_credits(charged)}\n\n".encode()
         finally:
             resp.release()
+            self._upstream_done(call, sent, outcome)
             if not done:
                 # The client went away (or we were cancelled): close the upstream and settle
                 # what was produced, in a task of its own so the cancellation cannot stop it.
@@ -369,6 +403,11 @@ class MeteringProxy:
                 return None, None
             charged += r.charged_units
             remaining = r.state.available_units
+            self._charged.inc(r.charged_units)
+            if r.charged_units > units:  # usage beyond the estimate (the overage policy)
+                self._over_hold.inc(r.charged_units - units)
+            else:
+                self._released.inc(units - r.charged_units)
         return charged, remaining
 
     async def _extend(self, call: Call, meter: StreamMeter) -> bool:
@@ -399,10 +438,12 @@ class MeteringProxy:
                 return False
             call.extensions.append((hold_id, units, hold.expires_at_ms))
             call.budget_units += units
+            self._held.inc(units)
             return True
         return False
 
     async def _release(self, call: Call, reason: str, *, void_if_unknown: bool = False) -> None:
+        self._released.inc(call.hold_units)  # a call is released before any extension
         until = call.hold_expires_ms or self._hold_end(call.upstream)
         await self._give_back(
             call.user, call.request_id, {**call.meta, "reason": reason}, until, void_if_unknown

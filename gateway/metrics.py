@@ -1,0 +1,152 @@
+"""The gateway's Prometheus metrics: one Metrics per app (create_app builds it), exposed at
+GET /metrics.
+
+When several processes serve one port (`serve --workers N`), prometheus-client's
+multiprocess mode is on: each process writes its values to files in
+PROMETHEUS_MULTIPROC_DIR (the CLI makes and empties a directory when none is given, before
+the processes start, because the mode is chosen when prometheus-client is imported), and a
+scrape answered by any process sums them all. Without that variable the values stay in this
+app's own registry, so two apps in one process (tests) count apart.
+
+Names carry no user ids: a label's values are bounded (route templates, upstream names,
+result codes), so the series do not grow with the traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# Seconds: a gateway answer is a few ms, an LLM call seconds to minutes.
+HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
+        self.registry = CollectorRegistry()
+        # In multiprocess mode the values live in the shared files, not in a registry.
+        reg = None if self.multiprocess else self.registry
+        self.requests = Counter(
+            "credit_http_requests",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=reg,
+        )
+        self.request_seconds = Histogram(
+            "credit_http_request_duration_seconds",
+            "time to the end of the answer (a stream: its last byte), by route template",
+            ["route"],
+            buckets=HTTP_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_seconds = Histogram(
+            "credit_upstream_duration_seconds",
+            "proxied calls: from sending to the upstream until its answer ended, by upstream and outcome",
+            ["upstream", "outcome"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=reg,
+        )
+        self.upstream_first_byte_seconds = Histogram(
+            "credit_upstream_first_byte_seconds",
+            "proxied calls: time from sending to the upstream until its answer's head arrived",
+            ["upstream"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=reg,
+        )
+        self.reserves = Counter(
+            "credit_reserve_results",
+            "the proxy's reserves by result: ok, insufficient_credits, in_debt, rate_limited, "
+            "model_not_allowed, unavailable, ...; clamped counts a reserve whose output was lowered to fit",
+            ["result"],
+            registry=reg,
+        )
+        self.credits = Counter(
+            "credit_proxy_micro_credits",
+            "micro-credits of proxied calls: held at reserve, charged at settle, released (given "
+            "back), charged_over_hold (usage beyond the hold, charged by the overage policy)",
+            ["action"],
+            registry=reg,
+        )
+
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+
+def route_of(scope: Scope) -> str:
+    """The matched route's template (`/admin/accounts/{user}`), never the raw path, so that
+    ids in paths do not become series; a path no route matched is `unmatched`."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str):
+        return path
+    # The proxy's short path (GatewayApp) skips the router: its paths are a fixed few.
+    if scope.get("path") in getattr(scope.get("app"), "proxy_paths", ()):
+        return str(scope["path"])
+    return "unmatched"
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP answer by route, method and status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # an exception before the answer began: the server answers 500
+
+        async def send_counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        finally:
+            route = route_of(scope)
+            m = self.metrics
+            m.requests.labels(route, scope["method"], str(status)).inc()
+            m.request_seconds.labels(route).observe(time.perf_counter() - start)
+
+
+@contextmanager
+def shared_metrics_dir() -> Iterator[str]:
+    """PROMETHEUS_MULTIPROC_DIR for processes started inside: the one the environment names
+    (emptied first: files of an earlier run would be summed in), else a temporary directory
+    removed afterwards. Set before the processes start, as they choose the mode on import."""
+    given = os.environ.get(MULTIPROCESS_ENV)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for name in os.listdir(given):
+            if name.endswith(".db"):
+                os.remove(os.path.join(given, name))
+        yield given
+        return
+    made = tempfile.mkdtemp(prefix="credit-metrics-")
+    os.environ[MULTIPROCESS_ENV] = made
+    try:
+        yield made
+    finally:
+        os.environ.pop(MULTIPROCESS_ENV, None)
+        shutil.rmtree(made, ignore_errors=True)

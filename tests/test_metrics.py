@@ -1,0 +1,115 @@
+"""GET /metrics: who may read it, and that the proxy's figures are the ledger's (a real
+gateway in front of the fake upstream, on a real redis-server)."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+import aiohttp
+import pytest
+
+from tests.support.proxy_fixtures import ADMIN, CLIENT, post, running_gateway
+
+METRICS_KEY = "metrics-" + "m" * 40
+
+
+async def scrape(gw, key: str | None = ADMIN) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession() as s, s.get(gw.base + "/metrics", headers=headers) as r:
+        return r.status, await r.text()
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """A sample's value (0 when the series is absent)."""
+    for line in text.splitlines():
+        m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if have == labels:
+            return float(m.group(3))
+    return 0.0
+
+
+@pytest.fixture
+async def gwm(redis, redis_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("CREDIT_METRICS_KEYS", METRICS_KEY)  # read by Settings()
+    async with running_gateway(redis_url, tmp_path) as g:
+        yield g
+
+
+@pytest.mark.parametrize(
+    ("key", "status"),
+    [(None, 401), ("wrong-" + "x" * 40, 401), (CLIENT, 401), (ADMIN, 200), (METRICS_KEY, 200)],
+    ids=["none", "wrong", "client", "admin", "metrics"],
+)
+async def test_metrics_need_a_metrics_or_admin_key(gwm, key, status):
+    got, text = await scrape(gwm, key)
+    assert got == status
+    if status == 200:
+        assert "# TYPE credit_http_requests_total counter" in text
+    else:
+        assert "credit_http_requests_total" not in text
+
+
+async def test_proxied_calls_are_counted_as_the_ledger_has_them(gw):
+    await gw.grant("alice", "1")
+    chat = {"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    charged = Decimal(0)
+    for _ in range(3):
+        status, h, raw = await post(
+            gw, "/v1/chat/completions", chat, **{"X-Fake-Input-Tokens": "100", "X-Fake-Output-Tokens": "30"}
+        )
+        assert status == 200, raw
+        charged += Decimal(h["X-Credits-Charged"])
+    streamed = {**chat, "stream": True}
+    status, h, raw = await post(gw, "/v1/chat/completions", streamed, **{"X-Fake-Output-Tokens": "5"})
+    assert status == 200
+    charged += Decimal(re.search(rb"credits charged=([0-9.]+)", raw).group(1).decode())
+    status, _, _ = await post(gw, "/v1/chat/completions", chat, **{"X-Fake-Status": "500"})
+    assert status == 500  # released: nothing charged
+    status, _, _ = await post(gw, "/v1/chat/completions", chat, user="broke")  # no credit
+    assert status == 402
+
+    _, text = await scrape(gw)
+    route = "/v1/chat/completions"
+    assert value(text, "credit_http_requests_total", method="POST", route=route, status="200") == 4
+    assert value(text, "credit_http_requests_total", method="POST", route=route, status="500") == 1
+    assert value(text, "credit_http_requests_total", method="POST", route=route, status="402") == 1
+    assert value(text, "credit_reserve_results_total", result="ok") == 5
+    assert value(text, "credit_reserve_results_total", result="insufficient_credits") == 1
+    held = value(text, "credit_proxy_micro_credits_total", action="held")
+    got = value(text, "credit_proxy_micro_credits_total", action="charged")
+    released = value(text, "credit_proxy_micro_credits_total", action="released")
+    over = value(text, "credit_proxy_micro_credits_total", action="charged_over_hold")
+    assert got == int(charged * 1_000_000) > 0
+    # every held credit was charged or given back; the usage of 100 input tokens is more than
+    # the estimate held for "hi", and the excess is charged above the hold
+    assert over > 0
+    assert held + over == got + released
+    b = await gw.balance("alice")
+    assert b.held == 0 and Decimal(1) - b.available == charged
+    # the upstream's timings, by outcome
+    assert value(text, "credit_upstream_duration_seconds_count", upstream="openai", outcome="ok") == 4
+    assert value(text, "credit_upstream_duration_seconds_count", upstream="openai", outcome="http_5xx") == 1
+    assert value(text, "credit_upstream_first_byte_seconds_count", upstream="openai") == 5
+
+
+async def test_routes_are_labelled_by_their_template_never_their_ids(gw):
+    async with aiohttp.ClientSession() as s:
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        for user in ("u1", "u2", "u3"):
+            async with s.get(f"{gw.base}/admin/accounts/{user}", headers=admin) as r:
+                assert r.status == 200
+        async with s.get(f"{gw.base}/no/such/path/abc123") as r:
+            assert r.status == 404
+    _, text = await scrape(gw)
+    assert (
+        value(
+            text, "credit_http_requests_total", method="GET", route="/admin/accounts/{user_id}", status="200"
+        )
+        == 3
+    )
+    assert value(text, "credit_http_requests_total", method="GET", route="unmatched", status="404") == 1
+    assert "u1" not in text and "abc123" not in text
