@@ -40,6 +40,7 @@ from gateway.core.recovery import partition_status
 from gateway.core.store.base import Store
 
 from .audit import AuditLog
+from .metrics import WorkerMetrics
 from .stream_read import AllStreamsRead
 
 log = logging.getLogger("credit.worker")
@@ -150,6 +151,7 @@ class Worker:
         linger_seconds: float = 0.005,
         on_stored: Callable[[list[Event]], Awaitable[object]] | None = None,
         side_jobs: Iterable[Callable[[asyncio.Event], Awaitable[None]]] = (),
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.engine = engine
         self.redis = engine.redis
@@ -169,6 +171,7 @@ class Worker:
         # Loops beside the drain (notification delivery, scans) until the worker stops;
         # not in a burst.
         self.side_jobs = list(side_jobs)
+        self.metrics = metrics
         self.stats = WorkerStats()
         self.stop_event = asyncio.Event()
         self._pkeys = self.keys.all_partitions()
@@ -217,6 +220,8 @@ class Worker:
         """The alert on a partition's backlog (what is left in its stream after trimming: not
         yet stored): a warning past half the engine's limit, an error at the limit (new holds
         on the partition are refused then), once each until it is back below a quarter."""
+        if self.metrics is not None:
+            self.metrics.backlog.labels(str(p)).set(entries)
         limit = self.engine.max_backlog
         if not limit:
             return
@@ -368,9 +373,12 @@ class Worker:
         if self.audit is not None:
             self.audit.write(good)
         stored = good
+        started = time.perf_counter()
         try:
             new = await self.store.write_events(good)
         except Exception:
+            if self.metrics is not None:
+                self.metrics.write_failures.inc()
             # The store down: nothing is acknowledged, everything stays pending. The store
             # up: some event fails on its own (a poison event); write them one by one, so
             # that one goes to the dead letters and not its whole batch.
@@ -380,6 +388,8 @@ class Worker:
             dead = dead + poison
             poisoned = {sid for _, sid, _, _ in poison}
             stored = [e for e in good if e.stream_id not in poisoned]
+        if self.metrics is not None:
+            self.metrics.stored(stored, time.perf_counter() - started)
         if self.engine.stored_versions is not None:
             self.engine.stored_versions.stored(stored)  # the writes waiting on these are answered
         if self.on_stored is not None and stored:
@@ -443,6 +453,8 @@ class Worker:
             pipe.xadd(self.keys.partition(p).dead, body)
         await pipe.execute()
         self.stats.dead_lettered += len(dead)
+        if self.metrics is not None:
+            self.metrics.dead_lettered.inc(len(dead))
         for p, sid, _, reason in dead:
             log.error("dead-lettered event %s of partition %d: %s", sid, p, reason)
 
@@ -674,6 +686,22 @@ class Worker:
 
         return list(await asyncio.gather(*(one(p) for p in parts), return_exceptions=True))
 
+    async def observe_streams(self) -> None:
+        """The metrics' view of every partition: entries pending (delivered, not acknowledged)
+        and dead letters. A partition that does not answer keeps its last figures."""
+        assert self.metrics is not None
+
+        def ask(pipe: Any, p: int) -> None:
+            pipe.xpending(self._streams[p], GROUP)
+            pipe.xlen(self._pkeys[p].dead)
+
+        for p, answer in enumerate(await self._per_partition(ask, 2)):
+            if isinstance(answer, BaseException):
+                continue  # no stream or group yet, or out of reach: the drain's logs say why
+            summary, dead = answer
+            self.metrics.pending.labels(str(p)).set(int(summary.get("pending", 0) or 0))
+            self.metrics.dead_letters.labels(str(p)).set(int(dead))
+
     async def _rebuild_job(self) -> None:
         try:
             await self.rebuild_lost()
@@ -701,7 +729,10 @@ class Worker:
         and does not keep the next from running."""
         if self.rehydrate is not None and (self._rebuilding is None or self._rebuilding.done()):
             self._rebuilding = asyncio.create_task(self._rebuild_job(), name="credit-worker-rebuild")
-        for job in (self.sweep, self.claim_stale, self.trim):
+        jobs = [self.sweep, self.claim_stale, self.trim]
+        if self.metrics is not None:
+            jobs.append(self.observe_streams)
+        for job in jobs:
             try:
                 await job()
             except Exception:

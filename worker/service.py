@@ -25,6 +25,7 @@ from gateway.notifications.notifier import prune_outbox
 from gateway.selling import Selling, build_selling
 
 from .audit import AuditLog
+from .metrics import WorkerMetrics
 from .runner import Worker, WorkerStats
 
 log = logging.getLogger("credit.worker")
@@ -55,7 +56,11 @@ def notification_jobs(
 
 
 def build_worker(
-    settings: Settings, engine: CreditEngine, store: Store, selling: Selling | None = None
+    settings: Settings,
+    engine: CreditEngine,
+    store: Store,
+    selling: Selling | None = None,
+    metrics: WorkerMetrics | None = None,
 ) -> Worker:
     """A Worker configured as `settings` say, on `engine` and `store`, with its notification
     detection (before each batch is acknowledged) and loops, and the selling services' timed
@@ -82,6 +87,7 @@ def build_worker(
             *notification_jobs(settings, store, engine.now_ms),
             *(selling_jobs(settings, selling) if selling is not None else []),
         ],
+        metrics=metrics,
     )
 
 
@@ -95,10 +101,12 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     store = make_store(settings)
     await store.open()
     engine = make_engine(settings, redis)
-    stack = AsyncExitStack()  # the payment providers' clients
+    stack = AsyncExitStack()  # the payment providers' clients, the metrics server
     try:
+        metrics = WorkerMetrics()
+        stack.enter_context(metrics.served(settings.worker_metrics_host, settings.worker_metrics_port))
         worker = build_worker(
-            settings, engine, store, await build_selling(stack, settings, None, store, engine)
+            settings, engine, store, await build_selling(stack, settings, None, store, engine), metrics
         )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1)
     sweep_interval_seconds: float = Field(1.0, gt=0)
     worker_name: str | None = None
+    # The worker's own /metrics (Prometheus); on 127.0.0.1 unless told (a container: 0.0.0.0).
+    worker_metrics_port: int = Field(9101, ge=0, le=65535, description="0: no metrics server")
+    worker_metrics_host: str = "127.0.0.1"
 
     # Metering proxy: the TOML/YAML file of upstreams, pricing and limits (gateway/proxy/config.py).
     gateway_config: str | None = None
