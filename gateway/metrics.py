@@ -81,6 +81,15 @@ class Metrics:
             registry=reg,
         )
 
+        self.settles = Counter(
+            "credit_settle_events",
+            "the proxy's charges Redis did not confirm at once: retry (tried again at once), "
+            "unconfirmed (left to the background), confirmed_later, given_up, late_debit (a hold "
+            "gone uncharged, charged as a debit)",
+            ["event"],
+            registry=reg,
+        )
+
     def exposition(self) -> bytes:
         if self.multiprocess:
             registry = CollectorRegistry()

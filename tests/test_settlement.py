@@ -91,7 +91,8 @@ async def test_a_settle_whose_reply_was_lost_is_retried_and_applies_once(engine_
 
 async def test_a_settle_redis_does_not_confirm_lands_from_the_background_once(engine_via, direct, flaky):
     hold = await open_hold(direct, "down")
-    settler = Settler(engine_via, retry_interval_seconds=0.1)
+    seen: list[str] = []  # what the metrics are told
+    settler = Settler(engine_via, retry_interval_seconds=0.1, observe=seen.append)
     flaky.down()
     r = await settler.settle(
         "down", hold.hold_id, 20_000, expires_at_ms=hold.expires_at_ms, metadata={"request_id": "r1"}
@@ -103,6 +104,7 @@ async def test_a_settle_redis_does_not_confirm_lands_from_the_background_once(en
     assert await settler.drain(timeout=30) == 0
     assert flaky.lost_replies == 1
     await assert_charged_once(direct, "down", 20_000)
+    assert [w for w in seen if w != "retry"] == ["unconfirmed", "confirmed_later"]
     with pytest.raises(HoldAlreadySettled):  # the hold is settled at 20_000, not open
         await direct.settle("down", hold.hold_id, "0.03", op_id="another")
 
@@ -122,7 +124,8 @@ async def test_a_settle_that_lands_only_after_its_hold_expired_is_charged_as_a_d
     engine_via, direct, flaky
 ):
     hold = await open_hold(direct, "gone", ttl=1.0)
-    settler = Settler(engine_via, retry_interval_seconds=0.1)
+    seen: list[str] = []
+    settler = Settler(engine_via, retry_interval_seconds=0.1, observe=seen.append)
     flaky.down()
     assert await settler.settle("gone", hold.hold_id, 7_000, expires_at_ms=hold.expires_at_ms) is None
     await asyncio.sleep(1.5)  # Redis is back only after the hold's deadline: it expires uncharged
@@ -132,11 +135,13 @@ async def test_a_settle_that_lands_only_after_its_hold_expired_is_charged_as_a_d
     assert (b.spent_units, b.held_units, b.available_units, b.debt_units) == (7_000, 0, 1_000_000 - 7_000, 0)
     events = await hold_events(direct, "gone")
     assert events.count("hold_expired") == 1 and events.count("debit") == 1
+    assert "late_debit" in seen and "given_up" not in seen
 
 
 async def test_a_settle_never_confirmed_is_given_up_in_the_end_and_says_so(engine_via, direct, flaky, caplog):
     hold = await open_hold(direct, "given-up", ttl=0.5)
-    settler = Settler(engine_via, retry_interval_seconds=0.1, debit_retry_seconds=0.5)
+    seen: list[str] = []
+    settler = Settler(engine_via, retry_interval_seconds=0.1, debit_retry_seconds=0.5, observe=seen.append)
     flaky.down()
     with caplog.at_level(logging.WARNING, logger="credit.settlement"):
         assert await settler.settle("given-up", hold.hold_id, 7_000, expires_at_ms=hold.expires_at_ms) is None
@@ -147,6 +152,7 @@ async def test_a_settle_never_confirmed_is_given_up_in_the_end_and_says_so(engin
         and "7000 micro-credits" in lost[0].getMessage()
         and "h-given-up" in lost[0].getMessage()
     )
+    assert seen.count("unconfirmed") == 1 and seen.count("given_up") == 1
 
 
 async def test_drain_cancels_what_is_left_after_its_timeout_and_logs_the_amount(

@@ -53,6 +53,10 @@ RETRY_AT_ONCE = (RedisConnectionError, RedisTimeoutError)
 RETRY_LATER = (RedisError, StateLost)
 
 
+def _ignore(_: str) -> None:
+    pass
+
+
 def late_op_id(hold_id: str) -> str:
     """The operation id of the debit that stands in for a hold's settle once the hold expired
     uncharged: one per hold, so that it too applies once."""
@@ -60,7 +64,12 @@ def late_op_id(hold_id: str) -> str:
     return op if len(op) <= MAX_ID_LENGTH else "late." + hashlib.sha256(hold_id.encode()).hexdigest()[:40]
 
 
-async def retrying(op: Callable[[], Awaitable[T]], attempts: int = 3, backoff_seconds: float = 0.05) -> T:
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    attempts: int = 3,
+    backoff_seconds: float = 0.05,
+    on_retry: Callable[[], None] | None = None,
+) -> T:
     """Runs an engine call, again on a Redis connection error or timeout (at most
     `attempts` tries, `backoff_seconds` * n apart). Only for idempotent calls: every
     engine call is, by its operation id."""
@@ -70,6 +79,8 @@ async def retrying(op: Callable[[], Awaitable[T]], attempts: int = 3, backoff_se
         except RETRY_AT_ONCE:
             if attempt == attempts - 1:
                 raise
+            if on_retry is not None:
+                on_retry()
             await asyncio.sleep(backoff_seconds * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -82,6 +93,9 @@ class Settler:
     retry_interval_seconds: the pause between background tries.
     debit_retry_seconds: how long an unconfirmed debit is tried in the background, and an
       unconfirmed settle after its hold's deadline.
+    observe: told what happens to the charges, for the metrics: "retry" (tried again at
+      once), "unconfirmed" (left to the background), "confirmed_later", "given_up",
+      "late_debit" (a hold gone uncharged, charged as a debit).
     """
 
     def __init__(
@@ -92,8 +106,10 @@ class Settler:
         backoff_seconds: float = 0.05,
         retry_interval_seconds: float = 1.0,
         debit_retry_seconds: float = 3600.0,
+        observe: Callable[[str], None] | None = None,
     ) -> None:
         self.engine = engine
+        self.observe = observe or _ignore
         self.attempts = attempts
         self.backoff_seconds = backoff_seconds
         self.retry_interval_seconds = retry_interval_seconds
@@ -127,6 +143,7 @@ class Settler:
             )
 
         async def late() -> DebitResult | None:
+            self.observe("late_debit")
             log.warning(
                 "hold %s of %s is gone uncharged (expired, or lost with Redis's data) before its settle "
                 "of %d micro-credits landed; charging it as a debit",
@@ -188,8 +205,9 @@ class Settler:
             )
 
         try:
-            return await retrying(call, self.attempts, self.backoff_seconds)
+            return await retrying(call, self.attempts, self.backoff_seconds, self._retried)
         except RETRY_LATER as exc:
+            self.observe("unconfirmed")
             log.warning(
                 "release of %s for %s not confirmed by Redis (%r)%s",
                 hold_id,
@@ -242,8 +260,13 @@ class Settler:
             except CreditError as exc:  # resolved meanwhile, or (a give-back) never placed
                 log.info("%s on a later try: %s", what, exc.code)
                 return
+            self.observe("confirmed_later")
             log.info("%s confirmed on a later try", what)
             return
+        self.observe("given_up")
+
+    def _retried(self) -> None:
+        self.observe("retry")
 
     async def _charge(
         self,
@@ -253,12 +276,13 @@ class Settler:
         on_expired: Callable[[], Awaitable[Any]] | None = None,
     ) -> Any:
         try:
-            return await retrying(call, self.attempts, self.backoff_seconds)
+            return await retrying(call, self.attempts, self.backoff_seconds, self._retried)
         except UNCHARGED:
             if on_expired is None:
                 raise
             return await on_expired()
         except RETRY_LATER as exc:
+            self.observe("unconfirmed")
             log.warning("%s not confirmed by Redis (%r); trying again in the background", what, exc)
             self.spawn(self._later(call, what, deadline_ms, on_expired))
             return None
@@ -274,6 +298,7 @@ class Settler:
             while True:
                 await asyncio.sleep(self.retry_interval_seconds)
                 if self.engine.now_ms() >= deadline_ms:
+                    self.observe("given_up")
                     log.error("%s never confirmed by Redis; given up", what)
                     return
                 try:
@@ -292,8 +317,10 @@ class Settler:
                 except Exception:  # a bug, not Redis: say so rather than die silently
                     log.exception("%s failed on a later try; given up", what)
                     return
+                self.observe("confirmed_later")
                 log.info("%s confirmed on a later try", what)
                 return
         except asyncio.CancelledError:
+            self.observe("given_up")
             log.error("%s not confirmed by Redis before shutdown; given up", what)
             raise

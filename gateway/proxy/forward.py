@@ -86,7 +86,7 @@ class MeteringProxy:
         self.pricing = pricing
         self.identity = identity
         self.session = session
-        self.settler = Settler(engine)
+        self.settler = Settler(engine, observe=lambda what: metrics.settles.labels(what).inc())
         self.tokens = TokenCounter()  # loads a vocabulary at first use only
         # One timeout object per upstream, not one per request.
         self.timeouts = {u.name: aiohttp.ClientTimeout(total=u.timeout_seconds) for u in config.upstreams}
