@@ -14,10 +14,12 @@ result codes), so the series do not grow with the traffic.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -33,54 +35,117 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0)
 
 
+class HotCounter:
+    """A labelled counter counted in this process's memory and added to its Prometheus
+    counter at flush: on the hot path a dict update instead of a locked (in multiprocess
+    mode, mmap-written) update per count."""
+
+    __slots__ = ("counts", "metric")
+
+    def __init__(self, metric: Counter) -> None:
+        self.metric = metric
+        self.counts: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], n: float = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def flush(self) -> None:
+        counts, self.counts = self.counts, {}
+        for key, n in counts.items():
+            self.metric.labels(*key).inc(n)
+
+
+class HotHistogram:
+    """A labelled histogram observed into this process's memory (its sum and bucket counts
+    per label values) and added to its Prometheus histogram at flush."""
+
+    __slots__ = ("bounds", "data", "metric")
+
+    def __init__(self, metric: Histogram, buckets: tuple[float, ...]) -> None:
+        self.metric = metric
+        self.bounds = list(buckets)  # +Inf is the histogram's last bucket beyond these
+        self.data: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        d = self.data.get(key)
+        if d is None:
+            d = self.data[key] = [0.0] * (len(self.bounds) + 2)  # the sum, then each bucket
+        d[0] += value
+        d[1 + bisect_left(self.bounds, value)] += 1  # buckets are "less or equal"
+
+    def flush(self) -> None:
+        data, self.data = self.data, {}
+        for key, d in data.items():
+            child = self.metric.labels(*key)
+            # prometheus-client offers observe() one value at a time; its child keeps the
+            # sum and the per-bucket counts as values (tests/test_metrics.py checks that
+            # flushed figures equal observed ones, so a change there fails a test).
+            child._sum.inc(d[0])
+            for i, n in enumerate(d[1:]):
+                if n:
+                    child._buckets[i].inc(n)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get(MULTIPROCESS_ENV))
         self.registry = CollectorRegistry()
         # In multiprocess mode the values live in the shared files, not in a registry.
         reg = None if self.multiprocess else self.registry
-        self.requests = Counter(
-            "credit_http_requests",
-            "HTTP requests answered, by route template, method and status",
-            ["route", "method", "status"],
+        self.requests = HotCounter(
+            Counter(
+                "credit_http_requests",
+                "HTTP requests answered, by route template, method and status",
+                ["route", "method", "status"],
+                registry=reg,
+            )
+        )
+        self.request_seconds = HotHistogram(
+            Histogram(
+                "credit_http_request_duration_seconds",
+                "time to the end of the answer (a stream: its last byte), by route template",
+                ["route"],
+                buckets=HTTP_BUCKETS,
+                registry=reg,
+            ),
+            HTTP_BUCKETS,
+        )
+        self.upstream_seconds = HotHistogram(
+            Histogram(
+                "credit_upstream_duration_seconds",
+                "proxied calls: from sending to the upstream until its answer ended, by upstream and outcome",
+                ["upstream", "outcome"],
+                buckets=UPSTREAM_BUCKETS,
+                registry=reg,
+            ),
+            UPSTREAM_BUCKETS,
+        )
+        self.upstream_first_byte_seconds = HotHistogram(
+            Histogram(
+                "credit_upstream_first_byte_seconds",
+                "proxied calls: time from sending to the upstream until its answer's head arrived",
+                ["upstream"],
+                buckets=UPSTREAM_BUCKETS,
+                registry=reg,
+            ),
+            UPSTREAM_BUCKETS,
+        )
+        self.reserves = HotCounter(
+            Counter(
+                "credit_reserve_results",
+                "the proxy's reserves by result: ok, insufficient_credits, in_debt, rate_limited, "
+                "model_not_allowed, unconfirmed, ...; clamped: a reserve whose output was lowered to fit",
+                ["result"],
+                registry=reg,
+            )
+        )
+        self.charged_over_hold = Counter(
+            "credit_proxy_charged_over_hold_micro_credits",
+            "micro-credits proxied calls were charged beyond their hold (usage above the "
+            "estimate, charged by the overage policy); what was held, charged and released is "
+            "counted from the ledger by the worker",
             registry=reg,
         )
-        self.request_seconds = Histogram(
-            "credit_http_request_duration_seconds",
-            "time to the end of the answer (a stream: its last byte), by route template",
-            ["route"],
-            buckets=HTTP_BUCKETS,
-            registry=reg,
-        )
-        self.upstream_seconds = Histogram(
-            "credit_upstream_duration_seconds",
-            "proxied calls: from sending to the upstream until its answer ended, by upstream and outcome",
-            ["upstream", "outcome"],
-            buckets=UPSTREAM_BUCKETS,
-            registry=reg,
-        )
-        self.upstream_first_byte_seconds = Histogram(
-            "credit_upstream_first_byte_seconds",
-            "proxied calls: time from sending to the upstream until its answer's head arrived",
-            ["upstream"],
-            buckets=UPSTREAM_BUCKETS,
-            registry=reg,
-        )
-        self.reserves = Counter(
-            "credit_reserve_results",
-            "the proxy's reserves by result: ok, insufficient_credits, in_debt, rate_limited, "
-            "model_not_allowed, unavailable, ...; clamped counts a reserve whose output was lowered to fit",
-            ["result"],
-            registry=reg,
-        )
-        self.credits = Counter(
-            "credit_proxy_micro_credits",
-            "micro-credits of proxied calls: held at reserve, charged at settle, released (given "
-            "back), charged_over_hold (usage beyond the hold, charged by the overage policy)",
-            ["action"],
-            registry=reg,
-        )
-
         self.settles = Counter(
             "credit_settle_events",
             "the proxy's charges Redis did not confirm at once: retry (tried again at once), "
@@ -89,8 +154,29 @@ class Metrics:
             ["event"],
             registry=reg,
         )
+        self._hot = (self.requests, self.request_seconds, self.upstream_seconds,
+                     self.upstream_first_byte_seconds, self.reserves)  # fmt: skip
+
+    def answered(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.inc((route, method, str(status)))
+        self.request_seconds.observe((route,), seconds)
+
+    def flush(self) -> None:
+        """Adds what the hot path counted in memory to the Prometheus metrics (each scrape
+        does; so does `flush_every`, for the other processes' share in multiprocess mode)."""
+        for hot in self._hot:
+            hot.flush()
+
+    async def flush_every(self, seconds: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(seconds)
+                self.flush()
+        finally:
+            self.flush()  # at shutdown too: nothing counted is dropped
 
     def exposition(self) -> bytes:
+        self.flush()
         if self.multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
@@ -133,10 +219,7 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_counted)
         finally:
-            route = route_of(scope)
-            m = self.metrics
-            m.requests.labels(route, scope["method"], str(status)).inc()
-            m.request_seconds.labels(route).observe(time.perf_counter() - start)
+            self.metrics.answered(route_of(scope), scope["method"], status, time.perf_counter() - start)
 
 
 @contextmanager

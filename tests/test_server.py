@@ -133,6 +133,7 @@ def test_serve_with_workers_runs_that_many_processes_on_one_port(tmp_path, redis
             for _ in range(20):
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}") as fresh:  # a new connection each
                     assert fresh.get("/healthz").status_code == 200
+            time.sleep(1.5)  # each process adds what it counted to the shared files every second
             for _ in range(4):
                 with httpx.Client(base_url=f"http://127.0.0.1:{port}") as fresh:
                     text = fresh.get("/metrics", headers=admin).text

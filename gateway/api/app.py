@@ -230,6 +230,7 @@ async def _start(
     if settings.embedded:
         log.info("embedded mode: in-process Redis (fakeredis) and the worker run inside this process")
     log.info("credit gateway starting; %s", describe(settings))
+    _flush_metrics(stack, metrics)
     await _make_ready(stack, services)
     selling = await build_selling(stack, settings, proxy_config.payments if proxy_config else None, s, engine)
     services.promos, services.payments = selling.promos, selling.payments
@@ -299,6 +300,22 @@ async def _run_worker(stack: AsyncExitStack, services: Services, selling: Sellin
             await asyncio.wait_for(task, 30)
         services.engine.stored_versions = None  # nobody stores now: nothing to wait for
         worker.close()
+
+    stack.push_async_callback(stop)
+
+
+METRICS_FLUSH_SECONDS = 1.0
+
+
+def _flush_metrics(stack: AsyncExitStack, metrics: Metrics) -> None:
+    """What the hot path counts in memory reaches the metrics every second (and at each
+    scrape): with several processes, a scrape answered by one sees the others' counts."""
+    task = asyncio.create_task(metrics.flush_every(METRICS_FLUSH_SECONDS), name="credit-metrics-flush")
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
     stack.push_async_callback(stop)
 

@@ -91,12 +91,6 @@ class MeteringProxy:
         # One timeout object per upstream, not one per request.
         self.timeouts = {u.name: aiohttp.ClientTimeout(total=u.timeout_seconds) for u in config.upstreams}
         self.metrics = metrics
-        # The children the hot path touches, looked up once.
-        self._reserved_ok = metrics.reserves.labels("ok")
-        self._held = metrics.credits.labels("held")
-        self._charged = metrics.credits.labels("charged")
-        self._released = metrics.credits.labels("released")
-        self._over_hold = metrics.credits.labels("charged_over_hold")
 
     # -- entry -------------------------------------------------------------------------
 
@@ -147,10 +141,9 @@ class MeteringProxy:
                 )
                 call.hold_units, call.hold_expires_ms = worst, hold.expires_at_ms
                 call.budget_units = worst
-                self._reserved_ok.inc()
-                self._held.inc(worst)
+                self.metrics.reserves.inc(("ok",))
                 if clamped:
-                    self.metrics.reserves.labels("clamped").inc()
+                    self.metrics.reserves.inc(("clamped",))
                 return None
             except RateLimited as exc:
                 # Alone over the tokens limit: answer shorter when the prompt leaves room.
@@ -170,13 +163,13 @@ class MeteringProxy:
             except (AccountInDebt, StateLost, BacklogFull, ModelNotAllowed) as exc:
                 return self._refused(call, exc, rid)
             except RedisError as exc:
-                self.metrics.reserves.labels("unconfirmed").inc()
+                self.metrics.reserves.inc(("unconfirmed",))
                 return self._reserve_unconfirmed(call.kind, call.user, call.request_id, call.meta, exc, ttl)
-        self.metrics.reserves.labels(InsufficientCredits.code).inc()
+        self.metrics.reserves.inc((InsufficientCredits.code,))
         return insufficient_credits(call.kind, rid)
 
     def _refused(self, call: Call, exc: CreditError, rid: dict[str, str]) -> Response:
-        self.metrics.reserves.labels(exc.code).inc()
+        self.metrics.reserves.inc((exc.code,))
         return reserve_refusal(call.kind, exc, rid)
 
     def _reserve_unconfirmed(
@@ -217,9 +210,7 @@ class MeteringProxy:
             return proxy_error(
                 call.kind, 502, "upstream_unreachable", "the upstream could not be reached", uncharged
             )
-        self.metrics.upstream_first_byte_seconds.labels(call.upstream.name).observe(
-            time.perf_counter() - sent
-        )
+        self.metrics.upstream_first_byte_seconds.observe((call.upstream.name,), time.perf_counter() - sent)
         if resp.status >= 300:
             try:
                 raw = await resp.read()
@@ -240,7 +231,7 @@ class MeteringProxy:
         return await self._whole(call, resp, sent)
 
     def _upstream_done(self, call: Call, sent: float, outcome: str) -> None:
-        self.metrics.upstream_seconds.labels(call.upstream.name, outcome).observe(time.perf_counter() - sent)
+        self.metrics.upstream_seconds.observe((call.upstream.name, outcome), time.perf_counter() - sent)
 
     def _timeout(self, upstream: Upstream) -> aiohttp.ClientTimeout:
         timeout = self.timeouts.get(upstream.name)
@@ -403,11 +394,8 @@ class MeteringProxy:
                 return None, None
             charged += r.charged_units
             remaining = r.state.available_units
-            self._charged.inc(r.charged_units)
             if r.charged_units > units:  # usage beyond the estimate (the overage policy)
-                self._over_hold.inc(r.charged_units - units)
-            else:
-                self._released.inc(units - r.charged_units)
+                self.metrics.charged_over_hold.inc(r.charged_units - units)
         return charged, remaining
 
     async def _extend(self, call: Call, meter: StreamMeter) -> bool:
@@ -438,12 +426,10 @@ class MeteringProxy:
                 return False
             call.extensions.append((hold_id, units, hold.expires_at_ms))
             call.budget_units += units
-            self._held.inc(units)
             return True
         return False
 
     async def _release(self, call: Call, reason: str, *, void_if_unknown: bool = False) -> None:
-        self._released.inc(call.hold_units)  # a call is released before any extension
         until = call.hold_expires_ms or self._hold_end(call.upstream)
         await self._give_back(
             call.user, call.request_id, {**call.meta, "reason": reason}, until, void_if_unknown
