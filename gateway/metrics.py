@@ -154,7 +154,16 @@ class Metrics:
             ["event"],
             registry=reg,
         )
-        self._hot = (self.requests, self.request_seconds, self.upstream_seconds,
+        self.webhooks = HotCounter(
+            Counter(
+                "credit_payment_webhooks",
+                "the payment providers' webhook deliveries by provider, outcome (applied, "
+                "duplicate, anomaly, signature_refused, ...) and the HTTP status answered",
+                ["provider", "outcome", "status"],
+                registry=reg,
+            )
+        )
+        self._hot = (self.webhooks, self.requests, self.request_seconds, self.upstream_seconds,
                      self.upstream_first_byte_seconds, self.reserves)  # fmt: skip
 
     def answered(self, route: str, method: str, status: int, seconds: float) -> None:

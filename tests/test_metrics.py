@@ -145,3 +145,17 @@ def test_flushed_counts_and_observations_equal_prometheus_own():
         )
 
     assert samples(hot_reg) == samples(direct_reg)
+
+
+async def test_webhook_deliveries_are_counted_by_provider_outcome_and_status(gw):
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(f"{gw.base}/webhooks/razorpay", data=b'{"event": "payment.captured"}') as r:
+                assert r.status == 401  # no signature (and no secret configured): refused
+    _, text = await scrape(gw)
+    refused = [
+        line
+        for line in text.splitlines()
+        if line.startswith("credit_payment_webhooks_total{") and 'status="401"' in line
+    ]
+    assert len(refused) == 1 and 'provider="razorpay"' in refused[0] and refused[0].endswith(" 2.0"), refused

@@ -254,7 +254,8 @@ async def test_a_receiver_down_then_up_gets_each_event_once_signed(store, clock,
     port = free_port()
     url = f"http://127.0.0.1:{port}/hook"
     sink = WebhookSink(url, SECRET, timeout=5)
-    d = deliverer(store, sink, clock)
+    seen: list[tuple[str, str]] = []  # what the worker's metrics are told
+    d = deliverer(store, sink, clock, observe=lambda kind, result: seen.append((kind, result)))
     made = [await add(store, clock, user=f"u{i}", key=f"k{i}") for i in range(3)]
     try:
         assert await d.run_once() == 3  # nothing listens: refused, tried again later
@@ -276,6 +277,7 @@ async def test_a_receiver_down_then_up_gets_each_event_once_signed(store, clock,
     finally:
         await sink.close()
     assert receiver.bad_signatures == 0
+    assert sorted(seen) == [("payment_failed", "delivered")] * 3 + [("payment_failed", "retry")] * 6
     assert set(receiver.events) == {n.id for n in made}
     assert all(c == 1 for c in receiver.accepted.values())
     ev = receiver.events[made[0].id]
@@ -365,7 +367,11 @@ async def test_retries_end_as_failed_after_the_retry_time(store, clock):
             pass
 
     n = await add(store, clock)
-    d = deliverer(store, Refuses(), clock, retry_ms=600_000, base_ms=60_000, cap_ms=120_000)
+    seen: list[str] = []
+    d = deliverer(
+        store, Refuses(), clock, retry_ms=600_000, base_ms=60_000, cap_ms=120_000,
+        observe=lambda kind, result: seen.append(result),
+    )  # fmt: skip
     attempts = 0
     while (await store.notification(n.id)).status == "pending":
         attempts += await d.run_once()
@@ -375,6 +381,7 @@ async def test_retries_end_as_failed_after_the_retry_time(store, clock):
     assert gone.status == "failed" and gone.attempts == attempts and "503" in gone.last_error
     assert ms(clock) - n.created_ms >= 600_000
     assert 5 <= attempts <= 11  # 60 s, then 120 s (the cap) apart, over ten minutes
+    assert seen == ["retry"] * (attempts - 1) + ["failed"]
 
 
 # -- settings -------------------------------------------------------------------------------

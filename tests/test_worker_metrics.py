@@ -54,13 +54,15 @@ async def test_upkeep_reports_backlog_pending_and_dead_letters_per_partition(eng
     assert stats.dead_lettered == 1
     assert sample(m.registry, "credit_dead_lettered_events_total") == 1
     # three more events, read by a consumer that dies before acknowledging them
-    for i in range(3):
+    for i in range(2):
         await engine.grant("z", "1", op_id=f"g-more-{i}")
+    await engine.reserve("z", "1", hold_id="open-hold", ttl_seconds=600)
     await engine.redis.xreadgroup(GROUP, "dead-consumer", {engine.keys.partition(p).events: ">"}, count=10)
     await w.upkeep()
     assert sample(m.registry, "credit_dead_letter_events", partition=str(p)) == 1
     assert sample(m.registry, "credit_stream_pending_events", partition=str(p)) == 3
     assert sample(m.registry, "credit_stream_backlog_events", partition=str(p)) == 3  # not trimmed: pending
+    assert sample(m.registry, "credit_holds_open", partition=str(p)) == 1
     other = (p + 1) % engine.keys.partitions
     assert sample(m.registry, "credit_stream_pending_events", partition=str(other)) == 0
 

@@ -73,12 +73,28 @@ class WorkerMetrics:
             ["partition"],
             registry=r,
         )
+        self.notifications = Counter(
+            "credit_notification_deliveries",
+            "notification webhook attempts by kind and result: delivered, retry (tried again "
+            "later), failed (given up after CREDIT_NOTIFY_RETRY_SECONDS)",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.holds_open = Gauge(
+            "credit_holds_open",
+            "open holds per partition (their expiry entries in Redis)",
+            ["partition"],
+            registry=r,
+        )
         self.dead_letters = Gauge(
             "credit_dead_letter_events",
             "entries in a partition's dead-letter stream",
             ["partition"],
             registry=r,
         )
+
+    def notification_delivered(self, kind: str, result: str) -> None:
+        self.notifications.labels(kind, result).inc()
 
     def stored(self, events: Iterable[Event], seconds: float) -> None:
         """A batch written: its size, the write's time, and each event's lag and amount."""

@@ -687,20 +687,22 @@ class Worker:
         return list(await asyncio.gather(*(one(p) for p in parts), return_exceptions=True))
 
     async def observe_streams(self) -> None:
-        """The metrics' view of every partition: entries pending (delivered, not acknowledged)
-        and dead letters. A partition that does not answer keeps its last figures."""
+        """The metrics' view of every partition: entries pending (delivered, not acknowledged),
+        dead letters and open holds. A partition that does not answer keeps its last figures."""
         assert self.metrics is not None
 
         def ask(pipe: Any, p: int) -> None:
             pipe.xpending(self._streams[p], GROUP)
             pipe.xlen(self._pkeys[p].dead)
+            pipe.zcard(self._pkeys[p].hold_expiry)
 
-        for p, answer in enumerate(await self._per_partition(ask, 2)):
+        for p, answer in enumerate(await self._per_partition(ask, 3)):
             if isinstance(answer, BaseException):
                 continue  # no stream or group yet, or out of reach: the drain's logs say why
-            summary, dead = answer
+            summary, dead, holds = answer
             self.metrics.pending.labels(str(p)).set(int(summary.get("pending", 0) or 0))
             self.metrics.dead_letters.labels(str(p)).set(int(dead))
+            self.metrics.holds_open.labels(str(p)).set(int(holds))
 
     async def _rebuild_job(self) -> None:
         try:

@@ -32,7 +32,7 @@ log = logging.getLogger("credit.worker")
 
 
 def notification_jobs(
-    settings: Settings, store: Store, now_ms: Callable[[], int]
+    settings: Settings, store: Store, now_ms: Callable[[], int], metrics: WorkerMetrics | None = None
 ) -> list[Callable[[asyncio.Event], Awaitable[None]]]:
     """The worker's notification loops: the expiring-credit scan, and the delivery loop when
     a sink is configured (else notifications stay pending in the outbox)."""
@@ -43,7 +43,8 @@ def notification_jobs(
     ]
     sink = build_sink(settings)  # a bad CREDIT_NOTIFY_SINK stops the start here
     if sink is not None:
-        deliverer = Deliverer.from_settings(settings, store, sink, now_ms)
+        observe = None if metrics is None else metrics.notification_delivered
+        deliverer = Deliverer.from_settings(settings, store, sink, now_ms, observe)
 
         async def deliver(stop: asyncio.Event) -> None:
             try:
@@ -84,7 +85,7 @@ def build_worker(
         rehydrate=partial(rehydrate, engine, store, only_missing=True),
         on_stored=detector.batch,
         side_jobs=[
-            *notification_jobs(settings, store, engine.now_ms),
+            *notification_jobs(settings, store, engine.now_ms, metrics),
             *(selling_jobs(settings, selling) if selling is not None else []),
         ],
         metrics=metrics,

@@ -89,8 +89,11 @@ class Deliverer:
         cap_ms: int = 3_600_000,
         batch: int = 50,
         rand: Callable[[], float] = random.random,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
         self.store, self.sink = store, sink
+        # Told (kind, result) of each attempt, for the metrics: delivered, retry or failed.
+        self.observe = observe or (lambda kind, result: None)
         self.now_ms = now_ms or (lambda: int(time.time() * 1000))
         self.lease_ms, self.retry_ms = lease_ms, retry_ms
         self.base_ms, self.cap_ms = base_ms, cap_ms
@@ -99,12 +102,18 @@ class Deliverer:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, store: Store, sink: Sink, now_ms: Callable[[], int] | None = None
+        cls,
+        settings: Settings,
+        store: Store,
+        sink: Sink,
+        now_ms: Callable[[], int] | None = None,
+        observe: Callable[[str, str], None] | None = None,
     ) -> Deliverer:
         return cls(
             store,
             sink,
             now_ms=now_ms,
+            observe=observe,
             lease_ms=int(settings.notify_lease_seconds * 1000),
             retry_ms=int(settings.notify_retry_seconds * 1000),
             base_ms=int(settings.notify_retry_base_seconds * 1000),
@@ -129,6 +138,7 @@ class Deliverer:
             now = self.now_ms()
             error = f"{type(exc).__name__}: {exc}"[:500]
             if now >= n.pending_since_ms + self.retry_ms:
+                self.observe(n.kind, "failed")
                 changes: dict[str, object] = {"status": "failed", "attempts": attempts, "last_error": error}
                 log.warning(
                     "notification %s (%s) failed for good after %d attempts: %s",
@@ -138,6 +148,7 @@ class Deliverer:
                     error,
                 )
             else:
+                self.observe(n.kind, "retry")
                 wait = backoff_ms(attempts, self.base_ms, self.cap_ms, self.rand)
                 changes = {"attempts": attempts, "last_error": error, "next_attempt_ms": now + wait}
                 log.info(
@@ -149,6 +160,7 @@ class Deliverer:
                 )
             await self.store.finish_notification(n.id, token, changes)
             return
+        self.observe(n.kind, "delivered")
         # Written only while the lease is ours; if it ran out and another worker took the
         # notification over, that one's outcome stands (the receiver dedups on the id).
         await self.store.finish_notification(

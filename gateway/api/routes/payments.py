@@ -234,6 +234,8 @@ async def _webhook(provider: str, request: Request, services: Any) -> JSONRespon
     body = await request.body()  # the raw bytes: the signature covers them exactly
     headers = {k.lower(): v for k, v in request.headers.items()}
     answer = await _payments(services).webhook(provider, body, headers)
+    outcome = str(answer.body.get("status") or answer.body.get("error") or "other")
+    services.metrics.webhooks.inc((provider, outcome, str(answer.status)))
     return JSONResponse(answer.body, status_code=answer.status)
 
 
