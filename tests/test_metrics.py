@@ -159,3 +159,27 @@ async def test_webhook_deliveries_are_counted_by_provider_outcome_and_status(gw)
         if line.startswith("credit_payment_webhooks_total{") and 'status="401"' in line
     ]
     assert len(refused) == 1 and 'provider="razorpay"' in refused[0] and refused[0].endswith(" 2.0"), refused
+
+
+def test_the_grafana_dashboard_names_only_metrics_the_gateway_and_worker_export():
+    import json
+    from pathlib import Path
+
+    from gateway.metrics import Metrics
+    from gateway.worker.metrics import WorkerMetrics
+
+    dashboard = json.loads(
+        (Path(__file__).resolve().parents[1] / "deploy" / "grafana-dashboard.json").read_text()
+    )
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b(credit_[a-z_]+)", e)}
+    exported = set()
+    for registry in (Metrics().registry, WorkerMetrics().registry):
+        for family in registry.collect():
+            exported |= {s.name for s in family.samples} | {family.name}
+    # a histogram's series exist once observed; its family name stands for them
+    families = {n.removesuffix(s) for n in exported for s in ("_bucket", "_count", "_sum")}
+    missing = {n for n in used if n not in exported and n.removesuffix("_bucket") not in families}
+    missing = {n for n in missing if not (n.endswith("_total") and n.removesuffix("_total") in exported)}
+    assert not missing, missing
+    assert len(used) >= 15  # the dashboard covers the metrics, not a few of them
