@@ -1,6 +1,6 @@
 """The `credit-gateway` command line: a thin shell over the runners.
 
-Commands: serve, keys, worker, reconcile, payments reconcile, rehydrate, mock-upstream."""
+Commands: serve, keys, worker, reconcile, payments reconcile, rehydrate, mock-upstream, schema."""
 
 from __future__ import annotations
 
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=9100)
-    p.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
+    from .devtools.mock_upstream import add_arguments as add_mock_arguments
+
+    add_mock_arguments(p)
     p.set_defaults(fn=_mock_upstream)
     p = sub.add_parser("worker", help="persist events from Redis to the store")
     p.add_argument("--burst", action="store_true", help="drain every stream, then exit")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 import urllib.parse
 from typing import Any
@@ -77,9 +78,22 @@ def _choices(path: str, body: dict, lenient: bool = False) -> tuple[int, int]:
 
 
 class MockUpstream:
-    def __init__(self, record: bool = True) -> None:
+    """`latency_ms`, `output_tokens` and `error_rate` (a share of answers that are 500s) apply
+    to requests that do not say otherwise with the X-Fake-* headers (load tests, the demo)."""
+
+    def __init__(
+        self,
+        record: bool = True,
+        *,
+        latency_ms: int = 0,
+        output_tokens: int = 10,
+        error_rate: float = 0.0,
+        seed: int | None = None,
+    ) -> None:
         self.requests: list[dict[str, Any]] = []
         self.record = record
+        self.latency_ms, self.output_tokens, self.error_rate = latency_ms, output_tokens, error_rate
+        self.rand = random.Random(seed)
         self.app = web.Application(client_max_size=16 * 1024 * 1024, middlewares=[_upstream_headers])
         r = self.app.router
         for path in (
@@ -142,10 +156,12 @@ class MockUpstream:
         raw = await request.read()
         self._record(request, raw)
         h = request.headers
-        if h.get("X-Fake-Latency-Ms"):
-            await asyncio.sleep(int(h["X-Fake-Latency-Ms"]) / 1000)
+        latency = int(h.get("X-Fake-Latency-Ms", self.latency_ms))
+        if latency:
+            await asyncio.sleep(latency / 1000)
         anthropic = request.path == "/v1/messages"
-        status = int(h.get("X-Fake-Status", "200"))
+        failing = self.error_rate and self.rand.random() < self.error_rate
+        status = int(h.get("X-Fake-Status", "500" if failing else "200"))
         if status >= 400:
             if anthropic:
                 err = {"type": "error", "error": {"type": "api_error", "message": "mock upstream failure"}}
@@ -159,7 +175,7 @@ class MockUpstream:
         n_in = int(h.get("X-Fake-Input-Tokens", max(1, len(raw) // 4)))
         cached = int(h.get("X-Fake-Cached-Tokens", 0))
         cap = _max_tokens(request.path, body, h.get("X-Fake-Cap-Field"))
-        n_out = int(h.get("X-Fake-Output-Tokens", 10))
+        n_out = int(h.get("X-Fake-Output-Tokens", self.output_tokens))
         if cap is not None:
             n_out = n_out if h.get("X-Fake-Ignore-Cap") == "1" else min(n_out, cap)
         if request.path == "/v1/embeddings":
@@ -394,7 +410,14 @@ class _Drop(Exception):
 
 
 def run(args: argparse.Namespace) -> int:
-    mock = MockUpstream(record=not args.no_record)
+    if not 0 <= args.error_rate <= 1:
+        raise SystemExit("--error-rate is a share between 0 and 1")
+    mock = MockUpstream(
+        record=not args.no_record,
+        latency_ms=args.latency_ms,
+        output_tokens=args.output_tokens,
+        error_rate=args.error_rate,
+    )
     print(
         f"mock LLM upstream on http://{args.host}:{args.port} (OpenAI and Anthropic routes, any model)",
         flush=True,
@@ -407,8 +430,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="mock LLM upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
-    parser.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
+    add_arguments(parser)
     return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `credit-gateway mock-upstream` and of `python -m` this module."""
+    parser.add_argument("--no-record", action="store_true", help="keep no request log (benchmarks)")
+    parser.add_argument("--latency-ms", type=int, default=0, help="wait before each answer (default 0)")
+    parser.add_argument(
+        "--output-tokens", type=int, default=10, help="tokens generated per answer (default 10)"
+    )
+    parser.add_argument(
+        "--error-rate", type=float, default=0.0, help="share of answers that are 500s, 0 to 1 (default 0)"
+    )
 
 
 if __name__ == "__main__":
