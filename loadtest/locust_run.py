@@ -69,18 +69,19 @@ api_key = "ant-load"
 timeout_seconds = 30
 models = ["load-claude"]
 
+# credits per million tokens: a call costs a few hundredths of a credit
 [pricing.models."load-gpt"]
-input = "0.001"
-output = "0.002"
+input = "1000"
+output = "2000"
 max_output_tokens = 256
 
 [pricing.models."load-claude"]
-input = "0.001"
-output = "0.003"
+input = "1000"
+output = "3000"
 max_output_tokens = 256
 
 [pricing.models."load-embed"]
-input = "0.0001"
+input = "100"
 output = "0"
 """
 
@@ -230,9 +231,11 @@ async def check_books(stack: Stack, out: Path, users: int) -> list[str]:
     problems: list[str] = []
     reported: dict[str, Decimal] = defaultdict(Decimal)
     answers = unknown = 0
+    statuses: dict[int, int] = defaultdict(int)
     for line in (out / "charges.jsonl").read_text().splitlines():
         rec = json.loads(line)
         answers += 1
+        statuses[rec["status"]] += 1
         if rec["charged"] is None:
             unknown += 1
             problems.append(f"{rec['user']}: an answer ({rec['route']}, {rec['status']}) showed no charge")
@@ -276,8 +279,9 @@ async def check_books(stack: Stack, out: Path, users: int) -> list[str]:
     finally:
         await store.close()
     print(
-        f"books: {answers} answers recorded ({unknown} without a figure), {accounts} accounts, "
-        f"{spent_total} credits charged, {len(paid)} payments paid, {len(claims)} promo claims"
+        f"books: {answers} metered answers ({dict(sorted(statuses.items()))} by status; {unknown} "
+        f"without a figure), {accounts} accounts, {spent_total} credits charged, {len(paid)} "
+        f"payments paid, {len(claims)} promo claims"
     )
     return problems
 

@@ -76,8 +76,7 @@ class LlmApp(FastHttpUser):
         ) as r:
             if r.status_code == 402 or (r.status_code >= 500 and r.headers.get("X-Credits-Charged") == "0"):
                 r.success()  # an account without credit; an upstream failure given back
-                if r.status_code != 402:
-                    record(user, name, r.status_code, "0")
+                record(user, name, r.status_code, "0")
                 return
             if r.status_code != 200:
                 r.failure(f"{r.status_code}: {r.text[:200]}")
