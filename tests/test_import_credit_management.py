@@ -531,6 +531,29 @@ async def test_plans_subscriptions_and_promos_carry_on(gw, mongo_uri, source, cl
     assert [op for op in rows["alice"] if op.startswith("plan:")] == ["plan:sub_cm_sub-alice:0"]
 
 
+async def test_claims_found_later_count_at_once_where_redis_counts_the_code(gw, mongo_uri, source):
+    """A second import that finds new claims of a code whose counters Redis has built
+    already (the code was used here meanwhile) counts them there at once."""
+    from pymongo import AsyncMongoClient
+
+    await run(gw, mongo_uri, source)
+    r = await gw.post("/credits/promo/claim", json={"code": "LAUNCH"}, headers=client_headers("carol"))
+    assert r.status_code == 200, r.text
+    client: AsyncMongoClient = AsyncMongoClient(mongo_uri)
+    try:
+        late = {"_id": "claim-late", "user_id": "erin", "promo_id": "promo-launch", "claimed_at": ago(1)}
+        await client[source]["user_promo_claims"].insert_one(late)
+    finally:
+        await client.close()
+    report = await run(gw, mongo_uri, source)
+    assert report.counts["promo claims"] == {"imported": 1, "already imported": 2}
+    r = await gw.get("/credits/promo/eligibility?code=LAUNCH", headers=client_headers("erin"))
+    assert r.json()["reason"] == "already_claimed"
+    r = await gw.get("/credits/promo/eligibility?code=LAUNCH", headers=client_headers("dave"))
+    assert r.json()["reason"] == "exhausted"  # alice, bob, carol, erin: over its 3
+    assert (await account(gw, "erin"))["available"] == "100.000000"  # nothing granted for it
+
+
 async def test_dry_run_writes_nothing_and_reports_the_same(gw, mongo_uri, source):
     dry = await run(gw, mongo_uri, source, dry_run=True)
     assert dry.dry_run and "dry run: nothing was written" in dry.to_text()

@@ -34,7 +34,7 @@ DEFECTS: dict[str, str] = {
     "amount_inr_mismatch": "amount_inr does not match the amount in paise (the old float conversion)",
     "plan_validity": "validity_days is not the length of the billing period; the gateway renews on the "
     "calendar",
-    "plan_not_imported": "a subscription or expiry record names a plan that was not imported",
+    "plan_not_imported": "a subscription names a plan that was not imported: not imported",
     "subscription_lapsed": "an active subscription past its valid_until (the old package never renewed): "
     "not imported",
     "subscription_duplicate": "a user with several active subscriptions: the one valid longest is imported",
