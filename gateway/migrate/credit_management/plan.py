@@ -134,8 +134,7 @@ def _malformed(report: Report, doc: Doc, why: str) -> None:
     report.defect(
         "malformed",
         why,
-        collection=doc.collection,
-        doc_id=doc.id,
+        doc=doc,
         user=user if isinstance(user, str) else None,
     )
 
@@ -148,8 +147,7 @@ def _units(report: Report, doc: Doc, name: str, *, default: Any = None) -> int:
         report.defect(
             "rounded",
             f"{name} {value!r} rounded to {credits_text(units)}",
-            collection=doc.collection,
-            doc_id=doc.id,
+            doc=doc,
         )
     return units
 
@@ -296,8 +294,7 @@ def _plan_expiring(
             report.defect(
                 "expiry_overdue",
                 f"{credits_text(remaining)} credits due to expire at {_iso(expires)}",
-                collection=d.collection,
-                doc_id=d.id,
+                doc=d,
                 user=acct.user,
             )
             continue
@@ -356,8 +353,7 @@ def report_reservations(docs: list[Doc], report: Report) -> None:
         report.defect(
             "open_reservation",
             f"{amount} credits reserved at {jsonable(created)} ({d.get('reason') or 'no reason given'})",
-            collection=d.collection,
-            doc_id=d.id,
+            doc=d,
             user=d.get("user_id") if isinstance(d.get("user_id"), str) else None,
         )
 
@@ -401,8 +397,7 @@ def _payment(d: Doc, opts: Options, report: Report) -> PaymentStep:
         report.defect(
             "non_integral_amount",
             f"amount {d.get('amount')!r} {currency} minor units, rounded to {minor}",
-            collection=d.collection,
-            doc_id=d.id,
+            doc=d,
             user=user,
         )
     if currency == "INR" and d.get("amount_inr") is not None:
@@ -411,15 +406,14 @@ def _payment(d: Doc, opts: Options, report: Report) -> PaymentStep:
             report.defect(
                 "amount_inr_mismatch",
                 f"amount_inr {inr} but amount {minor} paise",
-                collection=d.collection,
-                doc_id=d.id,
+                doc=d,
                 user=user,
             )
     credits = _units(report, d, "credits_to_add", default=0) if d.get("credits_to_add") is not None else 0
     added = _units(report, d, "credits_added") if d.get("credits_added") is not None else 0
     created = ms_of(d.get("created_at"))
     completed, failed = _opt_ms(d, "completed_at"), _opt_ms(d, "failed_at")
-    where = {"collection": d.collection, "doc_id": d.id, "user": user}
+    where: dict[str, Any] = {"doc": d, "user": user}
     uncredited = old_status == "captured" and added <= 0
     if uncredited:
         report.defect(
@@ -488,8 +482,7 @@ def plan_plans(docs: list[Doc], opts: Options, report: Report) -> dict[str, Plan
                 report.defect(
                     "rounded",
                     f"price {d.get('price')!r} rounded to {whole}",
-                    collection=d.collection,
-                    doc_id=d.id,
+                    doc=d,
                 )
             created = ms_of(d.get("created_at")) if d.get("created_at") is not None else opts.now_ms
         except (BadValue, CatalogError) as exc:
@@ -500,8 +493,7 @@ def plan_plans(docs: list[Doc], opts: Options, report: Report) -> dict[str, Plan
             report.defect(
                 "plan_validity",
                 f"validity_days {days!r} on a {period} plan",
-                collection=d.collection,
-                doc_id=d.id,
+                doc=d,
             )
         body: dict[str, Any] = {
             "name": d.get("name"),
@@ -532,7 +524,7 @@ def plan_subscriptions(
         except BadValue as exc:
             _malformed(report, d, str(exc))
             continue
-        where = {"collection": d.collection, "doc_id": d.id, "user": user}
+        where: dict[str, Any] = {"doc": d, "user": user}
         plan = plans.get(str(d.get("subscription_plan_id")))
         if plan is None:
             report.defect("plan_not_imported", f"plan {d.get('subscription_plan_id')!r}", **where)
@@ -583,8 +575,7 @@ def _promo_body(d: Doc, code: str, report: Report) -> dict[str, Any]:
             report.defect(
                 "malformed",
                 f"{len(raw) - len(users)} target_user_ids that are not valid user ids left out",
-                collection=d.collection,
-                doc_id=d.id,
+                doc=d,
             )
     elif target not in ("all_users", "all"):
         raise BadValue(f"target_type {target[:30]!r} is neither all_users nor specific_users")
@@ -627,8 +618,7 @@ def plan_promos(promos: list[Doc], claims: list[Doc], report: Report) -> list[Pr
                 "code_collision",
                 f"{', '.join(repr(d.get('code')) for d in group)} are all {norm}: "
                 f"{kept.get('code')!r} ({kept.id}) is imported, the claims of all count for it",
-                collection=kept.collection,
-                doc_id=kept.id,
+                doc=kept,
             )
         try:
             body = _promo_body(kept, norm, report)
@@ -657,8 +647,7 @@ def plan_promos(promos: list[Doc], claims: list[Doc], report: Report) -> list[Pr
             report.defect(
                 "claim_without_code",
                 f"promo {c.get('promo_id')!r} / {c.get('promo_code')!r}",
-                collection=c.collection,
-                doc_id=c.id,
+                doc=c,
                 user=user,
             )
             continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.core.money import credits_text
 
@@ -59,6 +59,14 @@ class Defect:
 OUTCOMES = ("imported", "already imported", "skipped")
 
 
+class SourceDoc(Protocol):
+    @property
+    def collection(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+
 @dataclass
 class Report:
     source: str
@@ -75,11 +83,15 @@ class Report:
         kind: str,
         message: str,
         *,
+        doc: SourceDoc | None = None,
         collection: str | None = None,
         doc_id: str | None = None,
         user: str | None = None,
     ) -> None:
+        """One defect, about `doc` (or the document `collection` and `doc_id` name)."""
         assert kind in DEFECTS, kind
+        if doc is not None:
+            collection, doc_id = doc.collection, doc.id
         self.defects.append(Defect(kind, message, collection, doc_id, user))
 
     def count(self, section: str, outcome: str, n: int = 1, *, units: int = 0) -> None:

@@ -97,13 +97,7 @@ class Writer:
             return
         plan = await self.t.store.plan(step.plan_id)
         if plan is None and not self.dry_run:
-            self.report.defect(
-                "plan_not_imported",
-                f"plan {step.source_plan!r}",
-                collection="credit_user_subscriptions",
-                doc_id=step.source_id,
-                user=step.user,
-            )
+            self._sub_defect(step, "plan_not_imported", f"plan {step.source_plan!r}")
             return
         live = [s for s in await self.t.store.subscriptions_of(step.user) if s.live]
         made = None
@@ -121,14 +115,14 @@ class Writer:
         if made is not None or (self.dry_run and not live):
             self.report.count("subscriptions", "imported")
             return
-        self.report.defect(
-            "subscription_conflict",
-            f"live subscription {live[0].sub_id if live else '?'} in the gateway",
-            collection="credit_user_subscriptions",
-            doc_id=step.source_id,
-            user=step.user,
-        )
+        other = live[0].sub_id if live else "made meanwhile"
+        self._sub_defect(step, "subscription_conflict", f"live subscription {other} in the gateway")
         self.report.count("subscriptions", "skipped")
+
+    def _sub_defect(self, step: SubscriptionStep, kind: str, message: str) -> None:
+        self.report.defect(
+            kind, message, collection="credit_user_subscriptions", doc_id=step.source_id, user=step.user
+        )
 
     # -- accounts ---------------------------------------------------------------------------
 
