@@ -165,7 +165,10 @@ class Writer:
                 continue
             self.report.count(section, "already imported" if r.replayed else "imported", units=g.units)
             wrote = wrote or not r.replayed
-        self.report.count("balances", "imported" if wrote or not a.grants else "already imported")
+        if not a.grants:
+            self.report.count("zero balances (nothing to write)", "skipped")
+        else:
+            self.report.count("balances", "imported" if wrote else "already imported")
 
     # -- payments ---------------------------------------------------------------------------
 
