@@ -70,6 +70,8 @@ def old_data() -> dict[str, list[dict]]:
             txn("dave", 3, 0, "abc", ago(6)),
             txn("erin", 100, 0, 100.0, ago(5)),
             txn("frank", 20, 0, 20.0, ago(5)),
+            txn("zoe", 5, 0, 5.0, ago(5)),
+            txn("zoe", 0, 5, 0.0, ago(4), "deduct"),
             txn(None, 1, 0, 1.0, ago(5)),  # malformed: no user
             # ivan: two transactions at the same time, which left different balances
             txn("ivan", 9, 0, 9.0, ago(4)),
@@ -345,15 +347,14 @@ async def source(mongo_uri):
 
 
 @pytest_asyncio.fixture
-async def gw(redis, redis_url, tmp_path, clock):
+async def gw(redis, redis_url, new_store, clock):
+    """The gateway on each store backend (SQLite, MongoDB)."""
     clock.t = NOW.replace(tzinfo=UTC).timestamp()
-    store = SQLiteStore(str(tmp_path / "gw.db"))
-    async with app_client(settings_for(redis_url), redis, store, clock) as c:
+    async with app_client(settings_for(redis_url), redis, await new_store(), clock) as c:
         s = c.app.state.services
         c.services = s
         c.target = Target(s.engine, s.store, s.payments, s.promos, s.subscriptions)
         yield c
-    await store.close()
 
 
 async def run(gw, mongo_uri, db, **opts):
@@ -581,6 +582,7 @@ async def test_a_second_run_changes_nothing(gw, mongo_uri, source):
     assert "everything was already imported" in again.to_text()
     assert again.counts["balances"] == {"already imported": 5, "skipped": 2}  # carol, dave skipped
     assert again.counts["promo claims"]["already imported"] == 2
+    assert again.counts["zero balances (nothing to write)"] == {"skipped": 1}  # zoe
     assert await ledger_rows(gw) == before
     assert len(await gw.services.store.list_payments(limit=50)) == payments == 4
     assert (await account(gw, "alice"))["available"] == "10.300000"
