@@ -1,6 +1,7 @@
 """The `credit-gateway` command line: a thin shell over the runners.
 
-Commands: serve, keys, worker, reconcile, payments reconcile, rehydrate, mock-upstream, schema."""
+Commands: serve, keys, worker, reconcile, payments reconcile, rehydrate, import
+credit-management, mock-upstream, schema."""
 
 from __future__ import annotations
 
@@ -217,6 +218,59 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_credit_management(args: argparse.Namespace) -> int:
+    import json
+    from contextlib import AsyncExitStack
+
+    from .core.redact import public_url
+    from .library.runtime import CreditRuntime
+    from .migrate.credit_management import Options, SourceError, Target, read, run_import
+    from .selling import build_selling
+
+    settings = load_settings()
+    source = f"{public_url(args.mongo_uri)} database {args.db}"
+
+    async def run() -> int:
+        try:
+            docs = await read(args.mongo_uri, args.db)
+        except SourceError as exc:
+            print(f"import: {exc}", file=sys.stderr)
+            return 2
+        if settings.embedded:
+            print(
+                f"Embedded mode (no CREDIT_REDIS_URL): importing into {settings.sqlite_path}. Stop "
+                "`credit-gateway serve` first: it sees the import when it starts again.",
+                file=sys.stderr,
+            )
+        runtime = CreditRuntime(settings)  # in embedded mode its worker stores each write at once
+        async with runtime as engine, AsyncExitStack() as stack:
+            selling = await build_selling(stack, settings, None, runtime.store, engine)
+            target = Target(engine, runtime.store, selling.payments, selling.promos, selling.subscriptions)
+            opts = Options(
+                now_ms=engine.now_ms(),
+                balance=args.balance,
+                credit_uncredited=args.credit_uncredited,
+                currency=args.currency.upper(),
+                subscription_provider=None
+                if args.subscription_provider == "none"
+                else args.subscription_provider,
+            )
+            report = await run_import(
+                docs, target, opts, source=source, dry_run=args.dry_run, strict=args.strict
+            )
+        if args.json:
+            print(json.dumps(report.to_json(), indent=2))
+        else:
+            print(report.to_text(limit=args.show))
+        if args.strict and report.defects:
+            if not args.json:
+                print("--strict: defects found; nothing was written", file=sys.stderr)
+            return 3
+        return 0
+
+    return asyncio.run(run())
+
+
 def _mock_upstream(args: argparse.Namespace) -> int:
     from .devtools.mock_upstream import run
 
@@ -275,6 +329,41 @@ def main(argv: list[str] | None = None) -> int:
         help="leave younger payments to their webhooks (default 15m)",
     )
     pr.set_defaults(fn=cmd_payments_reconcile)
+    p = sub.add_parser("import", help="import another system's data: credit-management")
+    isub = p.add_subparsers(dest="import_command", required=True)
+    pi = isub.add_parser(
+        "credit-management",
+        help="import credit-management's MongoDB data (balances, expiring credit, payments, plans, "
+        "subscriptions, promo codes and claims) into the gateway as configured; safe to run again",
+    )
+    pi.add_argument("--mongo-uri", required=True, help="the old package's MongoDB (mongodb://...)")
+    pi.add_argument("--db", default="credit_management", help="its database (default credit_management)")
+    pi.add_argument("--dry-run", action="store_true", help="write nothing; report what would be imported")
+    pi.add_argument(
+        "--balance",
+        choices=["current", "replay"],
+        default="current",
+        help="each user's balance: current = the newest transaction's current_credits, what users "
+        "were shown (default); replay = the sum of the transactions. The other is reported where they differ",
+    )
+    pi.add_argument(
+        "--credit-uncredited",
+        action="store_true",
+        help="credit captured payments the old package never credited (default: imported, held, reported)",
+    )
+    pi.add_argument(
+        "--currency", default="INR", help="plan prices' currency, and payments' without one (INR)"
+    )
+    pi.add_argument(
+        "--subscription-provider",
+        choices=["razorpay", "stripe", "none"],
+        default="razorpay",
+        help="the provider a priced plan's renewals are paid through (none: renewed without payment)",
+    )
+    pi.add_argument("--strict", action="store_true", help="write nothing and exit 3 when a defect is found")
+    pi.add_argument("--json", action="store_true", help="the report as JSON (every defect listed)")
+    pi.add_argument("--show", type=int, default=20, help="defects shown per kind in the text report (20)")
+    pi.set_defaults(fn=cmd_import_credit_management)
     p = sub.add_parser("rehydrate", help="rebuild Redis accounts, grants and open holds from the store")
     p.add_argument("--all", action="store_true", help="every partition, not only those Redis lost")
     p.set_defaults(fn=cmd_rehydrate)

@@ -152,18 +152,26 @@ class Promos:
             raise PromoError(400, "invalid_request", "valid_from must be before valid_until")
         return out
 
-    async def create(self, body: dict[str, Any]) -> PromoRecord:
+    def build(
+        self, body: dict[str, Any], *, created_ms: int | None = None, imported_ms: int | None = None
+    ) -> PromoRecord:
+        """A validated code record, not stored yet."""
         code = normalize_code(body.get("code"))
         if "credits" not in body:
             raise PromoError(400, "invalid_request", "credits is required")
         now = self.now_ms()
         fields = self._fields({k: v for k, v in body.items() if k != "code"}, {})
-        p = PromoRecord(code=code, created_ms=now, updated_ms=now, **fields)
+        return PromoRecord(
+            code=code, created_ms=created_ms or now, updated_ms=now, imported_ms=imported_ms, **fields
+        )
+
+    async def create(self, body: dict[str, Any]) -> PromoRecord:
+        p = self.build(body)
         try:
             await self.store.create_promo(p)
         except KeyError:
             raise PromoError(
-                409, "code_exists", f"the code {code} exists (codes are case-insensitive)"
+                409, "code_exists", f"the code {p.code} exists (codes are case-insensitive)"
             ) from None
         return p
 
@@ -184,8 +192,37 @@ class Promos:
             raise PromoError(404, "unknown_code", "no such promo code")
         return updated
 
+    # -- carried over from another system (gateway/migrate) ------------------------------------
+
+    async def import_code(self, body: dict[str, Any], *, created_ms: int) -> PromoRecord | None:
+        """Creates a code another system defined, as `create` does, marked imported now (see
+        `import_claims`). None when the code exists already (imported before, or made here)."""
+        p = self.build(body, created_ms=created_ms, imported_ms=self.now_ms())
+        try:
+            await self.store.create_promo(p)
+        except KeyError:
+            return None
+        return p
+
+    async def import_claims(self, p: PromoRecord, claims: list[tuple[str, int]]) -> int:
+        """Records claims (user, n) made and granted in the system `p` was imported from, so
+        that its limits count them; none is granted here. Each is recorded as taken just
+        before the import, which is how a rebuild of the counters knows it was granted there
+        (`_imported`); when Redis has the counters built already, they count it at once.
+        Returns how many were new."""
+        if p.imported_ms is None:
+            raise ValueError(f"the code {p.code} was not imported: its claims are its own")
+        known = {(u, n) for u, n, _ in await self.store.promo_claims(p.code)}
+        new = [(u, n) for u, n in claims if (u, n) not in known]
+        for user, n in new:
+            await self.store.add_promo_claim(p.code, user, n, p.imported_ms - 1)
+        args = [x for claim in claims for x in claim]
+        if args:
+            await self.scripts.call(self.engine.redis, "promo_import", self._keys(p.code), args)
+        return len(new)
+
     async def claims_so_far(self, p: PromoRecord) -> int:
-        await self._ensure_state(p.code)
+        await self._ensure_state(p)
         uses = await self.engine.redis.hget(self._keys(p.code)[0], "uses")
         return int(uses or 0)
 
@@ -235,7 +272,7 @@ class Promos:
             return {"eligible": False, "code": str(code)[:40], "credits": None, "reason": exc.code}
         reason = await self._refusal(p, user)
         if reason is None:
-            await self._ensure_state(p.code)
+            await self._ensure_state(p)
             uses, mine = await self.engine.redis.hmget(self._keys(p.code)[0], ["uses", f"u:{user}"])
             if int(mine or 0) >= p.max_uses_per_user:
                 reason = "already_claimed"
@@ -258,7 +295,7 @@ class Promos:
         args = [user, p.max_uses or 0, p.max_uses_per_user, self.now_ms()]
         result, n = await self.scripts.call(self.engine.redis, "promo_claim", keys, args)
         if _s(result) == "not_ready":
-            await self._ensure_state(p.code)
+            await self._ensure_state(p)
             result, n = await self.scripts.call(self.engine.redis, "promo_claim", keys, args)
         result = _s(result)
         if result == "already_claimed":
@@ -298,14 +335,14 @@ class Promos:
             "replayed": r.replayed,
         }
 
-    async def _ensure_state(self, code: str) -> None:
+    async def _ensure_state(self, p: PromoRecord) -> None:
         """Builds the code's counters in Redis from the ledger, unless Redis has them."""
-        keys = self._keys(code)
+        keys = self._keys(p.code)
         if await self.engine.redis.hget(keys[0], "ready") is not None:
             return
         args: list[Any] = []
-        for user, n, at_ms in await self.store.promo_claims(code):
-            granted = await self.store.ledger_has(user, claim_op_id(code, user, n))
+        for user, n, at_ms in await self.store.promo_claims(p.code):
+            granted = _imported(p, at_ms) or await self.store.ledger_has(user, claim_op_id(p.code, user, n))
             args += [user, n, 1 if granted else 0, at_ms]
         await self.scripts.call(self.engine.redis, "promo_restore", keys, args)
 
@@ -326,6 +363,11 @@ class Promos:
                     continue
                 done.append(f"{p.code}: claim {n} of {user} granted")
         return done
+
+
+def _imported(p: PromoRecord, at_ms: int) -> bool:
+    """A claim made in the system the code was imported from (granted there, not here)."""
+    return p.imported_ms is not None and at_ms < p.imported_ms
 
 
 def _s(x: Any) -> str:

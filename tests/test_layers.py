@@ -89,7 +89,7 @@ def test_the_worker_imports_the_domain_only():
     assert _violations("worker", (*ENTRY_POINTS, "worker")) == []
 
 
-@pytest.mark.parametrize("folder", ["gateway/payments", "gateway/plans"])
+@pytest.mark.parametrize("folder", ["gateway/payments", "gateway/plans", "gateway/migrate"])
 def test_the_selling_services_import_neither_the_worker_nor_the_web_layer(folder):
     assert _violations(folder, ("gateway.worker", "worker", *ENTRY_POINTS)) == []
 

@@ -52,6 +52,7 @@ class CreditRuntime:
         self.settings = settings
         self.run_worker = settings.embedded if run_worker is None else run_worker
         self._engine: CreditEngine | None = None
+        self._store: Store | None = None
         self._stack: contextlib.AsyncExitStack | None = None
 
     def __call__(self) -> CreditEngine | None:
@@ -63,6 +64,13 @@ class CreditRuntime:
         if self._engine is None:
             raise RuntimeError("the credit engine is not open: `async with` it, or use its lifespan")
         return self._engine
+
+    @property
+    def store(self) -> Store:
+        """The store the engine's events are persisted to (while open)."""
+        if self._store is None:
+            raise RuntimeError("the credit engine is not open: `async with` it, or use its lifespan")
+        return self._store
 
     async def open(self) -> CreditEngine:
         from ..core.connections import make_engine, make_redis, make_script_client, make_store
@@ -88,11 +96,11 @@ class CreditRuntime:
         except BaseException:
             await stack.aclose()
             raise
-        self._stack, self._engine = stack, engine
+        self._stack, self._engine, self._store = stack, engine, store
         return engine
 
     async def close(self) -> None:
-        stack, self._stack, self._engine = self._stack, None, None
+        stack, self._stack, self._engine, self._store = self._stack, None, None, None
         if stack is not None:
             await stack.aclose()
 

@@ -43,6 +43,10 @@ from .providers import Provider, ProviderError, ProviderEvent, WebhookRefused
 log = logging.getLogger("credit.payments")
 
 MAX_WEBHOOK_BODY = 256 * 1024
+# The purpose of a paid payment that is credited only when an admin says so: one carried
+# over from another system that took the money and never credited it (gateway/migrate).
+# Reconciliation and webhooks leave it as it is.
+HELD = "held"
 
 
 @dataclass
@@ -355,7 +359,7 @@ class Payments:
     async def credit(self, p: PaymentRecord) -> bool:
         """Grants a paid payment's credits unless it is known to be credited; marks it.
         True when this call marked it."""
-        if p.credited_ms is not None or p.status not in PAID_STATES:
+        if p.credited_ms is not None or p.status not in PAID_STATES or p.purpose == HELD:
             return False
         op = f"payment:{p.payment_id}"
         if p.purpose and self.on_paid is not None and await self.on_paid(p):
@@ -371,6 +375,14 @@ class Payments:
         return await self.store.update_payment(
             p.payment_id, {"credited_ms": self.now_ms()}, unset="credited_ms"
         )
+
+    async def release(self, p: PaymentRecord) -> bool:
+        """Credits a payment held for an admin (HELD) as any paid payment; True when this
+        call marked it credited."""
+        if p.purpose == HELD:
+            await self.store.update_payment(p.payment_id, {"purpose": None, "updated_ms": self.now_ms()})
+            p.purpose = None
+        return await self.credit(p)
 
     # -- refunds ---------------------------------------------------------------------------
 

@@ -152,14 +152,28 @@ class Plans:
             raise _bad("rollover_cap applies only with rollover: true")
         return out
 
-    async def create(self, body: dict[str, Any]) -> PlanRecord:
+    def build(self, plan_id: str, body: dict[str, Any], created_ms: int | None = None) -> PlanRecord:
+        """A validated plan record, not stored yet."""
         missing = [f for f in ("name", "credits", "period") if f not in body]
         if missing:
             raise _bad(f"required: {', '.join(missing)}")
         fields = self._fields({"price": "0", **body}, None)
         now = self.now_ms()
-        p = PlanRecord(plan_id="plan_" + uuid.uuid4().hex[:16], created_ms=now, updated_ms=now, **fields)
+        return PlanRecord(plan_id=plan_id, created_ms=created_ms or now, updated_ms=now, **fields)
+
+    async def create(self, body: dict[str, Any]) -> PlanRecord:
+        p = self.build("plan_" + uuid.uuid4().hex[:16], body)
         await self.store.create_plan(p)
+        return p
+
+    async def adopt(self, plan_id: str, body: dict[str, Any], *, created_ms: int) -> PlanRecord | None:
+        """A plan carried over from another system under an id derived from its own (so a
+        second import finds it), validated as `create` does; None when the id exists."""
+        p = self.build(plan_id, body, created_ms)
+        try:
+            await self.store.create_plan(p)
+        except KeyError:
+            return None
         return p
 
     async def get(self, plan_id: Any) -> PlanRecord:

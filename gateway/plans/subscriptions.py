@@ -143,6 +143,51 @@ class Subscriptions:
             return await self._open_payment(s, plan)
         return await self._grant(s, plan)
 
+    async def adopt(
+        self,
+        sub_id: str,
+        user: str,
+        plan: PlanRecord,
+        *,
+        period_start_ms: int,
+        valid_until_ms: int,
+        provider: str | None,
+        renews: bool,
+        note: dict[str, Any],
+    ) -> SubscriptionRecord | None:
+        """A subscription carried over from another system in the middle of a period that
+        system granted already (its credit comes over as a grant of its own). That period is
+        -1 here, as a trial is, and the gateway's periods are anchored at its end, so the
+        first renewal comes at `valid_until_ms` and grants period 0, once. Paid for through
+        `provider` when the plan has a price and a provider is given; `renews` False: it ends
+        at `valid_until_ms`. None when the user has a live subscription already (this one,
+        imported before, or another)."""
+        now = self.now_ms()
+        paid = plan.price_minor > 0 and provider is not None
+        s = SubscriptionRecord(
+            sub_id=sub_id,
+            user=user,
+            plan_id=plan.plan_id,
+            paid=paid,
+            status="active",
+            created_ms=period_start_ms,
+            updated_ms=now,
+            provider=provider if paid else None,
+            anchor_ms=valid_until_ms,
+            period=TRIAL,
+            period_start_ms=period_start_ms,
+            period_end_ms=valid_until_ms,
+            granted_period=TRIAL,
+            cancel_at_period_end=not renews,
+            next_action_ms=valid_until_ms,
+            history=[{"at": now, "event": "imported", "plan_id": plan.plan_id, "paid": paid, **note}],
+        )
+        try:
+            await self.store.create_subscription(s)
+        except KeyError:
+            return None
+        return s
+
     def _provider(self, name: Any) -> str:
         """The provider a paid subscription pays through, refused as /credits/payments does."""
         providers = self.payments.providers if self.payments is not None else {}

@@ -26,6 +26,9 @@ class PromoRecord:
     target_users: list[str] | None = None  # None: anyone
     new_accounts_days: int | None = None  # only accounts first seen within this many days
     active: bool = True
+    # Set on a code carried over from another system (gateway/migrate): its claims recorded
+    # from before this time were granted there, so none of them is in this ledger.
+    imported_ms: int | None = None
 
 
 PROMO_FIELDS = tuple(PromoRecord.__dataclass_fields__)
