@@ -86,6 +86,7 @@ async def served(app):
         await asyncio.wait_for(task, 60)
 
 
+@pytest.mark.faults
 async def test_redis_killed_mid_test_every_route_answers_json_503_with_retry_after(tmp_path):
     with own_redis(tmp_path) as (proc, url):
         settings = Settings(

@@ -35,7 +35,7 @@ from gateway.core.settings import Settings
 from gateway.worker.runner import Worker
 from tests.conftest import SUPPORT, free_port_run, unavailable
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.faults]
 
 TIMEOUT = 1.0  # CREDIT_REDIS_TIMEOUT_SECONDS of these tests
 SCRIPT = SUPPORT / "redis-cluster.sh"

@@ -226,6 +226,7 @@ async def test_a_burst_beyond_the_connection_pool_waits_rather_than_failing(tmp_
         assert [r.status_code for r in replies] == [201] * 150
 
 
+@pytest.mark.faults
 def test_embedded_mode_answers_only_what_is_stored_so_a_kill_loses_nothing_answered(tmp_path):
     # Redis lives in the process: what was answered must already be in SQLite when the
     # process is killed (SIGKILL: no drain at exit).

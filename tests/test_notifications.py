@@ -568,6 +568,7 @@ async def test_embedded_mode_detects_and_delivers_in_process(tmp_path, receiver)
         assert [(n["kind"], n["status"]) for n in listed["notifications"]] == [("low_balance", "delivered")]
 
 
+@pytest.mark.faults
 async def test_a_worker_process_killed_mid_delivery_is_followed_by_one_delivery_per_id(redis_url, tmp_path):
     """A real worker process, SIGKILLed while its webhook request hangs at the receiver;
     the next worker delivers it after the lease; after its dedup the receiver has it once."""

@@ -214,6 +214,7 @@ async def test_reconcile_reports_planted_drift(engine, store):
 # -- real processes ------------------------------------------------------------------------
 
 
+@pytest.mark.faults
 async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing(engine, redis_url, tmp_path):
     users = [f"k{i}" for i in range(40)]
     n = await make_traffic(engine, users=users, rounds=10)

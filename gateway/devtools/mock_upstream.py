@@ -12,6 +12,8 @@ Each request may steer it with headers (the gateway forwards them like any other
   X-Fake-Cached-Tokens: 3      part of the input served from cache
   X-Fake-Chunk-Delay-Ms: 5     pause between streamed chunks
   X-Fake-Fail-After: 3         streams: drop the connection after this many chunks
+  X-Fake-Garbage-After: 3      streams: after this many chunks, bytes that are no SSE and an
+                               event that is no JSON, then the rest of the stream
   X-Fake-No-Usage: 1           never report usage
   X-Fake-Cap-Field: max_tokens  a loosely compatible server: reads only this cap field, and
                                `n` / `best_of` on any route
@@ -286,6 +288,7 @@ class MockUpstream:
         delay = int(h.get("X-Fake-Chunk-Delay-Ms", 0)) / 1000
         tok = _token_text(request)
         fail_after = int(h["X-Fake-Fail-After"]) if h.get("X-Fake-Fail-After") else None
+        garbage_after = int(h["X-Fake-Garbage-After"]) if h.get("X-Fake-Garbage-After") else None
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         sent = 0
@@ -294,6 +297,11 @@ class MockUpstream:
             nonlocal sent
             if fail_after is not None and sent >= fail_after:
                 raise _Drop()
+            if garbage_after is not None and sent == garbage_after:
+                # bytes no SSE parser can read, a broken JSON event, then the stream goes on
+                await resp.write(
+                    b"\xff\xfe\x00garbage\r\n\n" + b"data: {not json\n\n" + bytes(range(256)) + b"\n\n"
+                )
             prefix = f"event: {event}\n" if event else ""
             payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
             await resp.write(f"{prefix}data: {payload}\n\n".encode())
