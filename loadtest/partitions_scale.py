@@ -42,14 +42,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(work: Path, port: int) -> subprocess.Popen:
+    redis = shutil.which("redis-server") or "redis-server"
+    argv = [redis, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(work)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+
+
 async def one_size(partitions: int, events: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="partitions-"))
     port = free_port()
-    server = subprocess.Popen(
-        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(work)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    server = start_redis(work, port)
     try:
         client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
         for _ in range(100):
