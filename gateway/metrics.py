@@ -163,6 +163,7 @@ class Metrics:
                 registry=reg,
             )
         )
+        self._included: list[CollectorRegistry] = []
         self._hot = (self.webhooks, self.requests, self.request_seconds, self.upstream_seconds,
                      self.upstream_first_byte_seconds, self.reserves)  # fmt: skip
 
@@ -184,13 +185,19 @@ class Metrics:
         finally:
             self.flush()  # at shutdown too: nothing counted is dropped
 
+    def include(self, registry: CollectorRegistry) -> None:
+        """Another registry of this process answered with these (the in-process worker's)."""
+        self._included.append(registry)
+
     def exposition(self) -> bytes:
         self.flush()
         if self.multiprocess:
             registry = CollectorRegistry()
             MultiProcessCollector(registry)
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            text = generate_latest(registry)
+        else:
+            text = generate_latest(self.registry)
+        return text + b"".join(generate_latest(r) for r in self._included)
 
 
 def route_of(scope: Scope) -> str:

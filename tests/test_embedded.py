@@ -61,6 +61,10 @@ async def test_embedded_app_persists_through_its_in_process_worker_and_survives_
             return len(r.json()["entries"]) == 2
 
         assert await wait_for(ledger_has_two)
+        # the in-process worker's metrics are answered with the gateway's
+        text = (await c.get("/metrics", headers=admin)).text
+        assert "credit_http_requests_total{" in text
+        assert "credit_settlement_lag_seconds_count 2.0" in text
     # A new process (new in-memory Redis) rebuilds the account and its open hold from SQLite.
     app = create_app(settings)
     async with (

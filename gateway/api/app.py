@@ -284,11 +284,17 @@ async def _make_ready(stack: AsyncExitStack, services: Services) -> None:
 async def _run_worker(stack: AsyncExitStack, services: Services, selling: Selling | None) -> None:
     """The worker in this process (embedded mode): stopped, then waited for (up to 30 s)."""
     # mypy does not follow pyproject's package-dir (worker/ installs as gateway.worker).
+    from gateway.worker.metrics import WorkerMetrics  # type: ignore[import-not-found]
     from gateway.worker.service import build_worker  # type: ignore[import-not-found]
 
+    # The worker's metrics are this process's too: /metrics answers them beside the gateway's.
+    worker_metrics = WorkerMetrics()
+    services.metrics.include(worker_metrics.registry)
     # In one process, the selling services' timed jobs too (renewals, pending promo claims,
     # payment reconcile), beside the drain.
-    worker: InProcessWorker = build_worker(services.settings, services.engine, services.store, selling)
+    worker: InProcessWorker = build_worker(
+        services.settings, services.engine, services.store, selling, worker_metrics
+    )
     services.worker = worker
     if services.settings.embedded:  # Redis keeps nothing on disk: answer what is stored
         services.engine.stored_versions = StoredVersions()
