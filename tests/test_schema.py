@@ -110,7 +110,8 @@ def test_the_sql_ddl_differs_by_dialect_only_where_it_must(capsys):
     sqlite = schema_output(capsys, "--backend", "sql", "--dialect", "sqlite")
     postgres = schema_output(capsys, "--backend", "sql", "--dialect", "postgres")
     assert "WITHOUT ROWID" in sqlite and "WITHOUT ROWID" not in postgres
-    assert '"user" TEXT COLLATE "C" NOT NULL' in postgres and "BIGINT" in postgres and "INTEGER" not in postgres
+    assert '"user" TEXT COLLATE "C" NOT NULL' in postgres
+    assert "BIGINT" in postgres and "INTEGER" not in postgres
     # the same tables and indexes, in the same order
     names = re.compile(r"CREATE (?:UNIQUE )?(?:TABLE|INDEX) IF NOT EXISTS (\w+)")
     assert names.findall(sqlite) == names.findall(postgres)
