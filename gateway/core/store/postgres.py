@@ -1,11 +1,12 @@
 """The PostgreSQL store (asyncpg): a connection pool, the tables of postgres_schema.py.
 
 A batch (collapsed by the shared write path, Store.write_events) is written in one
-transaction on one connection, one statement per table: each table's rows go in as one
-array per column and come out of `unnest`, so a batch of 1,000 events is a handful of
+transaction on one connection: the ledger by COPY (an INSERT that skips stored rows when
+the batch holds one), then the accounts, grants and holds in one statement, each table's
+rows as one array per column out of `unnest`. A batch of 1,000 events is a handful of
 round trips whatever its size. The statements are SQLite's (store/sql.py): the ledger
-insert skips a (user, op id) it holds, and the snapshot upserts are guarded by the
-version, so batches may repeat and arrive in any order.
+keeps one row per (user, op id), and the snapshot upserts are guarded by the version, so
+batches may repeat and arrive in any order.
 
 asyncpg is imported only when a postgresql:// URL is asked for (store/registry.py).
 """
@@ -16,6 +17,8 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,9 +60,34 @@ HOLD_TYPES += ("text", "bigint", "text", "text")
 
 
 INSERT_LEDGER = f"{sql.LEDGER_INSERT} {unnest(LEDGER_TYPES)} ON CONFLICT DO NOTHING"
-UPSERT_ACCOUNT = f"{sql.ACCOUNT_INSERT} {unnest(ACCOUNT_TYPES)} {sql.ACCOUNT_CONFLICT}"
-UPSERT_GRANT = f"{sql.GRANT_INSERT} {unnest(GRANT_TYPES)} {sql.GRANT_CONFLICT}"
-UPSERT_HOLD = f"{sql.HOLD_INSERT} {unnest(HOLD_TYPES)} {sql.HOLD_CONFLICT}"
+SNAPSHOT_PARTS = {
+    "accounts": (sql.ACCOUNT_INSERT, ACCOUNT_TYPES, sql.ACCOUNT_CONFLICT),
+    "grants": (sql.GRANT_INSERT, GRANT_TYPES, sql.GRANT_CONFLICT),
+    "holds": (sql.HOLD_INSERT, HOLD_TYPES, sql.HOLD_CONFLICT),
+}
+
+
+@lru_cache(maxsize=16)
+def snapshot_statement(names: tuple[str, ...]) -> str:
+    """One statement writing the snapshot rows of the tables named: each table's upsert a
+    data-modifying CTE (each runs once, to completion), their arrays numbered in turn. One
+    round trip where three would each wait for the event loop to come round."""
+    parts, first = [], 1
+    for name in names:
+        insert, types, conflict = SNAPSHOT_PARTS[name]
+        parts.append(f"{name} AS ({insert} {unnest(types, first)} {conflict})")
+        first += len(types)
+    return "WITH " + ", ".join(parts) + " SELECT 1"
+
+
+@dataclass(slots=True)
+class BatchWrite:
+    """The batch under way in this task: its connection (in its transaction) and the
+    snapshot rows waiting for the end of the batch, by table."""
+
+    conn: asyncpg.Connection
+    snapshots: list[tuple[str, list[Any]]] = field(default_factory=list)
+
 
 LEDGER_VERSIONS = """
 SELECT l."user", l.op_id, l.version
@@ -80,7 +108,7 @@ class PostgresStore(PostgresPayments, PostgresPromos, PostgresPlans, PostgresNot
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         # The connection of the batch under way in this task (see _transaction).
-        self._tx: ContextVar[asyncpg.Connection | None] = ContextVar(f"pg-batch-{id(self)}", default=None)
+        self._tx: ContextVar[BatchWrite | None] = ContextVar(f"pg-batch-{id(self)}", default=None)
 
     @classmethod
     def from_url(cls, url: str, *, database: str = "") -> PostgresStore:
@@ -127,34 +155,52 @@ class PostgresStore(PostgresPayments, PostgresPromos, PostgresPlans, PostgresNot
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         async with self.pool.acquire() as conn, conn.transaction():
-            token = self._tx.set(conn)
+            batch = BatchWrite(conn)
+            token = self._tx.set(batch)
             try:
                 yield
+                if batch.snapshots:  # after the ledger, in the same transaction
+                    names = tuple(name for name, _ in batch.snapshots)
+                    await conn.execute(
+                        snapshot_statement(names), *(a for _, args in batch.snapshots for a in args)
+                    )
             finally:
                 self._tx.reset(token)
 
     @property
-    def _batch(self) -> asyncpg.Connection:
-        conn = self._tx.get()
-        if conn is None:
+    def _batch(self) -> BatchWrite:
+        batch = self._tx.get()
+        if batch is None:
             raise RuntimeError("a write hook ran outside its batch's transaction")
-        return conn
+        return batch
 
     async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
-        return affected(await self._batch.execute(INSERT_LEDGER, *columns(rows, len(LEDGER_TYPES))))
+        # New rows (the drain's steady state) go in by COPY, PostgreSQL's bulk path: about half
+        # the cost of an INSERT of the same rows. A batch holding a row the ledger has (a
+        # redelivery) fails the COPY whole: back to the savepoint, and the INSERT that skips
+        # stored rows.
+        conn = self._batch.conn
+        try:
+            async with conn.transaction():
+                await conn.copy_records_to_table("ledger", records=rows, columns=sql.LEDGER_COLS_IN)
+            return len(rows)
+        except asyncpg.UniqueViolationError:
+            return affected(await conn.execute(INSERT_LEDGER, *columns(rows, len(LEDGER_TYPES))))
 
     async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        rows = await self._batch.fetch(LEDGER_VERSIONS, *columns(list(keys), 2))
+        rows = await self._batch.conn.fetch(LEDGER_VERSIONS, *columns(list(keys), 2))
         return {(r[0], r[1]): r[2] for r in rows}
 
+    # The snapshot rows wait for the end of the batch, to go in one statement.
+
     async def _write_accounts(self, rows: list[AccountRow]) -> None:
-        await self._batch.execute(UPSERT_ACCOUNT, *columns(rows, len(ACCOUNT_TYPES)))
+        self._batch.snapshots.append(("accounts", columns(rows, len(ACCOUNT_TYPES))))
 
     async def _write_grants(self, rows: list[GrantRow]) -> None:
-        await self._batch.execute(UPSERT_GRANT, *columns(sql.grant_rows(rows), len(GRANT_TYPES)))
+        self._batch.snapshots.append(("grants", columns(sql.grant_rows(rows), len(GRANT_TYPES))))
 
     async def _write_holds(self, rows: list[HoldRow]) -> None:
-        await self._batch.execute(UPSERT_HOLD, *columns(sql.hold_rows(rows), len(HOLD_TYPES)))
+        self._batch.snapshots.append(("holds", columns(sql.hold_rows(rows), len(HOLD_TYPES))))
 
     # -- reads ------------------------------------------------------------------------------
 

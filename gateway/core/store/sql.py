@@ -426,9 +426,10 @@ def finish_notification(notification_id: str, token: str, changes: dict[str, Any
 # -- PostgreSQL's side: a batch as arrays, command statuses ---------------------------------
 
 
-def unnest(types: tuple[str, ...]) -> str:
-    """`SELECT * FROM unnest($1::t1[], ...)`: rows from one array parameter per column."""
-    return "SELECT * FROM unnest(" + ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, 1)) + ")"
+def unnest(types: tuple[str, ...], first: int = 1) -> str:
+    """`SELECT * FROM unnest($1::t1[], ...)`: rows from one array parameter per column (the
+    parameters numbered from `first`)."""
+    return "SELECT * FROM unnest(" + ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, first)) + ")"
 
 
 def columns(rows: list[Any], width: int) -> list[Any]:
