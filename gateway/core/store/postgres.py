@@ -13,7 +13,6 @@ asyncpg is imported only when a postgresql:// URL is asked for (store/registry.p
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -100,7 +99,9 @@ def _ledger_entry(r: Any) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, orjson.loads(event))
 
 
-class PostgresStore(PostgresPayments, PostgresPromos, PostgresPlans, PostgresNotifications, Store):
+class PostgresStore(
+    PostgresPayments, PostgresPromos, PostgresPlans, PostgresNotifications, sql.LimitColumns, Store
+):
     """The durable store in a PostgreSQL database."""
 
     def __init__(self, dsn: str, *, pool_size: int = POOL_SIZE) -> None:
@@ -326,25 +327,6 @@ class PostgresStore(PostgresPayments, PostgresPromos, PostgresPlans, PostgresNot
             if o.empty:
                 await conn.execute(numbered(sql.LIMITS_DELETE), user)
         return None if o.empty else o
-
-    async def set_rate_limits(self, override: RateLimitOverride) -> None:
-        o = override
-        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
-        await self._set_limits(o.user, values)
-
-    async def set_plan_limits(
-        self,
-        user: str,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        models: list[str] | None,
-    ) -> RateLimitOverride | None:
-        values = {
-            "plan_requests_per_minute": requests_per_minute,
-            "plan_tokens_per_minute": tokens_per_minute,
-            "allowed_models": None if models is None else json.dumps(models),
-        }
-        return await self._set_limits(user, values)
 
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
         row = await self.pool.fetchrow(numbered(sql.LIMITS_OF), user)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import astuple
 from typing import Any
 
 import asyncpg
@@ -74,23 +75,18 @@ class PostgresPayments(PaymentStore):
         rows = await self.pool.fetch(numbered(sql.PAYMENTS_TO_RECONCILE), older_than_ms, limit)
         return [PaymentRecord(*r) for r in rows]
 
-    async def record_webhook_event(self, ev: WebhookEvent) -> WebhookEvent | None:
+    async def _insert_or_stored(self, insert: str, select: str, row: tuple, key: tuple) -> Any:
+        """Inserts the row unless its key is stored; the stored row when it is (None: inserted)."""
         async with self.pool.acquire() as conn:
-            status = await conn.execute(
-                numbered(sql.EVENT_INSERT),
-                ev.provider,
-                ev.event_id,
-                ev.type,
-                ev.received_ms,
-                ev.body,
-                ev.payment_id,
-                ev.outcome,
-                ev.status_code,
-            )
-            if affected(status) == 1:
+            if affected(await conn.execute(numbered(insert), *row)) == 1:
                 return None
-            row = await conn.fetchrow(numbered(sql.EVENT_OF), ev.provider, ev.event_id)
-        return WebhookEvent(*row)
+            return await conn.fetchrow(numbered(select), *key)
+
+    async def record_webhook_event(self, ev: WebhookEvent) -> WebhookEvent | None:
+        row = await self._insert_or_stored(
+            sql.EVENT_INSERT, sql.EVENT_OF, astuple(ev), (ev.provider, ev.event_id)
+        )
+        return None if row is None else WebhookEvent(*row)
 
     async def finish_webhook_event(
         self, provider: str, event_id: str, outcome: str, status_code: int, payment_id: str | None
@@ -103,21 +99,10 @@ class PostgresPayments(PaymentStore):
         return [WebhookEvent(*r) for r in await self.pool.fetch(numbered(sql.EVENTS_OF), payment_id)]
 
     async def add_refund(self, r: RefundRecord) -> RefundRecord | None:
-        async with self.pool.acquire() as conn:
-            status = await conn.execute(
-                numbered(sql.REFUND_INSERT),
-                r.provider,
-                r.refund_id,
-                r.payment_id,
-                r.amount_minor,
-                r.credits,
-                r.at_ms,
-                r.debited_ms,
-            )
-            if affected(status) == 1:
-                return None
-            row = await conn.fetchrow(numbered(sql.REFUND_OF), r.provider, r.refund_id)
-        return RefundRecord(*row)
+        row = await self._insert_or_stored(
+            sql.REFUND_INSERT, sql.REFUND_OF, astuple(r), (r.provider, r.refund_id)
+        )
+        return None if row is None else RefundRecord(*row)
 
     async def mark_refund_debited(self, provider: str, refund_id: str, at_ms: int) -> bool:
         return (

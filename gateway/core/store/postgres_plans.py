@@ -11,7 +11,16 @@ from typing import Any
 import asyncpg
 
 from . import sql
-from .plans import PlanRecord, PlanStore, SubscriptionRecord, plan_doc, plan_of, sub_doc, sub_of
+from .plans import (
+    PlanRecord,
+    PlanStore,
+    SubscriptionRecord,
+    plan_doc,
+    plan_of,
+    sub_doc,
+    sub_of,
+    subscription_change,
+)
 from .sql import live_user, numbered, subscription_row
 
 
@@ -71,11 +80,7 @@ class PostgresPlans(PlanStore):
     async def update_subscription(
         self, sub_id: str, changes: dict[str, Any], *, expect: dict[str, Any] | None = None
     ) -> SubscriptionRecord | None:
-        def apply(d: dict) -> SubscriptionRecord | None:
-            if any(d.get(k) != v for k, v in (expect or {}).items()):
-                return None
-            return sub_of({**d, **changes, "rev": d.get("rev", 0) + 1})
-
+        apply = subscription_change(changes, expect)
         try:
             out = await self._change(sql.SUB_OF, sub_id, apply)
         except asyncpg.UniqueViolationError:

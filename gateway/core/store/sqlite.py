@@ -82,7 +82,7 @@ def _ledger_entry(row: tuple) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, json.loads(event))
 
 
-class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, Store):
+class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, sql.LimitColumns, Store):
     """The durable store in one SQLite file (or ":memory:")."""
 
     def __init__(self, path: str) -> None:
@@ -343,7 +343,10 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
         for r in rows:
             yield ApiKeyRecord(*r)
 
-    def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+    async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+        return await self._call(self._set_limits_now, user, values)
+
+    def _set_limits_now(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
         """Sets some of the account's limit columns in one transaction; a row left with
         nothing set is removed."""
         db = self.db
@@ -358,25 +361,6 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
         except BaseException:
             db.execute("ROLLBACK")
             raise
-
-    async def set_rate_limits(self, override: RateLimitOverride) -> None:
-        o = override
-        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
-        await self._call(self._set_limits, o.user, values)
-
-    async def set_plan_limits(
-        self,
-        user: str,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        models: list[str] | None,
-    ) -> RateLimitOverride | None:
-        values = {
-            "plan_requests_per_minute": requests_per_minute,
-            "plan_tokens_per_minute": tokens_per_minute,
-            "allowed_models": None if models is None else json.dumps(models),
-        }
-        return await self._call(self._set_limits, user, values)
 
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
         row = await self._call(lambda: self.db.execute(sql.LIMITS_OF, (user,)).fetchone())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable
+from dataclasses import astuple
 from typing import Any, TypeVar
 
 from . import sql
@@ -123,14 +124,14 @@ class SQLitePayments(PaymentStore):
         rows = await self._call(self._all, sql.PAYMENTS_TO_RECONCILE, older_than_ms, limit)
         return [PaymentRecord(*r) for r in rows]
 
-    def _record_event(self, ev: WebhookEvent) -> WebhookEvent | None:
-        row = (ev.provider, ev.event_id, ev.type, ev.received_ms, ev.body, ev.payment_id, ev.outcome)
-        if self._count(sql.EVENT_INSERT, *row, ev.status_code) == 1:
-            return None
-        return WebhookEvent(*self._one(sql.EVENT_OF, ev.provider, ev.event_id))
+    def _insert_or_stored(self, insert: str, select: str, row: tuple, key: tuple) -> Any:
+        """Inserts the row unless its key is stored; the stored row when it is (None: inserted)."""
+        return None if self._count(insert, *row) == 1 else self._one(select, *key)
 
     async def record_webhook_event(self, ev: WebhookEvent) -> WebhookEvent | None:
-        return await self._call(self._record_event, ev)
+        key = (ev.provider, ev.event_id)
+        row = await self._call(self._insert_or_stored, sql.EVENT_INSERT, sql.EVENT_OF, astuple(ev), key)
+        return None if row is None else WebhookEvent(*row)
 
     async def finish_webhook_event(
         self, provider: str, event_id: str, outcome: str, status_code: int, payment_id: str | None
@@ -140,14 +141,10 @@ class SQLitePayments(PaymentStore):
     async def webhook_events(self, payment_id: str) -> list[WebhookEvent]:
         return [WebhookEvent(*r) for r in await self._call(self._all, sql.EVENTS_OF, payment_id)]
 
-    def _add_refund(self, r: RefundRecord) -> RefundRecord | None:
-        row = (r.provider, r.refund_id, r.payment_id, r.amount_minor, r.credits, r.at_ms, r.debited_ms)
-        if self._count(sql.REFUND_INSERT, *row) == 1:
-            return None
-        return RefundRecord(*self._one(sql.REFUND_OF, r.provider, r.refund_id))
-
     async def add_refund(self, r: RefundRecord) -> RefundRecord | None:
-        return await self._call(self._add_refund, r)
+        key = (r.provider, r.refund_id)
+        row = await self._call(self._insert_or_stored, sql.REFUND_INSERT, sql.REFUND_OF, astuple(r), key)
+        return None if row is None else RefundRecord(*row)
 
     async def mark_refund_debited(self, provider: str, refund_id: str, at_ms: int) -> bool:
         return await self._call(self._count, sql.REFUND_DEBITED, at_ms, provider, refund_id) == 1

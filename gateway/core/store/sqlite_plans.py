@@ -10,7 +10,16 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from . import sql
-from .plans import PlanRecord, PlanStore, SubscriptionRecord, plan_doc, plan_of, sub_doc, sub_of
+from .plans import (
+    PlanRecord,
+    PlanStore,
+    SubscriptionRecord,
+    plan_doc,
+    plan_of,
+    sub_doc,
+    sub_of,
+    subscription_change,
+)
 from .sql import live_user, subscription_row
 
 T = TypeVar("T")
@@ -99,11 +108,7 @@ class SQLitePlans(PlanStore):
     async def update_subscription(
         self, sub_id: str, changes: dict[str, Any], *, expect: dict[str, Any] | None = None
     ) -> SubscriptionRecord | None:
-        def apply(d: dict) -> SubscriptionRecord | None:
-            if any(d.get(k) != v for k, v in (expect or {}).items()):
-                return None
-            return sub_of({**d, **changes, "rev": d.get("rev", 0) + 1})
-
+        apply = subscription_change(changes, expect)
         try:
             out = await self._call(self._change, sql.SUB_OF, sub_id, apply)
         except sqlite3.IntegrityError:
