@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -63,7 +65,9 @@ from gateway.core.store.postgres import (
     INSERT_LEDGER,
     LEDGER_TYPES,
     LEDGER_VERSIONS,
-    snapshot_statement,
+    UPSERT_ACCOUNT,
+    UPSERT_GRANT,
+    UPSERT_HOLD,
 )
 from gateway.core.store.sql import LEDGER_COLS_IN, columns, grant_rows, hold_rows, quoted
 
@@ -144,71 +148,77 @@ def psycopg_style(statement: str) -> str:
 
 
 class PsycopgWrites(PostgresStore):
-    """PostgresStore with its write path on psycopg 3 (one AsyncConnection): the same steps
-    (the ledger by binary COPY, an INSERT that skips stored rows when the COPY meets one;
-    the snapshot rows in one statement), through the other driver."""
+    """PostgresStore with its write path on psycopg 3: the same steps through the other
+    driver (the ledger by binary COPY, an INSERT that skips stored rows when the COPY meets
+    one; the snapshot rows at the same time on a second connection, committed after)."""
 
     def __init__(self, dsn: str) -> None:
         super().__init__(dsn)
-        self._pg: Any = None
-        self._snapshots: list[tuple[str, list[Any]]] = []
+        self._idle: asyncio.Queue[Any] = asyncio.Queue()
+        self._conns: list[Any] = []
 
     async def open(self) -> None:
         import psycopg
 
         await super().open()  # the schema, and the reads
         dsn = self.dsn.replace("?search_path=", "?options=-csearch_path%3D")
-        self._pg = await psycopg.AsyncConnection.connect(dsn)
+        for _ in range(2):  # a batch's two parts
+            conn = await psycopg.AsyncConnection.connect(dsn)
+            self._conns.append(conn)
+            self._idle.put_nowait(conn)
 
     async def close(self) -> None:
-        if self._pg is not None:
-            await self._pg.close()
-            self._pg = None
+        for conn in self._conns:
+            await conn.close()
+        self._conns = []
         await super().close()
 
-    async def _write_batch(self, b: Any) -> int:
-        self._snapshots = []
-        async with self._pg.transaction():
-            new = await super()._write_batch(b)
-            if self._snapshots:
-                names = tuple(name for name, _ in self._snapshots)
-                args = [a for _, cols in self._snapshots for a in cols]
-                await self._pg.execute(psycopg_style(snapshot_statement(names)), args, prepare=True)
-        return new
-
-    def _transaction(self) -> Any:
-        from contextlib import nullcontext
-
-        return nullcontext()  # _write_batch above holds the transaction
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        conn = await self._idle.get()
+        try:
+            async with conn.transaction():
+                token = self._tx.set(conn)
+                try:
+                    yield
+                finally:
+                    self._tx.reset(token)
+        finally:
+            self._idle.put_nowait(conn)
 
     async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
         import psycopg
 
+        conn = self._batch
         copy_sql = f"COPY ledger ({quoted(LEDGER_COLS_IN)}) FROM STDIN (FORMAT BINARY)"
         try:
-            async with self._pg.transaction(), self._pg.cursor() as cur, cur.copy(copy_sql) as copy:
+            async with conn.transaction(), conn.cursor() as cur, cur.copy(copy_sql) as copy:
                 copy.set_types(["text", "text", "text", "int8", "int8", "int8", "text", "text", "text"])
                 for row in rows:
                     await copy.write_row(row)
             return len(rows)
         except psycopg.errors.UniqueViolation:
-            cur = await self._pg.execute(
+            cur = await conn.execute(
                 psycopg_style(INSERT_LEDGER), columns(rows, len(LEDGER_TYPES)), prepare=True
             )
-            return cur.rowcount
+            return int(cur.rowcount)
 
     async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        cur = await self._pg.execute(psycopg_style(LEDGER_VERSIONS), columns(list(keys), 2), prepare=True)
+        cur = await self._batch.execute(psycopg_style(LEDGER_VERSIONS), columns(list(keys), 2), prepare=True)
         return {(u, o): v for u, o, v in await cur.fetchall()}
 
     async def _write_accounts(self, rows: list[AccountRow]) -> None:
-        self._snapshots.append(("accounts", columns(rows, len(ACCOUNT_TYPES))))
+        await self._batch.execute(
+            psycopg_style(UPSERT_ACCOUNT), columns(rows, len(ACCOUNT_TYPES)), prepare=True
+        )
 
     async def _write_grants(self, rows: list[GrantRow]) -> None:
-        self._snapshots.append(("grants", columns(grant_rows(rows), len(GRANT_TYPES))))
+        args = columns(grant_rows(rows), len(GRANT_TYPES))
+        await self._batch.execute(psycopg_style(UPSERT_GRANT), args, prepare=True)
 
     async def _write_holds(self, rows: list[HoldRow]) -> None:
-        self._snapshots.append(("holds", columns(hold_rows(rows), len(HOLD_TYPES))))
+        args = columns(hold_rows(rows), len(HOLD_TYPES))
+        await self._batch.execute(psycopg_style(UPSERT_HOLD), args, prepare=True)
 
 
 class PostgresBench:

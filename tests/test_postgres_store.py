@@ -99,3 +99,55 @@ async def test_concurrent_openers_migrate_once_and_a_newer_schema_is_refused(pg_
         for s in stores[1:]:
             await s.close()
         await dispose(pg_backend, stores[:1])
+
+
+async def _traffic(engine) -> list:
+    from tests.support.engine_helpers import all_events
+
+    await engine.grant("pat", "10", op_id="g1")
+    await engine.reserve("pat", "2", hold_id="h1", ttl_seconds=60)
+    await engine.settle("pat", "h1", "1.5")
+    return await all_events(engine)
+
+
+async def test_no_snapshot_row_is_committed_without_its_ledger(engine, pg_backend, monkeypatch):
+    """A batch's two parts run at once on two connections; the snapshot rows commit only
+    after the ledger: a failed ledger part leaves no snapshot row behind."""
+    events = await _traffic(engine)
+    store = await open_store(pg_backend, 0)
+    try:
+
+        async def broken(rows):
+            await asyncio.sleep(0.2)  # the snapshot statement is done by now, not committed
+            raise ConnectionResetError("the ledger's connection dropped")
+
+        monkeypatch.setattr(store, "_insert_ledger", broken)
+        with pytest.raises(ConnectionResetError):
+            await store.write_events(events)
+        assert await store.snapshot("pat") is None and await store.ledger("pat") == []
+        monkeypatch.undo()
+        assert await store.write_events(events) == len(events)
+        assert (await store.snapshot("pat")).totals["available"] == 8_500_000
+    finally:
+        await dispose(pg_backend, [store])
+
+
+async def test_a_failed_snapshot_part_is_written_by_the_redelivery(engine, pg_backend, monkeypatch):
+    events = await _traffic(engine)
+    store = await open_store(pg_backend, 0)
+    try:
+
+        async def broken(rows):
+            raise ConnectionResetError("the snapshot connection dropped")
+
+        monkeypatch.setattr(store, "_write_holds", broken)
+        with pytest.raises(ConnectionResetError):
+            await store.write_events(events)
+        # The ledger committed; the accounts and grants of the failed part did not.
+        assert len(await store.ledger("pat")) == len(events) and await store.snapshot("pat") is None
+        monkeypatch.undo()
+        assert await store.write_events(events) == 0  # the redelivery: nothing new in the ledger
+        snap = await store.snapshot("pat")
+        assert snap.totals["available"] == 8_500_000 and snap.holds == []
+    finally:
+        await dispose(pg_backend, [store])

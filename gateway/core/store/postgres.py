@@ -1,23 +1,23 @@
 """The PostgreSQL store (asyncpg): a connection pool, the tables of postgres_schema.py.
 
-A batch (collapsed by the shared write path, Store.write_events) is written in one
-transaction on one connection: the ledger by COPY (an INSERT that skips stored rows when
-the batch holds one), then the accounts, grants and holds in one statement, each table's
-rows as one array per column out of `unnest`. A batch of 1,000 events is a handful of
-round trips whatever its size. The statements are SQLite's (store/sql.py): the ledger
-keeps one row per (user, op id), and the snapshot upserts are guarded by the version, so
-batches may repeat and arrive in any order.
+A batch (collapsed by the shared write path, Store.write_events) is written as two
+transactions at once, each on a pooled connection of its own: the ledger by COPY (an
+INSERT that skips stored rows when the batch holds one), and the accounts, grants and
+holds, each table's rows as one array per column out of `unnest`; the second commits only
+after the first (see _write_batch). A batch of 1,000 events is a handful of round trips
+whatever its size. The statements are SQLite's (store/sql.py): the ledger keeps one row per
+(user, op id), and the snapshot upserts are guarded by the version, so batches may repeat
+and arrive in any order.
 
 asyncpg is imported only when a postgresql:// URL is asked for (store/registry.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,7 +38,7 @@ from .base import (
     restore_grant,
     restore_hold,
 )
-from .batch import AccountRow, GrantRow, HoldRow, LedgerRow
+from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow
 from .postgres_notifications import PostgresNotifications
 from .postgres_payments import PostgresPayments
 from .postgres_plans import PostgresPlans
@@ -59,34 +59,9 @@ HOLD_TYPES += ("text", "bigint", "text", "text")
 
 
 INSERT_LEDGER = f"{sql.LEDGER_INSERT} {unnest(LEDGER_TYPES)} ON CONFLICT DO NOTHING"
-SNAPSHOT_PARTS = {
-    "accounts": (sql.ACCOUNT_INSERT, ACCOUNT_TYPES, sql.ACCOUNT_CONFLICT),
-    "grants": (sql.GRANT_INSERT, GRANT_TYPES, sql.GRANT_CONFLICT),
-    "holds": (sql.HOLD_INSERT, HOLD_TYPES, sql.HOLD_CONFLICT),
-}
-
-
-@lru_cache(maxsize=16)
-def snapshot_statement(names: tuple[str, ...]) -> str:
-    """One statement writing the snapshot rows of the tables named: each table's upsert a
-    data-modifying CTE (each runs once, to completion), their arrays numbered in turn. One
-    round trip where three would each wait for the event loop to come round."""
-    parts, first = [], 1
-    for name in names:
-        insert, types, conflict = SNAPSHOT_PARTS[name]
-        parts.append(f"{name} AS ({insert} {unnest(types, first)} {conflict})")
-        first += len(types)
-    return "WITH " + ", ".join(parts) + " SELECT 1"
-
-
-@dataclass(slots=True)
-class BatchWrite:
-    """The batch under way in this task: its connection (in its transaction) and the
-    snapshot rows waiting for the end of the batch, by table."""
-
-    conn: asyncpg.Connection
-    snapshots: list[tuple[str, list[Any]]] = field(default_factory=list)
-
+UPSERT_ACCOUNT = f"{sql.ACCOUNT_INSERT} {unnest(ACCOUNT_TYPES)} {sql.ACCOUNT_CONFLICT}"
+UPSERT_GRANT = f"{sql.GRANT_INSERT} {unnest(GRANT_TYPES)} {sql.GRANT_CONFLICT}"
+UPSERT_HOLD = f"{sql.HOLD_INSERT} {unnest(HOLD_TYPES)} {sql.HOLD_CONFLICT}"
 
 LEDGER_VERSIONS = """
 SELECT l."user", l.op_id, l.version
@@ -105,11 +80,13 @@ class PostgresStore(
     """The durable store in a PostgreSQL database."""
 
     def __init__(self, dsn: str, *, pool_size: int = POOL_SIZE) -> None:
+        if pool_size < 2:
+            raise ValueError("a PostgresStore needs a pool of 2 connections at least (a batch takes 2)")
         self.dsn = dsn
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None
         # The connection of the batch under way in this task (see _transaction).
-        self._tx: ContextVar[BatchWrite | None] = ContextVar(f"pg-batch-{id(self)}", default=None)
+        self._tx: ContextVar[asyncpg.Connection | None] = ContextVar(f"pg-batch-{id(self)}", default=None)
 
     @classmethod
     def from_url(cls, url: str, *, database: str = "") -> PostgresStore:
@@ -151,36 +128,47 @@ class PostgresStore(
         except Exception:
             return False
 
-    # -- writes: the shared write path, one transaction per batch -----------------------------
+    # -- writes: the shared write path, the ledger and the snapshot rows side by side ----------
+
+    async def _write_batch(self, b: Batch) -> int:
+        """The ledger rows and the snapshot rows written at once, each part in a transaction
+        on a connection of its own (the server works on both while the worker decodes the
+        next batch), the snapshot rows committed only after the ledger: no snapshot row is
+        ever ahead of the ledger. A part that fails leaves the other uncommitted or, the
+        ledger committed, is written again with the batch's redelivery."""
+        async with self._transaction():  # the snapshot rows' connection
+            snapshots = asyncio.ensure_future(self._write_snapshots(b))  # it keeps this context
+            try:
+                async with self._transaction():  # the ledger's, in this task only
+                    new = await self._write_ledger(b)
+            except BaseException:
+                await asyncio.wait([snapshots])  # its connection idle before the rollback
+                raise
+            await snapshots
+        return new
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[None]:
         async with self.pool.acquire() as conn, conn.transaction():
-            batch = BatchWrite(conn)
-            token = self._tx.set(batch)
+            token = self._tx.set(conn)
             try:
                 yield
-                if batch.snapshots:  # after the ledger, in the same transaction
-                    names = tuple(name for name, _ in batch.snapshots)
-                    await conn.execute(
-                        snapshot_statement(names), *(a for _, args in batch.snapshots for a in args)
-                    )
             finally:
                 self._tx.reset(token)
 
     @property
-    def _batch(self) -> BatchWrite:
-        batch = self._tx.get()
-        if batch is None:
+    def _batch(self) -> asyncpg.Connection:
+        conn = self._tx.get()
+        if conn is None:
             raise RuntimeError("a write hook ran outside its batch's transaction")
-        return batch
+        return conn
 
     async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
         # New rows (the drain's steady state) go in by COPY, PostgreSQL's bulk path: about half
         # the cost of an INSERT of the same rows. A batch holding a row the ledger has (a
         # redelivery) fails the COPY whole: back to the savepoint, and the INSERT that skips
         # stored rows.
-        conn = self._batch.conn
+        conn = self._batch
         try:
             async with conn.transaction():
                 await conn.copy_records_to_table("ledger", records=rows, columns=sql.LEDGER_COLS_IN)
@@ -189,19 +177,17 @@ class PostgresStore(
             return affected(await conn.execute(INSERT_LEDGER, *columns(rows, len(LEDGER_TYPES))))
 
     async def _ledger_versions(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
-        rows = await self._batch.conn.fetch(LEDGER_VERSIONS, *columns(list(keys), 2))
+        rows = await self._batch.fetch(LEDGER_VERSIONS, *columns(list(keys), 2))
         return {(r[0], r[1]): r[2] for r in rows}
 
-    # The snapshot rows wait for the end of the batch, to go in one statement.
-
     async def _write_accounts(self, rows: list[AccountRow]) -> None:
-        self._batch.snapshots.append(("accounts", columns(rows, len(ACCOUNT_TYPES))))
+        await self._batch.execute(UPSERT_ACCOUNT, *columns(rows, len(ACCOUNT_TYPES)))
 
     async def _write_grants(self, rows: list[GrantRow]) -> None:
-        self._batch.snapshots.append(("grants", columns(sql.grant_rows(rows), len(GRANT_TYPES))))
+        await self._batch.execute(UPSERT_GRANT, *columns(sql.grant_rows(rows), len(GRANT_TYPES)))
 
     async def _write_holds(self, rows: list[HoldRow]) -> None:
-        self._batch.snapshots.append(("holds", columns(sql.hold_rows(rows), len(HOLD_TYPES))))
+        await self._batch.execute(UPSERT_HOLD, *columns(sql.hold_rows(rows), len(HOLD_TYPES)))
 
     # -- reads ------------------------------------------------------------------------------
 
