@@ -151,3 +151,21 @@ async def test_a_failed_snapshot_part_is_written_by_the_redelivery(engine, pg_ba
         assert snap.totals["available"] == 8_500_000 and snap.holds == []
     finally:
         await dispose(pg_backend, [store])
+
+
+async def test_more_batches_at_once_than_the_pool_has_connections_all_complete(engine, pg_backend):
+    """Each batch takes two connections; a pool of 4 with 12 batches under way at once must
+    not end with every batch holding one and waiting for another."""
+    from tests.support.engine_helpers import all_events
+
+    for i in range(12):
+        await engine.grant(f"b{i}", "5", op_id=f"g{i}")
+    events = await all_events(engine)
+    await pg_backend.prepare(0)
+    store = PostgresStore(pg_backend.url(0), pool_size=4)
+    await store.open()
+    try:
+        news = await asyncio.wait_for(asyncio.gather(*(store.write_events([e]) for e in events)), 30)
+        assert sum(news) == len(events) == 12
+    finally:
+        await dispose(pg_backend, [store])

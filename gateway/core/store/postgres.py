@@ -87,6 +87,9 @@ class PostgresStore(
         self._pool: asyncpg.Pool | None = None
         # The connection of the batch under way in this task (see _transaction).
         self._tx: ContextVar[asyncpg.Connection | None] = ContextVar(f"pg-batch-{id(self)}", default=None)
+        # A batch holds two connections: batches under way at once each get both, or a pool
+        # taken by first halves would leave every batch waiting for its second.
+        self._batches = asyncio.Semaphore(pool_size // 2)
 
     @classmethod
     def from_url(cls, url: str, *, database: str = "") -> PostgresStore:
@@ -136,7 +139,7 @@ class PostgresStore(
         next batch), the snapshot rows committed only after the ledger: no snapshot row is
         ever ahead of the ledger. A part that fails leaves the other uncommitted or, the
         ledger committed, is written again with the batch's redelivery."""
-        async with self._transaction():  # the snapshot rows' connection
+        async with self._batches, self._transaction():  # the snapshot rows' connection
             snapshots = asyncio.ensure_future(self._write_snapshots(b))  # it keeps this context
             try:
                 async with self._transaction():  # the ledger's, in this task only
@@ -166,8 +169,8 @@ class PostgresStore(
     async def _insert_ledger(self, rows: list[LedgerRow]) -> int:
         # New rows (the drain's steady state) go in by COPY, PostgreSQL's bulk path: about half
         # the cost of an INSERT of the same rows. A batch holding a row the ledger has (a
-        # redelivery) fails the COPY whole: back to the savepoint, and the INSERT that skips
-        # stored rows.
+        # redelivery) fails the COPY whole: back to the savepoint before it, and the INSERT
+        # that skips stored rows.
         conn = self._batch
         try:
             async with conn.transaction():
