@@ -272,25 +272,30 @@ ANOMALIES_OF = f"SELECT {ANOMALY_COLS} FROM payment_anomalies WHERE payment_id =
 ANOMALIES_RECENT = f"SELECT {ANOMALY_COLS} FROM payment_anomalies ORDER BY at_ms DESC, id DESC LIMIT ?"
 
 
+def listing(
+    select: str, equal: dict[str, Any], page: tuple[str, list[Any]] | None, order: str, limit: int
+) -> tuple[str, list[Any]]:
+    """`select` filtered by the columns of `equal` that are not None and by the page's
+    condition, in `order`, at most `limit` rows: the statement and its arguments."""
+    where = [f"{quoted([col])} = ?" for col, value in equal.items() if value is not None]
+    args = [value for value in equal.values() if value is not None]
+    if page is not None:
+        where.append(page[0])
+        args += page[1]
+    statement = select + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY {order} LIMIT ?"
+    return statement, [*args, limit]
+
+
 def list_payments(
     user: str | None, status: str | None, provider: str | None, limit: int, before: tuple[int, str] | None
 ) -> tuple[str, list[Any]]:
     """The statement and arguments of PaymentStore.list_payments."""
-    where: list[str] = []
-    args: list[Any] = []
-    for col, val in (('"user"', user), ("status", status), ("provider", provider)):
-        if val is not None:
-            where.append(f"{col} = ?")
-            args.append(val)
+    page = None
     if before is not None:
-        where.append("(created_ms < ? OR (created_ms = ? AND payment_id < ?))")
-        args += [before[0], before[0], before[1]]
-    statement = f"SELECT {PAYMENT_COLS} FROM payments"
-    if where:
-        statement += " WHERE " + " AND ".join(where)
-    statement += " ORDER BY created_ms DESC, payment_id DESC LIMIT ?"
-    args.append(limit)
-    return statement, args
+        page = ("(created_ms < ? OR (created_ms = ? AND payment_id < ?))", [before[0], before[0], before[1]])
+    equal = {"user": user, "status": status, "provider": provider}
+    select = f"SELECT {PAYMENT_COLS} FROM payments"
+    return listing(select, equal, page, "created_ms DESC, payment_id DESC", limit)
 
 
 def update_payment(
@@ -425,21 +430,9 @@ def list_notifications(
     user: str | None, kind: str | None, status: str | None, before: str | None, limit: int
 ) -> tuple[str, list[Any]]:
     """The statement and arguments of NotificationStore.list_notifications."""
-    where: list[str] = []
-    args: list[Any] = []
-    for col, value in (('"user"', user), ("kind", kind), ("status", status)):
-        if value is not None:
-            where.append(f"{col} = ?")
-            args.append(value)
-    if before is not None:
-        where.append("id < ?")
-        args.append(before)
-    statement = (
-        f"SELECT {NOTE_COLS} FROM notifications"
-        + (" WHERE " + " AND ".join(where) if where else "")
-        + " ORDER BY id DESC LIMIT ?"
-    )
-    return statement, [*args, limit]
+    page = None if before is None else ("id < ?", [before])
+    equal = {"user": user, "kind": kind, "status": status}
+    return listing(f"SELECT {NOTE_COLS} FROM notifications", equal, page, "id DESC", limit)
 
 
 def finish_notification(notification_id: str, token: str, changes: dict[str, Any]) -> tuple[str, list[Any]]:
