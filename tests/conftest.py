@@ -1,5 +1,6 @@
-"""Real servers for the tests: a redis-server on a free port, a 3-node Redis Cluster, and
-the MongoDB wire server (mongoeco in its own Python 3.13 venv).
+"""Real servers for the tests: a redis-server on a free port, a 3-node Redis Cluster, the
+MongoDB wire server (mongoeco in its own Python 3.13 venv), and a database of its own on
+the PostgreSQL server at 127.0.0.1:5432 (CREDIT_TEST_POSTGRES_URL names another server).
 
 A missing server skips its suite, except with CREDIT_TEST_STRICT=1 (CI), where it fails.
 CREDIT_REDIS_URL points the Redis suite at an existing server instead of starting one.
@@ -12,7 +13,9 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 # Imported now, while the interpreter is fresh: hypothesis' pytest plugin imports this at
 # the end of the session otherwise, and pytest's assertion rewriting then runs ast.parse,
@@ -166,6 +169,30 @@ def mongo_uri(tmp_path_factory):
     yield f"mongodb://127.0.0.1:{line.split()[1]}/?directConnection=true"
     proc.terminate()
     proc.wait(10)
+
+
+@pytest_asyncio.fixture(scope="session")
+async def postgres_url():
+    """A database made for this test run (cg_test_<hex>) on the PostgreSQL server, dropped at
+    the end; its URL. The stores of the tests each take a schema of their own in it."""
+    import asyncpg
+
+    server = os.environ.get("CREDIT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"cg_test_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = await asyncpg.connect(server, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        unavailable(f"PostgreSQL is not reachable at {server}: {exc!r}")
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    yield urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
+    admin = await asyncpg.connect(server, timeout=10)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
 
 
 @pytest_asyncio.fixture

@@ -2,7 +2,9 @@
 # Installs what the tests need and runs them: the README's test command.
 #   bash tests/run.sh [pytest args]
 # Needs python3 (>= 3.11) and redis-server on PATH. The MongoDB suite uses a Python 3.13
-# venv with mongoeco (tests/support/mongo_venv.sh); without Python 3.13 it is skipped
+# venv with mongoeco (tests/support/mongo_venv.sh); without Python 3.13 it is skipped. The
+# PostgreSQL suite uses the server at 127.0.0.1:5432 (trust auth, user postgres; or
+# CREDIT_TEST_POSTGRES_URL), in a database it makes and drops; without one it is skipped
 # (CREDIT_TEST_STRICT=1 turns every skipped server suite into a failure, as CI does).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,28 +22,40 @@ REPO = Path(__file__).resolve().parents[1]
 KEY = "compose-admin-" + "k" * 30
 
 
-def compose_config() -> dict:
+def _merge(base: dict, over: dict) -> dict:
+    """Compose's merge of a second file: mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def compose_config(files: tuple[str, ...] = ("docker-compose.yml",), profiles: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "CREDIT_ADMIN_KEYS": KEY}
-    env.pop("CREDIT_GATEWAY_CONFIG_FILE", None)
+    for unset in ("CREDIT_GATEWAY_CONFIG_FILE", "CREDIT_POSTGRES_PASSWORD"):
+        env.pop(unset, None)
     exe = shutil.which("docker-compose")
     if exe:
-        r = subprocess.run(
-            [exe, "-f", str(REPO / "docker-compose.yml"), "config"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        args = [a for f in files for a in ("-f", str(REPO / f))]
+        args += [a for p in profiles for a in ("--profile", p)]
+        r = subprocess.run([exe, *args, "config"], env=env, capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return yaml.safe_load(r.stdout)
-    # Without docker-compose: the file as written, with the ${VAR:-default} forms it uses resolved.
-    text = (REPO / "docker-compose.yml").read_text()
-    text = text.replace("${CREDIT_ADMIN_KEYS:?set CREDIT_ADMIN_KEYS}", KEY).replace(
-        "${CREDIT_CLIENT_KEYS:-}", ""
-    )
-    text = text.replace("${CREDIT_GATEWAY_CONFIG_FILE:-./examples/gateway.toml}", "./examples/gateway.toml")
-    assert "${" not in text, "a variable the test does not resolve"
-    return yaml.safe_load(text)
+    # Without docker-compose: the files as written, with the ${VAR:-default} forms they use
+    # resolved, merged in order.
+    cfg: dict = {}
+    for f in files:
+        text = (REPO / f).read_text()
+        text = text.replace("${CREDIT_ADMIN_KEYS:?set CREDIT_ADMIN_KEYS}", KEY).replace(
+            "${CREDIT_CLIENT_KEYS:-}", ""
+        )
+        text = text.replace(
+            "${CREDIT_GATEWAY_CONFIG_FILE:-./examples/gateway.toml}", "./examples/gateway.toml"
+        )
+        text = text.replace("${CREDIT_POSTGRES_PASSWORD:-credit}", "credit")
+        assert "${" not in text, "a variable the test does not resolve"
+        cfg = _merge(cfg, yaml.safe_load(text))
+    return cfg
 
 
 def _mounts(service: dict) -> dict[str, str]:
@@ -79,6 +91,27 @@ def test_compose_file_mounts_the_proxy_config_and_checks_readiness():
     test = gw["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"] and "/readyz" in test[3]
     assert gw["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_the_postgres_profile_runs_the_gateway_and_worker_on_postgresql():
+    plain = compose_config()["services"]
+    assert plain["postgres"]["profiles"] == ["postgres"]  # started only with its profile
+    assert "CREDIT_DATABASE_URL" not in plain["gateway"]["environment"]
+    assert "postgres" not in plain["gateway"]["depends_on"]
+    cfg = compose_config(("docker-compose.yml", "docker-compose.postgres.yml"), profiles=("postgres",))
+    pg = cfg["services"]["postgres"]
+    assert pg["image"] == "postgres:15" and pg["profiles"] == ["postgres"]
+    assert "/var/lib/postgresql/data" in _mounts(pg) and _mounts(pg)["/var/lib/postgresql/data"]
+    assert pg["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    e = pg["environment"]
+    url = f"postgresql://{e['POSTGRES_USER']}:{e['POSTGRES_PASSWORD']}@postgres:5432/{e['POSTGRES_DB']}"
+    for name in ("gateway", "worker"):
+        svc = cfg["services"][name]
+        assert svc["environment"]["CREDIT_DATABASE_URL"] == url, name
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert svc["environment"]["CREDIT_REDIS_URL"] == "redis://redis:6379/0", name  # the rest kept
+    # The image has the driver: the store's extra is installed.
+    assert "pip install --no-cache-dir '.[postgres]'" in (REPO / "Dockerfile").read_text()
 
 
 class _Readyz(http.server.BaseHTTPRequestHandler):

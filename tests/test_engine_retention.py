@@ -26,6 +26,13 @@ from gateway.http_errors import status_of
 from tests.conftest import ready_engine
 from tests.support.engine_helpers import all_events
 
+
+@pytest.fixture
+def store(durable_store):
+    """The rebuilds here from SQLite and from PostgreSQL (tests/support/store_fixtures.py)."""
+    return durable_store
+
+
 D = Decimal
 META = {
     "request_id": "req_" + "0" * 32,

@@ -14,7 +14,6 @@ from gateway.api.app import create_app
 from gateway.core import recovery
 from gateway.core.recovery import rehydrate
 from gateway.core.settings import Settings
-from gateway.core.store.sqlite import SQLiteStore
 from gateway.worker.runner import Worker
 from tests.conftest import ready_engine
 from tests.support.worker_helpers import equals, ledger_count, until, users_on_distinct_partitions
@@ -22,8 +21,14 @@ from tests.support.worker_helpers import equals, ledger_count, until, users_on_d
 ADMIN = "admin-" + "a" * 40
 
 
+@pytest.fixture
+def store(durable_store):
+    """Every test here on SQLite and on PostgreSQL (tests/support/store_fixtures.py)."""
+    return durable_store
+
+
 async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(
-    redis, redis_url, tmp_path, monkeypatch
+    redis, redis_url, store, tmp_path, monkeypatch
 ):
     settings = Settings(
         redis_url=redis_url,
@@ -33,7 +38,6 @@ async def test_readyz_names_lost_partitions_and_the_gateway_rebuilds_them(
         audit_path=None,
         sweep_interval_seconds=0.05,
     )
-    store = SQLiteStore(str(tmp_path / "s.db"))
     app = create_app(settings, redis=redis, store=store, run_worker=False)  # no worker anywhere
     monkeypatch.setattr(recovery, "GATEWAY_REBUILD_GRACE_S", 3600, raising=False)  # hold the gateway back
     async with (

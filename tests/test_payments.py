@@ -9,7 +9,6 @@ import contextlib
 import json
 from decimal import Decimal
 from types import SimpleNamespace
-from typing import Any
 
 import httpx
 import pytest
@@ -311,17 +310,15 @@ async def test_twenty_concurrent_deliveries_across_two_gateway_processes_credit_
     redis_url, fakes, store, gw
 ):
     """The second gateway has its own Redis client and its own store connection (another
-    SQLite connection to the file, another MongoDB client), as another process would."""
+    SQLite connection to the file, another MongoDB client or PostgreSQL pool), as another
+    process would."""
     import redis.asyncio as aioredis
 
-    from gateway.core.store import MongoStore, SQLiteStore
+    from tests.support.store_fixtures import another_store
 
     _, events = await rz_paid(gw, "fa")
     paid = events["payment_link.paid"]
-    if isinstance(store, MongoStore):
-        other_store: Any = MongoStore(store.uri, db=store.db_name)
-    else:
-        other_store = SQLiteStore(store.path)
+    other_store = another_store(store)
     other_redis = aioredis.Redis.from_url(redis_url)
     try:
         async with gateway(gateway_settings(redis_url, fakes), other_redis, other_store) as second:
@@ -519,7 +516,7 @@ async def test_payments_reconcile_command_completes_what_a_crash_left(
     import subprocess
     import sys
 
-    from gateway.core.store import MongoStore
+    from tests.support.store_fixtures import store_env
 
     p = await crashed_payment(gw, monkeypatch, "oto")
     env = {
@@ -530,11 +527,9 @@ async def test_payments_reconcile_command_completes_what_a_crash_left(
         "RAZORPAY_KEY_SECRET": RZ_SECRET,
         "CREDIT_RAZORPAY_BASE_URL": fakes.urls["razorpay"],
     }
-    if isinstance(gw.store, MongoStore):
-        env.update({"CREDIT_MONGO_URI": gw.store.uri, "CREDIT_MONGO_DB": gw.store.db_name})
-    else:
-        env.pop("CREDIT_MONGO_URI", None)
-        env["CREDIT_SQLITE_PATH"] = gw.store.path
+    for inherited in ("CREDIT_DATABASE_URL", "CREDIT_MONGO_URI"):
+        env.pop(inherited, None)
+    env.update(store_env(gw.store))
     cmd = [sys.executable, "-m", "gateway.cli", "payments", "reconcile", "--older-than", "0s"]
     out = await asyncio.to_thread(subprocess.run, cmd, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

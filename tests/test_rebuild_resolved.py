@@ -9,6 +9,12 @@ from gateway.core.recovery import rehydrate
 from tests.support.engine_helpers import all_events
 
 
+@pytest.fixture
+def store(durable_store):
+    """On SQLite and on PostgreSQL (tests/support/store_fixtures.py)."""
+    return durable_store
+
+
 async def test_a_rebuild_keeps_the_status_of_resolved_holds_and_their_ids_taken(engine, redis, store, clock):
     u = "rita"
     await engine.grant(u, "10", op_id="g1")

@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from gateway.core.engine import CreditEngine
 from gateway.core.events import Event, decode
-from gateway.core.store import MongoStore, SQLiteStore, Store, store_from_url
+from gateway.core.store import MongoStore, PostgresStore, SQLiteStore, Store, store_from_url
 
 USERS = ("alice", "bob", "carol", "dave")
 
@@ -447,9 +447,12 @@ async def test_api_keys_are_kept_hashed_revocable_and_listed(store):
     assert sorted(active) == [b.key_id, c.key_id]
     listed = await store.api_keys("alice")
     assert listed[0].revoked_ms == 5000 and listed[1].revoked_ms is None and listed[0].name == "app"
+    from asyncpg import UniqueViolationError
     from pymongo.errors import DuplicateKeyError
 
-    with pytest.raises((sqlite3.IntegrityError, DuplicateKeyError)):  # the digest is unique
+    with pytest.raises(
+        (sqlite3.IntegrityError, DuplicateKeyError, UniqueViolationError)
+    ):  # the digest is unique
         await store.add_api_key(ApiKeyRecord("key_0000000000000009", "carol", "d1" * 32, "x", "", 1))
 
 
@@ -561,9 +564,19 @@ def test_store_from_url_picks_the_backend_by_scheme(tmp_path):
     for url in ("mongodb://u:p@h1,h2/?replicaSet=rs", "mongodb+srv://cluster.example.net/"):
         m = store_from_url(url, database="credits")
         assert isinstance(m, MongoStore) and (m.uri, m.db_name) == (url, "credits")
+    for url, dsn in [
+        ("postgresql://u@h:5433/billing", "postgresql://u@h:5433/billing"),
+        ("postgres://h/billing?sslmode=require", "postgres://h/billing?sslmode=require"),
+        ("postgresql://u@h", "postgresql://u@h/credits"),  # no database named: `database`
+    ]:
+        pg = store_from_url(url, database="credits")
+        assert isinstance(pg, PostgresStore) and pg.dsn == dsn, url
     with pytest.raises(ValueError, match="postgresql://"):
-        store_from_url("postgresql://h/db")
-    # the settings keep their names: MongoDB when a URI is set, else the SQLite path
+        store_from_url("mysql://h/db")
+    # the settings keep their names: PostgreSQL when a database URL is set, else MongoDB when
+    # a URI is set, else the SQLite path
+    pd = make_store(Settings(database_url="postgresql://h/x", mongo_uri="mongodb://h:27017/"))
+    assert isinstance(pd, PostgresStore) and pd.dsn == "postgresql://h/x"
     sq = make_store(Settings(sqlite_path=str(tmp_path / "c.db"), mongo_uri=None))
     assert isinstance(sq, SQLiteStore) and sq.path == str(tmp_path / "c.db")
     mg = make_store(Settings(mongo_uri="mongodb://h:27017/", mongo_db="billing"))

@@ -19,9 +19,9 @@ from gateway.core import errors
 from gateway.core.events import decode
 from gateway.core.reconcile import reconcile
 from gateway.core.recovery import rehydrate
-from gateway.core.store.sqlite import SQLiteStore
 from gateway.worker.audit import AuditLog
 from gateway.worker.runner import Worker
+from tests.support.store_fixtures import store_env
 from tests.support.worker_helpers import equals as _eq
 from tests.support.worker_helpers import (
     ledger_count,
@@ -32,6 +32,12 @@ from tests.support.worker_helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(durable_store):
+    """Every worker test on SQLite and on PostgreSQL (tests/support/store_fixtures.py)."""
+    return durable_store
 
 
 async def stream_len(engine) -> int:
@@ -215,22 +221,23 @@ async def test_reconcile_reports_planted_drift(engine, store):
 
 
 @pytest.mark.faults
-async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing(engine, redis_url, tmp_path):
+async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing(
+    engine, redis_url, tmp_path, store
+):
     users = [f"k{i}" for i in range(40)]
     n = await make_traffic(engine, users=users, rounds=10)
-    db = tmp_path / "kill.db"
-    env = worker_env(redis_url, db, CREDIT_WORKER_BATCH=3, CREDIT_CLAIM_IDLE_MS=200)
+    env = worker_env(
+        redis_url, tmp_path / "kill.db", CREDIT_WORKER_BATCH=3, CREDIT_CLAIM_IDLE_MS=200, **store_env(store)
+    )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway.worker", env=env, cwd=REPO, stderr=subprocess.DEVNULL
     )
-    store = SQLiteStore(str(db))
-    await store.open()
     try:
         # Kill it once it has stored part of the stream (some entries read but not acked).
         deadline = time.time() + 60
         while time.time() < deadline:
             await asyncio.sleep(0.05)
-            if db.exists() and await ledger_count(store, users) > n // 4:
+            if await ledger_count(store, users) > n // 4:
                 break
         proc.send_signal(signal.SIGKILL)
         await asyncio.wait_for(proc.wait(), 10)
@@ -252,7 +259,9 @@ async def test_worker_killed_with_sigkill_mid_drain_loses_and_duplicates_nothing
             assert versions == list(range(1, len(versions) + 1))
         assert await reconcile(engine, store) == []
     finally:
-        await store.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def test_worker_stops_cleanly_on_sigterm(redis_url, tmp_path):

@@ -43,13 +43,30 @@ REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis_errors.ReadOnlyError,
 )
 
-# The durable store did not answer (SQLite busy or failing I/O; MongoDB unreachable or slow).
+# The durable store did not answer (SQLite busy or failing I/O; MongoDB or PostgreSQL
+# unreachable, slow, or refusing connections).
 STORE_UNAVAILABLE: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
 try:
     from pymongo.errors import ConnectionFailure, ExecutionTimeout, WTimeoutError
 
     STORE_UNAVAILABLE += (ConnectionFailure, ExecutionTimeout, WTimeoutError)
 except ImportError:  # pragma: no cover - pymongo is optional (SQLite deployments)
+    pass
+try:
+    from asyncpg import (
+        CannotConnectNowError,
+        PostgresConnectionError,
+        QueryCanceledError,
+        TooManyConnectionsError,
+    )
+
+    STORE_UNAVAILABLE += (
+        PostgresConnectionError,
+        CannotConnectNowError,
+        TooManyConnectionsError,
+        QueryCanceledError,
+    )
+except ImportError:  # pragma: no cover - asyncpg is optional (the postgres extra)
     pass
 
 

@@ -69,8 +69,10 @@ def make_script_client(settings: Settings) -> MultiplexedRedis | None:
 
 
 def make_store(settings: Settings) -> Store:
-    """MongoDB when a URI is set, else SQLite at the path (or sqlite:// URL) given."""
-    return store_from_url(settings.mongo_uri or settings.sqlite_path, database=settings.mongo_db)
+    """The store of CREDIT_DATABASE_URL (PostgreSQL) when set, else MongoDB when a URI is
+    set, else SQLite at the path (or sqlite:// URL) given."""
+    url = settings.database_url or settings.mongo_uri or settings.sqlite_path
+    return store_from_url(url, database=settings.mongo_db)
 
 
 def make_keys(settings: Settings) -> KeySpace:
@@ -103,9 +105,10 @@ def describe(settings: Settings) -> str:
         redis = "embedded (in-process fakeredis, state lives in this process only)"
     else:
         redis = ("cluster " if settings.redis_cluster else "") + public_url(settings.redis_url or "")
-    store = (
-        f"MongoDB {public_url(settings.mongo_uri)}/{settings.mongo_db}"
-        if settings.mongo_uri
-        else f"SQLite {settings.sqlite_path}"
-    )
+    if settings.database_url:
+        store = f"PostgreSQL {public_url(settings.database_url)}"
+    elif settings.mongo_uri:
+        store = f"MongoDB {public_url(settings.mongo_uri)}/{settings.mongo_db}"
+    else:
+        store = f"SQLite {settings.sqlite_path}"
     return f"redis: {redis}; store: {store}"

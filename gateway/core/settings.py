@@ -68,7 +68,9 @@ class Settings(BaseSettings):
     key_prefix: str = "cg"
     partitions: int = Field(64, ge=1, le=16384, description="fixed for the life of a deployment")
 
-    # Durable store: MongoDB when a URI is set, else SQLite.
+    # Durable store: PostgreSQL when a database URL is set, else MongoDB when a URI is set,
+    # else SQLite.
+    database_url: str | None = None  # postgresql://user@host:5432/dbname
     mongo_uri: str | None = None
     mongo_db: str = "credit_management"
     sqlite_path: str = "credit-gateway.sqlite3"

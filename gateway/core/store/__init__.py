@@ -11,12 +11,14 @@ from .sqlite import SQLiteStore
 
 if TYPE_CHECKING:
     from .mongo import MongoStore
+    from .postgres import PostgresStore
 
 __all__ = [
     "AccountSnapshot",
     "LedgerEntry",
     "MongoStore",
     "OperationRecord",
+    "PostgresStore",
     "SQLiteStore",
     "Store",
     "store_from_url",
@@ -24,9 +26,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # pymongo is loaded only by a deployment (or a test) that uses MongoDB.
+    # pymongo and asyncpg are loaded only by a deployment (or a test) that uses their store.
     if name == "MongoStore":
         from .mongo import MongoStore
 
         return MongoStore
+    if name == "PostgresStore":
+        from .postgres import PostgresStore
+
+        return PostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

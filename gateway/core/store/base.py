@@ -209,19 +209,28 @@ class Store(PaymentStore, PromoStore, PlanStore, NotificationStore):
 
     async def _write_batch(self, b: Batch) -> int:
         async with self._transaction():
-            new = await self._insert_ledger(b.ledger)
-            if new < len(b.ledger):
-                stored = await self._ledger_versions({(r[0], r[1]) for r in b.ledger})
-                again = reissued(b.ledger, stored)
-                if again:
-                    new += await self._insert_ledger(again)
-            if b.accounts:
-                await self._write_accounts(b.accounts)
-            if b.grants:
-                await self._write_grants(b.grants)
-            if b.holds:
-                await self._write_holds(b.holds)
+            new = await self._write_ledger(b)
+            await self._write_snapshots(b)
         return new
+
+    async def _write_ledger(self, b: Batch) -> int:
+        """The batch's ledger rows, and those of reissued operation ids; how many were new."""
+        new = await self._insert_ledger(b.ledger)
+        if new < len(b.ledger):
+            stored = await self._ledger_versions({(r[0], r[1]) for r in b.ledger})
+            again = reissued(b.ledger, stored)
+            if again:
+                new += await self._insert_ledger(again)
+        return new
+
+    async def _write_snapshots(self, b: Batch) -> None:
+        """The batch's accounts, grants and holds."""
+        if b.accounts:
+            await self._write_accounts(b.accounts)
+        if b.grants:
+            await self._write_grants(b.grants)
+        if b.holds:
+            await self._write_holds(b.holds)
 
     def _transaction(self) -> AbstractAsyncContextManager[Any]:
         """What the hooks of one batch run inside (none: every write is idempotent)."""

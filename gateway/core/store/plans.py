@@ -5,6 +5,7 @@ worker whose update finds the subscription as it read it)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,6 +89,20 @@ def sub_doc(s: SubscriptionRecord) -> dict[str, Any]:
 
 def sub_of(doc: dict[str, Any]) -> SubscriptionRecord:
     return SubscriptionRecord(**{k: doc[k] for k in SUB_FIELDS if k in doc})
+
+
+def subscription_change(
+    changes: dict[str, Any], expect: dict[str, Any] | None
+) -> Callable[[dict[str, Any]], SubscriptionRecord | None]:
+    """What update_subscription makes of a stored record: the changed one (its rev one
+    more), or None when a field differs from `expect`."""
+
+    def apply(d: dict[str, Any]) -> SubscriptionRecord | None:
+        if any(d.get(k) != v for k, v in (expect or {}).items()):
+            return None
+        return sub_of({**d, **changes, "rev": d.get("rev", 0) + 1})
+
+    return apply
 
 
 class PlanStore(ABC):

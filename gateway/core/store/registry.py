@@ -2,9 +2,10 @@
 
     sqlite:///relative/path, sqlite:////absolute/path, or a plain path  -> SQLiteStore
     mongodb://..., mongodb+srv://...                                    -> MongoStore
+    postgresql://..., postgres://...                                    -> PostgresStore
 
-A backend module is imported only when its scheme is asked for (pymongo stays unloaded in a
-SQLite deployment). A new backend is one module with a Store subclass and one line here.
+A backend module is imported only when its scheme is asked for (pymongo and asyncpg stay
+unloaded in a SQLite deployment). A new backend is one module with a Store subclass and one line here.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "sqlite": ("sqlite", "SQLiteStore"),
     "mongodb": ("mongo", "MongoStore"),
     "mongodb+srv": ("mongo", "MongoStore"),
+    "postgresql": ("postgres", "PostgresStore"),
+    "postgres": ("postgres", "PostgresStore"),
 }
 DEFAULT_DATABASE = "credit_management"
 
 
 def store_from_url(url: str, *, database: str = DEFAULT_DATABASE) -> Store:
     """The (unopened) store `url` names; `database` names the database on a server that
-    hosts several (MongoDB), file backends ignore it."""
+    hosts several (MongoDB; PostgreSQL when the URL names none), file backends ignore it."""
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower() if sep else "sqlite"
     try:

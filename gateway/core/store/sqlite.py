@@ -2,8 +2,9 @@
 
 The tables and their migrations are in sqlite_schema.py. A batch (collapsed by the shared
 write path, Store.write_events, on the store's thread) is written in one transaction with
-one `executemany` per table. Snapshot rows are upserts guarded by the version, so batches
-may repeat and arrive in any order.
+one `executemany` per table (the statements are store/sql.py's, shared with PostgreSQL).
+Snapshot rows are upserts guarded by the version, so batches may repeat and arrive in any
+order.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import orjson
 
 from ..events import Event, answer_of
+from . import sql
 from .base import (
     TOTAL_FIELDS,
     AccountSnapshot,
@@ -43,58 +45,11 @@ T = TypeVar("T")
 PAGE = 500
 OPS_PAGE = 5000  # operations_since: the rebuild reads every op id of the retention window
 
-INSERT_LEDGER = """
-INSERT OR IGNORE INTO ledger (user, op_id, type, version, ts_ms, amount, hold_id, fingerprint, event)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-
-UPSERT_ACCOUNT = """
-INSERT INTO accounts (user, version, partition, available, held, debt, granted, spent, expired,
-    seq, debt_total)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (user) DO UPDATE SET
-    version = excluded.version, partition = excluded.partition, available = excluded.available,
-    held = excluded.held, debt = excluded.debt, granted = excluded.granted,
-    spent = excluded.spent, expired = excluded.expired, seq = excluded.seq,
-    debt_total = max(accounts.debt_total, excluded.debt_total)
-WHERE excluded.version > accounts.version
-"""
-
-# Every SET expression reads the row as it was before the update.
-UPSERT_GRANT = """
-INSERT INTO grants (user, seq, version, free, earmarked, gone, metadata, expires_ms, priority)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (user, seq) DO UPDATE SET
-    free = CASE WHEN excluded.version > grants.version THEN excluded.free ELSE grants.free END,
-    earmarked = CASE WHEN excluded.version > grants.version
-        THEN excluded.earmarked ELSE grants.earmarked END,
-    gone = CASE WHEN excluded.version > grants.version THEN excluded.gone ELSE grants.gone END,
-    version = max(grants.version, excluded.version),
-    metadata = coalesce(grants.metadata, excluded.metadata),
-    expires_ms = coalesce(grants.expires_ms, excluded.expires_ms),
-    priority = coalesce(grants.priority, excluded.priority)
-"""
-
-UPSERT_HOLD = """
-INSERT INTO holds (user, hold_id, version, status, amount, expires_ms, charged, open_version,
-    earmarks, opened_ms, op_id, metadata)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (user, hold_id) DO UPDATE SET
-    status = CASE WHEN excluded.version > holds.version THEN excluded.status ELSE holds.status END,
-    amount = CASE WHEN excluded.version > holds.version THEN excluded.amount ELSE holds.amount END,
-    expires_ms = CASE WHEN excluded.version > holds.version
-        THEN excluded.expires_ms ELSE holds.expires_ms END,
-    charged = CASE WHEN excluded.version > holds.version THEN excluded.charged ELSE holds.charged END,
-    version = max(holds.version, excluded.version),
-    earmarks = CASE WHEN excluded.open_version > holds.open_version
-        THEN excluded.earmarks ELSE holds.earmarks END,
-    opened_ms = CASE WHEN excluded.open_version > holds.open_version
-        THEN excluded.opened_ms ELSE holds.opened_ms END,
-    op_id = CASE WHEN excluded.open_version > holds.open_version THEN excluded.op_id ELSE holds.op_id END,
-    metadata = CASE WHEN excluded.open_version > holds.open_version
-        THEN excluded.metadata ELSE holds.metadata END,
-    open_version = max(holds.open_version, excluded.open_version)
-"""
+# The batch statements: store/sql.py's (shared with PostgreSQL), one row per binding.
+INSERT_LEDGER = f"{sql.LEDGER_INSERT} VALUES ({sql.marks(9)}) ON CONFLICT DO NOTHING"
+UPSERT_ACCOUNT = f"{sql.ACCOUNT_INSERT} VALUES ({sql.marks(11)}) {sql.ACCOUNT_CONFLICT}"
+UPSERT_GRANT = f"{sql.GRANT_INSERT} VALUES ({sql.marks(9)}) {sql.GRANT_CONFLICT}"
+UPSERT_HOLD = f"{sql.HOLD_INSERT} VALUES ({sql.marks(12)}) {sql.HOLD_CONFLICT}"
 
 # The stored versions of a batch's (user, op id) keys in one statement: the keys go in as one
 # JSON array of pairs, each looked up on the ledger's unique index (CROSS JOIN keeps the
@@ -104,13 +59,6 @@ SELECT l.user, l.op_id, l.version
 FROM json_each(?) AS k CROSS JOIN ledger AS l
 WHERE l.user = json_extract(k.value, '$[0]') AND l.op_id = json_extract(k.value, '$[1]')
 """
-
-ACCOUNT_COLS = "user, version, partition, available, held, debt, granted, spent, expired, seq, debt_total"
-LEDGER_COLS = "user, op_id, type, version, ts_ms, amount, hold_id, event"
-LIMIT_COLS = (
-    "user, requests_per_minute, tokens_per_minute, plan_requests_per_minute, plan_tokens_per_minute, "
-    "allowed_models"
-)
 
 
 def _run_to_end(fn: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
@@ -134,7 +82,7 @@ def _ledger_entry(row: tuple) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, json.loads(event))
 
 
-class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, Store):
+class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, sql.LimitColumns, Store):
     """The durable store in one SQLite file (or ":memory:")."""
 
     def __init__(self, path: str) -> None:
@@ -253,60 +201,18 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
         self._changes(UPSERT_ACCOUNT, rows)
 
     async def _write_grants(self, rows: list[GrantRow]) -> None:
-        self._changes(
-            UPSERT_GRANT,
-            [
-                (
-                    g.user,
-                    g.seq,
-                    g.version,
-                    g.free,
-                    g.earmarked,
-                    int(g.gone),
-                    g.metadata,
-                    g.expires_ms,
-                    g.priority,
-                )
-                for g in rows
-            ],
-        )
+        self._changes(UPSERT_GRANT, sql.grant_rows(rows))
 
     async def _write_holds(self, rows: list[HoldRow]) -> None:
-        self._changes(
-            UPSERT_HOLD,
-            [
-                (
-                    h.user,
-                    h.hold_id,
-                    h.version,
-                    h.status,
-                    h.amount,
-                    h.expires_ms,
-                    h.charged,
-                    h.open_version,
-                    h.earmarks,
-                    h.opened_ms,
-                    h.op_id,
-                    h.metadata,
-                )
-                for h in rows
-            ],
-        )
+        self._changes(UPSERT_HOLD, sql.hold_rows(rows))
 
     # -- reads ------------------------------------------------------------------------------
 
     def _ledger(self, user: str, before_version: int | None, limit: int) -> list[LedgerEntry]:
         if before_version is None:
-            rows = self.db.execute(
-                f"SELECT {LEDGER_COLS} FROM ledger WHERE user = ? ORDER BY version DESC LIMIT ?",
-                (user, limit),
-            ).fetchall()
+            rows = self.db.execute(sql.LEDGER_NEWEST, (user, limit)).fetchall()
         else:
-            rows = self.db.execute(
-                f"SELECT {LEDGER_COLS} FROM ledger WHERE user = ? AND version < ? "
-                "ORDER BY version DESC LIMIT ?",
-                (user, before_version, limit),
-            ).fetchall()
+            rows = self.db.execute(sql.LEDGER_BEFORE, (user, before_version, limit)).fetchall()
         return [_ledger_entry(r) for r in rows]
 
     async def ledger(
@@ -315,10 +221,7 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
         return await self._call(self._ledger, user, before_version, limit)
 
     def _ledger_page(self, user: str, after: int) -> list[LedgerEntry]:
-        rows = self.db.execute(
-            f"SELECT {LEDGER_COLS} FROM ledger WHERE user = ? AND version > ? ORDER BY version LIMIT ?",
-            (user, after, PAGE),
-        ).fetchall()
+        rows = self.db.execute(sql.LEDGER_AFTER, (user, after, PAGE)).fetchall()
         return [_ledger_entry(r) for r in rows]
 
     async def ledger_all(self, user: str) -> AsyncIterator[LedgerEntry]:
@@ -355,7 +258,7 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
         return AccountSnapshot(user, version, totals, grants, holds)
 
     def _snapshot(self, user: str) -> AccountSnapshot | None:
-        row = self.db.execute(f"SELECT {ACCOUNT_COLS} FROM accounts WHERE user = ?", (user,)).fetchone()
+        row = self.db.execute(sql.ACCOUNT_OF, (user,)).fetchone()
         return None if row is None else self._snapshot_of(row)
 
     async def snapshot(self, user: str) -> AccountSnapshot | None:
@@ -363,14 +266,9 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
 
     def _snapshot_page(self, partition: int | None, after: str) -> list[AccountSnapshot]:
         if partition is None:
-            rows = self.db.execute(
-                f"SELECT {ACCOUNT_COLS} FROM accounts WHERE user > ? ORDER BY user LIMIT ?", (after, PAGE)
-            ).fetchall()
+            rows = self.db.execute(sql.ACCOUNTS_AFTER, (after, PAGE)).fetchall()
         else:
-            rows = self.db.execute(
-                f"SELECT {ACCOUNT_COLS} FROM accounts WHERE partition = ? AND user > ? ORDER BY user LIMIT ?",
-                (partition, after, PAGE),
-            ).fetchall()
+            rows = self.db.execute(sql.PARTITION_AFTER, (partition, after, PAGE)).fetchall()
         return [self._snapshot_of(r) for r in rows]
 
     async def snapshots(self, partition: int | None = None) -> AsyncIterator[AccountSnapshot]:
@@ -384,13 +282,7 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
             after = page[-1].user
 
     def _ops_page(self, ts_ms: int, after_id: int) -> tuple[list[OperationRecord], int, bool]:
-        # A scan in insertion order (rehydrate only): no index to keep up on every write. The
-        # filter runs inside SQLite; only caller operations of the window come back.
-        rows = self.db.execute(
-            "SELECT id, user, op_id, fingerprint, event, ts_ms FROM ledger "
-            "WHERE id > ? AND ts_ms >= ? AND fingerprint IS NOT NULL ORDER BY id LIMIT ?",
-            (after_id, ts_ms, OPS_PAGE),
-        ).fetchall()
+        rows = self.db.execute(sql.OPERATIONS_AFTER, (after_id, ts_ms, OPS_PAGE)).fetchall()
         out = []
         for _id, user, op_id, fp, event, t in rows:
             answer = answer_of(orjson.loads(event))
@@ -415,12 +307,7 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
 
     def _resolved_page(self, expires_ms: int, after: tuple[str, str]) -> list[ResolvedHold]:
         # Rebuild only: a scan of the holds (no index to keep up on every write).
-        rows = self.db.execute(
-            "SELECT user, hold_id, status, expires_ms FROM holds WHERE (user, hold_id) > (?, ?) "
-            "AND status IN ('settled', 'released', 'expired') AND expires_ms >= ? "
-            "ORDER BY user, hold_id LIMIT ?",
-            (*after, expires_ms, PAGE),
-        ).fetchall()
+        rows = self.db.execute(sql.RESOLVED_AFTER, (*after, expires_ms, PAGE)).fetchall()
         return [ResolvedHold(*r) for r in rows]
 
     async def resolved_holds_since(self, expires_ms: int) -> AsyncIterator[ResolvedHold]:
@@ -435,103 +322,51 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
 
     # -- API keys and rate-limit overrides -------------------------------------------------
 
-    _KEY_COLS = "key_id, user, digest, prefix, name, created_ms, revoked_ms"
-
     async def add_api_key(self, key: ApiKeyRecord) -> None:
-        await self._call(
-            lambda: self.db.execute(
-                f"INSERT INTO api_keys ({self._KEY_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (key.key_id, key.user, key.digest, key.prefix, key.name, key.created_ms, key.revoked_ms),
-            )
-        )
+        row = (key.key_id, key.user, key.digest, key.prefix, key.name, key.created_ms, key.revoked_ms)
+        await self._call(lambda: self.db.execute(sql.KEY_INSERT, row))
 
     def _revoke(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
-        self.db.execute(
-            "UPDATE api_keys SET revoked_ms = coalesce(revoked_ms, ?) WHERE user = ? AND key_id = ?",
-            (at_ms, user, key_id),
-        )
-        row = self.db.execute(
-            f"SELECT {self._KEY_COLS} FROM api_keys WHERE user = ? AND key_id = ?", (user, key_id)
-        ).fetchone()
+        self.db.execute(sql.KEY_REVOKE, (at_ms, user, key_id))
+        row = self.db.execute(sql.KEY_OF, (user, key_id)).fetchone()
         return ApiKeyRecord(*row) if row else None
 
     async def revoke_api_key(self, user: str, key_id: str, at_ms: int) -> ApiKeyRecord | None:
         return await self._call(self._revoke, user, key_id, at_ms)
 
     async def api_keys(self, user: str) -> list[ApiKeyRecord]:
-        rows = await self._call(
-            lambda: self.db.execute(
-                f"SELECT {self._KEY_COLS} FROM api_keys WHERE user = ? ORDER BY created_ms, key_id", (user,)
-            ).fetchall()
-        )
+        rows = await self._call(lambda: self.db.execute(sql.KEYS_OF, (user,)).fetchall())
         return [ApiKeyRecord(*r) for r in rows]
 
     async def active_api_keys(self) -> AsyncIterator[ApiKeyRecord]:
-        rows = await self._call(
-            lambda: self.db.execute(
-                f"SELECT {self._KEY_COLS} FROM api_keys WHERE revoked_ms IS NULL ORDER BY key_id"
-            ).fetchall()
-        )
+        rows = await self._call(lambda: self.db.execute(sql.KEYS_ACTIVE).fetchall())
         for r in rows:
             yield ApiKeyRecord(*r)
 
-    def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+    async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+        return await self._call(self._set_limits_now, user, values)
+
+    def _set_limits_now(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
         """Sets some of the account's limit columns in one transaction; a row left with
         nothing set is removed."""
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
-            cols = ", ".join(values)
-            sets = ", ".join(f"{c} = excluded.{c}" for c in values)
-            marks = ", ".join("?" * (len(values) + 1))
-            insert = f"INSERT INTO rate_limits (user, {cols}) VALUES ({marks})"
-            db.execute(f"{insert} ON CONFLICT (user) DO UPDATE SET {sets}", (user, *values.values()))
-            row = db.execute(f"SELECT {LIMIT_COLS} FROM rate_limits WHERE user = ?", (user,)).fetchone()
-            o = _limits_of(row)
+            db.execute(sql.limits_upsert(values), (user, *values.values()))
+            o = sql.limits_of(db.execute(sql.LIMITS_OF, (user,)).fetchone())
             if o.empty:
-                db.execute("DELETE FROM rate_limits WHERE user = ?", (user,))
+                db.execute(sql.LIMITS_DELETE, (user,))
             db.execute("COMMIT")
             return None if o.empty else o
         except BaseException:
             db.execute("ROLLBACK")
             raise
 
-    async def set_rate_limits(self, override: RateLimitOverride) -> None:
-        o = override
-        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
-        await self._call(self._set_limits, o.user, values)
-
-    async def set_plan_limits(
-        self,
-        user: str,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        models: list[str] | None,
-    ) -> RateLimitOverride | None:
-        values = {
-            "plan_requests_per_minute": requests_per_minute,
-            "plan_tokens_per_minute": tokens_per_minute,
-            "allowed_models": None if models is None else json.dumps(models),
-        }
-        return await self._call(self._set_limits, user, values)
-
     async def rate_limits(self, user: str) -> RateLimitOverride | None:
-        row = await self._call(
-            lambda: self.db.execute(
-                f"SELECT {LIMIT_COLS} FROM rate_limits WHERE user = ?", (user,)
-            ).fetchone()
-        )
-        return _limits_of(row) if row else None
+        row = await self._call(lambda: self.db.execute(sql.LIMITS_OF, (user,)).fetchone())
+        return sql.limits_of(row) if row else None
 
     async def all_rate_limits(self) -> AsyncIterator[RateLimitOverride]:
-        rows = await self._call(
-            lambda: self.db.execute(f"SELECT {LIMIT_COLS} FROM rate_limits ORDER BY user").fetchall()
-        )
+        rows = await self._call(lambda: self.db.execute(sql.LIMITS_ALL).fetchall())
         for r in rows:
-            yield _limits_of(r)
-
-
-def _limits_of(row: Any) -> RateLimitOverride:
-    models = json.loads(row[5]) if row[5] is not None else None
-    user, rpm, tpm, plan_rpm, plan_tpm = row[:5]
-    return RateLimitOverride(user, rpm, tpm, plan_rpm, plan_tpm, models)
+            yield sql.limits_of(r)
