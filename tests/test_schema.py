@@ -240,3 +240,61 @@ async def test_mongo_refuses_documents_the_schema_does_not_allow(mongo_uri, coll
     finally:
         await s.db.client.drop_database(db_name)
         await s.close()
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+async def _pg_catalog(conn, schema: str) -> dict[str, Any]:
+    """Columns (type, collation, null, default), indexes (their definition) and constraints
+    (keys, uniques, checks) of every table in `schema`, the store's own version table aside."""
+    out: dict[str, Any] = {}
+    for r in await conn.fetch(
+        "SELECT table_name, column_name, data_type, collation_name, is_nullable, column_default, "
+        "is_identity FROM information_schema.columns WHERE table_schema = $1 "
+        "ORDER BY table_name, ordinal_position",
+        schema,
+    ):
+        t = out.setdefault(r["table_name"], {"columns": [], "indexes": set(), "constraints": set()})
+        t["columns"].append(tuple(r[k] for k in ("column_name", "data_type", "collation_name", "is_nullable",
+                                                 "column_default", "is_identity")))  # fmt: skip
+    for r in await conn.fetch("SELECT tablename, indexdef FROM pg_indexes WHERE schemaname = $1", schema):
+        out[r["tablename"]]["indexes"].add(r["indexdef"].replace(f"{schema}.", ""))
+    for r in await conn.fetch(
+        "SELECT t.relname AS tab, c.contype, pg_get_constraintdef(c.oid) AS def FROM pg_constraint c "
+        "JOIN pg_class t ON t.oid = c.conrelid WHERE t.relnamespace = $1::regnamespace",
+        schema,
+    ):
+        out[r["tab"]]["constraints"].add((r["contype"], r["def"]))
+    out.pop("schema_meta", None)
+    return out
+
+
+async def test_the_printed_postgres_ddl_is_what_the_store_creates(capsys, postgres_url):
+    import asyncpg
+
+    from gateway.core.store.postgres import PostgresStore
+
+    ddl = schema_output(capsys, "--backend", "sql", "--dialect", "postgres")
+    tag = uuid.uuid4().hex[:10]
+    printed, made = f"printed_{tag}", f"made_{tag}"
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        await conn.execute(f"CREATE SCHEMA {printed}; CREATE SCHEMA {made}")
+        await conn.execute(f"SET search_path TO {printed}")
+        await conn.execute(ddl)
+        store = PostgresStore(f"{postgres_url}?search_path={made}")
+        await store.open()
+        await store.close()
+        want, got = await _pg_catalog(conn, printed), await _pg_catalog(conn, made)
+        assert sorted(want) == sorted(t.name for t in TABLES)
+        assert got == want
+        # the definition's details reached the catalog
+        assert ("user", "text", "C", "NO", None, "NO") in want["accounts"]["columns"]
+        assert any("WHERE (status = 'open'::text)" in i for i in want["holds"]["indexes"])
+        assert (b"u", "UNIQUE (live_user)") in want["subscriptions"][
+            "constraints"
+        ]  # asyncpg: "char" as bytes
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {printed} CASCADE; DROP SCHEMA IF EXISTS {made} CASCADE")
+        await conn.close()
