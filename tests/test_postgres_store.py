@@ -169,3 +169,32 @@ async def test_more_batches_at_once_than_the_pool_has_connections_all_complete(e
         assert sum(news) == len(events) == 12
     finally:
         await dispose(pg_backend, [store])
+
+
+async def test_a_server_out_of_reach_is_503_store_unavailable_then_served_again(pg_backend, redis, redis_url):
+    """PostgreSQL behind a TCP proxy the test cuts: the open connections are reset and new
+    ones refused; an admin read answers 503 store_unavailable (not 500), and once the
+    server is back the same read is served."""
+    import re
+
+    from tests.support.api_fixtures import H_ADMIN, app_client, settings_for
+    from tests.support.flaky_redis import FlakyRedisProxy
+
+    await pg_backend.prepare(0)
+    url = pg_backend.url(0)
+    host, port = re.search(r"@([^:/]+):(\d+)/", url).groups()
+    cut = await FlakyRedisProxy(host, int(port)).start()
+    store = PostgresStore(url.replace(f"@{host}:{port}/", f"@127.0.0.1:{cut.port}/"))
+    try:
+        async with app_client(settings_for(redis_url), redis, store) as api:
+            assert (await api.get("/admin/accounts/pg/ledger", headers=H_ADMIN)).status_code == 200
+            cut.down()
+            for _ in range(2):  # a pooled connection reset, then a new one refused
+                r = await api.get("/admin/accounts/pg/ledger", headers=H_ADMIN)
+                assert r.status_code == 503, r.text
+                assert r.json()["error"]["code"] == "store_unavailable" and r.headers["Retry-After"] == "1"
+            cut.up()
+            assert (await api.get("/admin/accounts/pg/ledger", headers=H_ADMIN)).status_code == 200
+    finally:
+        await cut.close()
+        await dispose(pg_backend, [store])

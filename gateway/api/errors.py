@@ -60,7 +60,10 @@ try:
         TooManyConnectionsError,
     )
 
+    from ..core.store.postgres_pool import StoreUnreachable
+
     STORE_UNAVAILABLE += (
+        StoreUnreachable,
         PostgresConnectionError,
         CannotConnectNowError,
         TooManyConnectionsError,

@@ -42,6 +42,7 @@ from .batch import AccountRow, Batch, GrantRow, HoldRow, LedgerRow
 from .postgres_notifications import PostgresNotifications
 from .postgres_payments import PostgresPayments
 from .postgres_plans import PostgresPlans
+from .postgres_pool import Pool
 from .postgres_promos import PostgresPromos
 from .postgres_schema import migrate
 from .sql import affected, columns, numbered, unnest
@@ -84,7 +85,7 @@ class PostgresStore(
             raise ValueError("a PostgresStore needs a pool of 2 connections at least (a batch takes 2)")
         self.dsn = dsn
         self.pool_size = pool_size
-        self._pool: asyncpg.Pool | None = None
+        self._pool: Pool | None = None
         # The connection of the batch under way in this task (see _transaction).
         self._tx: ContextVar[asyncpg.Connection | None] = ContextVar(f"pg-batch-{id(self)}", default=None)
         # A batch holds two connections: batches under way at once each get both, or a pool
@@ -103,7 +104,7 @@ class PostgresStore(
         return cls(urlunsplit(parts._replace(path=f"/{database}")))
 
     @property
-    def pool(self) -> asyncpg.Pool:
+    def pool(self) -> Pool:
         if self._pool is None:
             raise RuntimeError("PostgresStore is not open")
         return self._pool
@@ -118,7 +119,7 @@ class PostgresStore(
         except BaseException:
             await pool.close()
             raise
-        self._pool = pool
+        self._pool = Pool(pool)
 
     async def close(self) -> None:
         if self._pool is not None:

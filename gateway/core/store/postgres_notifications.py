@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import asyncpg
-
 from . import sql
 from .notifications import (
     NOTIFICATION_FIELDS,
@@ -18,6 +16,7 @@ from .notifications import (
     NotifyFlags,
     new_notification_id,
 )
+from .postgres_pool import Pool
 from .sql import affected, columns, numbered, unnest
 
 NOTE_TYPES = tuple(
@@ -43,7 +42,7 @@ class PostgresNotifications(NotificationStore):
     """Mixed into PostgresStore: every call takes a connection of its pool."""
 
     @property
-    def pool(self) -> asyncpg.Pool:  # provided by PostgresStore
+    def pool(self) -> Pool:  # provided by PostgresStore
         raise NotImplementedError
 
     async def add_notifications(self, notes: list[NotificationRecord]) -> int:

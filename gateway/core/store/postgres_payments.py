@@ -19,6 +19,7 @@ from .payments import (
     RefundRecord,
     WebhookEvent,
 )
+from .postgres_pool import Pool
 from .sql import affected, numbered
 
 
@@ -30,7 +31,7 @@ class PostgresPayments(PaymentStore):
     """Mixed into PostgresStore: every call takes a connection of its pool."""
 
     @property
-    def pool(self) -> asyncpg.Pool:  # provided by PostgresStore
+    def pool(self) -> Pool:  # provided by PostgresStore
         raise NotImplementedError
 
     async def create_payment(self, p: PaymentRecord) -> None:

@@ -21,6 +21,7 @@ from .plans import (
     sub_of,
     subscription_change,
 )
+from .postgres_pool import Pool
 from .sql import live_user, numbered, subscription_row
 
 
@@ -28,7 +29,7 @@ class PostgresPlans(PlanStore):
     """Mixed into PostgresStore: every call takes a connection of its pool."""
 
     @property
-    def pool(self) -> asyncpg.Pool:  # provided by PostgresStore
+    def pool(self) -> Pool:  # provided by PostgresStore
         raise NotImplementedError
 
     async def create_plan(self, p: PlanRecord) -> None:

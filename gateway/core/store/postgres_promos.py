@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 
 from . import sql
+from .postgres_pool import Pool
 from .promos import PromoRecord, PromoStore, promo_doc, promo_of
 from .sql import numbered
 
@@ -17,7 +18,7 @@ class PostgresPromos(PromoStore):
     """Mixed into PostgresStore: every call takes a connection of its pool."""
 
     @property
-    def pool(self) -> asyncpg.Pool:  # provided by PostgresStore
+    def pool(self) -> Pool:  # provided by PostgresStore
         raise NotImplementedError
 
     async def create_promo(self, p: PromoRecord) -> None:
