@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -82,6 +84,24 @@ def _ledger_entry(row: tuple) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, json.loads(event))
 
 
+WAL_SWITCH_SECONDS = 30.0
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switches a file to WAL. Two processes opening a new file at once (serve --workers N)
+    can each hold the lock the other needs; SQLite then answers one "database is locked" at
+    once, without its busy wait, so that one lets go and tries again."""
+    deadline = time.monotonic() + WAL_SWITCH_SECONDS
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05 + random.random() * 0.1)
+
+
 class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, sql.LimitColumns, Store):
     """The durable store in one SQLite file (or ":memory:")."""
 
@@ -119,7 +139,7 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
     def _open(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None)
         conn.execute("PRAGMA page_size=8192")  # only takes effect on a new database
-        conn.execute("PRAGMA journal_mode=WAL")
+        _wal(conn)
         conn.execute("PRAGMA synchronous=NORMAL")
         # A checkpoint (the only step that fsyncs) every ~80 MB of WAL rather than every 8 MB:
         # a batch of 1,000 events dirties a few MB of pages, many of them the same from one
