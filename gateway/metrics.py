@@ -23,12 +23,14 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The text format every Prometheus reads (2.x does not know 1.0.0's header; the body is the same).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 # Seconds: a gateway answer is a few ms, an LLM call seconds to minutes.
 HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -209,6 +211,14 @@ def route_of(scope: Scope) -> str:
     # The proxy's short path (GatewayApp) skips the router: its paths are a fixed few.
     if scope.get("path") in getattr(scope.get("app"), "proxy_paths", ()):
         return str(scope["path"])
+    if "endpoint" in scope:
+        # A plain Starlette route (the docs, a configured proxy route) names no route in the
+        # scope, only its endpoint and parameters: the template is the path with each
+        # parameter's value put back as its name.
+        template = str(scope.get("path", ""))
+        for name, value in (scope.get("path_params") or {}).items():
+            template = template.replace(str(value), "{" + name + "}", 1) if value != "" else template
+        return template
     return "unmatched"
 
 

@@ -302,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--error-rate", type=float, default=0.02, help="the mock upstream's share of 500s")
     ap.add_argument("--out", default="loadtest-out", help="locust's CSV and HTML report go here")
     args = ap.parse_args(argv)
+    if args.clients < 1 or args.users < 1 or args.gateway_processes < 1:
+        ap.error("--clients, --users and --gateway-processes must be at least 1")
+    if not 0 <= args.error_rate <= 1 or args.latency_ms < 0:
+        ap.error("--error-rate is a share between 0 and 1, --latency-ms at least 0")
     out = Path(args.out).resolve()
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="locust-run-"))
     stack = Stack(args, work)

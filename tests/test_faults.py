@@ -203,7 +203,10 @@ async def test_the_store_gone_for_a_minute_loses_nothing_and_the_lag_shows_it(re
     metrics = WorkerMetrics()
     worker_store = MongoStore(store_url, db)
     await worker_store.open()
-    worker = Worker(engine, worker_store, metrics=metrics, sweep_interval=0.5, idle_seconds=0.2)
+    # Entries left pending by the failed writes are taken over after 2 s (30 s by default).
+    worker = Worker(
+        engine, worker_store, metrics=metrics, sweep_interval=0.5, idle_seconds=0.2, claim_idle_ms=2000
+    )
     settings = settings_for(redis_url)
     users = [f"out{i}" for i in range(20)]
     drained = None
@@ -233,14 +236,17 @@ async def test_the_store_gone_for_a_minute_loses_nothing_and_the_lag_shows_it(re
             backlog = sum(v for v in _gauge(metrics, "credit_stream_backlog_events").values())
             assert backlog > 0 and metrics.registry.get_sample_value("credit_store_write_failures_total") > 0
             cut.up()
-            deadline = time.monotonic() + 120
-            stored = 0
-            while time.monotonic() < deadline:
-                stored = sum([len([e async for e in worker_store.ledger_all(u)]) for u in users])
+            # Drained once the store is back, at the store's pace: what fails the test is
+            # the drain standing still (nothing more stored for 60 s), not its speed.
+            stored, moved = 0, time.monotonic()
+            while time.monotonic() - moved < 60:
+                now = sum([len([e async for e in worker_store.ledger_all(u)]) for u in users])
+                if now > stored:
+                    stored, moved = now, time.monotonic()
                 if stored >= ops:
                     drained = time.monotonic() - started
                     break
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(1)
             worker.stop()
             await running
         assert stored == ops, f"{stored} of {ops} operations reached the store"
@@ -255,6 +261,16 @@ async def test_the_store_gone_for_a_minute_loses_nothing_and_the_lag_shows_it(re
         await cut.close()
     # the lag of the events written during the outage is the outage's length, or near it
     lag_count = metrics.registry.get_sample_value("credit_settlement_lag_seconds_count")
+    print(
+        "DEBUG",
+        {
+            k: metrics.registry.get_sample_value("credit_worker_events_total", {"type": k})
+            for k in ("grant", "hold_open", "hold_settled")
+        },
+        ops,
+        lag_count,
+        metrics.registry.get_sample_value("credit_worker_batch_events_sum"),
+    )
     within_half = metrics.registry.get_sample_value(
         "credit_settlement_lag_seconds_bucket", {"le": _bucket_at_most(OUTAGE_SECONDS / 2)}
     )

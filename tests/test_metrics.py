@@ -183,3 +183,26 @@ def test_the_grafana_dashboard_names_only_metrics_the_gateway_and_worker_export(
     missing = {n for n in missing if not (n.endswith("_total") and n.removesuffix("_total") in exported)}
     assert not missing, missing
     assert len(used) >= 15  # the dashboard covers the metrics, not a few of them
+
+
+async def test_plain_routes_are_labelled_by_their_path_and_a_catch_all_by_its_template(gw):
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{gw.base}/docs") as r:
+            assert r.status == 200
+        async with s.get(
+            f"{gw.base}/v1/models", headers={"Authorization": f"Bearer {CLIENT}", "X-User-Id": "m"}
+        ) as r:
+            assert r.status in (200, 402)  # a configured proxy route (priced per call)
+        async with s.get(f"{gw.base}/v1/not/a/route/xyz42") as r:
+            assert r.status == 404  # the catch-all for unserved /v1 paths
+    _, text = await scrape(gw)
+    assert value(text, "credit_http_requests_total", method="GET", route="/docs", status="200") == 1
+    assert (
+        sum(
+            value(text, "credit_http_requests_total", method="GET", route="/v1/models", status=st)
+            for st in ("200", "402")
+        )
+        == 1
+    )
+    assert value(text, "credit_http_requests_total", method="GET", route="/v1/{rest}", status="404") == 1
+    assert "xyz42" not in text

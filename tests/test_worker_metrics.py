@@ -53,6 +53,9 @@ async def test_upkeep_reports_backlog_pending_and_dead_letters_per_partition(eng
     stats = await w.run(burst=True)
     assert stats.dead_lettered == 1
     assert sample(m.registry, "credit_dead_lettered_events_total") == 1
+    await w.upkeep()  # all stored: nothing is backlog, though the stream keeps its newest entry
+    assert await engine.redis.xlen(engine.keys.partition(p).events) >= 1
+    assert sample(m.registry, "credit_stream_backlog_events", partition=str(p)) == 0
     # three more events, read by a consumer that dies before acknowledging them
     for i in range(2):
         await engine.grant("z", "1", op_id=f"g-more-{i}")
@@ -61,7 +64,7 @@ async def test_upkeep_reports_backlog_pending_and_dead_letters_per_partition(eng
     await w.upkeep()
     assert sample(m.registry, "credit_dead_letter_events", partition=str(p)) == 1
     assert sample(m.registry, "credit_stream_pending_events", partition=str(p)) == 3
-    assert sample(m.registry, "credit_stream_backlog_events", partition=str(p)) == 3  # not trimmed: pending
+    assert sample(m.registry, "credit_stream_backlog_events", partition=str(p)) == 3  # pending, unstored
     assert sample(m.registry, "credit_holds_open", partition=str(p)) == 1
     other = (p + 1) % engine.keys.partitions
     assert sample(m.registry, "credit_stream_pending_events", partition=str(other)) == 0

@@ -63,7 +63,7 @@ class WorkerMetrics:
         )
         self.backlog = Gauge(
             "credit_stream_backlog_events",
-            "entries in a partition's stream not yet stored and trimmed, at the last upkeep",
+            "entries of a partition's stream not yet stored: pending and never delivered",
             ["partition"],
             registry=r,
         )

@@ -220,8 +220,6 @@ class Worker:
         """The alert on a partition's backlog (what is left in its stream after trimming: not
         yet stored): a warning past half the engine's limit, an error at the limit (new holds
         on the partition are refused then), once each until it is back below a quarter."""
-        if self.metrics is not None:
-            self.metrics.backlog.labels(str(p)).set(entries)
         limit = self.engine.max_backlog
         if not limit:
             return
@@ -687,20 +685,30 @@ class Worker:
         return list(await asyncio.gather(*(one(p) for p in parts), return_exceptions=True))
 
     async def observe_streams(self) -> None:
-        """The metrics' view of every partition: entries pending (delivered, not acknowledged),
-        dead letters and open holds. A partition that does not answer keeps its last figures."""
+        """The metrics' view of every partition: entries not yet stored (backlog), of them those
+        delivered and not acknowledged (pending), dead letters and open holds. A partition that
+        does not answer keeps its last figures."""
         assert self.metrics is not None
 
         def ask(pipe: Any, p: int) -> None:
-            pipe.xpending(self._streams[p], GROUP)
+            pipe.xinfo_groups(self._streams[p])
+            pipe.xlen(self._streams[p])
             pipe.xlen(self._pkeys[p].dead)
             pipe.zcard(self._pkeys[p].hold_expiry)
 
-        for p, answer in enumerate(await self._per_partition(ask, 3)):
+        for p, answer in enumerate(await self._per_partition(ask, 4)):
             if isinstance(answer, BaseException):
                 continue  # no stream or group yet, or out of reach: the drain's logs say why
-            summary, dead, holds = answer
-            self.metrics.pending.labels(str(p)).set(int(summary.get("pending", 0) or 0))
+            groups, length, dead, holds = answer
+            group = next((g for g in groups if _s(g["name"]) == GROUP), None)
+            if group is None:
+                continue
+            pending = int(group.get("pending") or 0)
+            # Not yet stored: delivered and not acknowledged, plus never delivered ("lag";
+            # None when Redis cannot tell, after entries were deleted: the whole stream then).
+            lag = group.get("lag")
+            self.metrics.pending.labels(str(p)).set(pending)
+            self.metrics.backlog.labels(str(p)).set(pending + (int(lag) if lag is not None else int(length)))
             self.metrics.dead_letters.labels(str(p)).set(int(dead))
             self.metrics.holds_open.labels(str(p)).set(int(holds))
 
