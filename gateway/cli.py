@@ -125,6 +125,13 @@ async def _with_engine(fn):
         await redis.aclose()
 
 
+def _at_least_zero(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return n
+
+
 def duration_seconds(text: str) -> float:
     """ "15m", "900s", "2h", "1d" or a number of seconds."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -225,8 +232,14 @@ def cmd_import_credit_management(args: argparse.Namespace) -> int:
     from .core.redact import public_url
     from .library.runtime import CreditRuntime
     from .migrate.credit_management import Options, SourceError, Target, read, run_import
+    from .payments.catalog import CatalogError, currency_code
     from .selling import build_selling
 
+    try:
+        currency_code(args.currency)
+    except CatalogError as exc:
+        print(f"import: --currency: {exc}", file=sys.stderr)
+        return 2
     settings = load_settings()
     source = f"{public_url(args.mongo_uri)} database {args.db}"
 
@@ -362,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     pi.add_argument("--strict", action="store_true", help="write nothing and exit 3 when a defect is found")
     pi.add_argument("--json", action="store_true", help="the report as JSON (every defect listed)")
-    pi.add_argument("--show", type=int, default=20, help="defects shown per kind in the text report (20)")
+    pi.add_argument(
+        "--show", type=_at_least_zero, default=20, help="defects shown per kind in the text report (20)"
+    )
     pi.set_defaults(fn=cmd_import_credit_management)
     p = sub.add_parser("rehydrate", help="rebuild Redis accounts, grants and open holds from the store")
     p.add_argument("--all", action="store_true", help="every partition, not only those Redis lost")

@@ -414,7 +414,9 @@ async def test_import_carries_balances_expiry_and_reports_the_defects(gw, mongo_
     assert kinds["rounded"] >= 1  # alice's 10.299999999999999
     assert kinds["newest_tied"] == 1 and (await account(gw, "ivan"))["available"] == "8.000000"
     malformed = {d.doc_id for d in report.defects if d.kind == "malformed"}
-    assert {"exp-bad", "pay-weird"} <= malformed
+    assert "exp-bad" in malformed
+    weird = next(d for d in report.defects if d.kind == "unknown_status")
+    assert weird.doc_id == "pay-weird" and "imported as expired" in weird.message
     assert any(d.collection == "credit_transactions" for d in report.defects if d.kind == "malformed")
     bob = next(d for d in report.defects if d.kind == "balance_mismatch" and d.user == "bob")
     assert bob.user == "bob" and "current_credits 45, replay 35" in bob.message
@@ -454,7 +456,8 @@ async def test_payments_are_history_with_exact_amounts_and_the_uncredited_held(g
     r = await gw.get("/credits/payments/history", headers=client_headers("erin"))
     assert r.status_code == 200, r.text
     pays = {p["id"]: p for p in r.json()["payments"]}
-    assert set(pays) == {"pay-credited", "pay-uncredited", "pay-float", "pay-failed"}
+    assert set(pays) == {"pay-credited", "pay-uncredited", "pay-float", "pay-failed", "pay-weird"}
+    assert pays["pay-weird"]["status"] == "expired"  # an unknown status, kept as history
     assert pays["pay-credited"]["status"] == "paid" and pays["pay-credited"]["credits_added"] == "100"
     assert (
         pays["pay-credited"]["amount"] == "499.00" and pays["pay-credited"]["provider_payment_id"] == "pay_A1"
@@ -559,7 +562,7 @@ async def test_dry_run_writes_nothing_and_reports_the_same(gw, mongo_uri, source
     dry = await run(gw, mongo_uri, source, dry_run=True)
     assert dry.dry_run and "dry run: nothing was written" in dry.to_text()
     assert dry.counts["grants with expiry"]["imported"] == 3
-    assert dry.counts["payments"]["imported"] == 4
+    assert dry.counts["payments"]["imported"] == 5
     assert (await account(gw, "alice"))["available"] == "0.000000"
     assert await gw.services.store.list_payments(limit=10) == []
     assert await gw.services.store.list_plans() == []
@@ -584,7 +587,7 @@ async def test_a_second_run_changes_nothing(gw, mongo_uri, source):
     assert again.counts["promo claims"]["already imported"] == 2
     assert again.counts["zero balances (nothing to write)"] == {"skipped": 1}  # zoe
     assert await ledger_rows(gw) == before
-    assert len(await gw.services.store.list_payments(limit=50)) == payments == 4
+    assert len(await gw.services.store.list_payments(limit=50)) == payments == 5
     assert (await account(gw, "alice"))["available"] == "10.300000"
 
     # And long after Redis forgot the operation ids, the ledger still says they were made.
@@ -701,3 +704,81 @@ async def test_embedded_mode_imports_into_the_sqlite_file(mongo_uri, tmp_path):
         assert await store.ledger_has("hana", "cm:balance")
     finally:
         await store.close()
+
+
+def _pay(pid: str, user: str, status: str, credits: float, added: float, amount: float = 10000.0) -> dict:
+    return {
+        "_id": pid,
+        "user_id": user,
+        "provider": "razorpay",
+        "amount": amount,
+        "currency": "INR",
+        "credits_to_add": credits,
+        "credits_added": added,
+        "status": status,
+        "created_at": ago(3),
+        "completed_at": ago(3),
+    }
+
+
+async def test_values_beyond_the_gateway_s_limits_and_the_old_package_s_own_statuses(gw, mongo_uri):
+    """From an outside trial: amounts over one operation's limit and an expiry past the
+    latest the gateway keeps are reported in the dry run and skipped or adapted in the real
+    run (which goes on to the end); the statuses credit-management 0.7.1 writes (paid,
+    order_paid, the raw refund event names) are imported as what they mean."""
+    db = await fill(
+        mongo_uri,
+        {
+            "credit_transactions": [
+                txn("giant", 1_000_000_001.0, 0, 1_000_000_001.0, ago(5)),
+                txn("far", 5.0, 0, 5.0, ago(5)),
+                txn("ok", 7.0, 0, 7.0, ago(5)),
+            ],
+            "credit_expiry_records": [
+                {
+                    "_id": "exp-far",
+                    "user_id": "far",
+                    "credits": 3.0,
+                    "remaining_credits": 3.0,
+                    "expires_at": datetime(9999, 12, 31),
+                    "created_at": ago(5),
+                    "expired": False,
+                },
+            ],  # fmt: skip
+            "payment_records": [
+                _pay("pay-huge", "ok", "paid", 1e12, 0),
+                _pay("pay-paid", "ok", "paid", 70.0, 70.0),
+                _pay("pay-order", "ok", "order_paid", 30.0, 0),
+                _pay("pay-refund", "ok", "refund.processed", 10.0, 10.0),
+                _pay("pay-neg", "ok", "paid", -50.0, 0),
+            ],
+        },
+    )
+    dry = await run(gw, mongo_uri, db, dry_run=True)
+    kinds = {d.kind for d in dry.defects}
+    assert {"bad_balance", "expiry_beyond_limit", "malformed", "captured_uncredited"} <= kinds
+    assert {d.doc_id for d in dry.defects if d.kind == "malformed"} == {"pay-huge", "pay-neg"}
+
+    report = await run(gw, mongo_uri, db, credit_uncredited=True)  # to the end, no exception
+    assert report.counts["balances"]["skipped"] == 1  # giant
+    assert (await account(gw, "far"))["available"] == "5.000000"  # the far expiry kept as credit
+    assert (await ledger_rows(gw, users=("far",)))["far"] == ["cm:balance"]  # one grant, no expiry
+    assert (await account(gw, "giant"))["available"] == "0.000000"
+    # ok: 7 + the order_paid payment never credited (30), credited on request
+    assert (await account(gw, "ok"))["available"] == "37.000000"
+    r = await gw.get("/credits/payments/history", headers=client_headers("ok"))
+    pays = {p["id"]: p for p in r.json()["payments"]}
+    assert set(pays) == {"pay-paid", "pay-order", "pay-refund"}
+    assert pays["pay-paid"]["status"] == "paid" and pays["pay-paid"]["credits_added"] == "70"
+    assert pays["pay-refund"]["status"] == "refunded"
+    assert (await run(gw, mongo_uri, db, credit_uncredited=True)).nothing_new
+
+
+async def test_the_command_refuses_bad_options_before_reading_anything(tmp_path):
+    env = {"CREDIT_SQLITE_PATH": str(tmp_path / "x.db")}
+    bad_uri = _cli(["--mongo-uri", "http://not-mongo/", "--db", "x"], env)
+    assert bad_uri.returncode == 2 and "not a MongoDB URI" in bad_uri.stderr, bad_uri.stderr
+    currency = _cli(["--mongo-uri", "mongodb://127.0.0.1:1/", "--currency", "XYZ"], env)
+    assert currency.returncode == 2 and "unknown currency" in currency.stderr
+    show = _cli(["--mongo-uri", "mongodb://127.0.0.1:1/", "--show", "-1"], env)
+    assert show.returncode == 2 and "must be 0 or more" in show.stderr

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
+from gateway.core.engine import MAX_EXPIRY_MS
 from gateway.core.keys import ID_PATTERN
-from gateway.core.money import credits_text, from_units
+from gateway.core.money import MAX_UNITS, credits_text, from_units
 from gateway.core.store.payments import PaymentRecord
 from gateway.core.store.plans import PERIODS
 from gateway.payments.catalog import MINOR_DIGITS, CatalogError, currency_code
@@ -33,10 +34,29 @@ PERIOD_DAYS = {"daily": {1}, "weekly": {7}, "monthly": {28, 29, 30, 31}, "yearly
 # The old package's statuses -> the gateway's. An attempt that never completed is closed
 # (expired): reconciliation then leaves it alone rather than asking the provider about
 # every old attempt on every run, and a capture its provider still reports moves it to paid.
+# The old package's PaymentStatus (its Razorpay event names) and the raw event names its
+# refund handler stored instead; a status not here is reported and imported by what was
+# credited (paid when credits_added > 0, else expired).
 STATUSES = {
+    # money received
     "captured": "paid",
+    "paid": "paid",
+    "partially_paid": "paid",
+    "order_paid": "paid",
+    "invoice_paid": "paid",
+    "invoice_partially_paid": "paid",
+    "refund_failed": "paid",
+    "dispute_closed": "paid",
+    # given back
     "refunded": "refunded",
+    "refund_created": "refunded",
+    "refund_processed": "refunded",
+    "refund.created": "refunded",
+    "refund.processed": "refunded",
+    # closed without money
     "cancelled": "cancelled",
+    "expired": "expired",
+    "invoice_expired": "expired",
     "failed": "expired",
     "pending": "expired",
     "created": "expired",
@@ -156,6 +176,14 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
+def _iso_any(ms: int) -> str:
+    """A time for a report, also past what datetime holds."""
+    try:
+        return _iso(ms)
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms after 1970"
+
+
 # -- accounts -----------------------------------------------------------------------------
 
 
@@ -244,7 +272,7 @@ def plan_accounts(
                 user=user,
             )
         chosen = shown if opts.balance == "current" else replay
-        if chosen is None or chosen < 0:
+        if chosen is None or not 0 <= chosen <= MAX_UNITS:
             which = "current_credits" if opts.balance == "current" else "the replay"
             report.defect(
                 "bad_balance",
@@ -290,6 +318,15 @@ def _plan_expiring(
             continue
         if flag(d.get("expired")) or remaining <= 0:
             continue
+        if expires > MAX_EXPIRY_MS:
+            report.defect(
+                "expiry_beyond_limit",
+                f"{credits_text(remaining)} credits expiring at {_iso_any(expires)}, after the latest "
+                "expiry the gateway keeps: imported without expiry",
+                doc=d,
+                user=acct.user,
+            )
+            continue  # left in the balance, which becomes a grant without expiry
         if expires <= opts.now_ms:
             report.defect(
                 "expiry_overdue",
@@ -385,10 +422,8 @@ def _payment(d: Doc, opts: Options, report: Report) -> PaymentStep:
     provider = d.get("provider")
     if provider not in ("razorpay", "stripe"):
         raise BadValue(f"provider {str(provider)[:20]!r} is neither razorpay nor stripe")
-    old_status = str(d.get("status") or "").lower()
-    status = STATUSES.get(old_status)
-    if status is None:
-        raise BadValue(f"status {str(d.get('status'))[:20]!r} is not one of {', '.join(STATUSES)}")
+    old_status = str(d.get("status") or "").strip().lower()
+    known = STATUSES.get(old_status)
     currency = currency_code(d.get("currency") or opts.currency)
     minor, exact = minor_of(d.get("amount"))
     if minor <= 0:
@@ -411,10 +446,22 @@ def _payment(d: Doc, opts: Options, report: Report) -> PaymentStep:
             )
     credits = _units(report, d, "credits_to_add", default=0) if d.get("credits_to_add") is not None else 0
     added = _units(report, d, "credits_added") if d.get("credits_added") is not None else 0
+    for name, units in (("credits_to_add", credits), ("credits_added", added)):
+        if not 0 <= units <= MAX_UNITS:
+            raise BadValue(f"{name} {d.get(name)!r} is not between 0 and {credits_text(MAX_UNITS)} credits")
+    status = known or ("paid" if added > 0 else "expired")
+    if known is None:
+        report.defect(
+            "unknown_status",
+            f"status {str(d.get('status'))[:40]!r} imported as {status} "
+            f"(credits_added {credits_text(added)})",
+            doc=d,
+            user=user,
+        )
     created = ms_of(d.get("created_at"))
     completed, failed = _opt_ms(d, "completed_at"), _opt_ms(d, "failed_at")
     where: dict[str, Any] = {"doc": d, "user": user}
-    uncredited = old_status == "captured" and added <= 0
+    uncredited = status == "paid" and added <= 0
     if uncredited:
         report.defect(
             "captured_uncredited",
@@ -422,7 +469,7 @@ def _payment(d: Doc, opts: Options, report: Report) -> PaymentStep:
             + (" (to be credited: --credit-uncredited)" if opts.credit_uncredited else " (held)"),
             **where,
         )
-    elif added > 0 and old_status not in ("captured", "refunded"):
+    elif added > 0 and status not in ("paid", "refunded"):
         report.defect(
             "credited_not_captured", f"status {old_status}, {credits_text(added)} credited", **where
         )

@@ -16,8 +16,12 @@ DEFECTS: dict[str, str] = {
     "(the old package's lost updates)",
     "newest_tied": "several transactions at the newest time with different current_credits (their "
     "order is unknown): the lowest is taken",
-    "bad_balance": "the balance chosen is missing, not a number, or negative: no credit imported for "
-    "the user",
+    "bad_balance": "the balance chosen is missing, not a number, negative, or above a billion credits "
+    "(one operation's limit): no credit imported for the user",
+    "expiry_beyond_limit": "an expiry record expiring after the latest time the gateway keeps (year "
+    "2248): its remainder is imported as credit without expiry",
+    "unknown_status": "a payment status the old package's models do not name: imported as paid when "
+    "credits were added, else as expired",
     "rounded": "a value with more decimals than the gateway keeps, rounded (half to even)",
     "expiring_exceeds_balance": "unexpired expiry records hold more than the balance (the old expiry would "
     "remove credit already spent): cut to the balance, soonest-expiring first",
@@ -26,9 +30,9 @@ DEFECTS: dict[str, str] = {
     "account_exists": "the account has credit in the gateway already (carried over by hand?): balance "
     "not imported",
     "expiry_passed": "an expiry record's time came during the import: not imported",
-    "captured_uncredited": "a captured payment whose credits were never added: imported as paid and held, "
+    "captured_uncredited": "a paid payment whose credits were never added: imported as paid and held, "
     "not credited (--credit-uncredited credits it)",
-    "credited_not_captured": "a payment credited though not captured: imported as credited",
+    "credited_not_captured": "a payment credited though not paid: imported as credited",
     "credits_added_differs": "a payment credited with another number of credits than it bought",
     "non_integral_amount": "a payment amount (minor units) with a fraction: rounded",
     "amount_inr_mismatch": "amount_inr does not match the amount in paise (the old float conversion)",

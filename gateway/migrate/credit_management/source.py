@@ -267,9 +267,12 @@ async def read(uri: str, database: str, *, timeout_ms: int = 5000) -> dict[str, 
     from pymongo import AsyncMongoClient
     from pymongo.errors import PyMongoError
 
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=False
-    )
+    try:
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            uri, serverSelectionTimeoutMS=timeout_ms, tz_aware=False
+        )
+    except PyMongoError as exc:  # a URI pymongo cannot take (InvalidURI, ConfigurationError)
+        raise SourceError(f"not a MongoDB URI: {exc}") from None
     try:
         try:
             await client.admin.command("ping")
