@@ -744,7 +744,7 @@ async def test_values_beyond_the_gateway_s_limits_and_the_old_package_s_own_stat
                     "created_at": ago(5),
                     "expired": False,
                 },
-            ],  # fmt: skip
+            ],
             "payment_records": [
                 _pay("pay-huge", "ok", "paid", 1e12, 0),
                 _pay("pay-paid", "ok", "paid", 70.0, 70.0),
