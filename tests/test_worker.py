@@ -20,6 +20,7 @@ from gateway.core.events import decode
 from gateway.core.reconcile import reconcile
 from gateway.core.recovery import rehydrate
 from gateway.worker.audit import AuditLog
+from gateway.worker.metrics import WorkerMetrics
 from gateway.worker.runner import Worker
 from tests.support.store_fixtures import store_env
 from tests.support.worker_helpers import equals as _eq
@@ -129,7 +130,16 @@ async def test_a_store_outage_longer_than_max_deliveries_dead_letters_nothing(en
     await engine.reserve("amy", "3", hold_id="h1", ttl_seconds=600)
     await engine.settle("amy", "h1", "2")
     flaky = FlakyStore(store, down=True)
-    w = Worker(engine, flaky, claim_idle_ms=0, max_deliveries=2, sweep_interval=0.0, idle_seconds=0.01)
+    metrics = WorkerMetrics()
+    w = Worker(
+        engine,
+        flaky,
+        claim_idle_ms=0,
+        max_deliveries=2,
+        sweep_interval=0.0,
+        idle_seconds=0.01,
+        metrics=metrics,
+    )
     task = asyncio.create_task(w.run())
     p = engine.keys.partition_of("amy")
     stream = engine.keys.partition(p).events
@@ -149,6 +159,8 @@ async def test_a_store_outage_longer_than_max_deliveries_dead_letters_nothing(en
     await task
     assert await engine.redis.xlen(engine.keys.partition(p).dead) == 0
     assert await reconcile(engine, store) == []
+    # written on the path for entries delivered too often, and counted like any stored batch
+    assert metrics.registry.get_sample_value("credit_settlement_lag_seconds_count") >= 3
 
 
 async def test_trim_never_drops_pending_or_undelivered_entries(engine, store):

@@ -524,12 +524,18 @@ class Worker:
         if self.audit is not None:
             self.audit.write(good)
         try:
+            started = time.perf_counter()
             new, poison = await self._one_by_one(good)
-            if self.on_stored is not None:
-                poisoned = {sid for _, sid, _, _ in poison}
-                stored = [e for e in good if e.stream_id not in poisoned]
-                if stored:
-                    await self.on_stored(stored)
+            poisoned = {sid for _, sid, _, _ in poison}
+            stored = [e for e in good if e.stream_id not in poisoned]
+            # What any stored batch is followed by (_commit): the metrics, the writes waiting
+            # on these versions, the notifications.
+            if self.metrics is not None:
+                self.metrics.stored(stored, time.perf_counter() - started)
+            if self.engine.stored_versions is not None:
+                self.engine.stored_versions.stored(stored)
+            if self.on_stored is not None and stored:
+                await self.on_stored(stored)
         except Exception:
             log.exception(
                 "writing entries delivered more than %d times failed; they stay pending", self.max_deliveries
