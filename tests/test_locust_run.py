@@ -22,7 +22,7 @@ import locust_run
 def test_a_short_locust_run_balances_its_books(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
-        [sys.executable, str(REPO / "loadtest" / "locust_run.py"), "--time", "15s", "--clients", "10",
+        [sys.executable, str(REPO / "loadtest" / "locust_run.py"), "--time", "30s", "--clients", "10",
          "--users", "200", "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
