@@ -457,22 +457,8 @@ MONGO_COLLECTIONS: tuple[MongoCollection, ...] = (
         ),
     ),
     MongoCollection(
-        "accounts",  # _id = user
-        dict.fromkeys(
-            (
-                "version",
-                "partition",
-                "available",
-                "held",
-                "debt",
-                "granted",
-                "spent",
-                "expired",
-                "seq",
-                "debt_total",
-            ),
-            LONG,
-        ),
+        "accounts",  # _id = user; the SQL table's integer columns
+        {c.name: LONG for c in TABLE["accounts"].columns if c.type == INT},
         required=("version",),
         indexes=(MongoIndex(_asc("partition")),),
     ),

@@ -21,6 +21,7 @@ from .batch import GrantRow, HoldRow
 from .notifications import NOTIFICATION_FIELDS, ExpiringGrant, NotificationRecord, NotifyFlags
 from .payments import PAYMENT_FIELDS
 from .plans import SubscriptionRecord, sub_doc
+from .schema import TABLE
 
 
 def quoted(cols: tuple[str, ...] | list[str]) -> str:
@@ -48,19 +49,7 @@ def marks(n: int) -> str:
 LEDGER_COLS_IN = ("user", "op_id", "type", "version", "ts_ms", "amount", "hold_id", "fingerprint", "event")
 LEDGER_INSERT = f"INSERT INTO ledger ({quoted(LEDGER_COLS_IN)})"
 
-ACCOUNT_FIELDS = (
-    "user",
-    "version",
-    "partition",
-    "available",
-    "held",
-    "debt",
-    "granted",
-    "spent",
-    "expired",
-    "seq",
-    "debt_total",
-)
+ACCOUNT_FIELDS = tuple(c.name for c in TABLE["accounts"].columns)
 ACCOUNT_COLS = quoted(ACCOUNT_FIELDS)
 ACCOUNT_INSERT = f"INSERT INTO accounts ({ACCOUNT_COLS})"
 ACCOUNT_CONFLICT = """
