@@ -21,7 +21,7 @@ from gateway.core.reconcile import reconcile
 from gateway.core.recovery import rehydrate
 from gateway.worker.audit import AuditLog
 from gateway.worker.metrics import WorkerMetrics
-from gateway.worker.runner import Worker
+from gateway.worker.runner import GROUP, Worker, _s
 from tests.support.store_fixtures import store_env
 from tests.support.worker_helpers import equals as _eq
 from tests.support.worker_helpers import (
@@ -567,3 +567,23 @@ async def test_a_woken_worker_lingers_so_a_light_steady_rate_is_written_in_few_b
         assert batches <= most_batches, batches
     else:
         assert batches > 10, batches  # the same trickle, written as it comes
+
+
+async def test_idle_consumers_without_pending_entries_are_removed_from_the_group(engine, store):
+    """Each restart of a worker under a default (pid-based) name leaves a consumer in the
+    group; those idle with nothing pending go, one holding entries stays for the claim."""
+    await engine.grant("cons", "1", op_id="g1")
+    w = Worker(engine, store, forget_consumers_after_ms=100)
+    await w.run(burst=True)
+    stream = engine.keys.partition(engine.keys.partition_of("cons")).events
+    await engine.redis.xgroup_createconsumer(stream, GROUP, "ghost-empty")  # a worker gone, owing nothing
+    await engine.grant("cons", "1", op_id="g2")
+    await engine.redis.xreadgroup(GROUP, "ghost-holding", {stream: ">"}, count=10)  # holds g2
+    await asyncio.sleep(0.3)
+    assert await w.forget_consumers() == 1
+    names = {_s(c["name"]) for c in await engine.redis.xinfo_consumers(stream, GROUP)}
+    assert "ghost-empty" not in names and {"ghost-holding", w.consumer} <= names
+    # the held entry is still taken over and stored
+    w.claim_idle_ms = 0
+    await w.claim_stale()
+    assert [e.op_id async for e in store.ledger_all("cons")] == ["g1", "g2"]

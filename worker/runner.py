@@ -152,6 +152,7 @@ class Worker:
         on_stored: Callable[[list[Event]], Awaitable[object]] | None = None,
         side_jobs: Iterable[Callable[[asyncio.Event], Awaitable[None]]] = (),
         metrics: WorkerMetrics | None = None,
+        forget_consumers_after_ms: int = 3_600_000,
     ) -> None:
         self.engine = engine
         self.redis = engine.redis
@@ -172,6 +173,9 @@ class Worker:
         # not in a burst.
         self.side_jobs = list(side_jobs)
         self.metrics = metrics
+        # Consumers idle this long with nothing pending are removed from the group: each worker
+        # restart under a default (pid-based) name leaves one behind.
+        self.forget_consumers_after_ms = forget_consumers_after_ms
         self.stats = WorkerStats()
         self.stop_event = asyncio.Event()
         self._pkeys = self.keys.all_partitions()
@@ -690,6 +694,31 @@ class Worker:
 
         return list(await asyncio.gather(*(one(p) for p in parts), return_exceptions=True))
 
+    async def forget_consumers(self) -> int:
+        """Removes from the group the consumers (not this one) idle longer than
+        forget_consumers_after_ms that own no pending entry; how many. A live worker reads
+        at least every second, which resets its idle time, and one holding entries keeps
+        them for claim_stale to take over."""
+        infos = await self._per_partition(lambda pipe, p: pipe.xinfo_consumers(self._streams[p], GROUP), 1)
+        pipe = self.redis.pipeline(transaction=False)
+        gone: list[tuple[int, str]] = []
+        for p, info in enumerate(infos):
+            if isinstance(info, BaseException):
+                continue  # no stream or group yet
+            for c in info[0]:
+                name = _s(c["name"])
+                if (
+                    name != self.consumer
+                    and not int(c["pending"])
+                    and int(c["idle"]) > self.forget_consumers_after_ms
+                ):
+                    pipe.xgroup_delconsumer(self._streams[p], GROUP, name)
+                    gone.append((p, name))
+        if gone:
+            await pipe.execute(raise_on_error=False)
+            log.info("removed %d idle consumers without pending entries from the group", len(gone))
+        return len(gone)
+
     async def observe_streams(self) -> None:
         """The metrics' view of every partition: entries not yet stored (backlog), of them those
         delivered and not acknowledged (pending), dead letters and open holds. A partition that
@@ -746,6 +775,8 @@ class Worker:
         if self.rehydrate is not None and (self._rebuilding is None or self._rebuilding.done()):
             self._rebuilding = asyncio.create_task(self._rebuild_job(), name="credit-worker-rebuild")
         jobs = [self.sweep, self.claim_stale, self.trim]
+        if self._passes % CLAIM_SCAN_EVERY == 1:  # with claim_stale's full pass, every 30th
+            jobs.append(self.forget_consumers)
         if self.metrics is not None:
             jobs.append(self.observe_streams)
         for job in jobs:
