@@ -301,12 +301,13 @@ class Store(PaymentStore, PromoStore, PlanStore, NotificationStore):
     @abstractmethod
     def active_api_keys(self) -> AsyncIterator[ApiKeyRecord]: ...
 
-    @abstractmethod
     async def set_rate_limits(self, override: RateLimitOverride) -> None:
         """Stores the admin's part of the override (the two limits; both None: none),
         keeping the plan's part."""
+        o = override
+        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
+        await self._set_limits(o.user, values)
 
-    @abstractmethod
     async def set_plan_limits(
         self,
         user: str,
@@ -315,6 +316,21 @@ class Store(PaymentStore, PromoStore, PlanStore, NotificationStore):
         models: list[str] | None,
     ) -> RateLimitOverride | None:
         """Stores the plan's part (all None: none), keeping the admin's; the record after."""
+        values = {
+            "plan_requests_per_minute": requests_per_minute,
+            "plan_tokens_per_minute": tokens_per_minute,
+            "allowed_models": self._models_value(models),
+        }
+        return await self._set_limits(user, values)
+
+    @abstractmethod
+    async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
+        """Sets these fields of the user's override, keeping the others (a record with every
+        field None is removed); the record after."""
+
+    def _models_value(self, models: list[str] | None) -> Any:
+        """The allowed models as the backend keeps them (a list; the SQL stores: JSON text)."""
+        return models
 
     @abstractmethod
     async def rate_limits(self, user: str) -> RateLimitOverride | None: ...

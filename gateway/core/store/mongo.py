@@ -440,25 +440,6 @@ class MongoStore(MongoPayments, MongoPromos, MongoPlans, MongoNotifications, Sto
             return None
         return o
 
-    async def set_rate_limits(self, override: RateLimitOverride) -> None:
-        o = override
-        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
-        await self._set_limits(o.user, values)
-
-    async def set_plan_limits(
-        self,
-        user: str,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        models: list[str] | None,
-    ) -> RateLimitOverride | None:
-        values = {
-            "plan_requests_per_minute": requests_per_minute,
-            "plan_tokens_per_minute": tokens_per_minute,
-            "allowed_models": models,
-        }
-        return await self._set_limits(user, values)
-
     @staticmethod
     def _limits_of(d: Doc) -> RateLimitOverride:
         def n(f: str) -> int | None:

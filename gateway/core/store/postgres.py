@@ -75,9 +75,7 @@ def _ledger_entry(r: Any) -> LedgerEntry:
     return LedgerEntry(user, op_id, type_, version, ts_ms, amount, hold_id, orjson.loads(event))
 
 
-class PostgresStore(
-    PostgresPayments, PostgresPromos, PostgresPlans, PostgresNotifications, sql.LimitColumns, Store
-):
+class PostgresStore(PostgresPayments, PostgresPromos, PostgresPlans, PostgresNotifications, Store):
     """The durable store in a PostgreSQL database."""
 
     def __init__(self, dsn: str, *, pool_size: int = POOL_SIZE) -> None:
@@ -307,6 +305,9 @@ class PostgresStore(
     async def active_api_keys(self) -> AsyncIterator[ApiKeyRecord]:
         for r in await self.pool.fetch(sql.KEYS_ACTIVE):
             yield ApiKeyRecord(*r)
+
+    def _models_value(self, models: list[str] | None) -> str | None:
+        return sql.models_json(models)
 
     async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
         """Sets some of the account's limit columns in one transaction; a row left with

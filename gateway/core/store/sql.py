@@ -184,31 +184,9 @@ def limits_upsert(values: dict[str, Any]) -> str:
     )
 
 
-class LimitColumns:
-    """The rate-limit setters of the relational stores: which columns each sets (the models
-    as JSON text); the store's `_set_limits` writes them."""
-
-    async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
-        raise NotImplementedError  # provided by the store
-
-    async def set_rate_limits(self, override: RateLimitOverride) -> None:
-        o = override
-        values = {"requests_per_minute": o.requests_per_minute, "tokens_per_minute": o.tokens_per_minute}
-        await self._set_limits(o.user, values)
-
-    async def set_plan_limits(
-        self,
-        user: str,
-        requests_per_minute: int | None,
-        tokens_per_minute: int | None,
-        models: list[str] | None,
-    ) -> RateLimitOverride | None:
-        values = {
-            "plan_requests_per_minute": requests_per_minute,
-            "plan_tokens_per_minute": tokens_per_minute,
-            "allowed_models": None if models is None else json.dumps(models),
-        }
-        return await self._set_limits(user, values)
+def models_json(models: list[str] | None) -> str | None:
+    """The allowed models as the relational stores keep them: JSON text."""
+    return None if models is None else json.dumps(models)
 
 
 def limits_of(row: Any) -> RateLimitOverride:

@@ -102,7 +102,7 @@ def _wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.05 + random.random() * 0.1)
 
 
-class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, sql.LimitColumns, Store):
+class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications, Store):
     """The durable store in one SQLite file (or ":memory:")."""
 
     def __init__(self, path: str) -> None:
@@ -362,6 +362,9 @@ class SQLiteStore(SQLitePayments, SQLitePromos, SQLitePlans, SQLiteNotifications
         rows = await self._call(lambda: self.db.execute(sql.KEYS_ACTIVE).fetchall())
         for r in rows:
             yield ApiKeyRecord(*r)
+
+    def _models_value(self, models: list[str] | None) -> str | None:
+        return sql.models_json(models)
 
     async def _set_limits(self, user: str, values: dict[str, Any]) -> RateLimitOverride | None:
         return await self._call(self._set_limits_now, user, values)
