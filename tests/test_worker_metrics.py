@@ -44,7 +44,7 @@ async def test_a_stored_batch_is_counted_by_type_amount_and_lag(engine, store):
     assert sample(r, "credit_store_write_seconds_count") == sample(r, "credit_worker_batch_events_count") >= 1
 
 
-async def test_upkeep_reports_backlog_pending_and_dead_letters_per_partition(engine, store):
+async def test_the_look_at_the_streams_reports_backlog_pending_and_dead_letters_per_partition(engine, store):
     m = WorkerMetrics()
     await engine.grant("z", "1", op_id="g1")
     p = engine.keys.partition_of("z")
@@ -53,7 +53,7 @@ async def test_upkeep_reports_backlog_pending_and_dead_letters_per_partition(eng
     stats = await w.run(burst=True)
     assert stats.dead_lettered == 1
     assert sample(m.registry, "credit_dead_lettered_events_total") == 1
-    await w.upkeep()  # all stored: nothing is backlog, though the stream keeps its newest entry
+    await w.observe_streams()  # all stored: nothing is backlog, though the stream keeps its newest entry
     assert await engine.redis.xlen(engine.keys.partition(p).events) >= 1
     assert sample(m.registry, "credit_stream_backlog_events", partition=str(p)) == 0
     # three more events, read by a consumer that dies before acknowledging them
@@ -61,7 +61,7 @@ async def test_upkeep_reports_backlog_pending_and_dead_letters_per_partition(eng
         await engine.grant("z", "1", op_id=f"g-more-{i}")
     await engine.reserve("z", "1", hold_id="open-hold", ttl_seconds=600)
     await engine.redis.xreadgroup(GROUP, "dead-consumer", {engine.keys.partition(p).events: ">"}, count=10)
-    await w.upkeep()
+    await w.observe_streams()
     assert sample(m.registry, "credit_dead_letter_events", partition=str(p)) == 1
     assert sample(m.registry, "credit_stream_pending_events", partition=str(p)) == 3
     assert sample(m.registry, "credit_stream_backlog_events", partition=str(p)) == 3  # pending, unstored

@@ -47,6 +47,9 @@ log = logging.getLogger("credit.worker")
 
 GROUP = "cg-worker"
 CLAIM_SCAN_EVERY = 30
+# The metrics' look at every partition (four commands each): every few seconds is as fresh as
+# a scrape needs, and an idle worker stays near silent towards Redis.
+OBSERVE_EVERY_SECONDS = 5.0
 
 # The upkeep's look at every partition in one call (single server only). "quiet": per
 # stream 0 when there is nothing to trim or claim (empty, or only the newest entry, delivered
@@ -176,6 +179,7 @@ class Worker:
         # Consumers idle this long with nothing pending are removed from the group: each worker
         # restart under a default (pid-based) name leaves one behind.
         self.forget_consumers_after_ms = forget_consumers_after_ms
+        self._observed_at = -OBSERVE_EVERY_SECONDS  # the first upkeep looks
         self.stats = WorkerStats()
         self.stop_event = asyncio.Event()
         self._pkeys = self.keys.all_partitions()
@@ -777,7 +781,8 @@ class Worker:
         jobs = [self.sweep, self.claim_stale, self.trim]
         if self._passes % CLAIM_SCAN_EVERY == 1:  # with claim_stale's full pass, every 30th
             jobs.append(self.forget_consumers)
-        if self.metrics is not None:
+        if self.metrics is not None and time.monotonic() >= self._observed_at + OBSERVE_EVERY_SECONDS:
+            self._observed_at = time.monotonic()
             jobs.append(self.observe_streams)
         for job in jobs:
             try:
