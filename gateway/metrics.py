@@ -63,8 +63,15 @@ class HotHistogram:
 
     __slots__ = ("bounds", "data", "metric")
 
-    def __init__(self, metric: Histogram, buckets: tuple[float, ...]) -> None:
-        self.metric = metric
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self.metric = Histogram(name, documentation, labels, buckets=buckets, registry=registry)
         self.bounds = list(buckets)  # +Inf is the histogram's last bucket beyond these
         self.data: dict[tuple[str, ...], list[float]] = {}
 
@@ -103,34 +110,25 @@ class Metrics:
             )
         )
         self.request_seconds = HotHistogram(
-            Histogram(
-                "credit_http_request_duration_seconds",
-                "time to the end of the answer (a stream: its last byte), by route template",
-                ["route"],
-                buckets=HTTP_BUCKETS,
-                registry=reg,
-            ),
+            "credit_http_request_duration_seconds",
+            "time to the end of the answer (a stream: its last byte), by route template",
+            ["route"],
             HTTP_BUCKETS,
+            reg,
         )
         self.upstream_seconds = HotHistogram(
-            Histogram(
-                "credit_upstream_duration_seconds",
-                "proxied calls: from sending to the upstream until its answer ended, by upstream and outcome",
-                ["upstream", "outcome"],
-                buckets=UPSTREAM_BUCKETS,
-                registry=reg,
-            ),
+            "credit_upstream_duration_seconds",
+            "proxied calls: from sending to the upstream until its answer ended, by upstream and outcome",
+            ["upstream", "outcome"],
             UPSTREAM_BUCKETS,
+            reg,
         )
         self.upstream_first_byte_seconds = HotHistogram(
-            Histogram(
-                "credit_upstream_first_byte_seconds",
-                "proxied calls: time from sending to the upstream until its answer's head arrived",
-                ["upstream"],
-                buckets=UPSTREAM_BUCKETS,
-                registry=reg,
-            ),
+            "credit_upstream_first_byte_seconds",
+            "proxied calls: time from sending to the upstream until its answer's head arrived",
+            ["upstream"],
             UPSTREAM_BUCKETS,
+            reg,
         )
         self.reserves = HotCounter(
             Counter(

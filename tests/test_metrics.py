@@ -118,7 +118,7 @@ def test_flushed_counts_and_observations_equal_prometheus_own():
 
     direct_reg, hot_reg = CollectorRegistry(), CollectorRegistry()
     direct = Histogram("h", "h", ["route"], buckets=HTTP_BUCKETS, registry=direct_reg)
-    hot = HotHistogram(Histogram("h", "h", ["route"], buckets=HTTP_BUCKETS, registry=hot_reg), HTTP_BUCKETS)
+    hot = HotHistogram("h", "h", ["route"], HTTP_BUCKETS, hot_reg)
     direct_c = Counter("c", "c", ["r"], registry=direct_reg)
     hot_c = HotCounter(Counter("c", "c", ["r"], registry=hot_reg))
     # on the bounds, between them, below the first and past the last

@@ -62,8 +62,5 @@ class Pool:
     async def execute(self, query: str, *args: Any) -> str:
         return await _reached(self.raw.execute(query, *args))
 
-    async def executemany(self, query: str, args: Any) -> None:
-        await _reached(self.raw.executemany(query, args))
-
     async def close(self) -> None:
         await self.raw.close()
