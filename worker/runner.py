@@ -394,12 +394,7 @@ class Worker:
             dead = dead + poison
             poisoned = {sid for _, sid, _, _ in poison}
             stored = [e for e in good if e.stream_id not in poisoned]
-        if self.metrics is not None:
-            self.metrics.stored(stored, time.perf_counter() - started)
-        if self.engine.stored_versions is not None:
-            self.engine.stored_versions.stored(stored)  # the writes waiting on these are answered
-        if self.on_stored is not None and stored:
-            await self.on_stored(stored)
+        await self._stored(stored, time.perf_counter() - started)
         if dead:
             await self._dead_letter(dead)
         pipe = self.redis.pipeline(transaction=False)
@@ -415,6 +410,16 @@ class Worker:
         self.stats.events += len(good)
         self.stats.new_ledger_rows += new
         self.stats.batches += 1
+
+    async def _stored(self, events: list[Event], seconds: float) -> None:
+        """What follows every write of events to the store, before they are acknowledged:
+        the metrics, the writes waiting on these versions, the notifications."""
+        if self.metrics is not None:
+            self.metrics.stored(events, seconds)
+        if self.engine.stored_versions is not None:
+            self.engine.stored_versions.stored(events)  # the writes waiting on these are answered
+        if self.on_stored is not None and events:
+            await self.on_stored(events)
 
     async def _store_answers(self) -> bool:
         try:
@@ -536,14 +541,7 @@ class Worker:
             new, poison = await self._one_by_one(good)
             poisoned = {sid for _, sid, _, _ in poison}
             stored = [e for e in good if e.stream_id not in poisoned]
-            # What any stored batch is followed by (_commit): the metrics, the writes waiting
-            # on these versions, the notifications.
-            if self.metrics is not None:
-                self.metrics.stored(stored, time.perf_counter() - started)
-            if self.engine.stored_versions is not None:
-                self.engine.stored_versions.stored(stored)
-            if self.on_stored is not None and stored:
-                await self.on_stored(stored)
+            await self._stored(stored, time.perf_counter() - started)
         except Exception:
             log.exception(
                 "writing entries delivered more than %d times failed; they stay pending", self.max_deliveries
